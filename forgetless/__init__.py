@@ -1,0 +1,42 @@
+"""forgetless: fine-tune pretrained backbones on new tasks without losing what they knew — and measure it.
+
+Public API::
+
+    import forgetless
+    cfg = forgetless.load_config("examples/digits_transfer.yaml", overrides=["train.epochs=3"])
+    result = forgetless.run(cfg, strategy="linear_probe")   # one strategy -> StrategyResult
+    print(result.accuracy_matrix, result.metrics["forgetting/max"])
+    comparison = forgetless.compare(cfg)                      # every strategy in the config -> CompareResult
+    print(comparison.table())
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from forgetless.config import ConfigError, ExperimentConfig, load_config
+from forgetless.platform.results import CompareResult, StrategyResult, Trajectory
+
+__version__ = "0.1.0"
+
+ConfigLike = "str | os.PathLike | dict[str, Any] | ExperimentConfig"
+
+
+def run(config: ConfigLike, strategy: str | None = None, overrides: list[str] | None = None) -> StrategyResult:
+    """Pre-train (or reuse the trajectory) and transfer under one strategy: the named one, or the config's only one."""
+    from forgetless.config import select_strategy
+    from forgetless.platform.runner import execute
+
+    cfg = select_strategy(load_config(config, overrides), strategy)
+    return execute(cfg, "run").results[0]
+
+
+def compare(config: ConfigLike, overrides: list[str] | None = None) -> CompareResult:
+    """Every strategy in the config on the same stream, from the same pre-trained checkpoint."""
+    from forgetless.platform.runner import execute
+
+    return execute(load_config(config, overrides), "compare")
+
+
+__all__ = ["run", "compare", "load_config", "ConfigError", "ExperimentConfig", "StrategyResult", "CompareResult",
+           "Trajectory"]

@@ -1,0 +1,44 @@
+"""The `forgetless` command. Subcommands live in `forgetless/commands/`, one module each, discovered automatically:
+each module defines `register(subparsers)`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import forgetless.commands as commands
+
+    parser = argparse.ArgumentParser(
+        prog="forgetless",
+        description="Fine-tune pretrained backbones on new tasks without forgetting, on Ray Train + DeepSpeed, "
+                    "tracked in MLflow.",
+        epilog="Run `forgetless COMMAND --help` for a command's options. Docs: README.md.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for mod in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"forgetless.commands.{mod.name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from forgetless.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"forgetless: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("forgetless: interrupted; the last checkpoint and the MLflow run are kept — re-run the same command "
+              "to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

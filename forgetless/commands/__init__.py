@@ -1,0 +1,11 @@
+"""CLI subcommands: one module per command, each with `register(subparsers)`."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment YAML (see examples/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, value parsed as YAML; repeatable "
+                        "(e.g. --set train.epochs=3 --set deepspeed.zero_stage=3)")

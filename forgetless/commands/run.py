@@ -1,0 +1,64 @@
+"""`forgetless run` and `forgetless compare`."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from forgetless.commands import add_config_args
+
+
+def _print_result(out, as_json: bool) -> None:
+    from forgetless.platform.runner import say
+
+    if as_json:
+        print(json.dumps([{"label": r.label, "metrics": r.metrics, "R": r.accuracy_matrix.tolist(),
+                           "mlflow_run_id": r.mlflow_run_id} for r in out.results], indent=1))
+        return
+    print()
+    print(out.table())
+    print()
+    for r in out.results:
+        names = r.task_names
+        print(f"{r.label}: accuracy matrix (rows: before, after {', after '.join(names[1:])}; "
+              f"columns: {', '.join(names)})")
+        for row in r.accuracy_matrix:
+            print("   " + "  ".join(f"{v:.3f}" for v in row))
+    say(f"MLflow parent run {out.parent_run_id} in {out.tracking_uri}")
+    if out.tracking_uri.startswith("sqlite:///"):
+        say(f"browse it: mlflow ui --backend-store-uri {out.tracking_uri}   (then open http://127.0.0.1:5000)")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from forgetless.config import load_config, select_strategy
+    from forgetless.platform.runner import execute
+
+    cfg = select_strategy(load_config(args.config, args.overrides), args.strategy)
+    _print_result(execute(cfg, "run"), args.json)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from forgetless.config import load_config
+    from forgetless.platform.runner import execute
+
+    _print_result(execute(load_config(args.config, args.overrides), "compare"), args.json)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run", help="transfer under one strategy (pre-training the source first if needed)",
+                       description="Pre-train the source task (or reuse an identical earlier pre-training), then "
+                                   "train the target task(s) under one strategy on Ray Train + DeepSpeed. Re-running "
+                                   "the same config resumes from the latest checkpoint.")
+    add_config_args(p)
+    p.add_argument("--strategy", help="which strategy of the config to run (or any registered strategy name)")
+    p.add_argument("--json", action="store_true", help="print results as JSON instead of a table")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compare", help="run every strategy of the config on the same stream and compare",
+                       description="Run every strategy listed in the config from the same pre-trained checkpoint "
+                                   "and print a comparison table (target accuracy, source accuracy before/after, "
+                                   "forgetting, steps to 90% of the best target accuracy, wall time).")
+    add_config_args(p)
+    p.add_argument("--json", action="store_true", help="print results as JSON instead of a table")
+    p.set_defaults(func=cmd_compare)

@@ -1,0 +1,208 @@
+"""Build labelled tasks (train/val/test tensors) from datasets, class subsets and input transforms.
+
+Everything here is deterministic given the task config, so every Ray worker rebuilds exactly the same task locally
+instead of shipping arrays around (the built-in data is small; user files are read from a path or s3://).
+"""
+from __future__ import annotations
+
+import functools
+import io
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from forgetless.config import TaskConfig
+
+
+@dataclass
+class TaskData:
+    """One task's splits. `y_*` are local labels 0..C-1; `classes[i]` is the dataset's class id of local label i."""
+
+    name: str
+    classes: list[int]
+    input_shape: tuple[int, ...]
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def split(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, f"x_{which}"), getattr(self, f"y_{which}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# raw datasets: (x float32 [N, *shape], y int64 [N])
+
+
+@functools.lru_cache(maxsize=None)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 16.0)[:, None, :, :]  # [N, 1, 8, 8], in [0, 1]
+    return x, d.target.astype(np.int64)
+
+
+@functools.lru_cache(maxsize=None)
+def _mnist1d() -> tuple[np.ndarray, np.ndarray]:
+    # mnist1d's generator rebuilds the published benchmark offline (no download): 4000 train + 1000 test.
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    d = make_dataset(args)
+    x = np.concatenate([d["x"], d["x_test"]]).astype(np.float32)[:, None, :]  # [N, 1, 40]
+    y = np.concatenate([d["y"], d["y_test"]]).astype(np.int64)
+    return x, y
+
+
+BUILTIN_DATASETS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]] = {
+    "digits": _digits,
+    "mnist1d": _mnist1d,
+}
+
+
+def _read_bytes(uri: str) -> bytes:
+    from forgetless.platform.storage import read_bytes
+
+    return read_bytes(uri)
+
+
+def load_raw_dataset(dataset: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return (x, y) for a built-in dataset name or a .npz / .parquet path or s3:// URI.
+
+    .npz: arrays `x` (N, ...) and `y` (N,). Parquet: a `label` column, and either a list column `x` or numeric columns
+    (all other columns, flattened as features).
+    """
+    if dataset in BUILTIN_DATASETS:
+        return BUILTIN_DATASETS[dataset]()
+    raw = _read_bytes(dataset)
+    if dataset.endswith(".npz"):
+        with np.load(io.BytesIO(raw), allow_pickle=False) as f:
+            if "x" not in f or "y" not in f:
+                raise ValueError(f"{dataset}: a .npz dataset needs arrays named 'x' and 'y', found {list(f.keys())}")
+            x, y = f["x"].astype(np.float32), f["y"].astype(np.int64)
+    elif dataset.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(raw))
+        if "label" not in table.column_names:
+            raise ValueError(f"{dataset}: a Parquet dataset needs a 'label' column")
+        y = table.column("label").to_numpy().astype(np.int64)
+        if "x" in table.column_names:
+            x = np.stack([np.asarray(v, dtype=np.float32) for v in table.column("x").to_pylist()])
+        else:
+            cols = [c for c in table.column_names if c != "label"]
+            x = np.stack([table.column(c).to_numpy().astype(np.float32) for c in cols], axis=1)
+    else:
+        raise ValueError(f"unsupported dataset {dataset!r}")
+    if x.ndim == 2:
+        x = x[:, None, :]  # treat flat features as a 1-channel sequence so 1-D convs apply
+    if len(x) != len(y):
+        raise ValueError(f"{dataset}: {len(x)} inputs but {len(y)} labels")
+    return x, y
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# transforms that make task variants
+
+
+def _apply_transform(x: np.ndarray, t) -> np.ndarray:
+    rng = np.random.default_rng(t.seed)
+    if t.kind == "permute":
+        flat = x.reshape(len(x), -1)
+        perm = rng.permutation(flat.shape[1])
+        return flat[:, perm].reshape(x.shape)
+    if t.kind == "noise":
+        return (x + rng.normal(0.0, t.std * float(x.std()), size=x.shape)).astype(np.float32)
+    if t.kind == "rotate":
+        if x.ndim != 4:
+            raise ValueError("rotate applies to 2-D images only")
+        from scipy.ndimage import rotate
+
+        return rotate(x, t.degrees, axes=(2, 3), reshape=False, order=1).astype(np.float32)
+    if t.kind == "resample":
+        flat = x.reshape(len(x), -1)
+        src = np.linspace(0.0, 1.0, flat.shape[1])
+        dst = np.linspace(0.0, 1.0, t.length)
+        out = np.stack([np.interp(dst, src, row) for row in flat]).astype(np.float32)
+        return out[:, None, :]
+    raise ValueError(f"unknown transform {t.kind!r}")
+
+
+def reshape_like(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Reshape flat-compatible inputs (e.g. resampled MNIST-1D of length 64 into 1x8x8 to feed a digits backbone)."""
+    if x.shape[1:] == tuple(shape):
+        return x
+    if int(np.prod(x.shape[1:])) != int(np.prod(shape)):
+        raise ValueError(f"cannot reshape inputs of shape {x.shape[1:]} to {shape}")
+    return x.reshape((len(x), *shape))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _stratified_split(y: np.ndarray, val: float, test: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    tr, va, te = [], [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_te = max(1, int(round(test * len(idx))))
+        n_va = max(1, int(round(val * len(idx))))
+        te.append(idx[:n_te])
+        va.append(idx[n_te : n_te + n_va])
+        tr.append(idx[n_te + n_va :])
+    return tuple(np.sort(np.concatenate(p)) for p in (tr, va, te))  # type: ignore[return-value]
+
+
+def build_task(cfg: "TaskConfig", input_shape: tuple[int, ...] | None = None) -> TaskData:
+    """Build a task deterministically from its config. `input_shape` reshapes inputs to match a backbone's input."""
+    x, y = load_raw_dataset(cfg.dataset)
+    classes = sorted(int(c) for c in np.unique(y)) if cfg.classes is None else list(cfg.classes)
+    missing = [c for c in classes if not np.any(y == c)]
+    if missing:
+        raise ValueError(f"task {cfg.display_name()!r}: classes {missing} do not occur in {cfg.dataset!r}")
+    keep = np.isin(y, classes)
+    x, y = x[keep], y[keep]
+    local = np.searchsorted(np.array(classes), y) if classes == sorted(classes) else np.array(
+        [classes.index(int(v)) for v in y]
+    )
+    for t in cfg.transforms:
+        x = _apply_transform(x, t)
+    if input_shape is not None:
+        x = reshape_like(x, input_shape)
+    tr, va, te = _stratified_split(local, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    if cfg.samples_per_class is not None:
+        rng = np.random.default_rng(cfg.split_seed + 1)
+        tr = np.sort(
+            np.concatenate(
+                [rng.permutation(tr[local[tr] == c])[: cfg.samples_per_class] for c in range(len(classes))]
+            )
+        )
+    as_x = lambda idx: torch.from_numpy(np.ascontiguousarray(x[idx]))  # noqa: E731
+    as_y = lambda idx: torch.from_numpy(local[idx].astype(np.int64))  # noqa: E731
+    return TaskData(
+        name=cfg.display_name(),
+        classes=classes,
+        input_shape=tuple(x.shape[1:]),
+        x_train=as_x(tr),
+        y_train=as_y(tr),
+        x_val=as_x(va),
+        y_val=as_y(va),
+        x_test=as_x(te),
+        y_test=as_y(te),
+    )
+
+
+def build_stream(source: "TaskConfig", targets: list["TaskConfig"]) -> list[TaskData]:
+    """Source first, then targets; every target is reshaped to the source's input shape so one backbone reads all."""
+    src = build_task(source)
+    return [src] + [build_task(t, input_shape=src.input_shape) for t in targets]

@@ -1,0 +1,1 @@
+"""Orchestration: train loop + DeepSpeed engine, pre-training, tracking, metrics, storage, reports."""

@@ -1,0 +1,133 @@
+"""DeepSpeed inside a Ray Train worker: config, one engine per phase, consolidated weights.
+
+Runs on the process group Ray Train created (gloo on CPU, nccl on GPU). On CPU: DS_ACCELERATOR=cpu, fp32 and a torch
+optimizer; on GPU: bf16 and fused optimizers.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from forgetless.config import DeepSpeedSpec, OptimConfig
+from forgetless.strategies.base import Phase
+
+
+def ensure_accelerator_env(use_gpu: bool) -> None:
+    # DeepSpeed picks its accelerator at import time; it must be told before the first import.
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def resolve_precision(spec: DeepSpeedSpec, use_gpu: bool) -> str:
+    if spec.precision == "auto":
+        return "bf16" if use_gpu else "fp32"
+    return spec.precision
+
+
+def deepspeed_config(spec: DeepSpeedSpec, micro_batch: int, world_size: int, use_gpu: bool) -> dict[str, Any]:
+    precision = resolve_precision(spec, use_gpu)
+    zero: dict[str, Any] = {"stage": spec.zero_stage}
+    if spec.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": spec.offload_optimizer}
+    if spec.offload_param != "none":
+        zero["offload_param"] = {"device": spec.offload_param}
+    if spec.zero_stage == 3:
+        # Small models: do not keep parameters gathered across modules (keeps ZeRO-3 behaviour honest in tests).
+        zero.setdefault("stage3_param_persistence_threshold", 0)
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": spec.gradient_accumulation_steps,
+        "train_batch_size": micro_batch * spec.gradient_accumulation_steps * world_size,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if spec.gradient_clipping:
+        cfg["gradient_clipping"] = spec.gradient_clipping
+    if precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        cfg["fp16"] = {"enabled": True}
+    cfg.update(spec.extra)
+    return cfg
+
+
+def make_optimizer(phase: Phase, optim: OptimConfig, use_gpu: bool) -> torch.optim.Optimizer:
+    groups = [{"params": g.params, "lr": g.lr, "name": g.name} for g in phase.param_groups if g.params]
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=optim.momentum, weight_decay=optim.weight_decay)
+    kwargs: dict[str, Any] = {"lr": groups[0]["lr"], "weight_decay": optim.weight_decay}
+    if use_gpu:
+        kwargs["fused"] = True
+    cls = torch.optim.Adam if optim.optimizer == "adam" else torch.optim.AdamW
+    return cls(groups, **kwargs)
+
+
+def set_trainable(model: nn.Module, phase: Phase) -> None:
+    """Exactly the phase's parameters require grad; everything else is frozen (and so stays bit-identical)."""
+    trainable = {id(p) for p in phase.trainable()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+
+
+def set_train_mode(model: nn.Module, phase: Phase) -> None:
+    model.train()
+    for m in phase.eval_modules:
+        m.eval()
+
+
+def make_engine(model: nn.Module, phase: Phase, optim: OptimConfig, spec: DeepSpeedSpec, world_size: int,
+                use_gpu: bool):
+    """Build a DeepSpeed engine for one phase; model surgery has already happened on full weights."""
+    import deepspeed
+
+    set_trainable(model, phase)
+    optimizer = make_optimizer(phase, optim, use_gpu)
+    scheduler = None
+    if phase.lr_multipliers is not None:
+        # LambdaLR takes one function per param group; the phase gives all multipliers at once.
+        n = len(optimizer.param_groups)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, [lambda s, i=i: phase.lr_multipliers(s)[i] for i in range(n)]
+        )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(spec, optim.batch_size, world_size, use_gpu),
+        dist_init_required=False,
+    )
+    return engine
+
+
+@contextmanager
+def gathered(module: nn.Module, zero_stage: int, modifier_rank: int | None = None):
+    """Full weights of `module` inside the block (a no-op below ZeRO-3). Every rank must enter it (a collective)."""
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=modifier_rank):
+            yield
+    else:
+        yield
+
+
+def full_state_dict(module: nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
+    """fp32 copy of the full state dict on every rank (gathered under ZeRO-3)."""
+    with gathered(module, zero_stage):
+        return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
+                for k, v in module.state_dict().items()}
+
+
+def consolidated_state_dict(module: nn.Module, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:
+    """fp32 copy of the full state dict on rank 0 (gathered on all ranks under ZeRO-3); None on other ranks."""
+    with gathered(module, zero_stage):
+        if rank != 0:
+            return None
+        return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
+                for k, v in module.state_dict().items()}

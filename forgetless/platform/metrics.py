@@ -1,0 +1,113 @@
+"""Forgetting and learning-speed metrics: small pure functions over an accuracy matrix and learning curves.
+
+Conventions (documented in the README):
+- The stream is tasks 0..T where task 0 is the **source** task the backbone was pre-trained on and 1..T the targets.
+- R has shape (T+1, T+1): R[i][j] = test accuracy on task j after training stage i. Row 0 is the pre-trained backbone
+  before any target training (so R[0][j] for j >= 1 is b_j: the backbone with a fresh, untrained head for task j).
+- Treating the source as task 0 makes its loss part of BWT and forgetting: with one target (T = 1),
+  forgetting = R[0][0] - R[1][0] is exactly the source accuracy lost.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def _as_matrix(R: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
+    m = np.asarray(R, dtype=float)
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] < 2:
+        raise ValueError(f"accuracy matrix must be square with at least 2 rows (source + 1 target), got {m.shape}")
+    return m
+
+
+def final_accuracy(R) -> float:
+    """ACC = mean_j R[T][j] over all tasks (source included)."""
+    m = _as_matrix(R)
+    return float(m[-1].mean())
+
+
+def average_incremental_accuracy(R) -> float:
+    """mean_i mean_{j<=i} R[i][j]: the average accuracy on the tasks seen so far, over all stages."""
+    m = _as_matrix(R)
+    return float(np.mean([m[i, : i + 1].mean() for i in range(m.shape[0])]))
+
+
+def backward_transfer(R) -> float:
+    """BWT = mean_{j<T} (R[T][j] - R[j][j]) (Lopez-Paz & Ranzato 2017). Negative = forgetting."""
+    m = _as_matrix(R)
+    T = m.shape[0] - 1
+    return float(np.mean([m[T, j] - m[j, j] for j in range(T)]))
+
+
+def forward_transfer(R) -> float:
+    """FWT = mean_{j>=2} (R[j-1][j] - b_j) with b_j = R[0][j] (Lopez-Paz & Ranzato 2017).
+
+    NaN when there are fewer than two targets (the sum is empty).
+    """
+    m = _as_matrix(R)
+    T = m.shape[0] - 1
+    vals = [m[j - 1, j] - m[0, j] for j in range(2, T + 1)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def forgetting_max(R) -> float:
+    """Chaudhry et al. 2018: mean_{j<T} ( max_{j<=l<T} R[l][j] - R[T][j] ), the drop from each task's best."""
+    m = _as_matrix(R)
+    T = m.shape[0] - 1
+    return float(np.mean([m[j:T, j].max() - m[T, j] for j in range(T)]))
+
+
+def forgetting_first(R) -> float:
+    """Avalanche's definition: mean_{j<T} ( R[j][j] - R[T][j] ), the drop from just after learning the task."""
+    m = _as_matrix(R)
+    T = m.shape[0] - 1
+    return float(np.mean([m[j, j] - m[T, j] for j in range(T)]))
+
+
+def source_retention(R) -> float:
+    """Source accuracy after the last stage divided by before any target training."""
+    m = _as_matrix(R)
+    return float(m[-1, 0] / m[0, 0]) if m[0, 0] > 0 else float("nan")
+
+
+def steps_to_threshold(steps: Sequence[int], accuracies: Sequence[float], threshold: float) -> int | None:
+    """Optimizer steps at the first evaluation whose accuracy reaches `threshold`; None if never reached."""
+    if len(steps) != len(accuracies):
+        raise ValueError("steps and accuracies must have the same length")
+    for s, a in zip(steps, accuracies):
+        if a >= threshold:
+            return int(s)
+    return None
+
+
+def area_under_curve(steps: Sequence[int], values: Sequence[float]) -> float:
+    """Normalised area under a curve sampled at `steps` (trapezoids / step span), i.e. its mean height in [0, 1].
+
+    A single point returns its value. Used for the area under the target learning curve and the source curve.
+    """
+    if len(steps) != len(values):
+        raise ValueError("steps and values must have the same length")
+    if not values:
+        return float("nan")
+    s = np.asarray(steps, dtype=float)
+    v = np.asarray(values, dtype=float)
+    if len(v) == 1 or s[-1] == s[0]:
+        return float(v.mean())
+    return float(np.sum((v[1:] + v[:-1]) / 2.0 * np.diff(s)) / (s[-1] - s[0]))
+
+
+def summarize(R) -> dict[str, float]:
+    """Every matrix-derived metric, under the stable names used in MLflow."""
+    return {
+        "acc": final_accuracy(R),
+        "avg_inc_acc": average_incremental_accuracy(R),
+        "bwt": backward_transfer(R),
+        "fwt": forward_transfer(R),
+        "forgetting/max": forgetting_max(R),
+        "forgetting/first": forgetting_first(R),
+        "source/retention": source_retention(R),
+        "source/acc_before": float(_as_matrix(R)[0, 0]),
+        "source/acc_after": float(_as_matrix(R)[-1, 0]),
+        "target/acc": float(np.mean(_as_matrix(R)[-1, 1:])),
+    }

@@ -1,0 +1,141 @@
+"""Result objects returned by the Python API and printed by the CLI."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from forgetless.platform import metrics as M
+
+
+@dataclass
+class StopPoint:
+    epoch: int
+    uri: str  # the consolidated model file (model.pt) of this checkpoint
+    source_val_acc: float | None
+
+
+@dataclass
+class Trajectory:
+    """The pre-training trajectory: stop points θ^e of the source run, ordered by epoch (θ⁰ first)."""
+
+    run_name: str
+    uri: str
+    stop_points: list[StopPoint]
+    mlflow_run_id: str | None = None
+    reused: bool = False
+
+    def final(self) -> StopPoint:
+        return self.stop_points[-1]
+
+    def at(self, epoch: int) -> StopPoint:
+        for sp in self.stop_points:
+            if sp.epoch == epoch:
+                return sp
+        raise KeyError(f"no stop point at epoch {epoch}; available: {[s.epoch for s in self.stop_points]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_name": self.run_name, "uri": self.uri,
+                "stop_points": [sp.__dict__ for sp in self.stop_points], "mlflow_run_id": self.mlflow_run_id}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], reused: bool = False) -> "Trajectory":
+        return cls(d["run_name"], d["uri"], [StopPoint(**s) for s in d["stop_points"]], d.get("mlflow_run_id"), reused)
+
+
+@dataclass
+class StrategyResult:
+    """One strategy on one stream: the accuracy matrix, the curves, and the metrics derived from them."""
+
+    label: str
+    strategy: str
+    task_names: list[str]
+    accuracy_matrix: np.ndarray
+    history: list[dict]
+    phase_log: list[dict]
+    trainable_params: dict[str, int]
+    global_step: int
+    wall_seconds: float
+    train_seconds: float
+    mlflow_run_id: str | None
+    checkpoint_uri: str | None
+    evaluation: str
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def curve(self, task: int, stage: int | None = None) -> tuple[list[int], list[float]]:
+        """(steps, val acc) of a task; with `stage`, only that stage's points, steps counted from its start."""
+        pts = [h for h in self.history if stage is None or h["stage"] in (stage, stage - 1)]
+        if stage is not None:
+            start = max([h["step"] for h in self.history if h["stage"] == stage - 1] or [0])
+            pts = [h for h in pts if h["step"] >= start]
+            return [h["step"] - start for h in pts], [h["acc"][str(task)] for h in pts]
+        return [h["step"] for h in pts], [h["acc"][str(task)] for h in pts]
+
+    def best_target_acc(self) -> float:
+        return max(max(self.curve(s, s)[1]) for s in range(1, len(self.task_names)))
+
+    def compute_metrics(self, reference_best: dict[int, float] | None = None) -> dict[str, float]:
+        """Matrix metrics + learning speed. `reference_best[stage]` is the best target val acc any compared strategy
+        reached on that stage (thresholds are 90% / 95% of it); default: this run's own best."""
+        out = M.summarize(self.accuracy_matrix)
+        T = len(self.task_names) - 1
+        for pct in (90, 95):
+            steps = []
+            for s in range(1, T + 1):
+                st, acc = self.curve(s, s)
+                best = (reference_best or {}).get(s, max(acc))
+                steps.append(M.steps_to_threshold(st, acc, pct / 100.0 * best))
+            out[f"steps_to/{pct}"] = float("nan") if any(v is None for v in steps) else float(np.mean(steps))
+        out["aulc"] = float(np.mean([M.area_under_curve(*self.curve(s, s)) for s in range(1, T + 1)]))
+        out["source/auc"] = M.area_under_curve(*self.curve(0))
+        out["trainable_params/max"] = float(max(self.trainable_params.values() or [0]))
+        out["wall_seconds"] = self.wall_seconds
+        out["train_seconds"] = self.train_seconds
+        out["optimizer_steps"] = float(self.global_step)
+        self.metrics = out
+        return out
+
+
+@dataclass
+class CompareResult:
+    """Several strategies on the same stream, from the same pre-trained checkpoint."""
+
+    name: str
+    results: list[StrategyResult]
+    trajectory: Trajectory | None
+    parent_run_id: str | None
+    tracking_uri: str
+    experiment_id: str | None = None
+
+    def __getitem__(self, label: str) -> StrategyResult:
+        for r in self.results:
+            if r.label == label:
+                return r
+        raise KeyError(label)
+
+    def table(self) -> str:
+        return format_table(self.results)
+
+
+def _fmt(v: float | None, pct: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{100 * v:.1f}" if pct else f"{v:.0f}" if abs(v) >= 100 or float(v).is_integer() else f"{v:.2f}"
+
+
+def format_table(results: list[StrategyResult]) -> str:
+    headers = ["strategy", "target acc %", "source before %", "source after %", "forgetting %", "BWT %",
+               "steps to 90%", "trainable", "wall s"]
+    rows = []
+    for r in results:
+        m = r.metrics
+        rows.append([r.label, _fmt(m["target/acc"], True), _fmt(m["source/acc_before"], True),
+                     _fmt(m["source/acc_after"], True), _fmt(m["forgetting/max"], True), _fmt(m["bwt"], True),
+                     _fmt(m["steps_to/90"]), _fmt(m["trainable_params/max"]), f"{r.wall_seconds:.1f}"])
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])

@@ -1,0 +1,311 @@
+"""The driver: validate, start (or join) Ray, pre-train once, run each strategy as a Ray Train job, track in MLflow.
+
+Run identity follows Ray Train V2: `RunConfig(storage_path, name)` with a deterministic name (experiment name, strategy
+label and a hash of everything that shapes the run), so re-running the same config resumes from the latest checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from forgetless.config import ConfigError, ExperimentConfig, StrategyConfig
+from forgetless.platform import storage, tracking
+from forgetless.platform.results import CompareResult, StopPoint, StrategyResult, Trajectory
+
+TRAJECTORY_FILE = "trajectory.json"
+
+
+def say(msg: str) -> None:
+    print(f"[forgetless] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# checks that must pass before anything starts
+
+
+def preflight(cfg: ExperimentConfig) -> str:
+    """Everything that can be checked without starting Ray; returns the resolved tracking URI."""
+    from forgetless.strategies import get_strategy_class
+
+    for s in cfg.strategies:
+        cls = get_strategy_class(s.name)
+        if cfg.deepspeed.zero_stage > cls.max_zero_stage:
+            raise ConfigError(
+                f"strategies[{s.display_name()}]: {s.name} supports DeepSpeed ZeRO stage <= {cls.max_zero_stage} "
+                f"(it reads weights outside a module's forward); set deepspeed.zero_stage to {cls.max_zero_stage}"
+            )
+        if cls.supported_backbones is not None and not any(cfg.backbone.name.startswith(b)
+                                                           for b in cls.supported_backbones):
+            raise ConfigError(f"strategies[{s.display_name()}]: {s.name} does not support backbone "
+                              f"{cfg.backbone.name!r}; supported: {list(cls.supported_backbones)}")
+        if cfg.evaluation == "task_incremental" and not cls.has_per_task_parts:
+            raise ConfigError(f"evaluation: {s.name} keeps no per-task parts, so task-incremental evaluation does not "
+                              f"apply; set evaluation: class_incremental")
+    if cfg.backbone.weights and not (storage.is_s3(cfg.backbone.weights) or Path(cfg.backbone.weights).exists()):
+        raise ConfigError(f"backbone.weights: file {cfg.backbone.weights!r} does not exist")
+    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    tracking.check_reachable(uri)
+    # The tasks are built once here too, so a bad class id or an unreadable file fails before Ray starts.
+    from forgetless.data import build_stream
+
+    try:
+        build_stream(cfg.source, cfg.targets)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"tasks: {e}") from None
+    return uri
+
+
+def ensure_ray(cfg: ExperimentConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"PYTHONUNBUFFERED": "1"}
+    if not cfg.scaling.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    say(f"starting Ray ({'connecting to ' + address if address else 'embedded local cluster'})")
+    ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True,
+             logging_level="ERROR", configure_logging=True)
+
+
+def check_resources(cfg: ExperimentConfig) -> None:
+    import ray
+
+    total = ray.cluster_resources()
+    need_cpu = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    if total.get("CPU", 0) < need_cpu:
+        raise ConfigError(f"scaling: {cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker} CPU need "
+                          f"{need_cpu:g} CPUs but the Ray cluster has {total.get('CPU', 0):g}; lower "
+                          f"scaling.num_workers or scaling.cpus_per_worker")
+    if cfg.scaling.use_gpu and total.get("GPU", 0) < cfg.scaling.num_workers:
+        raise ConfigError(f"scaling.use_gpu: {cfg.scaling.num_workers} workers need {cfg.scaling.num_workers} GPUs but "
+                          f"the Ray cluster has {total.get('GPU', 0):g}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one Ray Train run
+
+
+def fit(cfg: ExperimentConfig, run_name: str, job: dict[str, Any], keep_all_checkpoints: bool):
+    """Build and fit a TorchTrainer (Train V2). Re-running the same `run_name` resumes from its latest checkpoint."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from forgetless.platform.train_loop import train_worker
+
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=job,
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage.normalize(cfg.storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=None if keep_all_checkpoints else 3),
+            failure_config=FailureConfig(max_failures=job.get("max_failures", 0)),
+        ),
+    )
+    return trainer.fit()
+
+
+def _read_state(result) -> dict[str, Any]:
+    with result.checkpoint.as_directory() as d:
+        return json.loads(Path(d, "state.json").read_text())
+
+
+def _checkpoint_uri(cfg: ExperimentConfig, run_name: str, checkpoint) -> str:
+    return storage.join(storage.normalize(cfg.storage), run_name, Path(checkpoint.path).name)
+
+
+def pretrain_run_name(cfg: ExperimentConfig) -> str:
+    return f"{cfg.name}-pretrain-{cfg.pretrain_key()}"
+
+
+def transfer_run_name(cfg: ExperimentConfig, strategy: StrategyConfig) -> str:
+    return f"{cfg.name}-{strategy.display_name()}-{cfg.transfer_key(strategy)}"
+
+
+def _job(cfg: ExperimentConfig, mode: str, run_name: str, display: str, target: tracking.TrackingTarget,
+         strategy: StrategyConfig | None = None, init_weights: str | None = None) -> dict[str, Any]:
+    return {"config": cfg.model_dump(mode="json"), "mode": mode, "run_name": run_name, "run_key": run_name,
+            "display_name": display, "tracking": target.to_dict(), "use_gpu": cfg.scaling.use_gpu,
+            "strategy": strategy.model_dump(mode="json") if strategy else None, "init_weights": init_weights}
+
+
+def pretrain(cfg: ExperimentConfig, target: tracking.TrackingTarget) -> Trajectory:
+    """Pre-train the source (or reuse the trajectory of an identical earlier pre-training)."""
+    run_name = pretrain_run_name(cfg)
+    traj_uri = storage.join(storage.normalize(cfg.storage), run_name, TRAJECTORY_FILE)
+    if storage.exists(traj_uri):
+        say(f"reusing pre-training trajectory {traj_uri}")
+        return Trajectory.from_dict(json.loads(storage.read_bytes(traj_uri)), reused=True)
+    what = "training a source head on the given backbone" if cfg.backbone.weights else "pre-training from scratch"
+    say(f"{what}: {cfg.source.display_name()} for {cfg.pretrain.epochs} epochs, stop point every "
+        f"{cfg.pretrain.checkpoint_every} (Ray Train run {run_name})")
+    job = _job(cfg, "pretrain", run_name, "pretrain", target, init_weights=cfg.backbone.weights)
+    result = fit(cfg, run_name, job, keep_all_checkpoints=True)
+    state = _read_state(result)
+    stop_points = []
+    for ckpt, metrics in result.best_checkpoints:
+        name = Path(ckpt.path).name
+        if name.startswith("stop_point_e"):
+            stop_points.append(StopPoint(int(name[len("stop_point_e"):]), storage.join(
+                _checkpoint_uri(cfg, run_name, ckpt), "model.pt"), metrics.get("source/acc")))
+    stop_points.sort(key=lambda s: s.epoch)
+    traj = Trajectory(run_name, storage.join(storage.normalize(cfg.storage), run_name), stop_points,
+                      state.get("mlflow_run_id"))
+    if state.get("mlflow_run_id"):
+        tracking.client(target.tracking_uri).set_terminated(state["mlflow_run_id"], "FINISHED")
+    storage.write_bytes(traj_uri, json.dumps(traj.to_dict(), indent=1).encode())
+    return traj
+
+
+def transfer(cfg: ExperimentConfig, strategy: StrategyConfig, init_weights: str,
+             target: tracking.TrackingTarget) -> StrategyResult:
+    from forgetless.strategies import get_strategy_class
+
+    run_name = transfer_run_name(cfg, strategy)
+    say(f"strategy {strategy.display_name()}: Ray Train run {run_name} ({cfg.scaling.num_workers} workers, "
+        f"DeepSpeed ZeRO-{cfg.deepspeed.zero_stage})")
+    job = _job(cfg, "transfer", run_name, strategy.display_name(), target, strategy=strategy,
+               init_weights=init_weights)
+    t0 = time.perf_counter()
+    result = fit(cfg, run_name, job, keep_all_checkpoints=False)
+    wall = time.perf_counter() - t0
+    state = _read_state(result)
+    cls = get_strategy_class(strategy.name)
+    return StrategyResult(
+        label=strategy.display_name(), strategy=strategy.name, task_names=state["task_names"],
+        accuracy_matrix=np.asarray(state["R"], dtype=float), history=state["history"], phase_log=state["phase_log"],
+        trainable_params=state["trainable_params"], global_step=state["global_step"], wall_seconds=wall,
+        train_seconds=state["train_seconds"], mlflow_run_id=state.get("mlflow_run_id"),
+        checkpoint_uri=_checkpoint_uri(cfg, run_name, result.checkpoint), evaluation=cfg.evaluation,
+        tags={"strategy": cls.name, "strategy_source": cls.paper, "fidelity": cls.fidelity},
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MLflow artifacts of a finished strategy run (driver side: plots and the exported model)
+
+
+def log_strategy_artifacts(cfg: ExperimentConfig, res: StrategyResult, uri: str) -> None:
+    from forgetless.platform import plots
+
+    if res.mlflow_run_id is None:
+        return
+    c = tracking.client(uri)
+    tracking.log_metrics(uri, res.mlflow_run_id, res.metrics, step=res.global_step)
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "accuracy_matrix.json").write_text(json.dumps({
+            "task_names": res.task_names, "rows": ["before"] + [f"after {n}" for n in res.task_names[1:]],
+            "R": res.accuracy_matrix.tolist(), "evaluation": res.evaluation,
+            "convention": "R[i][j] = test accuracy on task j after stage i; task 0 = source, row 0 = before targets",
+        }, indent=1))
+        Path(d, "history.json").write_text(json.dumps({"history": res.history, "phases": res.phase_log}))
+        plots.accuracy_matrix_heatmap(res.accuracy_matrix, res.task_names, f"{res.label}: accuracy matrix",
+                                      Path(d, "accuracy_matrix.png"))
+        plots.learning_curves(res.history, res.task_names, f"{res.label}: learning and forgetting curves",
+                              Path(d, "curves.png"))
+        for f in ("accuracy_matrix.json", "accuracy_matrix.png", "history.json", "curves.png"):
+            c.log_artifact(res.mlflow_run_id, str(Path(d, f)))
+    if cfg.tracking.log_model and res.checkpoint_uri:
+        log_model(cfg, res, uri)
+    c.set_terminated(res.mlflow_run_id, "FINISHED")
+
+
+def load_model(cfg: ExperimentConfig, res: StrategyResult):
+    """Rebuild the trained model (strategy surgery included) from the run's consolidated checkpoint."""
+    from forgetless.data import build_stream
+    from forgetless.platform.train_loop import build_model, load_torch_file
+    from forgetless.strategies import make_strategy
+
+    s = next(s for s in cfg.strategies if s.display_name() == res.label)
+    tasks = build_stream(cfg.source, cfg.targets)
+    meta = [{"name": t.name, "num_classes": t.num_classes, "classes": t.classes, "input_shape": list(t.input_shape)}
+            for t in tasks]
+    model = build_model(cfg, meta, make_strategy(s.name, s.params, cfg.train.epochs, cfg.train.lr))
+    model.load_state_dict(load_torch_file(storage.join(res.checkpoint_uri, "model.pt")))
+    return model.eval(), tasks
+
+
+def log_model(cfg: ExperimentConfig, res: StrategyResult, uri: str) -> None:
+    import mlflow
+    import mlflow.pytorch
+
+    model, tasks = load_model(cfg, res)
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=res.mlflow_run_id):
+        # pickle format: the TransferModel's forward takes (inputs, task index), which torch.export cannot trace.
+        mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
+                                 pip_requirements=["torch", "forgetless"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# top level
+
+
+def execute(cfg: ExperimentConfig, command: str,
+            on_result: Callable[[StrategyResult], None] | None = None) -> CompareResult:
+    """Run every strategy of `cfg` on its stream from one shared pre-trained checkpoint; one MLflow parent run."""
+    uri = preflight(cfg)
+    ensure_ray(cfg)
+    check_resources(cfg)
+    exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
+    parent = tracking.start_parent_run(uri, exp_id, f"{cfg.name} ({command})", {
+        "forgetless.command": command, "forgetless.name": cfg.name,
+        "forgetless.strategies": ",".join(s.display_name() for s in cfg.strategies),
+        "forgetless.evaluation": cfg.evaluation,
+    })
+    tracking.log_params(uri, parent, tracking.flatten("", cfg.model_dump(mode="json")))
+    target = tracking.TrackingTarget(uri, exp_id, parent)
+    say(f"MLflow: {uri}, experiment {cfg.tracking.experiment!r}, parent run {parent}")
+    try:
+        traj = pretrain(cfg, target)
+        c = tracking.client(uri)
+        c.set_tag(parent, "forgetless.pretrain_run", traj.run_name)
+        c.set_tag(parent, "forgetless.pretrain_reused", str(traj.reused).lower())
+        results = []
+        for s in cfg.strategies:
+            res = transfer(cfg, s, traj.final().uri, target)
+            results.append(res)
+            if on_result:
+                on_result(res)
+        # learning-speed thresholds are relative to the best target accuracy *any* strategy reached
+        T = len(results[0].task_names) - 1
+        best = {st: max(max(r.curve(st, st)[1]) for r in results) for st in range(1, T + 1)}
+        for r in results:
+            r.compute_metrics(best)
+            log_strategy_artifacts(cfg, r, uri)
+        out = CompareResult(cfg.name, results, traj, parent, uri, exp_id)
+        _log_parent_summary(out, uri)
+        c.set_terminated(parent, "FINISHED")
+        return out
+    except BaseException:
+        tracking.client(uri).set_terminated(parent, "FAILED")
+        raise
+
+
+def _log_parent_summary(out: CompareResult, uri: str) -> None:
+    from forgetless.platform import plots
+
+    c = tracking.client(uri)
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "comparison.txt").write_text(out.table() + "\n")
+        Path(d, "comparison.json").write_text(json.dumps(
+            [{"label": r.label, "strategy": r.strategy, "metrics": r.metrics, "R": r.accuracy_matrix.tolist(),
+              "mlflow_run_id": r.mlflow_run_id} for r in out.results], indent=1))
+        plots.comparison_curves({r.label: r.history for r in out.results}, Path(d, "comparison_curves.png"),
+                                f"{out.name}: strategies compared")
+        for f in ("comparison.txt", "comparison.json", "comparison_curves.png"):
+            c.log_artifact(out.parent_run_id, str(Path(d, f)))
+    for r in out.results:
+        tracking.log_metrics(uri, out.parent_run_id, {f"{r.label}/{k}": v for k, v in r.metrics.items()
+                                                     if k in ("target/acc", "forgetting/max", "acc", "bwt")}, step=0)

@@ -1,0 +1,140 @@
+"""MLflow tracking: the parent run per invocation (driver), child runs created by world rank 0 (workers).
+
+Default: a SQLite store `mlflow.db` and an artifact folder `mlruns/` in the working directory. `MLFLOW_TRACKING_URI` or
+`tracking.tracking_uri` points it at a server instead. Secrets (AWS keys, tokens) are never logged: params and tags
+pass through `redact` first.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+PARENT_TAG = "mlflow.parentRunId"
+RUN_KEY_TAG = "forgetless.run_key"
+_SECRET_PATTERN = re.compile(r"(secret|token|password|access_key|session_key|credential)", re.I)
+
+
+@dataclass
+class TrackingTarget:
+    """What a worker needs to log into the right place (plain data, sent to Ray workers)."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            # Relative SQLite paths are relative to each process's cwd; Ray workers run elsewhere.
+            uri = "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+        return uri
+    return "sqlite:///" + str(Path("mlflow.db").resolve())
+
+
+def default_artifact_location(uri: str) -> str | None:
+    # With the embedded SQLite default, artifacts go to ./mlruns next to the database.
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).parent.joinpath("mlruns").as_uri()
+    return None
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast (before Ray starts) when a tracking server cannot be reached."""
+    from forgetless.config import ConfigError
+
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
+        except (urllib.error.URLError, OSError) as e:
+            raise ConfigError(
+                f"tracking.tracking_uri: MLflow server {uri} is not reachable ({e}); start it or unset "
+                f"MLFLOW_TRACKING_URI to use the local SQLite store"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        parent = Path(uri[len("sqlite:///"):]).parent
+        if not parent.is_dir():
+            raise ConfigError(f"tracking.tracking_uri: folder {parent} for the SQLite store does not exist")
+
+
+def redact(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: ("<redacted>" if _SECRET_PATTERN.search(k) else v) for k, v in values.items()}
+
+
+def flatten(prefix: str, obj: Any) -> dict[str, Any]:
+    """Nested config -> flat MLflow params (`train.lr`, `strategies.0.name`, ...)."""
+    out: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flatten(f"{prefix}.{k}" if prefix else str(k), v))
+    elif isinstance(obj, list) and obj and isinstance(obj[0], (dict, list)):
+        for i, v in enumerate(obj):
+            out.update(flatten(f"{prefix}.{i}", v))
+    else:
+        out[prefix] = obj
+    return out
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return c.create_experiment(name, artifact_location=default_artifact_location(uri))
+
+
+def start_parent_run(target_uri: str, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
+    c = client(target_uri)
+    run = c.create_run(experiment_id, run_name=run_name, tags=redact(tags))
+    return run.info.run_id
+
+
+def find_unfinished_run(uri: str, experiment_id: str, run_key: str) -> str | None:
+    """An unfinished child run with this key (a killed invocation) is resumed rather than duplicated."""
+    runs = client(uri).search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", max_results=5,
+        order_by=["attributes.start_time DESC"],
+    )
+    for r in runs:
+        if r.info.status != "FINISHED":
+            return r.info.run_id
+    return None
+
+
+def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    c = client(uri)
+    items = [Param(k, str(v)[:6000]) for k, v in redact(params).items()]
+    existing = c.get_run(run_id).data.params
+    items = [p for p in items if p.key not in existing]  # a resumed run keeps its params (they cannot change)
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    import math
+    import time
+
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None and not math.isnan(float(v))]
+    for i in range(0, len(items), 500):
+        client(uri).log_batch(run_id, metrics=items[i : i + 500])

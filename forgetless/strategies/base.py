@@ -1,0 +1,115 @@
+"""The strategy contract. A strategy decides *what* trains and *how*; the platform decides where and how fast.
+
+Strategies are plain PyTorch: they never import Ray, DeepSpeed or MLflow. The train loop asks a strategy for
+- `build(model, tasks)`: structural surgery for the whole stream, on full weights, before any engine exists;
+- `phases(model, stage, task)`: the phases of training one task, each with its parameter groups and learning rates;
+- `extra_loss(...)`: terms added to the task's cross-entropy (L2-SP, EWC, LwF...);
+- `after_task(...)`: what to keep once a task is done (Fisher information, frozen copies...).
+Everything a strategy keeps must live in the model (modules/buffers), so checkpoints capture it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Iterable, Iterator, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from forgetless.backbones.transfer_model import TransferModel, head_key
+
+
+class StrategyParams(BaseModel):
+    """Base of every strategy's knobs; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class TaskInfo:
+    index: int  # 0 = source
+    name: str
+    num_classes: int
+    classes: list[int]
+
+
+@dataclass
+class ParamGroup:
+    name: str
+    params: list[nn.Parameter]
+    lr: float
+
+
+@dataclass
+class Phase:
+    """A unit of training with fixed trainable parameters; the platform builds one DeepSpeed engine per phase."""
+
+    name: str
+    epochs: int
+    param_groups: list[ParamGroup]
+    # Modules kept in eval mode while training (a frozen backbone's BatchNorm statistics must not move).
+    eval_modules: list[nn.Module] = field(default_factory=list)
+    # Optional per-group learning-rate multiplier as a function of the phase's step (warm-up, decay).
+    lr_multipliers: Callable[[int], list[float]] | None = None
+    max_steps: int | None = None
+    eval_every_steps: int | None = None
+    # Called with this phase's validation losses (one per evaluation): True ends the phase early.
+    stop_rule: Callable[[list[float]], bool] | None = None
+    # Called on the unwrapped model after every optimizer step (e.g. to cap the size of an update).
+    after_step: Callable[[nn.Module], None] | None = None
+    before_step: Callable[[nn.Module], None] | None = None
+    # Applied to each training batch's inputs (augmentation); None trains on clean data.
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for g in self.param_groups for p in g.params]
+
+
+class Strategy:
+    name: ClassVar[str]
+    paper: ClassVar[str] = "standard baseline"
+    fidelity: ClassVar[Literal["confirmed", "interpretation"]] = "confirmed"
+    Config: ClassVar[type[StrategyParams]] = StrategyParams
+    # Does the strategy keep per-task parts that task-incremental evaluation can select by task id?
+    has_per_task_parts: ClassVar[bool] = True
+    # Highest ZeRO stage the strategy supports (penalties that read weights outside a module's forward need <= 2).
+    max_zero_stage: ClassVar[int] = 3
+    # Backbone names (or prefixes) the strategy supports; None = all.
+    supported_backbones: ClassVar[tuple[str, ...] | None] = None
+
+    def __init__(self, params: StrategyParams, epochs: int, lr: float):
+        self.params = params
+        self.epochs = epochs
+        self.lr = lr
+
+    # -- hooks -------------------------------------------------------------------------------------------------------
+    def build(self, model: TransferModel, tasks: list[TaskInfo]) -> None:
+        """Structural surgery for the whole stream (full weights, before the engine)."""
+
+    def phases(self, model: TransferModel, task: TaskInfo) -> list[Phase]:
+        raise NotImplementedError
+
+    def extra_loss(self, model: TransferModel, x: torch.Tensor, y: torch.Tensor, task: TaskInfo,
+                   logits: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def after_task(self, model: TransferModel, task: TaskInfo, batches: Callable[[], Iterator[tuple]],
+                   all_reduce_mean: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Called on every rank after a task's last phase; `batches()` yields this rank's (x, y) training shard."""
+
+    def tags(self) -> dict[str, str]:
+        return {"strategy": self.name, "strategy_source": self.paper, "fidelity": self.fidelity}
+
+
+# -- helpers shared by strategies ----------------------------------------------------------------------------------------
+
+def head_params(model: TransferModel, task: TaskInfo) -> list[nn.Parameter]:
+    return list(model.heads[head_key(task.index)].parameters())
+
+
+def backbone_params(model: TransferModel) -> list[nn.Parameter]:
+    return list(model.backbone.parameters())
+
+
+def count_params(params: Iterable[nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)

@@ -1,0 +1,32 @@
+"""finetune: new head, every parameter trains; optionally a smaller learning rate for the backbone."""
+from __future__ import annotations
+
+from pydantic import Field
+
+from forgetless.strategies import register
+from forgetless.strategies.base import ParamGroup, Phase, Strategy, StrategyParams, TaskInfo, backbone_params, head_params
+
+
+class FinetuneParams(StrategyParams):
+    backbone_lr_scale: float = Field(1.0, gt=0.0, le=10.0, description="backbone lr = scale x lr (typical 0.01-1)")
+
+
+@register
+class Finetune(Strategy):
+    name = "finetune"
+    paper = "standard baseline (full fine-tuning)"
+    fidelity = "confirmed"
+    Config = FinetuneParams
+    has_per_task_parts = True  # per-task heads (the shared backbone still drifts)
+
+    def phases(self, model, task: TaskInfo) -> list[Phase]:
+        return [
+            Phase(
+                name="finetune",
+                epochs=self.epochs,
+                param_groups=[
+                    ParamGroup("backbone", backbone_params(model), self.lr * self.params.backbone_lr_scale),
+                    ParamGroup("head", head_params(model, task), self.lr),
+                ],
+            )
+        ]

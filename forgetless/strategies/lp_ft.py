@@ -1,0 +1,41 @@
+"""lp_ft (Kumar et al., ICLR 2022): linear probe to convergence, then full fine-tuning from that head."""
+from __future__ import annotations
+
+from pydantic import Field
+
+from forgetless.strategies import register
+from forgetless.strategies.base import ParamGroup, Phase, Strategy, StrategyParams, TaskInfo, backbone_params, head_params
+
+
+class LpFtParams(StrategyParams):
+    probe_epochs: int | None = Field(None, gt=0, description="epochs of the probe phase (default: train.epochs)")
+    probe_lr_scale: float = Field(10.0, gt=0.0, le=100.0, description="probe lr = scale x lr (heads tolerate more)")
+    finetune_lr_scale: float = Field(1.0, gt=0.0, le=10.0, description="fine-tuning lr = scale x lr")
+
+
+@register
+class LpFt(Strategy):
+    name = "lp_ft"
+    paper = "Kumar et al., Fine-Tuning can Distort Pretrained Features (ICLR 2022)"
+    fidelity = "confirmed"
+    Config = LpFtParams
+
+    def phases(self, model, task: TaskInfo) -> list[Phase]:
+        p = self.params
+        head = head_params(model, task)
+        return [
+            Phase(
+                name="probe",
+                epochs=p.probe_epochs or self.epochs,
+                param_groups=[ParamGroup("head", head, self.lr * p.probe_lr_scale)],
+                eval_modules=[model.backbone],
+            ),
+            Phase(
+                name="finetune",
+                epochs=self.epochs,
+                param_groups=[
+                    ParamGroup("backbone", backbone_params(model), self.lr * p.finetune_lr_scale),
+                    ParamGroup("head", head, self.lr * p.finetune_lr_scale),
+                ],
+            ),
+        ]
