@@ -1,0 +1,57 @@
+"""Shared fixtures: one embedded Ray cluster per test session, a clean working directory per test, tiny configs."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real embedded Ray cluster (2 CPUs), shared by the end-to-end tests of the session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}, logging_level="ERROR",
+                 include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """Run inside a fresh folder: its own ./mlflow.db, ./mlruns and ./forgetless_runs."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+TINY = {
+    "name": "tiny",
+    "seed": 0,
+    "source": {"dataset": "digits", "classes": [0, 1, 2, 3, 4]},
+    "targets": [{"dataset": "digits", "classes": [5, 6, 7, 8, 9]}],
+    "backbone": {"name": "mlp", "params": {"hidden": [32]}},
+    "pretrain": {"epochs": 2, "checkpoint_every": 1, "lr": 0.01, "batch_size": 64},
+    "train": {"epochs": 2, "lr": 0.01, "batch_size": 64},
+    "strategies": ["finetune"],
+    "scaling": {"num_workers": 2},
+    "deepspeed": {"zero_stage": 2},
+    "tracking": {"log_model": False},
+}
+
+
+@pytest.fixture
+def tiny_config():
+    """A factory for a small, fast digits 0-4 -> 5-9 config (a dict); keyword arguments replace top-level fields."""
+
+    def make(**fields):
+        cfg = copy.deepcopy(TINY)
+        cfg.update(copy.deepcopy(fields))
+        return cfg
+
+    return make
