@@ -1,0 +1,289 @@
+"""Hugging Face Transformers model folders as feature backbones: `hf:/path/to/folder` or `hf:s3://bucket/prefix`.
+
+Encoders (BERT, RoBERTa, ViT, ...) and decoders (GPT-2, Llama-style) load with `AutoModel` from a local folder (an
+`s3://` folder is downloaded once into a local cache first). The hub is never contacted: a hub name such as
+`hf:bert-base-uncased` is a configuration error that says how to give a folder instead.
+
+Inputs (the tensors a forgetless task holds):
+- text models: token ids as made by `forgetless.data.text` — shape (B, 2, L), channel 0 the ids, channel 1 the attention
+  mask (ids alone, (B, 1, L), mean "no padding"); the model folder's tokenizer made them;
+- vision models: pixel values in [0, 1], shape (B, C, H, W); the model's own preprocessing (resize to its image size,
+  grey -> RGB, normalisation with its `preprocessor_config.json` mean/std) runs inside the backbone.
+
+Features: one vector per input (`feature_dim` = hidden size), pooled by `pooling`: `cls` (first token: BERT/ViT style),
+`last` (last non-padding token: how GPT-2/Llama classify), `mean` (masked mean), `pooler` (the model's pooler output),
+or `auto` (last for decoders, cls otherwise).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+POOLINGS = ("auto", "cls", "mean", "last", "pooler")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _offline_env() -> None:
+    # Belt and braces next to local_files_only=True: nothing in transformers/huggingface_hub may reach the network.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# where the folder is
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", "./", "../", "~")) or os.sep in spec and Path(spec).expanduser().exists()
+
+
+def check_model_folder(spec: str, prefix: str = "hf:") -> None:
+    """Config-time check of `hf:<spec>`: a local folder with config.json, or an s3:// URI (checked when loaded)."""
+    if not spec:
+        raise ValueError(f"{prefix}: give a model folder, e.g. {prefix}/models/bert-base or {prefix}s3://bucket/bert")
+    if spec.startswith("s3://"):
+        return
+    path = Path(spec).expanduser()
+    if not path.exists():
+        if not _looks_like_path(spec):
+            raise ValueError(
+                f"{prefix}{spec}: not a local folder or s3:// URI. forgetless never downloads from the Hugging Face "
+                f"hub; download the model once (e.g. `huggingface-cli download {spec} --local-dir DIR`) and give "
+                f"{prefix}DIR, or upload DIR to S3 and give {prefix}s3://bucket/prefix"
+            )
+        raise ValueError(f"{prefix}{spec}: folder does not exist")
+    if not path.is_dir() or not (path / "config.json").exists():
+        raise ValueError(f"{prefix}{spec}: not a model folder (no config.json inside); give the folder that "
+                         f"save_pretrained wrote")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FORGETLESS_CACHE", Path.home() / ".cache" / "forgetless")).expanduser()
+
+
+def local_folder(spec: str) -> Path:
+    """The local folder for `spec`; an s3:// folder is downloaded once per machine into the cache (atomic rename, so
+    workers that start together on one node never see half a folder)."""
+    if not spec.startswith("s3://"):
+        return Path(spec).expanduser().resolve()
+    from forgetless.platform import storage
+
+    dest = cache_root() / "models" / hashlib.sha256(spec.rstrip("/").encode()).hexdigest()[:16]
+    if (dest / "config.json").exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
+    try:
+        storage.download_folder(spec, str(tmp))
+        if not (tmp / "config.json").exists():
+            raise ValueError(f"{spec}: not a model folder (no config.json under it)")
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not (dest / "config.json").exists():  # someone else won the race only if the folder is complete
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _is_decoder(config) -> bool:
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    # Decoder-only = has a causal-LM head class but no masked-LM one (BERT-likes have both).
+    mt = config.model_type
+    return mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+class HFBackbone(nn.Module):
+    """A Transformers `AutoModel` (no task head) that maps a batch to pooled features."""
+
+    def __init__(self, spec: str, input_shape: tuple[int, ...], pooling: str = "auto",
+                 gradient_checkpointing: bool = False, dtype: str = "float32", pretrained: bool = True):
+        super().__init__()
+        _offline_env()
+        from transformers import AutoConfig, AutoModel
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+        _check_params(pooling, dtype)
+        self.spec = spec
+        self.folder = local_folder(spec)
+        # True: the weights come from the folder, so the platform trains only a source head on the frozen backbone
+        # instead of pre-training it from scratch (see train_loop).
+        self.pretrained = bool(pretrained)
+        config = AutoConfig.from_pretrained(self.folder, local_files_only=True)
+        if getattr(config, "use_cache", None):
+            config.use_cache = False  # no key/value cache: we never generate, and it costs memory
+        kwargs: dict[str, Any] = {}
+        model_cls = MODEL_MAPPING[type(config)]
+        import inspect
+
+        if pooling != "pooler" and "add_pooling_layer" in inspect.signature(model_cls.__init__).parameters:
+            # An unused pooler would get no gradients (ZeRO and DDP both dislike unused trainable weights).
+            kwargs["add_pooling_layer"] = False
+        if pretrained:
+            self.model = model_cls.from_pretrained(self.folder, config=config, local_files_only=True,
+                                                   dtype=DTYPES[dtype], **kwargs)
+        else:
+            self.model = model_cls(config, **kwargs).to(DTYPES[dtype])
+        self.modality = "vision" if self.model.main_input_name == "pixel_values" else "text"
+        self.decoder = self.modality == "text" and _is_decoder(config)
+        self.pooling = ("last" if self.decoder else "cls") if pooling == "auto" else pooling
+        self.feature_dim = int(config.hidden_size)
+        self.gradient_checkpointing = bool(gradient_checkpointing)
+        if gradient_checkpointing:
+            # Non-reentrant checkpointing works with frozen inputs (embeddings of a frozen model) and with ZeRO-3.
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.modality == "vision":
+            self._setup_vision(config, input_shape)
+        else:
+            if len(input_shape) not in (1, 2) or (len(input_shape) == 2 and input_shape[0] not in (1, 2)):
+                raise ValueError(f"{spec}: a text model needs token inputs of shape (2, L) (ids, mask) or (1, L); "
+                                 f"got {input_shape}; build the task with forgetless.data.text")
+            self.pad_id = int(config.pad_token_id if config.pad_token_id is not None else 0)
+
+    # -- vision preprocessing --------------------------------------------------------------------------------------
+    def _setup_vision(self, config, input_shape: tuple[int, ...]) -> None:
+        if len(input_shape) != 3:
+            raise ValueError(f"{self.spec}: a vision model needs image inputs (C, H, W); got {input_shape}")
+        self.in_channels = int(input_shape[0])
+        self.num_channels = int(getattr(config, "num_channels", 3))
+        if self.in_channels not in (1, self.num_channels):
+            raise ValueError(f"{self.spec}: inputs have {self.in_channels} channels, the model takes "
+                             f"{self.num_channels}")
+        size = getattr(config, "image_size", None)
+        self.image_size = tuple(size) if isinstance(size, (list, tuple)) else (int(size), int(size)) if size else None
+        mean, std = [0.0] * self.num_channels, [1.0] * self.num_channels
+        proc = self.folder / "preprocessor_config.json"
+        if proc.exists():
+            p = json.loads(proc.read_text())
+            if p.get("do_normalize", True) and p.get("image_mean") is not None:
+                mean, std = list(p["image_mean"]), list(p["image_std"])
+        # Buffers, not parameters: they never train, and they travel with the model to its device.
+        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def preprocess_images(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        if x.shape[1] == 1 and self.num_channels != 1:
+            x = x.expand(-1, self.num_channels, -1, -1)
+        if self.image_size is not None and tuple(x.shape[-2:]) != self.image_size:
+            x = F.interpolate(x.float(), size=self.image_size, mode="bilinear", align_corners=False)
+        return (x - self.pixel_mean) / self.pixel_std
+
+    # -- forward ---------------------------------------------------------------------------------------------------
+    def _dtype(self) -> torch.dtype:
+        return next(p for p in self.model.parameters()).dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.modality == "vision":
+            out = self.model(pixel_values=self.preprocess_images(x).to(self._dtype()))
+            mask = None
+        else:
+            if x.dim() == 2:
+                x = x[:, None, :]
+            ids = x[:, 0].round().long()
+            mask = x[:, 1].round().long() if x.shape[1] == 2 else torch.ones_like(ids)
+            out = self.model(input_ids=ids, attention_mask=mask)
+        return self.pool(out, mask)
+
+    def pool(self, out, mask: torch.Tensor | None) -> torch.Tensor:
+        h = out.last_hidden_state
+        if self.pooling == "pooler":
+            if getattr(out, "pooler_output", None) is None:
+                raise ValueError(f"{self.spec}: this model has no pooler; use pooling cls, mean or last")
+            return out.pooler_output
+        if self.pooling == "cls":
+            return h[:, 0]
+        if mask is None:
+            mask = torch.ones(h.shape[:2], dtype=torch.long, device=h.device)
+        if self.pooling == "mean":
+            m = mask.to(h.dtype).unsqueeze(-1)
+            return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+        # last: the last position the mask keeps (right padding)
+        last = mask.sum(1).clamp_min(1) - 1
+        return h[torch.arange(h.shape[0], device=h.device), last]
+
+
+def _check_params(pooling: str, dtype: str) -> None:
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling {pooling!r}: use one of {list(POOLINGS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: use one of {list(DTYPES)}")
+
+
+_PARAMS = {"pooling", "gradient_checkpointing", "dtype", "pretrained"}
+
+
+def check(spec: str, params: dict[str, Any]) -> None:
+    """Config-time validation of `hf:<spec>` and its params (raises ValueError with the fix)."""
+    check_model_folder(spec)
+    unknown = set(params) - _PARAMS
+    if unknown:
+        raise ValueError(f"hf backbone params: unknown {sorted(unknown)}; known: {sorted(_PARAMS)}")
+    _check_params(params.get("pooling", "auto"), params.get("dtype", "float32"))
+
+
+def build(spec: str, input_shape: tuple[int, ...], **params) -> HFBackbone:
+    return HFBackbone(spec, input_shape, **params)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# export: the fine-tuned backbone as a Hugging Face folder again
+
+
+def plain_model(backbone: HFBackbone) -> nn.Module:
+    """A copy of the backbone's Transformers model with any PEFT (LoRA) layers merged into their base weights and
+    removed, so it saves as, and loads back into, the plain model class. Needs full weights (not ZeRO-3 partitions)."""
+    import copy
+
+    model = copy.deepcopy(backbone.model)
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return model
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge(safe_merge=True)
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], module.get_base_layer())
+    return model
+
+
+def save_pretrained(backbone: HFBackbone, dest: str | os.PathLike) -> Path:
+    """Write the (merged) backbone as a Hugging Face folder, with the source folder's tokenizer/preprocessor files."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    model = plain_model(backbone)
+    if backbone.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    model.save_pretrained(dest)
+    for f in backbone.folder.iterdir():
+        if f.is_file() and f.name not in ("config.json",) and not f.name.endswith((".safetensors", ".bin", ".pt",
+                                                                                   ".index.json")):
+            shutil.copy2(f, dest / f.name)  # tokenizer, preprocessor, generation config...
+    return dest
+
+
+def _register() -> None:
+    from forgetless.backbones import register_backbone_prefix
+
+    register_backbone_prefix("hf:", build, check)
+
+
+_register()
