@@ -16,6 +16,8 @@ from typing import Any
 
 from forgetless.config import ConfigError, ExperimentConfig, load_config
 from forgetless.platform.results import CompareResult, StrategyResult, Trajectory
+from forgetless.platform.search_config import SearchConfig
+from forgetless.platform.tuning import SearchResult
 
 __version__ = "0.1.0"
 
@@ -38,5 +40,14 @@ def compare(config: ConfigLike, overrides: list[str] | None = None) -> CompareRe
     return execute(load_config(config, overrides), "compare")
 
 
-__all__ = ["run", "compare", "load_config", "ConfigError", "ExperimentConfig", "StrategyResult", "CompareResult",
+def tune(config: ConfigLike, search: "dict[str, Any] | SearchConfig | None" = None, resume: bool = False,
+         overrides: list[str] | None = None) -> "SearchResult":
+    """Ray Tune search over pre-training stop points x learning rates (x searchable strategy fields); `search`
+    replaces the config's `search:` section. `resume=True` finishes a killed search. See docs/tune.md."""
+    from forgetless.platform.tuning import run_search
+
+    return run_search(config, search, resume=resume, overrides=overrides)
+
+
+__all__ = ["run", "compare", "tune", "SearchConfig", "SearchResult", "load_config", "ConfigError", "ExperimentConfig", "StrategyResult", "CompareResult",
            "Trajectory"]

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from forgetless.platform.search_config import SearchConfig
+
 
 class ConfigError(ValueError):
     """A configuration problem a user can fix; the message names the field and the fix."""
@@ -102,6 +104,14 @@ class BackboneConfig(_Strict):
         if not is_known_backbone(v):
             raise ValueError(f"unknown backbone {v!r}; available: {available_backbones()}")
         return v
+
+    @model_validator(mode="after")
+    def _prefixed_backbone_ok(self) -> "BackboneConfig":
+        # hf:/timm:/torchvision: check their folder and params here, before Ray starts (never the hub).
+        from forgetless.backbones import check_backbone
+
+        check_backbone(self.name, self.params)
+        return self
 
 
 class OptimConfig(_Strict):
@@ -191,6 +201,7 @@ class ExperimentConfig(_Strict):
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    search: SearchConfig | None = Field(None, description="Ray Tune search over stop points x lr (forgetless tune)")
 
     @model_validator(mode="before")
     @classmethod
@@ -244,7 +255,7 @@ class ExperimentConfig(_Strict):
         return _short_hash(relevant)
 
     def transfer_key(self, strategy: StrategyConfig) -> str:
-        relevant = self.model_dump(exclude={"strategies", "tracking", "ray_address", "storage"})
+        relevant = self.model_dump(exclude={"strategies", "tracking", "ray_address", "storage", "search"})
         relevant["strategy"] = strategy.model_dump()
         return _short_hash(relevant)
 

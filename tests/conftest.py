@@ -16,8 +16,7 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}, logging_level="ERROR",
-                 include_dashboard=False)
+        ray.init(num_cpus=2, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}, logging_level="ERROR")
     yield ray
     ray.shutdown()
 

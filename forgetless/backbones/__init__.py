@@ -15,15 +15,27 @@ BackboneBuilder = Callable[..., nn.Module]
 
 _BACKBONES: dict[str, BackboneBuilder] = {"mlp": MLP, "cnn2d": CNN2d, "cnn1d": CNN1d}
 _PREFIXES: dict[str, BackboneBuilder] = {}
+_PREFIX_CHECKS: dict[str, Callable[[str, dict[str, Any]], None]] = {}
 
 
 def register_backbone(name: str, builder: BackboneBuilder) -> None:
     _BACKBONES[name] = builder
 
 
-def register_backbone_prefix(prefix: str, builder: BackboneBuilder) -> None:
-    """`builder(spec_after_prefix, input_shape, **params)` for names like `hf:/models/bert`."""
+def register_backbone_prefix(prefix: str, builder: BackboneBuilder,
+                             check: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+    """`builder(spec_after_prefix, input_shape, **params)` for names like `hf:/models/bert`; `check(spec, params)`
+    (optional) validates them at config time without building anything, raising ValueError with the fix."""
     _PREFIXES[prefix] = builder
+    if check is not None:
+        _PREFIX_CHECKS[prefix] = check
+
+
+def check_backbone(name: str, params: dict[str, Any]) -> None:
+    """Config-time validation of a prefixed backbone (a model folder that must exist, known params...)."""
+    for prefix, check in _PREFIX_CHECKS.items():
+        if name.startswith(prefix):
+            check(name[len(prefix):], dict(params))
 
 
 def available_backbones() -> list[str]:
@@ -55,3 +67,6 @@ def build_backbone(name: str, input_shape: tuple[int, ...], params: dict[str, An
 
 __all__ = ["TransferModel", "build_backbone", "register_backbone", "register_backbone_prefix", "available_backbones",
            "is_known_backbone", "MLP", "CNN2d", "CNN1d"]
+
+from forgetless.backbones import resnet as _resnet  # noqa: E402,F401  (registers the built-in "resnet")
+from forgetless.backbones import hf as _hf, vision as _vision  # noqa: E402,F401  (register hf:, timm:, torchvision:)

@@ -117,6 +117,20 @@ def gathered(module: nn.Module, zero_stage: int, modifier_rank: int | None = Non
         yield
 
 
+def write_back_weights(module: nn.Module) -> None:
+    """Make in-place rewrites of trainable weights stick (a phase's after_step hook, e.g. capping an update).
+
+    DeepSpeed steps its own fp32 master copy under ZeRO-1/2/3 (and bf16/fp16) and copies it over the module's weights
+    at the next step, which would silently undo the rewrite; this pushes the module's current values into that copy.
+    Under ZeRO-3 call it inside `gathered(...)` (full weights). A no-op for a plain fp32 optimizer (ZeRO-0).
+    """
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for p in module.parameters():
+        if p.requires_grad and (hasattr(p, "ds_id") or getattr(p, "_hp_mapping", None) is not None):
+            safe_set_full_fp32_param(p, p.data.detach().float().clone())
+
+
 def full_state_dict(module: nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
     """fp32 copy of the full state dict on every rank (gathered under ZeRO-3)."""
     with gathered(module, zero_stage):

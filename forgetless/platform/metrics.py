@@ -109,5 +109,5 @@ def summarize(R) -> dict[str, float]:
         "source/retention": source_retention(R),
         "source/acc_before": float(_as_matrix(R)[0, 0]),
         "source/acc_after": float(_as_matrix(R)[-1, 0]),
-        "target/acc": float(np.mean(_as_matrix(R)[-1, 1:])),
+        "target/final_acc": float(np.mean(_as_matrix(R)[-1, 1:])),
     }

@@ -132,7 +132,7 @@ def format_table(results: list[StrategyResult]) -> str:
     rows = []
     for r in results:
         m = r.metrics
-        rows.append([r.label, _fmt(m["target/acc"], True), _fmt(m["source/acc_before"], True),
+        rows.append([r.label, _fmt(m["target/final_acc"], True), _fmt(m["source/acc_before"], True),
                      _fmt(m["source/acc_after"], True), _fmt(m["forgetting/max"], True), _fmt(m["bwt"], True),
                      _fmt(m["steps_to/90"]), _fmt(m["trainable_params/max"]), f"{r.wall_seconds:.1f}"])
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]

@@ -56,9 +56,17 @@ def preflight(cfg: ExperimentConfig) -> str:
     from forgetless.data import build_stream
 
     try:
-        build_stream(cfg.source, cfg.targets)
+        tasks = build_stream(cfg.source, cfg.targets)
     except (ValueError, OSError) as e:
         raise ConfigError(f"tasks: {e}") from None
+    from forgetless.platform.train_loop import load_torch_file
+    from forgetless.strategies import make_strategy
+
+    for s in cfg.strategies:  # the strategies' own whole-experiment checks (e.g. a permutation spec exists)
+        try:
+            make_strategy(s.name, s.params, cfg.train.epochs, cfg.train.lr).check(cfg, tasks, load_torch_file)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"strategies[{s.display_name()}]: {e}") from None
     return uri
 
 
@@ -94,9 +102,11 @@ def check_resources(cfg: ExperimentConfig) -> None:
 # one Ray Train run
 
 
-def fit(cfg: ExperimentConfig, run_name: str, job: dict[str, Any], keep_all_checkpoints: bool):
-    """Build and fit a TorchTrainer (Train V2). Re-running the same `run_name` resumes from its latest checkpoint."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def fit(cfg: ExperimentConfig, run_name: str, job: dict[str, Any], keep_all_checkpoints: bool,
+        callbacks: list | None = None):
+    """Build and fit a TorchTrainer (Train V2). Re-running the same `run_name` resumes from its latest checkpoint.
+    `callbacks`: Ray Train UserCallbacks (a Tune trial passes one that forwards each report to Tune)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from forgetless.platform.train_loop import train_worker
@@ -111,6 +121,9 @@ def fit(cfg: ExperimentConfig, run_name: str, job: dict[str, Any], keep_all_chec
             storage_path=storage.normalize(cfg.storage),
             checkpoint_config=CheckpointConfig(num_to_keep=None if keep_all_checkpoints else 3),
             failure_config=FailureConfig(max_failures=job.get("max_failures", 0)),
+            callbacks=callbacks,
+            # Ray Train's own INFO lines (one per checkpoint and rank) drown the progress lines; warnings still show.
+            logging_config=LoggingConfig(log_level=os.environ.get("FORGETLESS_RAY_TRAIN_LOG_LEVEL", "WARNING")),
         ),
     )
     return trainer.fit()
@@ -168,8 +181,22 @@ def pretrain(cfg: ExperimentConfig, target: tracking.TrackingTarget) -> Trajecto
     return traj
 
 
+def trajectory_stop_points(cfg: ExperimentConfig, strategy: StrategyConfig,
+                           trajectory: Trajectory | None) -> list[dict[str, Any]]:
+    """The stop points handed to a strategy that needs the trajectory; θ⁰ (epoch 0) and θᵀ (the last epoch) must be
+    there, checked before its training starts."""
+    epochs = [sp.epoch for sp in trajectory.stop_points] if trajectory is not None else []
+    for needed, what in ((0, "θ⁰ (epoch 0)"), (cfg.pretrain.epochs, f"θᵀ (epoch {cfg.pretrain.epochs})")):
+        if needed not in epochs:
+            raise ConfigError(f"strategies[{strategy.display_name()}]: {strategy.name} needs the pre-training "
+                              f"trajectory from θ⁰ to θᵀ, but it has no stop point {what} (it has {epochs}); "
+                              f"re-run the pre-training from scratch (remove its trajectory.json) so it completes")
+    return [{"epoch": sp.epoch, "uri": sp.uri} for sp in trajectory.stop_points]
+
+
 def transfer(cfg: ExperimentConfig, strategy: StrategyConfig, init_weights: str,
-             target: tracking.TrackingTarget) -> StrategyResult:
+             target: tracking.TrackingTarget, callbacks: list | None = None,
+             trajectory: Trajectory | None = None) -> StrategyResult:
     from forgetless.strategies import get_strategy_class
 
     run_name = transfer_run_name(cfg, strategy)
@@ -177,8 +204,10 @@ def transfer(cfg: ExperimentConfig, strategy: StrategyConfig, init_weights: str,
         f"DeepSpeed ZeRO-{cfg.deepspeed.zero_stage})")
     job = _job(cfg, "transfer", run_name, strategy.display_name(), target, strategy=strategy,
                init_weights=init_weights)
+    if get_strategy_class(strategy.name).needs_trajectory:
+        job["trajectory"] = trajectory_stop_points(cfg, strategy, trajectory)
     t0 = time.perf_counter()
-    result = fit(cfg, run_name, job, keep_all_checkpoints=False)
+    result = fit(cfg, run_name, job, keep_all_checkpoints=False, callbacks=callbacks)
     wall = time.perf_counter() - t0
     state = _read_state(result)
     cls = get_strategy_class(strategy.name)
@@ -274,7 +303,7 @@ def execute(cfg: ExperimentConfig, command: str,
         c.set_tag(parent, "forgetless.pretrain_reused", str(traj.reused).lower())
         results = []
         for s in cfg.strategies:
-            res = transfer(cfg, s, traj.final().uri, target)
+            res = transfer(cfg, s, traj.final().uri, target, trajectory=traj)
             results.append(res)
             if on_result:
                 on_result(res)
@@ -308,4 +337,4 @@ def _log_parent_summary(out: CompareResult, uri: str) -> None:
             c.log_artifact(out.parent_run_id, str(Path(d, f)))
     for r in out.results:
         tracking.log_metrics(uri, out.parent_run_id, {f"{r.label}/{k}": v for k, v in r.metrics.items()
-                                                     if k in ("target/acc", "forgetting/max", "acc", "bwt")}, step=0)
+                                                     if k in ("target/final_acc", "forgetting/max", "acc", "bwt")}, step=0)

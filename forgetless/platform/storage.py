@@ -73,3 +73,28 @@ def exists(uri: str) -> bool:
                 return False
             raise
     return Path(uri).exists()
+
+
+def download_folder(uri: str, dest: str) -> None:
+    """Copy every object under `uri` (s3://bucket/prefix or a local folder) into the local folder `dest`."""
+    import shutil
+
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    if not is_s3(uri):
+        shutil.copytree(Path(uri).expanduser(), dest, dirs_exist_ok=True)
+        return
+    bucket, prefix = split_s3(uri.rstrip("/"))
+    prefix = prefix + "/" if prefix else ""
+    client = s3_client()
+    found = False
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            rel = obj["Key"][len(prefix):]
+            if not rel or rel.endswith("/"):
+                continue
+            target = Path(dest, rel)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, obj["Key"], str(target))
+            found = True
+    if not found:
+        raise FileNotFoundError(f"{uri}: no objects under this prefix")

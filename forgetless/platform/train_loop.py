@@ -36,7 +36,8 @@ def build_model(cfg, tasks_meta: list[dict], strategy=None):
     backbone = build_backbone(cfg.backbone.name, tuple(tasks_meta[0]["input_shape"]), cfg.backbone.params)
     model = TransferModel(backbone, [t["num_classes"] for t in tasks_meta], seed=cfg.seed)
     if strategy is not None:
-        strategy.build(model, [TaskInfo(i, t["name"], t["num_classes"], t["classes"]) for i, t in enumerate(tasks_meta)])
+        strategy.build(model, [TaskInfo(i, t["name"], t["num_classes"], t["classes"], tuple(t["input_shape"]))
+                               for i, t in enumerate(tasks_meta)])
     return model
 
 
@@ -55,7 +56,9 @@ def load_pretrained(model, state: dict[str, torch.Tensor], source_only: bool) ->
     if source_only and not any(k.startswith("backbone.") for k in wanted):
         wanted = {f"backbone.{k}": v for k, v in state.items()}  # a plain backbone state dict
     missing, unexpected = model.load_state_dict(wanted, strict=False)
-    missing_backbone = [k for k in missing if k.startswith("backbone.")]
+    # Backbone entries a strategy's surgery added (EXPANSE's new units) cannot be in the pretrained weights.
+    added = set(getattr(model, "surgery_added_keys", ()))
+    missing_backbone = [k for k in missing if k.startswith("backbone.") and k not in added]
     if missing_backbone or unexpected:
         raise ValueError(
             f"pretrained weights do not match the backbone: missing {missing_backbone[:5]}, unexpected {unexpected[:5]}"
@@ -310,6 +313,9 @@ class Worker:
         else:
             stages = list(range(1, len(self.tasks)))
             if not resumed:
+                # What the strategy keeps of the pre-trained model (anchors, Fisher, frozen copies), before row 0.
+                self._prepare_strategy()
+                self._strategy_data_hook("after_source", 0)
                 # Row 0 of R and the first point of every curve: the pre-trained model before any target training.
                 self._record_row(0)
                 self._eval_point(0, None, "before", 0)
@@ -327,11 +333,13 @@ class Worker:
         from forgetless.strategies.base import ParamGroup, Phase, TaskInfo
 
         if self.strategy is not None:
-            task = TaskInfo(stage, self.meta[stage]["name"], self.meta[stage]["num_classes"], self.meta[stage]["classes"])
+            task = TaskInfo(stage, self.meta[stage]["name"], self.meta[stage]["num_classes"], self.meta[stage]["classes"],
+                            tuple(self.meta[stage]["input_shape"]))
             return task, self.strategy.phases(self.model, task)
         task = TaskInfo(0, self.meta[0]["name"], self.meta[0]["num_classes"], self.meta[0]["classes"])
-        if self.job.get("init_weights"):
-            # A given backbone without a source head: train only the source head (backbone frozen).
+        if self.job.get("init_weights") or getattr(self.model.backbone, "pretrained", False):
+            # A given backbone without a source head (weights from backbone.weights, or a backbone that loads its
+            # own, e.g. a Hugging Face folder): train only the source head (backbone frozen).
             params = list(self.model.heads["t0"].parameters())
             return task, [Phase("source_head", self.optim.epochs, [ParamGroup("head", params, self.optim.lr)],
                                 eval_modules=[self.model.backbone])]
@@ -340,7 +348,7 @@ class Worker:
                                         list(self.model.heads["t0"].parameters()), self.optim.lr)])]
 
     def _run_stage(self, stage: int) -> None:
-        from forgetless.platform.engine import make_engine, set_train_mode
+        from forgetless.platform.engine import gathered, make_engine, set_train_mode, write_back_weights
 
         task, phases = self._phases(stage)
         data = self.tasks[stage]
@@ -384,10 +392,13 @@ class Worker:
                         loss = loss + extra
                     self.engine.backward(loss)
                     if phase.before_step is not None:
-                        phase.before_step(self.model)
+                        with gathered(self.model, self.zero_stage):  # hooks see full weights, also under ZeRO-3
+                            phase.before_step(self.model)
                     self.engine.step()
                     if phase.after_step is not None:
-                        phase.after_step(self.model)
+                        with gathered(self.model, self.zero_stage):
+                            phase.after_step(self.model)
+                            write_back_weights(self.model)  # else DeepSpeed's master copy undoes the hook's rewrite
                     losses.append(loss.item())
                     self.state["global_step"] += 1
                     phase_step += 1
@@ -432,25 +443,67 @@ class Worker:
             self._release_engine()
         # the task is done: the strategy keeps what it needs, then the accuracy-matrix row is measured
         if self.strategy is not None:
-            import torch.distributed as dist
-
-            def mean(t: torch.Tensor) -> torch.Tensor:
-                if self.world > 1:
-                    dist.all_reduce(t)
-                    t /= self.world
-                return t
-
-            seed = derive_seed(self.cfg.seed, stage, 10**6)
-            self.strategy.after_task(
-                self.model, task,
-                lambda: ((x.to(self.device), y.to(self.device)) for x, y in
-                         train_batches(data.x_train, data.y_train, self.optim.batch_size, self.rank, self.world, seed)),
-                mean)
+            self._strategy_data_hook("after_task", stage)
         row = self._record_row(stage) if not self.pretrain else {}
         self.state["stage_done"] = True
         if not self.pretrain:
             self._log_metrics(row)
             self._save({**row, "global_step": self.state["global_step"]}, name=f"checkpoint_s{stage}_done")
+
+    def _prepare_strategy(self) -> None:
+        """The strategy's `prepare` hook (every rank, full weights, no engine yet), with the source data, a sharded
+        source evaluation, and, for a strategy that needs it, the pre-training trajectory's state dicts."""
+        import torch.distributed as dist
+
+        from forgetless.strategies.base import PrepareContext
+
+        def mean(t: torch.Tensor) -> torch.Tensor:
+            if self.world > 1:
+                dist.all_reduce(t)
+                t /= self.world
+            return t
+
+        def source_accuracy(model) -> float:
+            return evaluate(model, self.tasks[:1], "val", 0, False, self.rank, self.world, self.device)[0][0]
+
+        def log_metrics(metrics: dict[str, float], step: int) -> None:
+            from forgetless.platform import tracking
+
+            if self.rank == 0:
+                tracking.log_metrics(self.job["tracking"]["tracking_uri"], self.state["mlflow_run_id"], metrics,
+                                     step=step)
+
+        trajectory = None
+        if self.strategy.needs_trajectory:
+            trajectory = [(sp["epoch"], load_torch_file(sp["uri"])) for sp in self.job.get("trajectory") or []]
+        src = self.tasks[0]
+        self.strategy.prepare(self.model, PrepareContext(
+            rank=self.rank, world=self.world, device=self.device, source_train=(src.x_train, src.y_train),
+            all_reduce_mean=mean, source_accuracy=source_accuracy, log=self._log, log_metrics=log_metrics,
+            load_weights=load_torch_file, pretrain=self.cfg.pretrain, final_epoch=self.cfg.pretrain.epochs,
+            trajectory=trajectory))
+
+    def _strategy_data_hook(self, hook: str, stage: int) -> None:
+        """Call the strategy's `after_task` / `after_source` with this rank's training shard of task `stage` and a
+        cross-rank mean (every rank calls it, so collectives inside match)."""
+        import torch.distributed as dist
+
+        from forgetless.strategies.base import TaskInfo
+
+        def mean(t: torch.Tensor) -> torch.Tensor:
+            if self.world > 1:
+                dist.all_reduce(t)
+                t /= self.world
+            return t
+
+        m, data = self.meta[stage], self.tasks[stage]
+        task = TaskInfo(stage, m["name"], m["num_classes"], m["classes"], tuple(m["input_shape"]))
+        seed = derive_seed(self.cfg.seed, stage, 10**6)
+        getattr(self.strategy, hook)(
+            self.model, task,
+            lambda: ((x.to(self.device), y.to(self.device)) for x, y in
+                     train_batches(data.x_train, data.y_train, self.optim.batch_size, self.rank, self.world, seed)),
+            mean)
 
     def _release_engine(self) -> None:
         """End of a phase: back to a plain model on full weights (gathered under ZeRO-3, fp32), so the next phase's

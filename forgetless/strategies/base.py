@@ -31,6 +31,8 @@ class TaskInfo:
     name: str
     num_classes: int
     classes: list[int]
+    # Shape of one input (without the batch dimension), for strategies that build input-side modules.
+    input_shape: tuple[int, ...] = ()
 
 
 @dataclass
@@ -65,6 +67,28 @@ class Phase:
         return [p for g in self.param_groups for p in g.params]
 
 
+@dataclass
+class PrepareContext:
+    """What the platform hands `Strategy.prepare`: plain data and callables, so a strategy stays free of Ray/DeepSpeed.
+
+    Every rank gets one; callables that reduce across ranks (all_reduce_mean, source_accuracy) must be called by all.
+    """
+
+    rank: int
+    world: int
+    device: torch.device
+    source_train: tuple[torch.Tensor, torch.Tensor]  # the whole source training split (x, y), on every rank
+    all_reduce_mean: Callable[[torch.Tensor], torch.Tensor]  # in place, returns its argument
+    source_accuracy: Callable[[nn.Module], float]  # validation accuracy on the source (sharded and reduced)
+    log: Callable[[str], None]
+    log_metrics: Callable[[dict[str, float], int], None]  # (metrics, step) to the run's tracking
+    load_weights: Callable[[str], dict[str, torch.Tensor]]  # a state dict from a path or s3:// (weights only)
+    pretrain: object  # the experiment's PretrainConfig (optimizer, lr, batch size, epochs of the source training)
+    final_epoch: int  # the last epoch of the source pre-training
+    # (epoch, consolidated state dict) of every pre-training stop point; only for strategies with needs_trajectory.
+    trajectory: list[tuple[int, dict[str, torch.Tensor]]] | None = None
+
+
 class Strategy:
     name: ClassVar[str]
     paper: ClassVar[str] = "standard baseline"
@@ -76,6 +100,8 @@ class Strategy:
     max_zero_stage: ClassVar[int] = 3
     # Backbone names (or prefixes) the strategy supports; None = all.
     supported_backbones: ClassVar[tuple[str, ...] | None] = None
+    # Does `prepare` need the source pre-training trajectory (the stop points' state dicts)? (learning transfer)
+    needs_trajectory: ClassVar[bool] = False
 
     def __init__(self, params: StrategyParams, epochs: int, lr: float):
         self.params = params
@@ -96,6 +122,20 @@ class Strategy:
     def after_task(self, model: TransferModel, task: TaskInfo, batches: Callable[[], Iterator[tuple]],
                    all_reduce_mean: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Called on every rank after a task's last phase; `batches()` yields this rank's (x, y) training shard."""
+
+    def after_source(self, model: TransferModel, source: TaskInfo, batches: Callable[[], Iterator[tuple]],
+                     all_reduce_mean: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Called on every rank once before the first target task, on the pre-trained model, with the source's
+        training shard: what to keep of the pre-trained state (anchors, Fisher information, frozen copies)."""
+
+    def check(self, cfg, tasks: list, load_weights: Callable[[str], dict]) -> None:
+        """Whole-experiment checks run before Ray starts (`cfg` the ExperimentConfig, `tasks` the built stream);
+        raise ValueError naming the field and the fix."""
+
+    def prepare(self, model: TransferModel, ctx: PrepareContext) -> None:
+        """Called on every rank once, right after the pre-trained weights are loaded and before `after_source` and
+        the first target task (full weights, no engine): may replace the starting weights (e.g. with weights
+        synthesised from the pre-training trajectory)."""
 
     def tags(self) -> dict[str, str]:
         return {"strategy": self.name, "strategy_source": self.paper, "fidelity": self.fidelity}

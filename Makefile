@@ -1,0 +1,31 @@
+# Two commands on a fresh machine:
+#   make demo   set up .venv and run the main job (digits 0-4 -> 5-9 under finetune / linear_probe / lp_ft)
+#   make test   set up .venv and run the test suite (what CI runs, via .ci/run)
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of PyTorch; on a GPU machine use e.g. `make demo TORCH_SPEC=torch` (a CUDA build).
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+demo: setup
+	$(BIN)/forgetless compare examples/digits_transfer.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q --durations=25
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not e2e"
+
+clean:
+	rm -rf forgetless_runs mlruns mlflow.db

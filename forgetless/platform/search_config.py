@@ -1,0 +1,115 @@
+"""The `search:` section of an experiment config: what a Ray Tune search over stop points and learning rates varies,
+how it samples, what it optimises.
+
+Only structure is checked here (this module imports nothing of forgetless, so `config.py` can use it). Checks that
+need the rest of the experiment (does the field exist, is the stop point on the pre-training schedule) live in
+`forgetless.platform.tuning.validate_search`, and run before Ray starts.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+STOP_POINT = "stop_point"
+# Metrics an objective can combine. Per epoch they are computed from validation accuracies; the final table also shows
+# the same combination on the test split (the accuracy matrix R).
+OBJECTIVE_METRICS = {
+    "target/acc": "target accuracy",
+    "source/acc": "source accuracy",
+    "source/retention": "source accuracy / source accuracy of the stop point",
+    "forgetting": "source accuracy of the stop point - source accuracy now",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RangeSpec(_Strict):
+    """A continuous (or integer) range, for the random and optuna searchers."""
+
+    low: float
+    high: float
+    log: bool = Field(False, description="sample log-uniformly (learning rates)")
+    integer: bool = Field(False, description="sample integers in [low, high]")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "RangeSpec":
+        if not self.low < self.high:
+            raise ValueError(f"range needs low < high, got low={self.low} high={self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}")
+        return self
+
+
+class AshaSpec(_Strict):
+    """Asynchronous successive halving: at epochs grace_period x reduction_factor^k, keep the top 1/reduction_factor."""
+
+    grace_period: int = Field(1, gt=0, description="epochs every trial runs before it can be stopped")
+    reduction_factor: float = Field(2.0, gt=1.0)
+    max_t: int | None = Field(None, gt=0, description="epochs of a full trial (default: train.epochs)")
+
+
+class SearchConfig(_Strict):
+    space: dict[str, list[Any] | RangeSpec | Literal["all"]] = Field(
+        default_factory=lambda: {STOP_POINT: "all"},
+        description="`stop_point` (epochs of the pre-training trajectory, or 'all') and config fields by dotted path: "
+                    "train.<field>, strategy.<param>, targets.<i>.<field>, deepspeed.<field>, evaluation; each a list "
+                    "of values or a range {low, high, log, integer}",
+    )
+    searcher: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: int = Field(1, gt=0, description="random/optuna: number of trials; grid: repeats of the whole grid")
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    asha: AshaSpec = Field(default_factory=AshaSpec)
+    objective: str | dict[str, float] = Field(
+        "target/acc", description="a metric, or weights of a combination, e.g. {target/acc: 1, forgetting: -0.5}")
+    mode: Literal["max", "min"] = "max"
+    max_concurrent_trials: int | None = Field(
+        None, gt=0, description="default: as many trials as the cluster fits (workers x CPUs/GPUs per trial)")
+    strategy: str | None = Field(None, description="the strategy the trials fine-tune with (default: the config's only one)")
+    seed: int = 0
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if not v:
+            raise ValueError("the search space is empty; list at least stop_point or train.lr")
+        for key, dim in v.items():
+            if isinstance(dim, list) and not dim:
+                raise ValueError(f"{key}: an empty list of values")
+            if dim == "all" and key != STOP_POINT:
+                raise ValueError(f"{key}: 'all' is only meaningful for {STOP_POINT}; give a list of values")
+            if key == STOP_POINT and isinstance(dim, RangeSpec):
+                raise ValueError(f"{STOP_POINT}: give a list of epochs or 'all', not a range")
+            if key == STOP_POINT and isinstance(dim, list) and not all(isinstance(e, int) and e >= 0 for e in dim):
+                raise ValueError(f"{STOP_POINT}: epochs must be non-negative integers, got {dim}")
+        return v
+
+    @field_validator("objective")
+    @classmethod
+    def _objective(cls, v: str | dict[str, float]) -> str | dict[str, float]:
+        names = [v] if isinstance(v, str) else list(v)
+        if not names:
+            raise ValueError("the objective combines no metric")
+        unknown = [n for n in names if n not in OBJECTIVE_METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric {unknown[0]!r}; an objective combines {sorted(OBJECTIVE_METRICS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _grid_needs_lists(self) -> "SearchConfig":
+        if self.searcher == "grid":
+            ranges = [k for k, d in self.space.items() if isinstance(d, RangeSpec)]
+            if ranges:
+                raise ValueError(f"space.{ranges[0]}: grid search needs a list of values; use searcher: random or "
+                                 f"optuna for ranges")
+        return self
+
+    def weights(self) -> dict[str, float]:
+        return {self.objective: 1.0} if isinstance(self.objective, str) else dict(self.objective)
+
+    def describe_objective(self) -> str:
+        terms = " ".join(f"{'+' if w >= 0 else '-'} {'' if abs(w) == 1 else f'{abs(w):g}*'}{m}"
+                         for m, w in self.weights().items())
+        return f"{self.mode} {terms.removeprefix('+ ')}"

@@ -1,0 +1,132 @@
+"""End to end on a real embedded Ray cluster: 2 workers, DeepSpeed ZeRO-2 on CPU, a real SQLite MLflow store."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+pytestmark = pytest.mark.e2e
+
+
+def _client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
+
+
+def test_compare_tracks_everything_and_linear_probe_keeps_source(ray_session, workdir, tiny_config):
+    import forgetless
+
+    cfg = tiny_config(strategies=["finetune", "linear_probe"], tracking={"log_model": True})
+    out = forgetless.compare(cfg)
+
+    lp, ft = out["linear_probe"], out["finetune"]
+    for r in (lp, ft):
+        assert r.accuracy_matrix.shape == (2, 2)
+        assert 0.0 <= r.accuracy_matrix.min() and r.accuracy_matrix.max() <= 1.0
+    # linear probing cannot move the backbone or the source head: exactly zero source forgetting
+    assert lp.accuracy_matrix[1, 0] == lp.accuracy_matrix[0, 0]
+    assert lp.metrics["forgetting/max"] == 0.0
+    # both start from the same pre-trained checkpoint
+    assert ft.accuracy_matrix[0, 0] == lp.accuracy_matrix[0, 0]
+    assert ft.accuracy_matrix[1, 1] > 0.5  # the target was learned (5 classes, chance 0.2)
+    # the finetuned backbone moved, the linear probe's did not
+    from forgetless.platform.runner import load_model
+    from forgetless.platform.train_loop import load_torch_file
+    from forgetless.config import load_config
+
+    pre = load_torch_file(out.trajectory.final().uri)
+    ft_model, _ = load_model(load_config(cfg), ft)
+    lp_model, _ = load_model(load_config(cfg), lp)
+    key = "backbone.body.1.weight"
+    assert torch.equal(lp_model.state_dict()[key], pre[key])
+    assert not torch.equal(ft_model.state_dict()[key], pre[key])
+
+    # the pre-training trajectory: a stop point every epoch, θ⁰ included
+    assert [sp.epoch for sp in out.trajectory.stop_points] == [0, 1, 2]
+    assert all(Path(sp.uri).exists() for sp in out.trajectory.stop_points)
+
+    c = _client()
+    parent = c.get_run(out.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    children = c.search_runs([out.experiment_id], f"tags.`mlflow.parentRunId` = '{out.parent_run_id}'")
+    by_name = {r.info.run_name: r for r in children}
+    assert set(by_name) == {"pretrain", "finetune", "linear_probe"}
+    run = by_name["finetune"]
+    assert run.data.tags["strategy"] == "finetune" and run.data.tags["fidelity"] == "confirmed"
+    for m in ("acc", "bwt", "forgetting/max", "forgetting/first", "steps_to/90", "aulc", "source/retention"):
+        assert m in run.data.metrics, m
+    # per-epoch curves: one point before training and one per epoch
+    assert len(c.get_metric_history(run.info.run_id, "target/acc")) == 1 + cfg["train"]["epochs"]
+    assert len(c.get_metric_history(run.info.run_id, "source/acc")) >= 3
+    arts = {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert {"accuracy_matrix.json", "accuracy_matrix.png", "curves.png", "history.json"} <= arts
+    R = json.loads(Path(c.download_artifacts(run.info.run_id, "accuracy_matrix.json")).read_text())["R"]
+    assert np.allclose(R, ft.accuracy_matrix)
+    assert "comparison_curves.png" in {a.path for a in c.list_artifacts(out.parent_run_id)}
+    # the final model is logged and loads back
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{Path('mlflow.db').resolve()}")
+    models = mlflow.search_logged_models(experiment_ids=[out.experiment_id], output_format="list")
+    assert {m.source_run_id for m in models} == {by_name["finetune"].info.run_id, by_name["linear_probe"].info.run_id}
+    loaded = mlflow.pytorch.load_model(f"models:/{models[0].model_id}")
+    assert loaded(torch.zeros(2, 1, 8, 8), 1).shape == (2, 5)
+
+    # running the same config again reuses the pre-training and the finished runs (nothing retrained)
+    again = forgetless.compare(cfg)
+    assert again.trajectory.reused
+    assert np.array_equal(again["finetune"].accuracy_matrix, ft.accuracy_matrix)
+
+
+def test_zero3_run_on_a_cnn(ray_session, workdir, tiny_config):
+    import forgetless
+
+    cfg = tiny_config(backbone={"name": "cnn2d", "params": {"channels": [8, 16]}}, deepspeed={"zero_stage": 3},
+                      strategies=["lp_ft"], train={"epochs": 2, "lr": 0.01, "batch_size": 64})
+    cfg["strategies"] = [{"name": "lp_ft", "params": {"probe_epochs": 1}}]
+    res = forgetless.run(cfg)
+    assert res.accuracy_matrix.shape == (2, 2)
+    assert [p["phase"] for p in res.phase_log] == ["probe", "finetune"]
+    assert res.accuracy_matrix[1, 1] > res.accuracy_matrix[0, 1]  # it learned the target
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(workdir, tiny_config):
+    """Kill the CLI (SIGINT) after the first transfer checkpoint; re-running the same command resumes from it."""
+    cfg = tiny_config(train={"epochs": 12, "lr": 0.01, "batch_size": 16})
+    Path("c.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "forgetless.cli", "run", "c.yaml"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    runs = Path("forgetless_runs")
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(runs.glob("tiny-finetune-*/checkpoint_s1_p0_e0002")):
+        time.sleep(0.2)
+    assert list(runs.glob("tiny-finetune-*/checkpoint_s1_p0_e0002")), "no transfer checkpoint appeared"
+    first.send_signal(signal.SIGINT)
+    first.wait(timeout=120)
+    (run_dir,) = runs.glob("tiny-finetune-*")
+    assert not (run_dir / "final").exists(), "the first invocation finished before it was interrupted"
+
+    second = subprocess.run(cmd + ["--json"], capture_output=True, text=True, env=env, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from checkpoint" in second.stderr + second.stdout
+    state = json.loads((run_dir / "final" / "state.json").read_text())
+    resumed = state["resumed_from"]
+    # Ray registers a checkpoint once every rank has reported it: the one being written when the signal came may
+    # not count, so the resume point is the epoch-1 or epoch-2 checkpoint (never the start).
+    assert resumed["stage"] == 1 and resumed["epoch"] >= 1
+    # every epoch is in the history exactly once up to the resume point, and training went on to the end
+    assert state["epoch"] == 12 and state["finished"]
+    # one MLflow child run for the strategy across both invocations (resumed, not duplicated)
+    c = _client()
+    exp = c.get_experiment_by_name("forgetless")
+    finetune_runs = c.search_runs([exp.experiment_id], "tags.strategy = 'finetune'")
+    assert len(finetune_runs) == 1 and finetune_runs[0].info.status == "FINISHED"
