@@ -1,0 +1,98 @@
+"""Reproduction experiments of docs/strategies.md: run the example configs over several seeds, print mean ± std tables.
+
+    python benchmarks/repro_strategies.py --experiment fast stream --seeds 0 1 2
+    python benchmarks/repro_strategies.py --experiment all --seeds 0 1 2 --json benchmarks/results/strategies.json
+
+Each (experiment, seed) is one `forgetless compare` (one MLflow parent run; every strategy from the same pre-trained
+checkpoint of that seed). The seed changes the pre-training, the head initialisation and the data order; the task
+splits are fixed. Numbers are whatever the runs measure: nothing is filtered or tuned after the fact.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+EXPERIMENTS = {
+    # name: (config, extra overrides, metrics shown (name, header, as percent))
+    "fast": ("examples/fast_vs_finetune.yaml", [], [
+        ("steps_to/90", "steps to 90%", False), ("source/auc", "source AUC %", True),
+        ("target/acc", "target acc %", True), ("source/acc_after", "source after %", True),
+        ("optimizer_steps", "steps", False)]),
+    "stream": ("examples/split_digits_stream.yaml", [], [
+        ("acc", "ACC %", True), ("bwt", "BWT %", True), ("forgetting/max", "forgetting max %", True),
+        ("forgetting/first", "forgetting first %", True), ("target/acc", "target acc %", True),
+        ("source/acc_after", "source after %", True), ("trainable_params/max", "trainable params", False)]),
+    "stream_ci": ("examples/split_digits_stream.yaml", [
+        "evaluation=class_incremental",
+        "strategies=[input_space_ci, finetune, {name: ewc, params: {ewc_lambda: 1000}}, lwf]"], None),
+    "stream_mnist1d": ("examples/split_mnist1d_stream.yaml", [], None),
+}
+EXPERIMENTS["stream_ci"] = (*EXPERIMENTS["stream_ci"][:2], EXPERIMENTS["stream"][2])
+EXPERIMENTS["stream_mnist1d"] = (*EXPERIMENTS["stream_mnist1d"][:2], EXPERIMENTS["stream"][2])
+
+
+def run_experiment(name: str, seeds: list[int], extra: list[str]) -> dict[str, list[dict[str, float]]]:
+    """{strategy label: [metrics of seed 0, seed 1, ...]}"""
+    import forgetless
+
+    config, overrides, _ = EXPERIMENTS[name]
+    per_label: dict[str, list[dict[str, float]]] = {}
+    for seed in seeds:
+        out = forgetless.compare(str(ROOT / config), overrides=[*overrides, f"seed={seed}", *extra])
+        for r in out.results:
+            per_label.setdefault(r.label, []).append(
+                {**r.metrics, "seed": seed, "R": r.accuracy_matrix.tolist(), "mlflow_run_id": r.mlflow_run_id})
+        print(out.table(), file=sys.stderr, flush=True)
+    return per_label
+
+
+def mean_std(values: list[float], pct: bool) -> str:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return "-"
+    scale = 100.0 if pct else 1.0
+    m = sum(vals) / len(vals) * scale
+    s = (math.sqrt(sum((v * scale - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0)
+    missing = f" ({len(values) - len(vals)} n/a)" if len(vals) < len(values) else ""
+    if not pct and abs(m) >= 1000:
+        return f"{m:.0f} ± {s:.0f}{missing}"
+    return f"{m:.1f} ± {s:.1f}{missing}"
+
+
+def markdown_table(name: str, per_label: dict[str, list[dict]]) -> str:
+    cols = EXPERIMENTS[name][2]
+    n = len(next(iter(per_label.values())))
+    lines = [f"| strategy ({n} seeds) | " + " | ".join(h for _, h, _ in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for label, runs in per_label.items():
+        lines.append(f"| {label} | " + " | ".join(mean_std([r.get(m) for r in runs], pct) for m, _, pct in cols)
+                     + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experiment", choices=[*EXPERIMENTS, "all"], nargs="+", default=["all"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--set", dest="extra", action="append", default=[], help="extra config override, key=value")
+    p.add_argument("--json", help="also write every seed's metrics and accuracy matrix to this file")
+    args = p.parse_args(argv)
+    names = list(EXPERIMENTS) if "all" in args.experiment else args.experiment
+    results = {}
+    for name in names:
+        results[name] = run_experiment(name, args.seeds, args.extra)
+        print(f"\n### {name}: {EXPERIMENTS[name][0]} {' '.join(EXPERIMENTS[name][1])}\n")
+        print(markdown_table(name, results[name]), flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
