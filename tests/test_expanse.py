@@ -152,17 +152,20 @@ def test_unsupported_backbone_fails_before_ray(tiny_config, workdir):
 
 
 @pytest.mark.e2e
-def test_expanse_end_to_end_zero3(ray_session, workdir, tiny_config):
+def test_expanse_end_to_end_zero3(ray_session, workdir, tiny_config, tmp_path_factory):
     """Through the platform (2 workers, DeepSpeed ZeRO-3 on CPU): the source accuracy after transfer equals the
     pretrained one exactly, the pretrained weights (BatchNorm statistics included) are bit-identical in the exported
     checkpoint, and the target is learned."""
     import forgetless
     from forgetless.platform.train_loop import load_torch_file
 
+    # The same pre-training as tests/test_trajectory_transfer.py's end-to-end test, in a session-wide storage
+    # folder: whichever runs second reuses the trajectory (CI time).
     cfg = tiny_config(backbone={"name": "mlp", "params": {"hidden": [32], "batchnorm": True}},
                       pretrain={"epochs": 2, "checkpoint_every": 2, "lr": 0.05, "batch_size": 64,
                                 "optimizer": "sgd"},
                       train={"epochs": 2, "lr": 0.01, "batch_size": 64},
+                      storage=str(tmp_path_factory.getbasetemp() / "expanse_trajectory_runs"),
                       strategies=[{"name": "expanse", "params": {"ratio": 0.5}}], deepspeed={"zero_stage": 3})
     result = forgetless.compare(cfg)
     r = result["expanse"]

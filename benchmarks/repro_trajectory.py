@@ -1,0 +1,161 @@
+"""Reproduce learning transfer (GMT / FGMT, Chijiwa ICLR 2024) on real data, one process, several seeds.
+
+For each seed: pre-train an MLP with SGD on the source (θ₁⁰ → θ₁ᵀ, as the paper's MNIST MLP), transfer the trajectory
+to a new initialisation θ₂⁰ with naive / GMT / FGMT / oracle (the strategy's own `prepare`, through a one-process
+context), record the source validation accuracy of θ₂ᵗ along t (no training), then train the source from the best
+transferred point and from θ₂⁰ and count SGD steps until a target accuracy is reached. Also the wall-clock cost of the
+transfer itself (gradients + matching, evaluation excluded) next to the pre-training's.
+
+    python benchmarks/repro_trajectory.py --dataset digits --seeds 0 1 2
+    python benchmarks/repro_trajectory.py --dataset mnist1d --seeds 0 1 2
+
+Writes benchmarks/results/trajectory_<dataset>.json and prints markdown tables. The platform run of the same
+algorithm (Ray Train + DeepSpeed, MLflow) is examples/trajectory_digits.yaml.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from forgetless.backbones import TransferModel, build_backbone
+from forgetless.config import PretrainConfig, TaskConfig
+from forgetless.data import build_task
+from forgetless.strategies import make_strategy
+from forgetless.strategies.trajectory_transfer import local_context
+
+METHODS = ["naive", "fgmt", "gmt", "oracle"]
+
+
+def make_model(task, hidden, seed):
+    torch.manual_seed(seed)
+    return TransferModel(build_backbone("mlp", task.input_shape, {"hidden": hidden}), [task.num_classes], seed=seed)
+
+
+@torch.no_grad()
+def accuracy(model, x, y):
+    model.eval()
+    return float((model(x, 0).argmax(1) == y).float().mean())
+
+
+def sgd_train(model, task, pre, epochs=None, max_steps=None, target=None, eval_every=5, seed=0):
+    """The pre-training recipe; returns (steps to reach `target` val acc or None, total steps)."""
+    opt = torch.optim.SGD(model.parameters(), lr=pre.lr, momentum=pre.momentum)
+    g = torch.Generator().manual_seed(seed)
+    step = 0
+    if target is not None and accuracy(model, task.x_val, task.y_val) >= target:
+        return 0, 0
+    for _ in range(epochs or 10**6):
+        order = torch.randperm(len(task.x_train), generator=g)
+        for i in range(0, len(order), pre.batch_size):
+            b = order[i: i + pre.batch_size]
+            model.train()
+            opt.zero_grad()
+            F.cross_entropy(model(task.x_train[b], 0), task.y_train[b]).backward()
+            opt.step()
+            step += 1
+            if target is not None and step % eval_every == 0 and accuracy(model, task.x_val, task.y_val) >= target:
+                return step, step
+            if max_steps is not None and step >= max_steps:
+                return None, step
+    return None, step
+
+
+def one_seed(task, pre, hidden, T, seed):
+    theta1 = make_model(task, hidden, seed)
+    traj = [(0, copy.deepcopy(theta1.state_dict()))]
+    t0 = time.perf_counter()
+    sgd_train(theta1, task, pre, epochs=pre.epochs, seed=seed)
+    pretrain_seconds = time.perf_counter() - t0
+    traj.append((pre.epochs, copy.deepcopy(theta1.state_dict())))
+    theta1_acc = accuracy(theta1, task.x_val, task.y_val)
+    out = {"seed": seed, "theta1_T_val_acc": theta1_acc, "pretrain_seconds": pretrain_seconds, "methods": {}}
+    target = 0.95 * theta1_acc
+    best_models = {}
+    for method in METHODS + ["none"]:
+        ctx = local_context((task.x_train, task.y_train), (task.x_val, task.y_val), traj, pre, log=lambda s: None)
+        strategy = make_strategy("trajectory_transfer", {"method": method, "steps": T, "batch_size": 128,
+                                                         "theta2_seed": 1000 + seed, "seed": seed}, 1, pre.lr)
+        model = copy.deepcopy(theta1)
+        strategy.prepare(model, ctx)
+        best_models[method] = model
+        if method != "none":
+            r = strategy.result
+            out["methods"][method] = {"val_acc": r.val_acc, "best_step": r.best_step, "seconds": r.seconds,
+                                      "eval_seconds": r.eval_seconds, "gradients": r.gradients}
+    out["theta2_0_val_acc"] = out["methods"]["gmt"]["val_acc"][0]
+    # subsequent training on the source to 95% of θ₁ᵀ's validation accuracy
+    out["steps_to_target"] = {"target_acc": target}
+    for start in ("gmt", "fgmt", "naive", "none"):
+        steps, _ = sgd_train(copy.deepcopy(best_models[start]), task, pre, max_steps=3000, target=target, seed=seed)
+        out["steps_to_target"][start] = steps
+    return out
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def tables(results, T):
+    lines = [f"| method | " + " | ".join(f"t={t}" for t in range(T + 1)) + " | best | transfer s |",
+             "|---|" + "---|" * (T + 3)]
+    for m in METHODS:
+        cells = [mean_std([100 * r["methods"][m]["val_acc"][t] for r in results]) for t in range(T + 1)]
+        best = mean_std([100 * max(r["methods"][m]["val_acc"][1:]) for r in results])
+        sec = mean_std([r["methods"][m]["seconds"] for r in results])
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {best} | {sec} |")
+    chance = 100.0 / len(set(results[0].get("classes", range(10))))
+    lines.append(f"| chance | " + " | ".join(f"{chance:.1f}" for _ in range(T + 1)) + " | | |")
+    lines.append("")
+    lines.append(f"θ₁ᵀ val acc {mean_std([100 * r['theta1_T_val_acc'] for r in results])} %; pre-training "
+                 f"{mean_std([r['pretrain_seconds'] for r in results])} s (one process)")
+    lines.append("")
+    lines.append("| start of subsequent training | SGD steps to 95% of θ₁ᵀ's val acc (per seed) | mean |")
+    lines.append("|---|---|---|")
+    for start in ("gmt", "fgmt", "naive", "none"):
+        per = [r["steps_to_target"][start] for r in results]
+        lines.append(f"| {'θ₂⁰ (no transfer)' if start == 'none' else start + ' (best t)'} | "
+                     f"{', '.join('>3000' if v is None else str(v) for v in per)} | {mean_std(per)} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="digits", choices=["digits", "mnist1d"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=5, help="T (paper: 5 for the MNIST MLP)")
+    ap.add_argument("--epochs", type=int, default=10, help="pre-training epochs")
+    ap.add_argument("--hidden", type=int, nargs="+", default=[128, 128])
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    task = build_task(TaskConfig(dataset=args.dataset))
+    pre = PretrainConfig(optimizer="sgd", lr=0.05, momentum=0.9, batch_size=64, epochs=args.epochs,
+                         checkpoint_every=args.epochs)
+    results = []
+    for seed in args.seeds:
+        r = one_seed(task, pre, args.hidden, args.steps, seed)
+        r["classes"] = task.classes
+        results.append(r)
+        print(f"seed {seed}: " + ", ".join(f"{m} {[round(a, 3) for a in r['methods'][m]['val_acc']]}"
+                                           for m in METHODS) + f"; steps {r['steps_to_target']}", flush=True)
+    out = Path(__file__).parent / "results" / f"trajectory_{args.dataset}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    print(f"\n{args.dataset}, MLP {args.hidden}, SGD {args.epochs} epochs, T={args.steps}, "
+          f"{len(args.seeds)} seeds (mean ± std), source validation accuracy % of θ₂ᵗ without training:\n")
+    print(tables(results, args.steps))
+
+
+if __name__ == "__main__":
+    main()
