@@ -265,14 +265,58 @@ def with_retries(fn: Callable, *args, attempts: int = 6, **kwargs):
 # one trial (runs in a Ray Tune trial actor)
 
 
-def _trial(params: dict[str, Any], context: dict[str, Any]) -> None:
-    import ray.tune
+class TrialSlots:
+    """At most `n` trials train at once (a Ray actor shared by the trials of one search).
 
-    from forgetless.platform import runner
+    Tune's max_concurrent_trials only limits what the searcher suggests; trials a restored (resumed) search re-adds
+    bypass it and would all start together, their Ray Train worker groups starving each other. A trial therefore
+    holds a slot while it trains; the driver frees the slot of a trial ASHA stopped (its process is killed)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.holders: set[str] = set()
+
+    def acquire(self, trial_id: str) -> bool:
+        if trial_id in self.holders or len(self.holders) < self.n:
+            self.holders.add(trial_id)
+            return True
+        return False
+
+    def release(self, trial_id: str) -> None:
+        self.holders.discard(trial_id)
+
+
+def _start_slots(name: str, n: int):
+    """Start the search's TrialSlots actor. Trials and the driver's callback find it by name (a name, unlike an actor
+    handle, stays valid in the callbacks a resumed search restores); the driver keeps the handle, which keeps the
+    actor alive."""
+    import ray
+
+    actor_name = f"forgetless-slots-{name}"
+    return actor_name, ray.remote(num_cpus=0)(TrialSlots).options(name=actor_name, get_if_exists=True).remote(n)
+
+
+def _trial(params: dict[str, Any], context: dict[str, Any]) -> None:
+    import ray
+    import ray.tune
 
     # Tune runs a trial in its own folder; relative paths in the config mean the folder `forgetless tune` ran in.
     os.chdir(context["cwd"])
     trial_id = ray.tune.get_context().get_trial_id()
+    slots = ray.get_actor(context["slots"])
+    while not ray.get(slots.acquire.remote(trial_id)):
+        time.sleep(1.0)
+    try:
+        _train_trial(params, context, trial_id)
+    finally:
+        ray.get(slots.release.remote(trial_id))
+
+
+def _train_trial(params: dict[str, Any], context: dict[str, Any], trial_id: str) -> None:
+    import ray.tune
+
+    from forgetless.platform import runner
+
     cfg = trial_config(ExperimentConfig(**context["config"]), params, trial_id)
     sp = Trajectory.from_dict(context["trajectory"]).at(params[STOP_POINT])
     objective = Objective(context["weights"], sp.source_val_acc)
@@ -360,17 +404,28 @@ def _scheduler(plan: SearchPlan):
                          reduction_factor=a.reduction_factor)
 
 
-def _progress_callback():
+def _progress_callback(slots: str):
     from ray.tune import Callback
+
+    def release(trial_id: str) -> None:
+        import ray
+
+        # A trial ASHA stopped was killed while holding its slot.
+        try:
+            ray.get_actor(slots).release.remote(trial_id)
+        except ValueError:  # no such actor: the search is over
+            pass
 
     class Progress(Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
+            release(trial.trial_id)
             r = trial.last_result or {}
             done = "finished" if r.get("search/finished") else f"stopped early after {r.get(TRIAL_EPOCH, '?')} epochs"
             shown = ", ".join(f"{k}={v}" for k, v in trial.config.items())
             say(f"trial {trial.trial_id} ({shown}) {done}: objective {r.get(OBJECTIVE, float('nan')):.4f}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
+            release(trial.trial_id)
             say(f"trial {trial.trial_id} failed: see {trial.local_path or trial.path}")
 
     return Progress()
@@ -416,6 +471,7 @@ def run_search(config, search: SearchConfig | dict | None = None, resume: bool =
     import ray
 
     concurrency = max_concurrent_trials(plan.cfg, plan.search, ray.cluster_resources())
+    slots, _slots_handle = _start_slots(plan.name, concurrency)
     exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
     parent = _parent_run(uri, exp_id, plan.name, resume)
     target = tracking.TrackingTarget(uri, exp_id, parent)
@@ -436,7 +492,7 @@ def run_search(config, search: SearchConfig | dict | None = None, resume: bool =
                              step=sp.epoch)
         context = {"config": plan.cfg.model_copy(update={"storage": root}).model_dump(mode="json"),
                    "trajectory": traj.to_dict(), "tracking": target.to_dict(), "weights": plan.search.weights(),
-                   "search_name": plan.name, "cwd": os.getcwd()}
+                   "search_name": plan.name, "cwd": os.getcwd(), "slots": slots}
         # The trial function itself only waits on its Ray Train run, so it asks for no CPU (a CPU per trial would
         # starve the run's own workers); Tune needs some resource per trial, so it reserves a little memory. The
         # workers hold the CPUs/GPUs, and max_concurrent_trials keeps the started trials within what the cluster fits.
@@ -453,7 +509,7 @@ def run_search(config, search: SearchConfig | dict | None = None, resume: bool =
                                             scheduler=_scheduler(plan), num_samples=plan.search.num_samples,
                                             max_concurrent_trials=concurrency),
                 run_config=tune.RunConfig(name=plan.name, storage_path=root, verbose=0,
-                                          callbacks=[_progress_callback()],
+                                          callbacks=[_progress_callback(slots)],
                                           failure_config=tune.FailureConfig(max_failures=0)),
             )
         grid = tuner.fit()

@@ -1,0 +1,239 @@
+"""Ray Tune searches over stop points x learning rates: validation, grid, ASHA, resume after a killed driver.
+
+End-to-end tests run real Ray Tune trials, each a real Ray Train + DeepSpeed (CPU) run, tracked in a real SQLite MLflow
+store. They share one pre-training trajectory (a shared storage folder) to keep the suite fast.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import forgetless
+from forgetless.config import ConfigError, load_config
+from forgetless.platform import tuning
+from forgetless.platform.search_config import SearchConfig
+
+
+def _client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
+
+
+def _trial_runs(parent_run_id: str):
+    c = _client()
+    exp = c.get_run(parent_run_id).info.experiment_id
+    runs = c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    return [r for r in runs if tuning.TRIAL_TAG in r.data.tags]
+
+
+@pytest.fixture(scope="module")
+def shared_storage(tmp_path_factory):
+    """One storage folder for the module: the tiny pre-training runs once and every search reuses its trajectory."""
+    return str(tmp_path_factory.mktemp("tune_storage"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bad input: clear errors before anything starts
+
+
+def _plan(tiny_config, **search):
+    cfg = load_config(tiny_config(search=search))
+    return tuning.validate_search(cfg)
+
+
+@pytest.mark.parametrize("space, expected", [
+    ({"train.lrr": [0.1]}, "train has no 'lrr'"),
+    ({"lr": [0.1]}, "did you mean train.lr"),
+    ({"source.classes": [[0, 1]]}, "shared by every trial"),
+    ({"strategy.alpha": [0.1]}, "strategy 'finetune' has no parameter 'alpha'"),
+    ({"strategy.backbone_lr_scale": [-1.0]}, "search.space.strategy.backbone_lr_scale: value -1.0 is not valid"),
+    ({"train": [1]}, "is a whole section"),
+    ({"stop_point": [1, 7]}, "no stop point at epoch 7"),
+])
+def test_bad_search_space_is_rejected_before_ray(tiny_config, space, expected):
+    with pytest.raises(ConfigError, match=expected):
+        _plan(tiny_config, space=space)
+
+
+def test_bad_objective_and_searcher_settings_are_rejected(tiny_config):
+    with pytest.raises(ConfigError, match="unknown metric 'target/accuracy'"):
+        load_config(tiny_config(search={"objective": {"target/accuracy": 1.0}}))
+    with pytest.raises(ConfigError, match="grid search needs a list"):
+        load_config(tiny_config(search={"space": {"train.lr": {"low": 1e-4, "high": 1e-1, "log": True}}}))
+    with pytest.raises(ConfigError, match="grace_period"):
+        _plan(tiny_config, scheduler="asha", asha={"grace_period": 2})  # train.epochs is 2: ASHA could never stop
+    with pytest.raises(ConfigError, match="no `search:` section"):
+        tuning.validate_search(load_config(tiny_config()))
+
+
+def test_errors_come_before_ray_starts(tiny_config, workdir, monkeypatch):
+    # A tripwire, not a stand-in: if validation let this through, the search would go on to start Ray.
+    from forgetless.platform import runner
+
+    def must_not_start(cfg):
+        raise AssertionError("Ray was started before the search was validated")
+
+    monkeypatch.setattr(runner, "ensure_ray", must_not_start)
+    with pytest.raises(ConfigError, match="unknown metric"):
+        forgetless.tune(tiny_config(), search={"objective": "bwt"})
+    with pytest.raises(ConfigError, match="no stop point at epoch 3"):
+        forgetless.tune(tiny_config(), search={"space": {"stop_point": [3]}})
+
+
+def test_concurrency_is_capped_by_what_a_trial_needs(tiny_config):
+    cfg = load_config(tiny_config(scaling={"num_workers": 2, "cpus_per_worker": 1.5}))
+    free = SearchConfig()
+    assert tuning.max_concurrent_trials(cfg, free, {"CPU": 7.0}) == 2  # 3 CPUs a trial
+    assert tuning.max_concurrent_trials(cfg, SearchConfig(max_concurrent_trials=1), {"CPU": 7.0}) == 1
+    with pytest.raises(ConfigError, match="at most 2 fit at once: lower it to 2"):
+        tuning.max_concurrent_trials(cfg, SearchConfig(max_concurrent_trials=3), {"CPU": 7.0})
+    with pytest.raises(ConfigError, match="one trial needs 2 workers x 1.5 CPU"):
+        tuning.max_concurrent_trials(cfg, free, {"CPU": 2.0})
+    gpu = load_config(tiny_config(scaling={"num_workers": 2, "use_gpu": True}))
+    assert tuning.max_concurrent_trials(gpu, free, {"CPU": 16.0, "GPU": 4.0}) == 2  # GPUs are the limit
+
+
+def test_objective_combines_metrics():
+    obj = tuning.Objective({"target/acc": 1.0, "forgetting": -0.5}, source_before=0.9)
+    v = obj.metrics(target_acc=0.8, source_acc=0.7)
+    assert v["forgetting"] == pytest.approx(0.2)
+    assert v["source/retention"] == pytest.approx(0.7 / 0.9)
+    assert v["objective"] == pytest.approx(0.8 - 0.5 * 0.2)
+    assert SearchConfig(objective={"target/acc": 1.0, "forgetting": -0.5}).describe_objective() == \
+        "max target/acc - 0.5*forgetting"
+
+
+def test_stop_points_follow_the_pretraining_schedule(tiny_config):
+    cfg = load_config(tiny_config(pretrain={"epochs": 12, "checkpoint_every": 5}))
+    assert tuning.planned_stop_points(cfg) == [0, 5, 10, 12]
+    assert tuning.validate_search(cfg, SearchConfig()).stop_points == [0, 5, 10, 12]  # default: all of them
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# end to end on embedded Ray
+
+
+@pytest.mark.e2e
+def test_grid_search_logs_every_trial_and_picks_the_best(ray_session, workdir, tiny_config, shared_storage):
+    cfg = tiny_config(storage=shared_storage, search={"space": {"stop_point": [1, 2], "train.lr": [0.01, 0.0001]}})
+    res = forgetless.tune(cfg)
+
+    assert len(res.trials) == 4 and all(t.status == "finished" for t in res.trials)
+    assert {(t.stop_point, t.params["train.lr"]) for t in res.trials} == {(1, 0.01), (1, 0.0001), (2, 0.01),
+                                                                          (2, 0.0001)}
+    runs = _trial_runs(res.parent_run_id)
+    assert sorted(r.data.tags[tuning.TRIAL_TAG] for r in runs) == sorted(t.trial_id for t in res.trials)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    # the best configuration is the one with the best objective among the logged results
+    logged = {r.data.tags[tuning.TRIAL_TAG]: r.data.metrics["search/objective"] for r in runs}
+    assert res.best.trial_id == max(logged, key=logged.get)
+    assert res.best_config == {"stop_point": res.best.stop_point, "train.lr": res.best.params["train.lr"]}
+    # the objective (target/acc) is the validation accuracy the trial's workers logged at its last epoch
+    c = _client()
+    for r in runs:
+        history = sorted(c.get_metric_history(r.info.run_id, "target/acc"), key=lambda m: m.step)
+        assert len(history) == 1 + cfg["train"]["epochs"]
+        assert r.data.metrics["search/objective"] == pytest.approx(history[-1].value)
+        assert r.data.params["search.stop_point"] in ("1", "2")
+    parent = c.get_run(res.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["search.objective"] == "max target/acc"
+    assert parent.data.params["search.space.train.lr"] == "[0.01, 0.0001]"
+    arts = {a.path for a in c.list_artifacts(res.parent_run_id)}
+    assert {"search.json", "search_results.txt", "search_results.json", "target_vs_stop_point.png",
+            "stop_point_lr_heatmap.png"} <= arts
+    # `forgetless report` rebuilds the same table and the figures from MLflow alone
+    from forgetless.cli import main
+
+    assert main(["report", res.parent_run_id, "--out", "rebuilt"]) == 0
+    logged_table = Path(c.download_artifacts(res.parent_run_id, "search_results.txt")).read_text()
+    assert Path("rebuilt/search_results.txt").read_text() == logged_table
+    assert Path("rebuilt/stop_point_lr_heatmap.png").stat().st_size > 1000
+    # running the same search again is refused (it would redo finished work); --resume reloads it
+    with pytest.raises(ConfigError, match="already ran"):
+        forgetless.tune(cfg)
+
+
+@pytest.mark.e2e
+def test_asha_stops_a_poor_trial_early(ray_session, workdir, tiny_config, shared_storage):
+    # Trials run one at a time in grid order (stop point varies fastest): both lr=0.05 trials reach ASHA's rungs
+    # first, so each lr=1e-6 trial (hardly moves from the untrained head) is below the cutoff at epoch 1.
+    cfg = tiny_config(storage=shared_storage, train={"epochs": 4, "lr": 0.05, "batch_size": 64},
+                      search={"space": {"stop_point": [1, 2], "train.lr": [0.05, 1e-6]}, "scheduler": "asha",
+                              "asha": {"grace_period": 1, "reduction_factor": 2}, "max_concurrent_trials": 1})
+    res = forgetless.tune(cfg)
+
+    stopped = [t for t in res.trials if t.status == "stopped_early"]
+    finished = [t for t in res.trials if t.status == "finished"]
+    assert stopped, [(t.params, t.status, t.epochs) for t in res.trials]
+    assert all(t.epochs < 4 for t in stopped) and all(t.epochs == 4 for t in finished)
+    assert all(t.params["train.lr"] == 1e-6 for t in stopped)
+    assert res.trial_epochs < 4 * len(res.trials)
+    assert res.best.params["train.lr"] == 0.05
+    c = _client()
+    for r in _trial_runs(res.parent_run_id):
+        n_points = len(c.get_metric_history(r.info.run_id, "target/acc"))
+        if r.data.tags[tuning.STATUS_TAG] == "stopped_early":
+            assert r.info.status == "KILLED" and n_points < 1 + 4
+        else:
+            assert r.info.status == "FINISHED" and n_points == 1 + 4
+
+
+@pytest.mark.e2e
+def test_killed_search_resumes_and_runs_every_trial_once(ray_session, workdir, tiny_config, shared_storage):
+    # One worker per trial, so two trials run at once on the 2-CPU cluster (and write to SQLite together).
+    cfg = tiny_config(storage=shared_storage, scaling={"num_workers": 1}, train={"epochs": 3, "lr": 0.01,
+                                                                                "batch_size": 64},
+                      search={"space": {"stop_point": [1, 2], "train.lr": [0.01, 0.001]}})
+    Path("search.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    with open("driver.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "forgetless.cli", "tune", "search.yaml"], stdout=log,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            if ") finished: objective" in Path("driver.log").read_text():
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "the search ended before it could be killed:\n" + Path("driver.log").read_text()
+        os.kill(proc.pid, signal.SIGKILL)  # the driver dies; its embedded Ray cluster goes down with it
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+    c = _client()
+    parents = c.search_runs([c.get_experiment_by_name("forgetless").experiment_id],
+                            "tags.`forgetless.command` = 'tune'")
+    assert len(parents) == 1
+    done_before = {r.data.tags[tuning.TRIAL_TAG]: r for r in _trial_runs(parents[0].info.run_id)
+                   if r.info.status == "FINISHED"}
+    assert 1 <= len(done_before) < 4
+
+    res = forgetless.tune("search.yaml", resume=True)
+
+    assert res.parent_run_id == parents[0].info.run_id  # the same search, not a new one
+    assert len(res.trials) == 4 and all(t.status == "finished" for t in res.trials)
+    assert len({(t.stop_point, t.params["train.lr"]) for t in res.trials}) == 4
+    runs = _trial_runs(res.parent_run_id)
+    ids = [r.data.tags[tuning.TRIAL_TAG] for r in runs]
+    assert sorted(ids) == sorted(t.trial_id for t in res.trials)  # one MLflow run per trial, none duplicated
+    for r in runs:
+        steps = [m.step for m in c.get_metric_history(r.info.run_id, "target/acc")]
+        assert len(set(steps)) == 1 + 3, (r.data.tags[tuning.TRIAL_TAG], steps)  # every epoch trained once
+        tid = r.data.tags[tuning.TRIAL_TAG]
+        if tid in done_before:  # finished before the kill: not trained again
+            assert r.info.run_id == done_before[tid].info.run_id
+            assert len(steps) == 1 + 3
+    # each trial has exactly one Ray Train run
+    for t in res.trials:
+        assert len([d for d in Path(shared_storage).iterdir() if f"-{t.trial_id}-" in d.name]) == 1
