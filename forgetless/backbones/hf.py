@@ -136,8 +136,16 @@ class HFBackbone(nn.Module):
             # An unused pooler would get no gradients (ZeRO and DDP both dislike unused trainable weights).
             kwargs["add_pooling_layer"] = False
         if pretrained:
-            self.model = model_cls.from_pretrained(self.folder, config=config, local_files_only=True,
-                                                   dtype=DTYPES[dtype], **kwargs)
+            from transformers.utils import logging as hf_logging
+
+            # Its load report lists the pooler we left out on purpose as "unexpected" on every rank: keep it quiet.
+            level = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+            try:
+                self.model = model_cls.from_pretrained(self.folder, config=config, local_files_only=True,
+                                                       dtype=DTYPES[dtype], **kwargs)
+            finally:
+                hf_logging.set_verbosity(level)
         else:
             self.model = model_cls(config, **kwargs).to(DTYPES[dtype])
         self.modality = "vision" if self.model.main_input_name == "pixel_values" else "text"
