@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def main(argv=None) -> None:
     from overhead import SIZES, make_encoder_folder
-    from throughput import device_name, ensure_ray, make_token_task, platform_config, print_table, run_platform, say
+    from throughput import (device_name, ensure_ray, machine_load, make_token_task, platform_config, pretrain_once,
+                            print_table, say, transfer_only)
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=list(SIZES), default="tiny")
@@ -52,15 +53,17 @@ def main(argv=None) -> None:
     # Ray is told it has as many CPUs as the largest run needs (logical CPUs; see the docstring on oversubscription).
     ensure_ray(None if a.gpu else max(a.workers), a.gpu)
     rows = []
+    init = None
     for n in a.workers:
         cfg = platform_config(f"scaling-{a.size}-w{n}", f"hf:{folder}", str(data), [0, 1], [2, 3], spec["batch"],
                               a.epochs, n, a.zero, a.gpu, "auto", str(work / "runs"))
         say(f"{n} worker(s), ZeRO-{a.zero}, micro-batch {spec['batch']}")
-        res, _ = run_platform(cfg)
+        init = init or pretrain_once(cfg)  # every worker count starts from the same stop point
+        res, _ = transfer_only(cfg, init)
         t_step = res.train_seconds / res.global_step
         rows.append({"workers": n, "steps": res.global_step, "train_seconds": res.train_seconds,
-                     "step_ms": 1000 * t_step, "samples_per_s": n * spec["batch"] / t_step})
-    base = rows[0]["step_ms"] * rows[0]["workers"] / 1  # time per step of the first (smallest) run
+                     "step_ms": 1000 * t_step, "samples_per_s": n * spec["batch"] / t_step, "load_average": machine_load()})
+    base = rows[0]["step_ms"]  # time per step with one worker
     for r in rows:
         r["efficiency"] = base / r["step_ms"] if rows[0]["workers"] == 1 else None
         r["speedup_samples_per_s"] = r["samples_per_s"] / rows[0]["samples_per_s"]

@@ -127,11 +127,42 @@ def platform_config(name: str, backbone: str, dataset: str, source_classes, targ
 
 def run_platform(cfg: dict):
     """(StrategyResult, seconds of the whole compare call) for a one-strategy config."""
-    import forgetless
+    from forgetless.config import load_config
+    from forgetless.platform.runner import execute
 
     t0 = time.perf_counter()
-    out = forgetless.compare(cfg)
+    out = execute(load_config(cfg), "compare")
     return out.results[0], time.perf_counter() - t0
+
+
+def pretrain_once(cfg: dict) -> str:
+    """Run (or reuse) the config's pre-training and return its final stop point, to start several transfer runs
+    (other worker counts, other ZeRO stages) from the same weights without pre-training each time."""
+    from forgetless.config import load_config
+    from forgetless.platform import runner, tracking
+
+    econf = load_config(cfg)
+    uri = runner.preflight(econf)
+    exp = tracking.ensure_experiment(uri, econf.tracking.experiment)
+    return runner.pretrain(econf, tracking.TrackingTarget(uri, exp, None)).final().uri
+
+
+def transfer_only(cfg: dict, init_weights: str):
+    """One strategy's Ray Train run from the given stop point: (StrategyResult, seconds)."""
+    from forgetless.config import load_config
+    from forgetless.platform import runner, tracking
+
+    econf = load_config(cfg)
+    uri = runner.preflight(econf)
+    runner.check_resources(econf)
+    exp = tracking.ensure_experiment(uri, econf.tracking.experiment)
+    t0 = time.perf_counter()
+    res = runner.transfer(econf, econf.strategies[0], init_weights, tracking.TrackingTarget(uri, exp, None))
+    return res, time.perf_counter() - t0
+
+
+def machine_load() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
 
 
 def device_name(use_gpu: bool) -> str:
@@ -223,13 +254,15 @@ def main(argv=None) -> None:
             # real images (scikit-learn's digits), resized by the model's own preprocessing to its input size
             dataset, src, tgt = "digits", [0, 1], [2, 3, 4, 5, 6, 7, 8, 9]
             tokens_per_sample = (spec["image_size"] // spec["patch_size"]) ** 2 + 1
+        init = None
         for zero in a.zero:
             cfg = platform_config(f"thr-{kind}-{a.size}-z{zero}", f"hf:{folder}", dataset, src, tgt, spec["batch"],
                                   a.epochs, workers, zero, a.gpu, a.precision, str(work / "runs"),
                                   backbone_params={"gradient_checkpointing": gc},
                                   cpus_per_worker=1.0 if not a.gpu else 4.0)
             say(f"{kind} ZeRO-{zero}: {workers} workers, micro-batch {spec['batch']}, {a.epochs} epochs")
-            res, _ = run_platform(cfg)
+            init = init or pretrain_once(cfg)  # the source head, once per model (the ZeRO stage does not change it)
+            res, _ = transfer_only(cfg, init)
             steps = res.global_step
             samples_dev = steps * spec["batch"] / res.train_seconds
             tokens_dev = samples_dev * tokens_per_sample
@@ -242,6 +275,7 @@ def main(argv=None) -> None:
                 "tokens_per_s_per_device": tokens_dev, "achieved_tflops_per_device": flops_dev / 1e12,
                 "peak_tflops_per_device": peak / 1e12 if peak else None,
                 "mfu": flops_dev / peak if peak else None, "gradient_checkpointing": gc,
+                "load_average": machine_load(),
             })
     print(f"\nthroughput on {dev}; MFU = 6*N*tokens/s per device / peak (N = non-embedding params)")
     table = print_table(rows, [("model", "model"), ("params_non_embedding", "N"), ("zero", "ZeRO"),

@@ -44,6 +44,8 @@ def deepspeed_config(spec: DeepSpeedSpec, micro_batch: int, world_size: int, use
         "train_batch_size": micro_batch * spec.gradient_accumulation_steps * world_size,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
+        # With optimizer offload, SGD has no DeepSpeed CPU version: let the torch one run there (Adam uses CPU Adam).
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -57,8 +59,15 @@ def deepspeed_config(spec: DeepSpeedSpec, micro_batch: int, world_size: int, use
     return cfg
 
 
-def make_optimizer(phase: Phase, optim: OptimConfig, use_gpu: bool) -> torch.optim.Optimizer:
+def make_optimizer(phase: Phase, optim: OptimConfig, use_gpu: bool,
+                   offload_optimizer: bool = False) -> torch.optim.Optimizer:
     groups = [{"params": g.params, "lr": g.lr, "name": g.name} for g in phase.param_groups if g.params]
+    if offload_optimizer and optim.optimizer in ("adam", "adamw"):
+        # ZeRO-Offload steps on the CPU: DeepSpeed refuses a torch optimizer there (too slow); use its CPU Adam.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=groups[0]["lr"], weight_decay=optim.weight_decay,
+                                adamw_mode=optim.optimizer == "adamw")
     if optim.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=optim.momentum, weight_decay=optim.weight_decay)
     kwargs: dict[str, Any] = {"lr": groups[0]["lr"], "weight_decay": optim.weight_decay}
@@ -87,7 +96,7 @@ def make_engine(model: nn.Module, phase: Phase, optim: OptimConfig, spec: DeepSp
     import deepspeed
 
     set_trainable(model, phase)
-    optimizer = make_optimizer(phase, optim, use_gpu)
+    optimizer = make_optimizer(phase, optim, use_gpu, offload_optimizer=spec.offload_optimizer != "none")
     scheduler = None
     if phase.lr_multipliers is not None:
         # LambdaLR takes one function per param group; the phase gives all multipliers at once.

@@ -361,7 +361,8 @@ class Worker:
                 self.state.update(phase=p_idx, epoch=0, phase_done=False)
             self.engine = make_engine(self.model, phase, self.optim, self.cfg.deepspeed, self.world,
                                       self.job["use_gpu"])
-            n_trainable = sum(p.numel() for p in phase.trainable())
+            # ds_numel: under ZeRO-3 a parameter's local tensor is an empty partition once the engine exists.
+            n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in phase.trainable())
             self.state["trainable_params"][f"{stage}/{phase.name}"] = n_trainable
             resume_dir = getattr(self, "_resume_dir", None)
             if resume_dir and self.state["epoch"] > 0 and Path(resume_dir, DS_TAG).exists():
