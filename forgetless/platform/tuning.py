@@ -512,11 +512,13 @@ def run_search(config, search: SearchConfig | dict | None = None, resume: bool =
                                           callbacks=[_progress_callback(slots)],
                                           failure_config=tune.FailureConfig(max_failures=0)),
             )
+        t_tune = time.perf_counter()
         grid = tuner.fit()
+        tune_seconds = time.perf_counter() - t_tune
         _finalize_unfinished(grid, plan, traj, target)
         out = load_search(uri, parent)
         out.trajectory = traj
-        out.wall_seconds = time.perf_counter() - t0
+        out.wall_seconds, out.tune_seconds = time.perf_counter() - t0, tune_seconds
         if out.best is None:
             errors = [str(r.error) for r in grid if r.error]
             raise RuntimeError(f"search {plan.name}: no trial finished" + (f"; first error: {errors[0]}" if errors else ""))
@@ -607,7 +609,8 @@ class SearchResult:
     space_keys: list[str]
     source_acc_by_stop_point: dict[int, float] = field(default_factory=dict)
     trajectory: Trajectory | None = None
-    wall_seconds: float | None = None
+    wall_seconds: float | None = None  # the whole call: validation, pre-training (or its reuse), trials, summary
+    tune_seconds: float | None = None  # the trials alone (this invocation's Tuner.fit)
 
     @property
     def best(self) -> TrialResult | None:
