@@ -16,16 +16,17 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's package, also when run from another folder (own mlflow.db there)
 
 EXPERIMENTS = {
     # name: (config, extra overrides, metrics shown (name, header, as percent))
     "fast": ("examples/fast_vs_finetune.yaml", [], [
         ("steps_to/90", "steps to 90%", False), ("source/auc", "source AUC %", True),
-        ("target/acc", "target acc %", True), ("source/acc_after", "source after %", True),
+        ("target/final_acc", "target acc %", True), ("source/acc_after", "source after %", True),
         ("optimizer_steps", "steps", False)]),
     "stream": ("examples/split_digits_stream.yaml", [], [
         ("acc", "ACC %", True), ("bwt", "BWT %", True), ("forgetting/max", "forgetting max %", True),
-        ("forgetting/first", "forgetting first %", True), ("target/acc", "target acc %", True),
+        ("forgetting/first", "forgetting first %", True), ("target/final_acc", "target acc %", True),
         ("source/acc_after", "source after %", True), ("trainable_params/max", "trainable params", False)]),
     "stream_ci": ("examples/split_digits_stream.yaml", [
         "evaluation=class_incremental",
@@ -51,6 +52,30 @@ def run_experiment(name: str, seeds: list[int], extra: list[str]) -> dict[str, l
     return per_label
 
 
+def collect_from_mlflow(uri: str, name: str) -> dict[str, list[dict[str, float]]]:
+    """The same per-label lists, read back from the finished compare runs of an MLflow store (e.g. of a stopped run)."""
+    import mlflow
+
+    import forgetless
+
+    config, overrides, _ = EXPERIMENTS[name]
+    cfg = forgetless.load_config(str(ROOT / config), overrides=list(overrides))
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    parents = client.search_runs(
+        [exp.experiment_id], f"tags.`forgetless.name` = '{cfg.name}' and tags.`forgetless.evaluation` = "
+                             f"'{cfg.evaluation}' and attributes.status = 'FINISHED' and tags.`forgetless.command` = "
+                             f"'compare'", order_by=["attributes.start_time ASC"])
+    per_label: dict[str, list[dict[str, float]]] = {}
+    for parent in parents:
+        children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and "
+                                                           f"tags.`forgetless.mode` = 'transfer'")
+        for ch in sorted(children, key=lambda r: r.info.start_time):
+            per_label.setdefault(ch.info.run_name, []).append(
+                {**ch.data.metrics, "seed": int(parent.data.params["seed"]), "mlflow_run_id": ch.info.run_id})
+    return per_label
+
+
 def mean_std(values: list[float], pct: bool) -> str:
     vals = [v for v in values if v is not None and not math.isnan(v)]
     if not vals:
@@ -59,7 +84,7 @@ def mean_std(values: list[float], pct: bool) -> str:
     m = sum(vals) / len(vals) * scale
     s = (math.sqrt(sum((v * scale - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0)
     missing = f" ({len(values) - len(vals)} n/a)" if len(vals) < len(values) else ""
-    if not pct and abs(m) >= 1000:
+    if not pct and (abs(m) >= 1000 or all(float(v).is_integer() for v in vals)):
         return f"{m:.0f} ± {s:.0f}{missing}"
     return f"{m:.1f} ± {s:.1f}{missing}"
 
@@ -81,16 +106,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--set", dest="extra", action="append", default=[], help="extra config override, key=value")
     p.add_argument("--json", help="also write every seed's metrics and accuracy matrix to this file")
+    p.add_argument("--from-json", help="print the tables of an earlier --json file instead of running")
+    p.add_argument("--from-mlflow", help="print the tables of the finished compare runs in this MLflow store "
+                                         "(e.g. sqlite:///mlflow.db of a stopped run) instead of running")
     args = p.parse_args(argv)
     names = list(EXPERIMENTS) if "all" in args.experiment else args.experiment
-    results = {}
+    results = json.loads(Path(args.from_json).read_text()) if args.from_json else {}
+    if args.from_json:
+        names = [n for n in names if n in results]
     for name in names:
-        results[name] = run_experiment(name, args.seeds, args.extra)
+        if args.from_mlflow:
+            results[name] = collect_from_mlflow(args.from_mlflow, name)
+            if not results[name]:
+                continue
+        elif not args.from_json:
+            results[name] = run_experiment(name, args.seeds, args.extra)
         print(f"\n### {name}: {EXPERIMENTS[name][0]} {' '.join(EXPERIMENTS[name][1])}\n")
         print(markdown_table(name, results[name]), flush=True)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=1, default=float))
+        if args.json and not (args.from_json or args.from_mlflow):  # after every experiment: a long run that is stopped keeps what it has
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(results, indent=1, default=float))
     return 0
 
 

@@ -69,7 +69,7 @@ def _check_complete(out, evaluation: str) -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)  # generous: 2 shared cores; normally a few minutes
 def test_task_incremental_stream_per_strategy(ray_session, workdir, shared_storage):
     cfg = stream(storage=shared_storage, strategies=[
         {"name": "fast", "params": {"align_max_steps": 4, "align_eval_every_steps": 2, "warmup_steps": 2,
@@ -89,7 +89,7 @@ def test_task_incremental_stream_per_strategy(ray_session, workdir, shared_stora
 
 
 @pytest.mark.e2e
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)  # generous: 2 shared cores; normally a few minutes
 def test_class_incremental_stream(ray_session, workdir, shared_storage):
     cfg = stream(storage=shared_storage, evaluation="class_incremental", strategies=["input_space_ci", "l2_sp"])
     out = forgetless.compare(cfg)

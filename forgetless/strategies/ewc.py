@@ -27,7 +27,8 @@ class EWCParams(StrategyParams):
     decay: float = Field(1.0, ge=0.0, le=1.0, description="γ: F ← γ·F + F_new (1 = accumulate; <1 = online EWC)")
     fisher: Literal["empirical", "true"] = Field(
         "empirical", description="labels of the Fisher: the data's (empirical) or sampled from the model (true)")
-    fisher_max_samples: int | None = Field(None, gt=0, description="cap on samples per rank for the Fisher (None = all)")
+    fisher_max_samples: int | None = Field(None, gt=0,
+                                           description="cap on samples per rank for the Fisher (None = all)")
     include_source: bool = Field(True, description="also protect the source task (Fisher of the pre-trained model)")
     backbone_lr_scale: float = Field(1.0, gt=0.0, le=10.0, description="backbone lr = scale x lr (typical 0.01-1)")
 

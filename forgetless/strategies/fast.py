@@ -2,9 +2,10 @@
 was not available; this follows its stated idea (the randomly initialised head's large, uninformative gradients damage
 the backbone before anything about the target is learnt), see docs/strategies.md.
 
-1. align: backbone frozen (BatchNorm in eval mode), only the new head trains, at a high learning rate η_h. The phase ends
-   as soon as the head is aligned: the target validation loss, evaluated every `align_eval_every_steps` steps, improved
-   by less than `plateau_tolerance` (relative) over the last `plateau_window` evaluations — or after `align_max_steps`.
+1. align: backbone frozen (BatchNorm in eval mode), only the new head trains, at a high learning rate η_h. The phase
+   ends as soon as the head is aligned: the target validation loss, evaluated every `align_eval_every_steps` steps,
+   improved by less than `plateau_tolerance` (relative) over the last `plateau_window` evaluations — or after
+   `align_max_steps`.
 2. adapt: everything trains; η_g = ρ·η_h with a linear warm-up of η_g over `warmup_steps`, and optionally the L2 norm
    of each step's backbone update capped at `backbone_update_cap`.
 """
@@ -23,10 +24,13 @@ from forgetless.strategies.base import (ParamGroup, Phase, Strategy, StrategyPar
 class FastParams(StrategyParams):
     head_lr_scale: float = Field(10.0, gt=0.0, le=1000.0, description="η_h = scale x train.lr, both phases (typ. 3-30)")
     align_max_steps: int = Field(100, gt=0, description="K_max: longest align phase in optimizer steps (typ. 20-500)")
-    align_eval_every_steps: int = Field(5, gt=0, description="validation-loss check period in the align phase (typ. 2-20)")
-    plateau_window: int = Field(3, ge=1, le=100, description="w: evaluations the improvement is measured over (typ. 2-5)")
+    align_eval_every_steps: int = Field(5, gt=0,
+                                        description="validation-loss check period in the align phase (typ. 2-20)")
+    plateau_window: int = Field(3, ge=1, le=100,
+                                description="w: evaluations the improvement is measured over (typ. 2-5)")
     plateau_tolerance: float = Field(
-        0.02, ge=0.0, lt=1.0, description="ε: switch when the loss improved by less than this fraction (typ. 0.005-0.1)")
+        0.02, ge=0.0, lt=1.0,
+        description="ε: switch when the loss improved by less than this fraction (typ. 0.005-0.1)")
     rho: float = Field(0.1, gt=0.0, le=1.0, description="ρ: backbone lr = ρ x head lr in the adapt phase (typ. 0.01-1)")
     warmup_steps: int = Field(20, ge=0, description="W: steps of linear warm-up of the backbone lr (typ. 0-500)")
     backbone_update_cap: float | None = Field(

@@ -105,7 +105,8 @@ def proximity(model, task: TaskInfo) -> torch.Tensor | None:
 @register
 class InputSpace(Strategy):
     name = "input_space"
-    paper = "Marullo et al., Continual Learning with Pretrained Backbones by Tuning in the Input Space (arXiv 2306.02947)"
+    paper = ("Marullo et al., Continual Learning with Pretrained Backbones by Tuning in the Input Space "
+             "(arXiv 2306.02947)")
     fidelity = "interpretation"  # idea confirmed (abstract), module design is this project's reading
     Config = InputSpaceParams
     has_per_task_parts = True
@@ -132,7 +133,8 @@ class InputSpace(Strategy):
 
 
 class InputSpaceCIParams(InputSpaceParams):
-    ewc_lambda: float = Field(100.0, ge=0.0, le=1e8, description="λ of the EWC penalty on the shared transform")
+    ewc_lambda: float = Field(100.0, ge=0.0, le=1e8,
+                              description="λ of the EWC penalty on the shared transform (typ. 1-1e4)")
     fisher: Literal["empirical", "true"] = Field("empirical", description="labels of the Fisher (see ewc)")
     growing_head_ce: float = Field(
         1.0, ge=0.0, le=100.0, description="weight of the cross-entropy over all seen classes (the growing head)")
