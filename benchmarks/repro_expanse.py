@@ -6,6 +6,8 @@ seed. Reports source test accuracy before / after (EXPANSE must be exactly equal
 of trainable parameters; every run is in MLflow (./mlflow.db) with its R heatmap and curves.
 
     python benchmarks/repro_expanse.py --seeds 0 1 2 [--config examples/expanse_digits_to_mnist1d.yaml] [--set k=v ...]
+    python benchmarks/repro_expanse.py --local --seeds 0 1 2 3 4     (one process, no Ray/DeepSpeed: the same strategy
+                                                                      code and phases in a plain torch loop, fast)
 
 Writes benchmarks/results/expanse_<config name>.json and prints a markdown table.
 """
@@ -26,24 +28,110 @@ def mean_std(values, pct=True):
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
+def local_compare(cfg):
+    """One process: the platform's recipe (pre-training, then each strategy's build / phases / augment / frozen
+    modules) in a plain torch loop with the global batch of the Ray run (batch_size x workers). Returns
+    {label: (R, trainable parameters)}."""
+    import torch
+    import torch.nn.functional as F
+
+    from forgetless.data import build_stream
+    from forgetless.platform.engine import make_optimizer, set_train_mode, set_trainable
+    from forgetless.platform.train_loop import build_model, derive_seed, load_pretrained
+    from forgetless.strategies import make_strategy
+    from forgetless.strategies.base import ParamGroup, Phase, TaskInfo
+
+    tasks = build_stream(cfg.source, cfg.targets)
+    meta = [{"name": t.name, "num_classes": t.num_classes, "classes": t.classes, "input_shape": list(t.input_shape)}
+            for t in tasks]
+    world = cfg.scaling.num_workers
+
+    @torch.no_grad()
+    def acc(model, j):
+        model.eval()
+        x, y = tasks[j].split("test")
+        return float((model(x, j).argmax(1) == y).float().mean())
+
+    def train(model, phase, task, optim, stage, p_idx):
+        set_trainable(model, phase)
+        opt = make_optimizer(phase, optim, use_gpu=False)
+        bs = optim.batch_size * world
+        for epoch in range(phase.epochs):
+            set_train_mode(model, phase)
+            g = torch.Generator().manual_seed(derive_seed(cfg.seed, stage, p_idx, epoch))
+            order = torch.randperm(len(task.x_train), generator=g)
+            for i in range(0, len(order) - bs + 1, bs):
+                b = order[i: i + bs]
+                x = task.x_train[b]
+                if phase.augment is not None:
+                    x = phase.augment(x, g)
+                opt.zero_grad()
+                F.cross_entropy(model(x, stage), task.y_train[b]).backward()
+                opt.step()
+
+    source_model = build_model(cfg, meta[:1])
+    pre = Phase("pretrain", cfg.pretrain.epochs, [ParamGroup("all", list(source_model.parameters()),
+                                                             cfg.pretrain.lr)])
+    train(source_model, pre, tasks[0], cfg.pretrain, 0, 0)
+    pretrained = source_model.state_dict()
+    out = {}
+    for s in cfg.strategies:
+        strategy = make_strategy(s.name, s.params, cfg.train.epochs, cfg.train.lr)
+        model = build_model(cfg, meta, strategy)
+        load_pretrained(model, pretrained, source_only=False)
+        R = [[acc(model, 0), acc(model, 1)]]
+        task = TaskInfo(1, meta[1]["name"], meta[1]["num_classes"], meta[1]["classes"], tuple(meta[1]["input_shape"]))
+        trainable = 0
+        for p_idx, phase in enumerate(strategy.phases(model, task)):
+            trainable = max(trainable, sum(p.numel() for p in phase.trainable()))
+            train(model, phase, tasks[1], cfg.train, 1, p_idx)
+        R.append([acc(model, 0), acc(model, 1)])
+        out[s.display_name()] = (R, trainable)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(Path(__file__).parents[1] / "examples/expanse_digits_to_mnist1d.yaml"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--local", action="store_true", help="one process, no Ray / DeepSpeed / MLflow")
     args = ap.parse_args()
+    if args.local:
+        import torch
+
+        torch.set_num_threads(1)
+        runs = []
+        for seed in args.seeds:
+            cfg = forgetless.load_config(args.config, overrides=[f"seed={seed}", *args.overrides])
+            for label, (R, trainable) in local_compare(cfg).items():
+                runs.append({"seed": seed, "label": label, "source_before": R[0][0], "source_after": R[1][0],
+                             "target": R[1][1], "trainable": trainable, "source_exact": R[1][0] == R[0][0]})
+                print(seed, label, R, flush=True)
+        report(args, runs, suffix="_local")
+        return
+    import ray
+
+    # A light embedded cluster (no dashboard) starts reliably on a busy laptop; compare() reuses it.
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}})
     runs = []
     for seed in args.seeds:
         res = forgetless.compare(args.config, overrides=[f"seed={seed}", *args.overrides])
         print(res.table(), flush=True)
         for r in res.results:
             R = r.accuracy_matrix
-            runs.append({"seed": seed, "label": r.label, "source_before": float(R[0][0]), "source_after": float(R[1][0]),
+            runs.append({"seed": seed, "label": r.label, "source_before": float(R[0][0]),
+                         "source_after": float(R[1][0]),
                          "target": float(R[1][1]), "trainable": r.metrics["trainable_params/max"],
                          "steps_to_90": r.metrics["steps_to/90"], "wall_seconds": r.wall_seconds,
                          "mlflow_run_id": r.mlflow_run_id, "source_exact": bool(R[1][0] == R[0][0])})
+    report(args, runs)
+
+
+def report(args, runs, suffix=""):
     name = forgetless.load_config(args.config).name
-    out = Path(__file__).parent / "results" / f"expanse_{name}.json"
+    out = Path(__file__).parent / "results" / f"expanse_{name}{suffix}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"config": args.config, "overrides": args.overrides, "runs": runs}, indent=1))
     labels = list(dict.fromkeys(r["label"] for r in runs))

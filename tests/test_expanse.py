@@ -1,4 +1,5 @@
-"""EXPANSE: widened networks keep the source exact, only new units learn, widths follow the ratio, bad input fails early."""
+"""EXPANSE: widened networks keep the source exact, only new units learn, widths follow the ratio, bad input fails
+early."""
 from __future__ import annotations
 
 import math
@@ -14,6 +15,16 @@ from forgetless.platform.train_loop import load_pretrained
 from forgetless.strategies import make_strategy
 from forgetless.strategies.base import TaskInfo
 from forgetless.strategies.expanse import ExpandedBackbone, GrowLayer
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    """Tiny tensors: a second intra-op thread only adds contention on a shared 2-core machine (restored after)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 ARCHS = [
     ("mlp", (1, 8, 8), {"hidden": [32, 16]}),

@@ -217,7 +217,7 @@ class TrajectoryTransfer(Strategy):
     Config = TrajectoryTransferParams
     needs_trajectory = True
 
-    # -- checks before Ray starts ---------------------------------------------------------------------------------------
+    # -- checks before Ray starts -------------------------------------------------------------------------------------
     def check(self, cfg, tasks, load_weights) -> None:
         from forgetless.backbones import TransferModel, build_backbone
 
@@ -242,7 +242,7 @@ class TrajectoryTransfer(Strategy):
                       if k in set(_parameter_keys(model)) and (k.startswith("backbone.") or k in theta2)}
             check_compatible(theta1, theta2, f"theta2_weights {p.theta2_weights!r}")
 
-    # -- synthesise θ₂ before the target stages -------------------------------------------------------------------------
+    # -- synthesise θ₂ before the target stages -----------------------------------------------------------------------
     def prepare(self, model, ctx: PrepareContext) -> None:
         p: TrajectoryTransferParams = self.params
         keys = _parameter_keys(model)
@@ -352,7 +352,8 @@ class TrajectoryTransfer(Strategy):
     @staticmethod
     def _install(model: nn.Module, scratch: nn.Module, keys: list[str]) -> None:
         """The transferred backbone and source head (with BatchNorm statistics) replace the pre-trained ones."""
-        wanted = {k: v for k, v in scratch.state_dict().items() if k.startswith("backbone.") or k.startswith("heads.t0.")}
+        wanted = {k: v for k, v in scratch.state_dict().items()
+                  if k.startswith("backbone.") or k.startswith("heads.t0.")}
         model.load_state_dict(wanted, strict=False)
 
     # -- the target stages ---------------------------------------------------------------------------------------------
