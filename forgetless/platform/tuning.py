@@ -513,7 +513,16 @@ def run_search(config, search: SearchConfig | dict | None = None, resume: bool =
                                           failure_config=tune.FailureConfig(max_failures=0)),
             )
         t_tune = time.perf_counter()
-        grid = tuner.fit()
+        # Trials reserve no CPU, so Tune would stage every pending trial at once and start them in whatever order
+        # their placement groups come up; staging only as many as can run keeps the searcher's order (a grid runs in
+        # grid order, ASHA's rungs fill in that order) and avoids idle placement groups.
+        previous = os.environ.get("TUNE_MAX_PENDING_TRIALS_PG")
+        os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = previous or str(concurrency)
+        try:
+            grid = tuner.fit()
+        finally:
+            if previous is None:
+                os.environ.pop("TUNE_MAX_PENDING_TRIALS_PG", None)
         tune_seconds = time.perf_counter() - t_tune
         _finalize_unfinished(grid, plan, traj, target)
         out = load_search(uri, parent)
