@@ -241,12 +241,10 @@ def test_killed_search_resumes_and_runs_every_trial_once(ray_session, workdir, t
 
 def test_optuna_and_random_searchers_sample_the_declared_space(tiny_config):
     # Real Optuna (TPE) and Tune's random sampler, asked for configurations outside a run.
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
     space = {"stop_point": [1, 2], "train.lr": {"low": 1e-4, "high": 1e-1, "log": True},
              "strategy.backbone_lr_scale": [0.1, 1.0]}
     plan = _plan(tiny_config, space=space, searcher="optuna", num_samples=4)
-    alg = tuning._search_alg(plan.search)
+    alg = tuning._search_alg(plan.search, 1)
     assert alg.set_search_properties(tuning.OBJECTIVE, "max", tuning.param_space(plan))
     for i in range(4):
         params = alg.suggest(f"t{i}")
@@ -255,4 +253,4 @@ def test_optuna_and_random_searchers_sample_the_declared_space(tiny_config):
         cfg = tuning.trial_config(plan.cfg, params, f"t{i}")  # every suggestion is a valid experiment config
         assert cfg.train.lr == params["train.lr"] and cfg.strategies[0].params["backbone_lr_scale"] in (0.1, 1.0)
     plan = _plan(tiny_config, space=space, searcher="random", num_samples=3)
-    assert isinstance(tuning._search_alg(plan.search), BasicVariantGenerator)
+    assert tuning._search_alg(plan.search, 2).max_concurrent == 2

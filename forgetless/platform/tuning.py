@@ -373,15 +373,17 @@ def param_space(plan: SearchPlan) -> dict[str, Any]:
     return space
 
 
-def _search_alg(search: SearchConfig):
+def _search_alg(search: SearchConfig, concurrency: int):
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     if search.searcher == "optuna":
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
+        # TuneConfig.max_concurrent_trials wraps this searcher in a ConcurrencyLimiter.
         return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=search.seed))
-    return BasicVariantGenerator(random_state=search.seed)
+    # Tune ignores TuneConfig.max_concurrent_trials for a BasicVariantGenerator it is handed: set it here.
+    return BasicVariantGenerator(random_state=search.seed, max_concurrent=concurrency)
 
 
 def _scheduler(plan: SearchPlan):
@@ -505,9 +507,12 @@ def run_search(config, search: SearchConfig | dict | None = None, resume: bool =
         else:
             tuner = tune.Tuner(
                 trainable, param_space=param_space(plan),
-                tune_config=tune.TuneConfig(metric=OBJECTIVE, mode=plan.search.mode, search_alg=_search_alg(plan.search),
+                tune_config=tune.TuneConfig(metric=OBJECTIVE, mode=plan.search.mode, search_alg=_search_alg(plan.search, concurrency),
                                             scheduler=_scheduler(plan), num_samples=plan.search.num_samples,
-                                            max_concurrent_trials=concurrency),
+                                            # (a ConcurrencyLimiter for Optuna; the grid/random generator
+                                            # already has its own limit)
+                                            max_concurrent_trials=concurrency if plan.search.searcher == "optuna"
+                                            else None),
                 run_config=tune.RunConfig(name=plan.name, storage_path=root, verbose=0,
                                           callbacks=[_progress_callback(slots)],
                                           failure_config=tune.FailureConfig(max_failures=0)),
