@@ -54,6 +54,8 @@ def analyse(res) -> dict:
         mine = [t for t in finished if t.params[DRAW_KEY] == d]
         searched = _best(mine)
         at = {sp: _best([t for t in mine if t.stop_point == sp]) for sp in sorted({t.stop_point for t in mine})}
+        if best_source_sp not in at or final_sp not in at:
+            continue  # a partial search (--from-mlflow while it runs): this draw is not complete yet
         for sp, t in at.items():
             per_sp.setdefault(sp, []).append(t.metrics["test/target/acc"])
         rows.append({"draw": d, "searched_stop_point": searched.stop_point, "searched_lr": searched.params["train.lr"],
@@ -64,6 +66,7 @@ def analyse(res) -> dict:
         "best_source_stop_point": best_source_sp, "final_stop_point": final_sp,
         "source_val_acc": {str(k): v for k, v in sorted(src.items())},
         "per_draw": rows,
+        "finished_trials": len(finished),
         "searched": _stats([r["searched"] for r in rows]),
         "best_source": _stats([r["best_source"] for r in rows]),
         "final": _stats([r["final"] for r in rows]),
@@ -93,7 +96,18 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/forgetless_repro_early_stop")
     ap.add_argument("--no-asha", action="store_true", help="skip the ASHA comparison")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/repro_early_stop.json"))
+    ap.add_argument("--from-mlflow", metavar="PARENT_RUN_ID",
+                    help="only analyse the finished trials of a search already in the workdir's MLflow store")
     args = ap.parse_args()
+    if args.from_mlflow:
+        from forgetless.platform.tracking import resolve_tracking_uri
+        from forgetless.platform.tuning import load_search
+
+        os.chdir(args.workdir)
+        res = load_search(resolve_tracking_uri(None), args.from_mlflow)
+        print(res.table())
+        print(json.dumps(analyse(res), indent=1, default=str))
+        return
 
     cfg = load_config(args.config)
     Path(args.workdir).mkdir(parents=True, exist_ok=True)

@@ -690,13 +690,17 @@ def _pct(v: float | None) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
 
+def _sort_key(v: Any) -> tuple:
+    return (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
+
+
 def format_search_table(res: SearchResult) -> str:
     keys = res.space_keys
     headers = ["trial", *keys, "status", "epochs", "objective", "target % (test)", "source % (test)",
                "forgetting % (test)"]
     best = res.best
     rows = []
-    for t in sorted(res.trials, key=lambda t: tuple(str(t.params.get(k)) for k in keys)):
+    for t in sorted(res.trials, key=lambda t: tuple(_sort_key(t.params.get(k)) for k in keys)):
         rows.append([("* " if best and t.trial_id == best.trial_id else "  ") + t.trial_id,
                      *[f"{t.params.get(k):g}" if isinstance(t.params.get(k), float) else str(t.params.get(k))
                        for k in keys],
