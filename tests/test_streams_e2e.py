@@ -64,8 +64,8 @@ def _check_complete(out, evaluation: str) -> None:
         assert run.data.tags["forgetless.evaluation"] == evaluation
         for name in ("acc", "bwt", "forgetting/max", "forgetting/first", "trainable_params/max"):
             assert name in run.data.metrics, (r.label, name)
-        # the targets were learnt well above chance (2 classes) once trained
-        assert np.mean([R[j, j] for j in range(1, 4)]) > 0.7, (r.label, R)
+        if evaluation == "task_incremental":  # the targets were learnt well above chance (1/2 with the task id)
+            assert np.mean([R[j, j] for j in range(1, 4)]) > 0.7, (r.label, R)
 
 
 @pytest.mark.e2e
@@ -94,6 +94,11 @@ def test_class_incremental_stream(ray_session, workdir, shared_storage):
     cfg = stream(storage=shared_storage, evaluation="class_incremental", strategies=["input_space_ci", "l2_sp"])
     out = forgetless.compare(cfg)
     _check_complete(out, "class_incremental")
+    # Without a task id, chance on task j just after it is 1/(classes seen so far: 4 source + 2 per target). The
+    # growing head of input_space_ci is trained over all seen classes, so it beats chance (measured: 1.1-3.5x);
+    # l2_sp's per-task heads are not calibrated against each other, so no such claim is made for it.
+    R = out["input_space_ci"].accuracy_matrix
+    assert all(R[j, j] > 1.5 / (4 + 2 * j) for j in range(1, 4)), R
 
 
 # -- bad input: a clear ConfigError before Ray starts ----------------------------------------------------------------

@@ -181,7 +181,7 @@ class InputSpaceCI(Strategy):
         store = model.extras[STORE]
         if float(store.filled) > 0 and p.ewc_lambda:
             loss = loss + 0.5 * p.ewc_lambda * quadratic_penalty(named(self._shared(model)), store, "fisher")
-        if p.growing_head_ce and task.index > 1:
+        if p.growing_head_ce and task.index >= 1:
             # Logits of every head seen so far, as class-incremental evaluation computes them: the source head on the
             # raw input (frozen, no gradient), earlier target heads on the shared transform's output, this task's head.
             with torch.no_grad():
