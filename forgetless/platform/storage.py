@@ -1,12 +1,23 @@
 """One URI scheme everywhere: a local path or s3://bucket/prefix.
 
 S3 goes through boto3 with botocore's own retry mode; endpoint and credentials come from the standard AWS environment
-and config files (AWS_ENDPOINT_URL points it at MinIO or any S3-compatible store). Nothing here logs credentials.
+and config files (AWS_ENDPOINT_URL points it at MinIO or any S3-compatible store). Ray Train gets a pyarrow S3
+filesystem for the same place (`ray_storage`). Nothing here logs credentials: error messages name the bucket, the key
+and the endpoint, never a key id or a secret.
 """
 from __future__ import annotations
 
 import os
+import shutil
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
+
+# What decides which S3 client to build; a change (a test, a new shell) must give a new client.
+_CLIENT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+               "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_RETRY_MODE",
+               "AWS_MAX_ATTEMPTS", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+PREFLIGHT_KEY = ".forgetless-write-check"
 
 
 def is_s3(uri: str) -> bool:
@@ -19,13 +30,26 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def s3_client():
+def s3_client(max_attempts: int | None = None):
+    """A boto3 S3 client. Transient errors are retried by botocore itself (standard mode: exponential backoff with
+    jitter; AWS_RETRY_MODE=adaptive adds client-side rate limiting); AWS_MAX_ATTEMPTS overrides the attempts."""
+    env = tuple(os.environ.get(k) for k in _CLIENT_ENV)
+    return _cached_client(env, max_attempts)
+
+
+@lru_cache(maxsize=8)
+def _cached_client(env: tuple, max_attempts: int | None):
     import boto3
     from botocore.config import Config
 
-    # Transient errors are retried by botocore itself (standard mode: exponential backoff with jitter).
-    return boto3.client("s3", config=Config(retries={"mode": os.environ.get("AWS_RETRY_MODE", "standard"),
-                                                     "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "8"))}))
+    attempts = max_attempts or int(os.environ.get("AWS_MAX_ATTEMPTS", "8"))
+    return boto3.session.Session().client("s3", config=Config(
+        retries={"mode": os.environ.get("AWS_RETRY_MODE", "standard"), "max_attempts": attempts}))
+
+
+def endpoint_url() -> str | None:
+    """The S3 endpoint from the standard variables (None = AWS itself)."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
 def normalize(uri: str) -> str:
@@ -41,17 +65,72 @@ def join(base: str, *parts: str) -> str:
     return str(Path(base, *parts))
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# S3 errors -> Python's own exceptions with clear messages
+
+
+def _error_code(e: Exception) -> str:
+    return str(getattr(e, "response", {}).get("Error", {}).get("Code", ""))
+
+
+_MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+_DENIED = {"403", "AccessDenied", "Forbidden", "AllAccessDisabled"}
+_BAD_CREDENTIALS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
+                    "InvalidClientTokenId", "TokenRefreshRequired"}
+
+
+def _translate(e: Exception, uri: str) -> Exception:
+    """A botocore error as FileNotFoundError / PermissionError (both OSError) naming the URI and the fix."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    bucket, _ = split_s3(uri)
+    where = f" at {endpoint_url()}" if endpoint_url() else ""
+    if isinstance(e, NoCredentialsError):
+        return PermissionError(f"{uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                               f"AWS_PROFILE, or run where an instance profile / IRSA role provides them")
+    if isinstance(e, EndpointConnectionError):
+        return ConnectionError(f"{uri}: cannot reach the S3 endpoint{where}; check AWS_ENDPOINT_URL and the network")
+    if isinstance(e, ClientError):
+        code = _error_code(e)
+        if code == "NoSuchBucket":
+            return FileNotFoundError(f"{uri}: bucket {bucket!r} does not exist{where}; create it or fix the URI")
+        if code in _MISSING:
+            return FileNotFoundError(f"{uri}: no such object{where}")
+        if code in _BAD_CREDENTIALS:
+            return PermissionError(f"{uri}: S3{where} rejected the credentials ({code}); check AWS_ACCESS_KEY_ID / "
+                                   f"AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN or the AWS profile")
+        if code in _DENIED:
+            return PermissionError(f"{uri}: access denied{where} ({code}); the credentials from the AWS "
+                                   f"environment/config need s3:GetObject, s3:PutObject and s3:ListBucket on "
+                                   f"bucket {bucket!r}")
+    return e
+
+
+def _s3_call(uri: str, fn):
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return fn()
+    except (ClientError, BotoCoreError) as e:
+        raise _translate(e, uri) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# files
+
+
 def read_bytes(uri: str) -> bytes:
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        return _s3_call(uri, lambda: s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
     return Path(uri).expanduser().read_bytes()
 
 
 def write_bytes(uri: str, data: bytes) -> None:
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        s3_client().put_object(Bucket=bucket, Key=key, Body=data)
+        # A PUT is atomic in S3: a reader sees the old object or the whole new one.
+        _s3_call(uri, lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data))
         return
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,32 +148,125 @@ def exists(uri: str) -> bool:
             s3_client().head_object(Bucket=bucket, Key=key)
             return True
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if _error_code(e) in ("404", "NoSuchKey", "NotFound"):
                 return False
-            raise
+            raise _translate(e, uri) from None
     return Path(uri).exists()
 
 
-def download_folder(uri: str, dest: str) -> None:
-    """Copy every object under `uri` (s3://bucket/prefix or a local folder) into the local folder `dest`."""
-    import shutil
+def list_files(uri: str) -> list[str]:
+    """Every file under a folder/prefix, as full URIs (sorted)."""
+    if is_s3(uri):
+        bucket, prefix = split_s3(normalize(uri))
+        prefix = prefix + "/" if prefix else ""
+        out: list[str] = []
 
-    Path(dest).mkdir(parents=True, exist_ok=True)
+        def collect():
+            for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                out.extend(f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", []))
+
+        _s3_call(uri, collect)
+        return sorted(out)
+    root = Path(uri)
+    return sorted(str(p) for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+
+
+def download_dir(uri: str, local_dir: str | os.PathLike) -> Path:
+    """Copy a folder (e.g. a Hugging Face model folder) to `local_dir`; a local folder is copied as well."""
+    dest = Path(local_dir)
+    dest.mkdir(parents=True, exist_ok=True)
     if not is_s3(uri):
-        shutil.copytree(Path(uri).expanduser(), dest, dirs_exist_ok=True)
+        shutil.copytree(uri, dest, dirs_exist_ok=True)
+        return dest
+    base = normalize(uri)
+    files = list_files(base)
+    if not files:
+        raise FileNotFoundError(f"{uri}: no files under this prefix")
+    bucket, _ = split_s3(base)
+    for f in files:
+        target = dest / f[len(base) + 1:]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _, key = split_s3(f)
+        _s3_call(f, lambda: s3_client().download_file(bucket, key, str(target)))
+    return dest
+
+
+def upload_dir(local_dir: str | os.PathLike, uri: str) -> None:
+    """Copy a local folder to a folder/prefix (exports)."""
+    for p in sorted(Path(local_dir).rglob("*")):
+        if p.is_file():
+            target = join(uri, str(p.relative_to(local_dir)))
+            if is_s3(uri):
+                bucket, key = split_s3(target)
+                _s3_call(target, lambda: s3_client().upload_file(str(p), bucket, key))
+            else:
+                write_bytes(target, p.read_bytes())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ray Train and start-up checks
+
+
+def ray_storage(uri: str) -> dict[str, Any]:
+    """`RunConfig` arguments for a storage URI: {storage_path[, storage_filesystem]}.
+
+    With a custom endpoint (AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3: MinIO, moto, Ceph ...) Ray gets an explicit pyarrow
+    S3 filesystem: recent pyarrow reads AWS_ENDPOINT_URL, but older releases (and AWS_ENDPOINT_URL_S3 in some) do not,
+    and a silent fall-back to AWS itself would write checkpoints to the wrong place. Credentials are not put in the
+    filesystem object (it is pickled to every worker): each process resolves them from its own AWS environment.
+    """
+    uri = normalize(uri)
+    endpoint = endpoint_url()
+    if not is_s3(uri) or not endpoint:
+        return {"storage_path": uri}
+    import pyarrow.fs as pafs
+
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", "8"))
+    fs = pafs.S3FileSystem(endpoint_override=endpoint, region=region,
+                           retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts))
+    return {"storage_path": uri[len("s3://"):], "storage_filesystem": fs}
+
+
+def preflight(uri: str, field: str = "storage") -> None:
+    """Fail at start-up, with a clear ConfigError, when the storage cannot be listed and written: a missing bucket,
+    wrong credentials, denied access, an unreachable endpoint, or a local folder that cannot be created."""
+    from forgetless.config import ConfigError
+
+    uri = normalize(uri)
+    if not is_s3(uri):
+        existing = Path(uri)
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise ConfigError(f"{field}: cannot create or write {uri} ({existing} is not a writable folder); "
+                              f"pick a writable folder or an s3:// URI")
         return
-    bucket, prefix = split_s3(uri.rstrip("/"))
-    prefix = prefix + "/" if prefix else ""
-    client = s3_client()
-    found = False
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            rel = obj["Key"][len(prefix):]
-            if not rel or rel.endswith("/"):
-                continue
-            target = Path(dest, rel)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, obj["Key"], str(target))
-            found = True
-    if not found:
-        raise FileNotFoundError(f"{uri}: no objects under this prefix")
+    bucket, prefix = split_s3(uri)
+    if not bucket:
+        raise ConfigError(f"{field}: {uri!r} names no bucket; use s3://BUCKET/PREFIX")
+    probe = join(uri, PREFLIGHT_KEY)
+    _, probe_key = split_s3(probe)
+    # Few attempts: a wrong endpoint should fail in seconds, not after the full backoff of a training write.
+    client = s3_client(max_attempts=2)
+    try:
+        _s3_call(uri, lambda: client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1))
+        _s3_call(uri, lambda: client.put_object(Bucket=bucket, Key=probe_key, Body=b""))
+    except OSError as e:
+        raise ConfigError(f"{field}: {e}") from None
+    try:
+        client.delete_object(Bucket=bucket, Key=probe_key)
+    except Exception:  # noqa: BLE001 - a policy without s3:DeleteObject leaves an empty marker; harmless
+        pass
+
+
+def check_readable(uri: str, field: str) -> None:
+    """ConfigError unless the file at `uri` exists and can be read (checked without downloading it)."""
+    from forgetless.config import ConfigError
+
+    try:
+        ok = exists(uri)
+    except OSError as e:
+        raise ConfigError(f"{field}: {e}") from None
+    if not ok:
+        raise ConfigError(f"{field}: file {uri!r} does not exist")

@@ -1,0 +1,352 @@
+#!/usr/bin/env python
+"""A whole forgetless cluster on one machine, from real processes on loopback:
+
+* an S3-compatible endpoint (moto in server mode; authenticated like real S3: an IAM user and its key are created, and
+  requests signed with any other key are rejected),
+* a Ray head and N worker nodes started with `ray start` (the head has no CPUs, so training workers land on the
+  worker nodes and checkpoints really have to travel through S3),
+* an MLflow tracking server with a SQLite backend store and proxied artifacts in s3://BUCKET/mlflow.
+
+    python cluster/local_stack.py up   [--dir DIR] [--workers 2] [--cpus-per-worker 1]
+    source ~/.cache/forgetless/stack/env.sh   # AWS_*, MLFLOW_TRACKING_URI, RAY_ADDRESS, RAY_AUTH_TOKEN of this stack
+    python cluster/local_stack.py status [--dir DIR]
+    python cluster/local_stack.py down [--dir DIR]
+
+Why not `ray stop`: it kills every Ray process on the machine (other clusters, other users' embedded `ray.init()`s).
+Every process here is started with `--block` in its own process group, recorded by PID, and stopped by that PID.
+Each stack also has its own Ray temp dir, so a plain `ray.init()` elsewhere on the machine does not attach to it (Ray
+writes the "current cluster" file into the temp dir) and nothing uses the default ports (6379, 8265, 52365, ...).
+
+The same class is used by the tests (tests/test_cluster.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+BIN = Path(sys.executable).parent  # ray, mlflow and moto_server of the same environment
+STATE_FILE = "stack.json"
+_CHILDREN: dict[int, subprocess.Popen] = {}  # processes this Python process started (to reap them when stopped)
+# Variables a stack sets for its clients; the Ray and MLflow processes get only what they need.
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(what: str, check, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"{what} exited with code {proc.returncode} while starting:\n{tail}")
+        try:
+            if check():
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} did not come up within {timeout:.0f}s" + (f" (log: {log})" if log else ""))
+
+
+def _http_ok(url: str, token: str | None = None) -> bool:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(req, timeout=2) as r:
+        return r.status == 200
+
+
+def _tcp_open(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+
+
+def _clean_env(extra: dict[str, str]) -> dict[str, str]:
+    """The server processes' environment: the caller's, minus any AWS/MLflow/Ray settings it had (so a job works only
+    because it was given what it needs), plus `extra`."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AWS_", "MLFLOW_", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Proc:
+    name: str
+    pid: int
+    log: str
+
+
+@dataclass
+class LocalStack:
+    dir: str
+    workers: int = 2
+    cpus_per_worker: float = 1
+    bucket: str = "forgetless"
+    region: str = "us-east-1"
+    # filled by up()
+    s3_port: int = 0
+    ray_port: int = 0
+    dashboard_port: int = 0
+    mlflow_port: int = 0
+    ray_temp_dir: str = ""
+    access_key_id: str = ""
+    secret_access_key: str = ""
+    ray_token: str = ""
+    procs: list[Proc] = field(default_factory=list)
+
+    # -- addresses ----------------------------------------------------------------------------------------------------
+    @property
+    def s3_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return f"http://127.0.0.1:{self.mlflow_port}"
+
+    def client_env(self) -> dict[str, str]:
+        """What a user (or a test) exports to talk to this stack."""
+        return {"AWS_ENDPOINT_URL": self.s3_endpoint, "AWS_ACCESS_KEY_ID": self.access_key_id,
+                "AWS_SECRET_ACCESS_KEY": self.secret_access_key, "AWS_DEFAULT_REGION": self.region,
+                "MLFLOW_TRACKING_URI": self.mlflow_uri, "RAY_ADDRESS": self.dashboard,
+                "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.ray_token}
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------------
+    def up(self, timeout: float = 420) -> "LocalStack":
+        Path(self.dir).mkdir(parents=True, exist_ok=True)
+        try:
+            self._start_s3(timeout)
+            self._start_ray(timeout)
+            self._start_mlflow(timeout)
+        except BaseException:
+            self.down(keep_ray_logs=True)
+            raise
+        self.save()
+        return self
+
+    def up_s3_only(self, timeout: float = 120) -> "LocalStack":
+        """Just the S3 endpoint (unit tests of storage need no Ray and no MLflow)."""
+        Path(self.dir).mkdir(parents=True, exist_ok=True)
+        try:
+            self._start_s3(timeout)
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log = Path(self.dir, f"{name}.log")
+        # Own session = own process group: down() can signal the whole group (gunicorn/uvicorn workers, raylet, ...).
+        p = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             start_new_session=True, cwd=self.dir)
+        self.procs.append(Proc(name, p.pid, str(log)))
+        _CHILDREN[p.pid] = p
+        self.save()
+        return p
+
+    def _start_s3(self, timeout: float) -> None:
+        import boto3
+
+        self.s3_port = free_port()
+        # moto checks signatures once its first N requests (the IAM bootstrap below) are done.
+        p = self._spawn("s3", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.s3_port)],
+                        _clean_env({"INITIAL_NO_AUTH_ACTION_COUNT": "3"}))
+        _wait("moto server", lambda: _tcp_open(self.s3_port), timeout, p, Path(self.dir, "s3.log"))
+        boot = dict(endpoint_url=self.s3_endpoint, region_name=self.region, aws_access_key_id="bootstrap",
+                    aws_secret_access_key="bootstrap")
+        iam = boto3.client("iam", **boot)
+        iam.create_user(UserName="forgetless")
+        key = iam.create_access_key(UserName="forgetless")["AccessKey"]
+        iam.put_user_policy(UserName="forgetless", PolicyName="s3", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:*", "iam:*"], "Resource": "*"}]}))
+        self.access_key_id, self.secret_access_key = key["AccessKeyId"], key["SecretAccessKey"]
+        boto3.client("s3", endpoint_url=self.s3_endpoint, region_name=self.region,
+                     aws_access_key_id=self.access_key_id,
+                     aws_secret_access_key=self.secret_access_key).create_bucket(Bucket=self.bucket)
+
+    def _node_ports(self) -> list[str]:
+        return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+                "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+                "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port())]
+
+    def _start_ray(self, timeout: float) -> None:
+        # Short path: Ray puts Unix sockets under it (108-byte limit).
+        self.ray_temp_dir = tempfile.mkdtemp(prefix="flray-", dir="/tmp")
+        self.ray_port, self.dashboard_port = free_port(), free_port()
+        # Token authentication (Ray's default for new clusters) with this stack's own token, so that neither the
+        # token file of the user (~/.ray/auth_token) nor another cluster's token is involved.
+        self.ray_token = secrets.token_hex(32)
+        env = _clean_env({"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.ray_token,
+                          # a busy laptop/CI box can take more than Ray's default 60 s to register a node
+                          "RAY_raylet_start_wait_time_s": "180", "RAY_agent_register_timeout_ms": "180000",
+                          # nothing to drain on a local stack: stop promptly on SIGTERM
+                          "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "3"})
+        common = ["--block", "--disable-usage-stats"]
+
+        def head_cmd() -> list[str]:
+            # The head runs the job drivers and the Ray Train controller (0 CPUs each) but no training worker.
+            return [str(BIN / "ray"), "start", "--head", "--port", str(self.ray_port), "--num-cpus", "0",
+                    "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+                    "--dashboard-port", str(self.dashboard_port), "--ray-client-server-port", str(free_port()),
+                    *self._node_ports(), "--temp-dir", self.ray_temp_dir, *common]
+
+        def head_up() -> bool:
+            # Jobs API answering and the head's raylet registered (a worker node asks the GCS for the head's record)
+            return _http_ok(f"{self.dashboard}/api/version", self.ray_token) and self.alive_nodes() >= 1
+
+        self._start_node("ray-head", head_cmd, env, head_up, timeout)
+        for i in range(self.workers):
+            self._start_node(
+                f"ray-worker-{i + 1}",
+                # a temp dir of its own: nodes sharing one collide on the object store's Unix socket
+                lambda i=i: [str(BIN / "ray"), "start", "--address", f"127.0.0.1:{self.ray_port}",
+                             "--num-cpus", f"{self.cpus_per_worker:g}", *self._node_ports(),
+                             "--temp-dir", f"{self.ray_temp_dir}/w{i + 1}", *common],
+                env, lambda i=i: self.alive_nodes() >= i + 2, timeout)
+
+    def _start_node(self, name: str, make_cmd, env: dict[str, str], is_up, timeout: float, attempts: int = 3) -> None:
+        """Start one Ray node; on a machine under heavy load a raylet can give up waiting for its agents and exit
+        during start-up (a fixed 15 s limit inside Ray), so a node that dies while starting is started again."""
+        for attempt in range(1, attempts + 1):
+            p = self._spawn(name, make_cmd(), env)
+            try:
+                _wait(name, is_up, timeout, p, Path(self.dir, f"{name}.log"))
+                return
+            except RuntimeError:
+                if attempt == attempts:
+                    raise
+                print(f"{name} exited while starting; starting it again ({attempt + 1}/{attempts})", file=sys.stderr)
+                _signal_group(p.pid, signal.SIGKILL)
+                self.procs = [q for q in self.procs if q.pid != p.pid]
+
+    def alive_nodes(self) -> int:
+        req = urllib.request.Request(f"{self.dashboard}/nodes?view=summary",
+                                     headers={"Authorization": f"Bearer {self.ray_token}"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            summary = json.loads(r.read())["data"]["summary"]
+        return sum(1 for n in summary if n.get("raylet", {}).get("state") == "ALIVE")
+
+    def _start_mlflow(self, timeout: float) -> None:
+        self.mlflow_port = free_port()
+        db = Path(self.dir, "mlflow.db").resolve()
+        # The server (not the clients) writes artifacts to S3: proxied artifacts, so clients need no S3 access.
+        env = _clean_env({"AWS_ENDPOINT_URL": self.s3_endpoint, "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint,
+                          "AWS_ACCESS_KEY_ID": self.access_key_id, "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
+                          "AWS_DEFAULT_REGION": self.region})
+        p = self._spawn("mlflow", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port",
+                                   str(self.mlflow_port), "--workers", "1",
+                                   "--backend-store-uri", f"sqlite:///{db}",
+                                   "--artifacts-destination", f"s3://{self.bucket}/mlflow", "--serve-artifacts"], env)
+        _wait("MLflow server", lambda: _http_ok(f"{self.mlflow_uri}/health"), timeout, p, Path(self.dir, "mlflow.log"))
+
+    def down(self, grace: float = 45, keep_ray_logs: bool = False) -> None:
+        """Stop every process of this stack (by recorded PID and its process group), newest first."""
+        for proc in reversed(self.procs):
+            _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in reversed(self.procs):
+            while _group_alive(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.3)
+            _signal_group(proc.pid, signal.SIGKILL)
+        self.procs = []
+        if self.ray_temp_dir and keep_ray_logs:
+            print(f"Ray's own logs are kept in {self.ray_temp_dir}", file=sys.stderr)
+        elif self.ray_temp_dir:
+            shutil.rmtree(self.ray_temp_dir, ignore_errors=True)
+        state = Path(self.dir, STATE_FILE)
+        if state.exists():
+            state.unlink()
+
+    # -- state on disk (for `status` / `down` from another shell) -----------------------------------------------------
+    def save(self) -> None:
+        Path(self.dir).mkdir(parents=True, exist_ok=True)
+        Path(self.dir, STATE_FILE).write_text(json.dumps(asdict(self), indent=1))
+        env = "".join(f"export {k}={v}\n" for k, v in self.client_env().items())
+        # The local stack's own throw-away key; readable by the owner only all the same.
+        path = Path(self.dir, "env.sh")
+        path.write_text(env)
+        path.chmod(0o600)
+
+    @classmethod
+    def load(cls, directory: str) -> "LocalStack":
+        data = json.loads(Path(directory, STATE_FILE).read_text())
+        data["procs"] = [Proc(**p) for p in data["procs"]]
+        return cls(**data)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)  # each process was started as the leader of its own session/group
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pid: int) -> bool:
+    if pid in _CHILDREN:
+        _CHILDREN[pid].poll()  # reap our own child: a zombie leader would keep its group "alive"
+    try:
+        os.killpg(pid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("action", choices=["up", "down", "status"])
+    # Outside the project on purpose: `forgetless submit` uploads the current folder, and env.sh holds the stack's key.
+    ap.add_argument("--dir", default=str(Path.home() / ".cache" / "forgetless" / "stack"),
+                    help="folder for logs, the MLflow database and env.sh (default: ~/.cache/forgetless/stack)")
+    ap.add_argument("--workers", type=int, default=2, help="Ray worker nodes")
+    ap.add_argument("--cpus-per-worker", type=float, default=1)
+    ap.add_argument("--bucket", default="forgetless")
+    args = ap.parse_args(argv)
+    directory = str(Path(args.dir).resolve())
+    if args.action == "up":
+        if Path(directory, STATE_FILE).exists():
+            print(f"a stack is already recorded in {directory}; run `down` first", file=sys.stderr)
+            return 1
+        s = LocalStack(directory, args.workers, args.cpus_per_worker, args.bucket).up()
+        print(f"S3 (moto):      {s.s3_endpoint}   bucket s3://{s.bucket}\n"
+              f"Ray dashboard:  {s.dashboard}   ({s.workers} worker nodes x {s.cpus_per_worker:g} CPU)\n"
+              f"MLflow:         {s.mlflow_uri}   artifacts in s3://{s.bucket}/mlflow\n"
+              f"logs:           {directory}/*.log\n\n"
+              f"next:  source {directory}/env.sh")
+        return 0
+    if not Path(directory, STATE_FILE).exists():
+        print(f"no stack recorded in {directory}", file=sys.stderr)
+        return 1 if args.action == "status" else 0
+    s = LocalStack.load(directory)
+    if args.action == "status":
+        for p in s.procs:
+            print(f"{p.name:14s} pid {p.pid:7d}  {'running' if _group_alive(p.pid) else 'STOPPED'}  log {p.log}")
+        try:
+            print(f"Ray nodes alive: {s.alive_nodes()}")
+        except OSError as e:
+            print(f"Ray dashboard not reachable: {e}")
+        return 0
+    s.down()
+    print("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""forgetless on a real multi-node Ray cluster, on this machine, from real processes (cluster/local_stack.py):
+an S3-compatible server (moto, signature checks on), a Ray head (0 CPUs) + 2 worker nodes (1 CPU each) started with
+`ray start`, and an MLflow server (SQLite backend, proxied artifacts in s3://BUCKET/mlflow).
+
+The stack is stopped by PID (never `ray stop`, which would kill every Ray process on the machine, other tests'
+embedded clusters included), and it uses its own Ray temp dir and token, so a plain `ray.init()` elsewhere in this
+test session does not attach to it. The jobs' training workers land on the two worker nodes (the head has no CPUs), so
+checkpoints really travel through S3.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _local_stack_module():
+    if "local_stack" not in sys.modules:  # cluster/ is scripts, not a package
+        spec = importlib.util.spec_from_file_location("local_stack", ROOT / "cluster" / "local_stack.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["local_stack"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["local_stack"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# fast unit checks of the submission logic (no cluster)
+
+
+def test_submission_id_is_deterministic(tiny_config):
+    from forgetless.config import load_config
+    from forgetless.platform.jobs import submission_base
+
+    a = submission_base(load_config(tiny_config()), "compare", [])
+    assert a == submission_base(load_config(tiny_config()), "compare", [])
+    assert a.startswith("forgetless-tiny-compare-")
+    assert a != submission_base(load_config(tiny_config(seed=1)), "compare", [])
+    assert a != submission_base(load_config(tiny_config()), "run", [])
+
+
+def test_job_env_forwards_aws_and_mlflow(monkeypatch):
+    from forgetless.config import ConfigError
+    from forgetless.platform.jobs import job_env
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://s3.local:9000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.local:5000")
+    monkeypatch.setenv("AWS_PROFILE", "laptop-profile")
+    monkeypatch.setenv("UNRELATED", "x")
+    env = job_env()
+    assert env["AWS_ENDPOINT_URL"] == "http://s3.local:9000" and env["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.local:5000"
+    assert "UNRELATED" not in env and "AWS_PROFILE" not in env
+    assert "AWS_SECRET_ACCESS_KEY" not in job_env(forward_credentials=False)
+    assert job_env(extra=["UNRELATED"])["UNRELATED"] == "x"
+    with pytest.raises(ConfigError, match="--env NOPE"):
+        job_env(extra=["NOPE"])
+
+
+def test_submit_refuses_what_would_be_lost(tiny_config, workdir, monkeypatch):
+    """A relative storage folder or the default SQLite tracking would live in the job's temporary working dir."""
+    from forgetless.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    Path("relative.yaml").write_text(yaml.safe_dump(tiny_config()))
+    Path("sqlite.yaml").write_text(yaml.safe_dump(tiny_config(storage="s3://bucket/x")))
+    assert main(["submit", "relative.yaml", "--address", "http://127.0.0.1:1"]) == 2
+    assert main(["submit", "sqlite.yaml", "--address", "http://127.0.0.1:1"]) == 2
+
+
+def test_cluster_manifests_are_complete_and_valid():
+    """The cloud pieces cannot run here; they are checked for what can be checked offline: valid YAML, the Ray
+    cluster-launcher file against Ray's own schema, and the KubeRay objects for the parts forgetless relies on (GPU
+    worker group, image, MLflow and S3 environment, no keys). (Against KubeRay's CRD schemas too, see
+    cluster/README.md, "How the cloud pieces were checked".)"""
+    import jsonschema
+    import ray.autoscaler
+
+    launcher = yaml.safe_load((ROOT / "cluster/aws/cluster.yaml").read_text())
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(launcher, schema)
+    gpu = launcher["available_node_types"]["gpu_worker"]
+    assert gpu["resources"]["GPU"] >= 1 and "IamInstanceProfile" in gpu["node_config"]
+    assert launcher["available_node_types"]["head"]["resources"]["CPU"] == 0
+
+    docs = [d for f in ("raycluster.yaml", "rayjob.yaml")
+            for d in yaml.safe_load_all((ROOT / "cluster/kuberay" / f).read_text())]
+    kinds = {d["kind"]: d for d in docs}
+    assert {"RayCluster", "RayJob", "ServiceAccount", "ConfigMap"} <= set(kinds)
+    for spec in (kinds["RayCluster"]["spec"], kinds["RayJob"]["spec"]["rayClusterSpec"]):
+        group = spec["workerGroupSpecs"][0]
+        container = group["template"]["spec"]["containers"][0]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert container["image"] == spec["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+        assert "MLFLOW_TRACKING_URI" in {e["name"] for e in container["env"]}
+        assert group["template"]["spec"]["serviceAccountName"] == "forgetless"  # S3 via the role, no keys
+    assert kinds["RayJob"]["spec"]["entrypoint"].startswith("python -m forgetless.cli ")
+    exp = yaml.safe_load(kinds["ConfigMap"]["data"]["experiment.yaml"])
+    from forgetless.config import load_config
+
+    assert load_config(exp).storage.startswith("s3://")  # the example experiment is a valid config
+    for f in ("kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "aws/cluster.yaml"):
+        text = (ROOT / "cluster" / f).read_text()
+        assert not re.search(r"^\s*-?\s*(value|AWS_SECRET_ACCESS_KEY\s*[:=])\s*['\"]?[A-Za-z0-9/+]{40}", text, re.M)
+    docker = (ROOT / "cluster/Dockerfile").read_text()
+    assert "FROM ${CUDA_IMAGE}" in docker and "nvidia/cuda" in docker and "DS_BUILD_FUSED_ADAM=1" in docker
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the real stack
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    s = _local_stack_module().LocalStack(str(tmp_path_factory.mktemp("stack")), workers=2, cpus_per_worker=1)
+    s.up()
+    yield s
+    s.down()
+
+
+@pytest.fixture
+def cluster_env(stack, monkeypatch, workdir):
+    """This shell talks to the stack: AWS_*, MLFLOW_TRACKING_URI, the Ray token (what `source env.sh` does)."""
+    for k, v in stack.client_env().items():
+        if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE"):  # RAY_ADDRESS would make other tests' ray.init() attach here
+            monkeypatch.setenv(k, v)
+    return stack
+
+
+def _boto(stack):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=stack.s3_endpoint, region_name=stack.region,
+                        aws_access_key_id=stack.access_key_id, aws_secret_access_key=stack.secret_access_key)
+
+
+def _keys(stack, prefix: str) -> list[str]:
+    s3 = _boto(stack)
+    out = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=stack.bucket, Prefix=prefix):
+        out += [o["Key"] for o in page.get("Contents", [])]
+    return out
+
+
+def _client(stack):
+    from forgetless.platform.jobs import connect
+
+    return connect(stack.dashboard)
+
+
+def _write_config(stack, tiny_config, experiment: str, prefix: str = "e2e-run", **fields) -> str:
+    """A tiny config into ./EXPERIMENT.yaml; storage under s3://BUCKET/PREFIX (tests share the pre-training there)."""
+    fields.setdefault("storage", f"s3://{stack.bucket}/{prefix}")
+    cfg = tiny_config(tracking={"log_model": False, "experiment": experiment}, **fields)
+    Path(f"{experiment}.yaml").write_text(yaml.safe_dump(cfg))
+    return f"{experiment}.yaml"
+
+
+def _transfer_run(path: str) -> str:
+    from forgetless.config import load_config
+    from forgetless.platform.runner import transfer_run_name
+
+    cfg = load_config(path)
+    return transfer_run_name(cfg, cfg.strategies[0])
+
+
+def _submit(args: list[str], capsys) -> tuple[int, str, str]:
+    from forgetless.cli import main
+
+    capsys.readouterr()
+    rc = main(["submit", *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.e2e
+def test_submitted_run_lands_in_s3_and_mlflow(cluster_env, capsys, tiny_config):
+    stack = cluster_env
+    cfg = _write_config(stack, tiny_config, "e2e-run")
+    rc, out, err = _submit([cfg, "--address", stack.dashboard, "--follow"], capsys)
+    assert rc == 0, out[-4000:] + err[-2000:]
+    sid = out.strip().splitlines()[0]
+    assert sid.startswith("forgetless-tiny-compare-")
+    # the forwarded values never appear in what forgetless printed
+    assert stack.secret_access_key not in out + err and stack.ray_token not in out + err
+    assert "AWS_SECRET_ACCESS_KEY" in err  # ... only the names
+
+    keys = _keys(stack, "e2e-run/")
+    pre = [k for k in keys if "-pretrain-" in k]
+    assert any(k.endswith("/trajectory.json") for k in pre)
+    assert any("/stop_point_e0002/" in k and k.endswith("model.pt") for k in pre)
+    transfer = [k for k in keys if k.startswith(f"e2e-run/{_transfer_run(cfg)}/")]
+    assert any("checkpoint_s1_done/" in k for k in transfer) and any("/final/state.json" in k for k in transfer)
+    traj = json.loads(_boto(stack).get_object(Bucket=stack.bucket,
+                                              Key=next(k for k in pre if k.endswith("trajectory.json")))["Body"].read())
+    assert [p["epoch"] for p in traj["stop_points"]] == [0, 1, 2]
+    assert all(p["uri"].startswith(f"s3://{stack.bucket}/e2e-run/") for p in traj["stop_points"])
+
+    from mlflow.tracking import MlflowClient
+
+    ml = MlflowClient(stack.mlflow_uri)
+    exp = ml.get_experiment_by_name("e2e-run")
+    runs = ml.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    child = next(r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+                 and r.data.tags.get("forgetless.mode") == "transfer")
+    assert parent.info.status == child.info.status == "FINISHED"
+    assert 0.0 <= child.data.metrics["target/acc"] <= 1.0 and "forgetting/max" in child.data.metrics
+    assert len(ml.get_metric_history(child.info.run_id, "target/acc")) >= 3  # before + 2 epochs
+    names = {a.path for a in ml.list_artifacts(child.info.run_id)}
+    assert {"accuracy_matrix.json", "curves.png"} <= names
+    # proxied artifacts: the server wrote them into the bucket
+    art = _keys(stack, "mlflow/")
+    assert any(k.endswith(f"{child.info.run_id}/artifacts/accuracy_matrix.json") for k in art)
+    assert any(k.endswith(f"{parent.info.run_id}/artifacts/comparison.json") for k in art)
+    # no credential in any param or tag of any run
+    for r in runs:
+        blob = json.dumps({**r.data.params, **r.data.tags})
+        assert stack.secret_access_key not in blob and stack.access_key_id not in blob and stack.ray_token not in blob
+    assert "resuming from checkpoint" not in _client(stack).get_job_logs(sid)
+
+
+@pytest.mark.e2e
+def test_killed_job_resumes_from_s3_checkpoint(cluster_env, capsys, tiny_config):
+    """Stop the job after the transfer run's second epoch checkpoint is in S3; resubmitting the same config starts a
+    job with a suffixed id that trains only the remaining epochs."""
+    from forgetless.platform.jobs import status_of
+
+    stack = cluster_env
+    epochs = 6
+    cfg = _write_config(stack, tiny_config, "e2e-resume", train={"epochs": epochs, "lr": 0.01, "batch_size": 16})
+    run = f"e2e-run/{_transfer_run(cfg)}/"
+    rc, out, err = _submit([cfg, "--address", stack.dashboard], capsys)
+    assert rc == 0, err
+    sid = out.strip().splitlines()[0]
+    client = _client(stack)
+    deadline = time.monotonic() + 400
+    while not any("checkpoint_s1_p0_e0002/" in k for k in _keys(stack, run)):
+        assert status_of(client, sid) in ("PENDING", "RUNNING"), client.get_job_logs(sid)[-3000:]
+        assert time.monotonic() < deadline, "no epoch-2 checkpoint in S3 in time"
+        time.sleep(2)
+    client.stop_job(sid)
+    while status_of(client, sid) not in ("STOPPED", "FAILED", "SUCCEEDED"):
+        time.sleep(1)
+    assert status_of(client, sid) == "STOPPED"
+    done_before = [k for k in _keys(stack, run) if "/checkpoint_s1_p0_e" in k and k.endswith("state.json")]
+    last_epoch = max(int(re.search(r"_e(\d{4})/", k).group(1)) for k in done_before)
+    assert 2 <= last_epoch < epochs
+
+    rc, out, err = _submit([cfg, "--address", stack.dashboard, "--follow"], capsys)
+    assert rc == 0, out[-4000:] + err[-2000:]
+    sid2 = out.strip().splitlines()[0]
+    assert sid2 == f"{sid}-r2" and "resumes from its checkpoints" in err
+    logs = client.get_job_logs(sid2)
+    assert "reusing pre-training trajectory" in logs
+    trained = sorted({int(m) for m in re.findall(rf"stage 1 phase \w+ epoch (\d+)/{epochs}", logs)})
+    assert trained == list(range(last_epoch + 1, epochs + 1)), logs[-3000:]
+    final = next(k for k in _keys(stack, run) if k.endswith("/final/state.json"))
+    state = json.loads(_boto(stack).get_object(Bucket=stack.bucket, Key=final)["Body"].read())
+    assert state["resumed_from"]["epoch"] == last_epoch
+    epochs_seen = [h["epoch"] for h in state["history"] if h["stage"] == 1 and h["phase"] != "before"]
+    assert epochs_seen == list(range(1, epochs + 1))  # every epoch once: none lost, none repeated
+
+
+@pytest.mark.e2e
+def test_bad_submissions_leave_nothing_behind(cluster_env, capsys, monkeypatch, tiny_config):
+    from mlflow.tracking import MlflowClient
+
+    from forgetless.config import ConfigError
+    from forgetless.platform import storage
+    from forgetless.platform.jobs import submit
+
+    stack = cluster_env
+    good = _write_config(stack, tiny_config, "e2e-bad", prefix="e2e-bad")
+    jobs_before = {j.submission_id for j in _client(stack).list_jobs()}
+    runs_before = len(MlflowClient(stack.mlflow_uri).search_runs(
+        [e.experiment_id for e in MlflowClient(stack.mlflow_uri).search_experiments()]))
+
+    with pytest.raises(ConfigError, match=r"--address: no Ray Jobs API at http://127\.0\.0\.1:1 "):
+        submit(good, [], "http://127.0.0.1:1")
+    with pytest.raises(ConfigError, match="storage: .*bucket 'no-such-bucket' does not exist"):
+        submit(_write_config(stack, tiny_config, "e2e-bad-bucket", storage="s3://no-such-bucket/x"), [],
+               stack.dashboard)
+    with monkeypatch.context() as m:
+        m.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        with pytest.raises(ConfigError, match="storage: .*rejected the credentials") as e:
+            submit(good, [], stack.dashboard)
+        assert "not-the-secret" not in str(e.value)
+    with monkeypatch.context() as m:
+        m.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+        with pytest.raises(ConfigError, match="MLflow server http://127.0.0.1:1 is not reachable"):
+            submit(good, [], stack.dashboard)
+    with monkeypatch.context() as m:
+        m.setenv("RAY_AUTH_TOKEN", "not-the-token")
+        with pytest.raises(ConfigError, match="--address: .*token"):
+            submit(good, [], stack.dashboard)
+
+    assert {j.submission_id for j in _client(stack).list_jobs()} == jobs_before
+    assert len(MlflowClient(stack.mlflow_uri).search_runs(
+        [e.experiment_id for e in MlflowClient(stack.mlflow_uri).search_experiments()])) == runs_before
+    assert storage.list_files(f"s3://{stack.bucket}/e2e-bad") == []
+
+
+@pytest.mark.e2e
+def test_local_storage_is_refused_on_a_multi_node_cluster(cluster_env, capsys, tmp_path, tiny_config):
+    """The job itself refuses (runner.check_resources) before any training or MLflow run: the local folder would be
+    a different disk on every node."""
+    from mlflow.tracking import MlflowClient
+
+    from forgetless.platform.jobs import status_of
+
+    stack = cluster_env
+    cfg = _write_config(stack, tiny_config, "e2e-local", storage=str(tmp_path / "runs"))
+    rc, out, err = _submit([cfg, "--address", stack.dashboard, "--follow"], capsys)
+    assert rc == 1
+    sid = out.strip().splitlines()[0]
+    assert status_of(_client(stack), sid) == "FAILED"
+    assert "storage: the Ray cluster has 3 nodes but storage is the local folder" in out
+    assert MlflowClient(stack.mlflow_uri).get_experiment_by_name("e2e-local") is None
+    assert not (tmp_path / "runs").exists()

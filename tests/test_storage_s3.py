@@ -1,0 +1,208 @@
+"""Storage through S3, against a real S3-compatible server (moto in server mode on 127.0.0.1, with signature checks
+on, so wrong credentials are rejected like on AWS). No Ray here: these are the storage, data and weights paths that
+the Ray workers and the driver share."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _local_stack_module():
+    import sys
+
+    if "local_stack" not in sys.modules:  # cluster/ is scripts, not a package
+        spec = importlib.util.spec_from_file_location("local_stack", ROOT / "cluster" / "local_stack.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["local_stack"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["local_stack"]
+
+
+@pytest.fixture(scope="module")
+def s3server(tmp_path_factory):
+    stack = _local_stack_module().LocalStack(str(tmp_path_factory.mktemp("s3stack")))
+    stack.up_s3_only()
+    yield stack
+    stack.down()
+
+
+@pytest.fixture
+def s3env(s3server, monkeypatch):
+    """The standard AWS variables pointing at the test server (what a user sets for MinIO)."""
+    for k, v in s3server.client_env().items():
+        if k.startswith("AWS_"):
+            monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return s3server
+
+
+def _boto(stack):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=stack.s3_endpoint, region_name=stack.region,
+                        aws_access_key_id=stack.access_key_id, aws_secret_access_key=stack.secret_access_key)
+
+
+def test_read_write_exists_list(s3env):
+    from forgetless.platform import storage
+
+    base = f"s3://{s3env.bucket}/unit/rw"
+    uri = storage.join(base, "a", "b.json")
+    assert not storage.exists(uri)
+    storage.write_bytes(uri, b'{"x": 1}')
+    assert storage.exists(uri)
+    assert json.loads(storage.read_bytes(uri)) == {"x": 1}
+    # really in the bucket, under the key the URI names
+    body = _boto(s3env).get_object(Bucket=s3env.bucket, Key="unit/rw/a/b.json")["Body"].read()
+    assert body == b'{"x": 1}'
+    storage.write_bytes(storage.join(base, "c.txt"), b"c")
+    assert storage.list_files(base) == [f"{base}/a/b.json", f"{base}/c.txt"]
+    with pytest.raises(FileNotFoundError, match="no such object"):
+        storage.read_bytes(storage.join(base, "missing.bin"))
+
+
+def test_folder_round_trip(s3env, tmp_path):
+    from forgetless.platform import storage
+
+    src = tmp_path / "model"
+    (src / "sub").mkdir(parents=True)
+    (src / "config.json").write_text("{}")
+    (src / "sub" / "weights.bin").write_bytes(b"\x00\x01")
+    storage.upload_dir(src, f"s3://{s3env.bucket}/unit/hf-model")
+    out = storage.download_dir(f"s3://{s3env.bucket}/unit/hf-model", tmp_path / "copy")
+    assert (out / "config.json").read_text() == "{}"
+    assert (out / "sub" / "weights.bin").read_bytes() == b"\x00\x01"
+
+
+def test_dataset_npz_and_parquet_from_s3(s3env):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from forgetless.config import TaskConfig
+    from forgetless.data.tasks import build_task
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 6)).astype(np.float32)
+    y = np.repeat(np.arange(3), 40)
+    buf = io.BytesIO()
+    np.savez(buf, x=x, y=y)
+    s3 = _boto(s3env)
+    s3.put_object(Bucket=s3env.bucket, Key="unit/data/toy.npz", Body=buf.getvalue())
+    table = pa.table({**{f"f{i}": x[:, i] for i in range(6)}, "label": y})
+    pbuf = io.BytesIO()
+    pq.write_table(table, pbuf)
+    s3.put_object(Bucket=s3env.bucket, Key="unit/data/toy.parquet", Body=pbuf.getvalue())
+
+    for ext in ("npz", "parquet"):
+        task = build_task(TaskConfig(dataset=f"s3://{s3env.bucket}/unit/data/toy.{ext}", classes=[0, 2]))
+        n = len(task.x_train) + len(task.x_val) + len(task.x_test)
+        assert n == 80 and task.num_classes == 2
+        # the values are the uploaded ones (classes 0 and 2, in order, as a 1-channel sequence)
+        all_x = np.concatenate([task.x_train.numpy(), task.x_val.numpy(), task.x_test.numpy()])[:, 0, :]
+        assert np.allclose(np.sort(all_x.sum(1)), np.sort(x[np.isin(y, [0, 2])].sum(1)), atol=1e-5)
+
+
+def test_backbone_weights_from_s3(s3env):
+    import torch
+
+    from forgetless.backbones import build_backbone
+    from forgetless.platform import storage
+    from forgetless.platform.train_loop import load_torch_file
+
+    net = build_backbone("mlp", (1, 64), {"hidden": [16]})
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    uri = f"s3://{s3env.bucket}/unit/weights/mlp.pt"
+    storage.write_bytes(uri, buf.getvalue())
+    storage.check_readable(uri, "backbone.weights")
+    state = load_torch_file(uri)
+    fresh = build_backbone("mlp", (1, 64), {"hidden": [16]})
+    fresh.load_state_dict(state)
+    for a, b in zip(net.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_preflight_ok_leaves_nothing(s3env):
+    from forgetless.platform import storage
+
+    storage.preflight(f"s3://{s3env.bucket}/unit/preflight")
+    keys = [o["Key"] for o in _boto(s3env).list_objects_v2(Bucket=s3env.bucket,
+                                                            Prefix="unit/preflight").get("Contents", [])]
+    assert keys == []  # the write probe is removed again
+
+
+def test_missing_bucket_is_a_config_error(s3env):
+    from forgetless.config import ConfigError
+    from forgetless.platform import storage
+
+    with pytest.raises(ConfigError, match="storage: .*bucket 'no-such-bucket' does not exist"):
+        storage.preflight("s3://no-such-bucket/runs")
+
+
+def test_wrong_credentials_are_a_config_error_without_the_key(s3env, monkeypatch):
+    from forgetless.config import ConfigError
+    from forgetless.platform import storage
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value-123")
+    with pytest.raises(ConfigError, match="rejected the credentials") as e:
+        storage.preflight(f"s3://{s3env.bucket}/runs")
+    assert "wrong-secret-value-123" not in str(e.value) and s3env.access_key_id not in str(e.value)
+
+
+def test_denied_access_is_a_config_error(s3env, monkeypatch):
+    import boto3
+
+    from forgetless.config import ConfigError
+    from forgetless.platform import storage
+
+    iam = boto3.client("iam", endpoint_url=s3env.s3_endpoint, region_name=s3env.region,
+                       aws_access_key_id=s3env.access_key_id, aws_secret_access_key=s3env.secret_access_key)
+    iam.create_user(UserName="reader-none")
+    key = iam.create_access_key(UserName="reader-none")["AccessKey"]  # no policy: every S3 call is denied
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    with pytest.raises(ConfigError, match="storage: .*access denied"):
+        storage.preflight(f"s3://{s3env.bucket}/runs")
+
+
+def test_ray_gets_an_s3_filesystem_for_the_custom_endpoint(s3env):
+    """With AWS_ENDPOINT_URL set, Ray Train receives an explicit pyarrow S3 filesystem for that endpoint (and no
+    credentials inside it: it is pickled to every worker)."""
+    import pickle
+
+    import pyarrow.fs as pafs
+
+    from forgetless.platform import storage
+
+    kw = storage.ray_storage(f"s3://{s3env.bucket}/unit/ray/")
+    assert kw["storage_path"] == f"{s3env.bucket}/unit/ray"
+    fs = kw["storage_filesystem"]
+    assert isinstance(fs, pafs.S3FileSystem)
+    assert s3env.secret_access_key.encode() not in pickle.dumps(fs)
+    with fs.open_output_stream(f"{kw['storage_path']}/probe.txt") as f:
+        f.write(b"via pyarrow")
+    assert storage.read_bytes(f"s3://{s3env.bucket}/unit/ray/probe.txt") == b"via pyarrow"
+    assert storage.ray_storage("relative/dir") == {"storage_path": str(Path("relative/dir").resolve())}
+
+
+def test_runner_preflight_checks_storage_and_weights(s3env, workdir, tiny_config):
+    """The driver's start-up checks (before Ray starts): a missing bucket and a missing weights file are errors that
+    name the field; a good S3 config passes."""
+    from forgetless.config import ConfigError, load_config
+    from forgetless.platform.runner import preflight
+
+    good = load_config(tiny_config(storage=f"s3://{s3env.bucket}/unit/runs"))
+    assert preflight(good).startswith("sqlite:///")
+    with pytest.raises(ConfigError, match="^storage: "):
+        preflight(load_config(tiny_config(storage="s3://no-such-bucket/x")))
+    with pytest.raises(ConfigError, match="^backbone.weights: file .* does not exist"):
+        preflight(load_config(tiny_config(storage=f"s3://{s3env.bucket}/unit/runs",
+                                          backbone={"name": "mlp", "params": {"hidden": [32]},
+                                                    "weights": f"s3://{s3env.bucket}/unit/none.pt"})))
