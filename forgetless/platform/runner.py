@@ -48,8 +48,10 @@ def preflight(cfg: ExperimentConfig) -> str:
         if cfg.evaluation == "task_incremental" and not cls.has_per_task_parts:
             raise ConfigError(f"evaluation: {s.name} keeps no per-task parts, so task-incremental evaluation does not "
                               f"apply; set evaluation: class_incremental")
-    if cfg.backbone.weights and not (storage.is_s3(cfg.backbone.weights) or Path(cfg.backbone.weights).exists()):
-        raise ConfigError(f"backbone.weights: file {cfg.backbone.weights!r} does not exist")
+    # storage first: a missing bucket or wrong credentials is the likeliest cluster error, and the clearest
+    storage.preflight(cfg.storage)
+    if cfg.backbone.weights:
+        storage.check_readable(cfg.backbone.weights, "backbone.weights")
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     tracking.check_reachable(uri)
     # The tasks are built once here too, so a bad class id or an unreadable file fails before Ray starts.
@@ -96,6 +98,12 @@ def check_resources(cfg: ExperimentConfig) -> None:
     if cfg.scaling.use_gpu and total.get("GPU", 0) < cfg.scaling.num_workers:
         raise ConfigError(f"scaling.use_gpu: {cfg.scaling.num_workers} workers need {cfg.scaling.num_workers} GPUs but "
                           f"the Ray cluster has {total.get('GPU', 0):g}")
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and not storage.is_s3(cfg.storage):
+        # Workers on other nodes would write checkpoints to their own disks, and a resumed run would not find them.
+        raise ConfigError(f"storage: the Ray cluster has {len(nodes)} nodes but storage is the local folder "
+                          f"{storage.normalize(cfg.storage)!r}, which the other nodes cannot read; use shared "
+                          f"storage: storage: s3://BUCKET/PREFIX")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -118,7 +126,7 @@ def fit(cfg: ExperimentConfig, run_name: str, job: dict[str, Any], keep_all_chec
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=RunConfig(
             name=run_name,
-            storage_path=storage.normalize(cfg.storage),
+            **storage.ray_storage(cfg.storage),
             checkpoint_config=CheckpointConfig(num_to_keep=None if keep_all_checkpoints else 3),
             failure_config=FailureConfig(max_failures=job.get("max_failures", 0)),
             callbacks=callbacks,
