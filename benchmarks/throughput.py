@@ -205,7 +205,15 @@ def ensure_ray(num_cpus: int | None, use_gpu: bool) -> None:
     env = {} if use_gpu else {"DS_ACCELERATOR": "cpu"}
     if not use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, logging_level="ERROR", include_dashboard=False)
+    for attempt in range(5):
+        try:
+            ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, logging_level="ERROR", include_dashboard=False)
+            return
+        except Exception as e:  # Ray's raylet must register within 30 s; on a saturated machine it may not
+            say(f"ray.init failed ({e}); retrying")
+            ray.shutdown()
+            time.sleep(10 * (attempt + 1))
+    raise RuntimeError("could not start a local Ray cluster")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
