@@ -518,16 +518,22 @@ def run_search(config, search: SearchConfig | dict | None = None, resume: bool =
                                           failure_config=tune.FailureConfig(max_failures=0)),
             )
         t_tune = time.perf_counter()
-        # Trials reserve no CPU, so Tune would stage every pending trial at once and start them in whatever order
-        # their placement groups come up; staging only as many as can run keeps the searcher's order (a grid runs in
-        # grid order, ASHA's rungs fill in that order) and avoids idle placement groups.
-        previous = os.environ.get("TUNE_MAX_PENDING_TRIALS_PG")
-        os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = previous or str(concurrency)
+        # Read by Tune's controller when fit() starts; set only for this fit, unless the user set them.
+        # - Trials reserve no CPU, so Tune would stage every pending trial at once and start them in whatever order
+        #   their placement groups come up; staging only as many as can run keeps the searcher's order (a grid runs
+        #   in grid order, ASHA's rungs fill in that order).
+        # - A trial ASHA stops is stopped "gracefully", but its function is blocked on its Ray Train run, so Tune
+        #   only kills it (and with it the run's workers, which hold the CPUs the next trial needs) after this many
+        #   seconds (Tune's default: 600).
+        env = {"TUNE_MAX_PENDING_TRIALS_PG": str(concurrency), "TUNE_FORCE_TRIAL_CLEANUP_S": "5"}
+        previous = {k: os.environ.get(k) for k in env}
+        os.environ.update({k: v for k, v in env.items() if previous[k] is None})
         try:
             grid = tuner.fit()
         finally:
-            if previous is None:
-                os.environ.pop("TUNE_MAX_PENDING_TRIALS_PG", None)
+            for k, v in previous.items():
+                if v is None:
+                    os.environ.pop(k, None)
         tune_seconds = time.perf_counter() - t_tune
         _finalize_unfinished(grid, plan, traj, target)
         out = load_search(uri, parent)
