@@ -121,7 +121,12 @@ def test_cluster_manifests_are_complete_and_valid():
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = _local_stack_module().LocalStack(str(tmp_path_factory.mktemp("stack")), workers=2, cpus_per_worker=1)
+    ls = _local_stack_module()
+    reuse = os.environ.get("FORGETLESS_TEST_STACK_DIR")  # a stack already up (`local_stack.py up --dir DIR`): dev loop
+    if reuse:
+        yield ls.LocalStack.load(reuse)
+        return
+    s = ls.LocalStack(str(tmp_path_factory.mktemp("stack")), workers=2, cpus_per_worker=1)
     s.up()
     yield s
     s.down()
@@ -229,32 +234,43 @@ def test_submitted_run_lands_in_s3_and_mlflow(cluster_env, capsys, tiny_config):
     assert "resuming from checkpoint" not in _client(stack).get_job_logs(sid)
 
 
+def _committed_epoch(stack, run: str) -> int | None:
+    """The epoch of the latest checkpoint Ray Train has committed for a run (its checkpoint-manager snapshot in S3).
+    A checkpoint folder can be uploaded before it is committed; a resumed run starts from the committed one."""
+    try:
+        body = _boto(stack).get_object(Bucket=stack.bucket, Key=f"{run}checkpoint_manager_snapshot.json")["Body"]
+    except Exception:  # noqa: BLE001 - not written yet
+        return None
+    latest = (json.loads(body.read()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name", "")
+    m = re.fullmatch(r"checkpoint_s1_p0_e(\d{4})", latest)
+    return int(m.group(1)) if m else (10**6 if latest in ("checkpoint_s1_done", "final") else None)
+
+
 @pytest.mark.e2e
 def test_killed_job_resumes_from_s3_checkpoint(cluster_env, capsys, tiny_config):
-    """Stop the job after the transfer run's second epoch checkpoint is in S3; resubmitting the same config starts a
-    job with a suffixed id that trains only the remaining epochs."""
+    """Stop the job once Ray Train has committed the transfer run's 2nd-epoch checkpoint to S3; resubmitting the same
+    config starts a job with a suffixed id that trains only the remaining epochs."""
     from forgetless.platform.jobs import status_of
 
     stack = cluster_env
-    epochs = 6
-    cfg = _write_config(stack, tiny_config, "e2e-resume", train={"epochs": epochs, "lr": 0.01, "batch_size": 16})
-    run = f"e2e-run/{_transfer_run(cfg)}/"
+    epochs = 4
+    cfg = _write_config(stack, tiny_config, "e2e-resume", train={"epochs": epochs, "lr": 0.01, "batch_size": 32})
+    run = f"e2e-run/{_transfer_run(cfg)}/"  # same storage as the first test: the pre-training is reused
     rc, out, err = _submit([cfg, "--address", stack.dashboard], capsys)
     assert rc == 0, err
     sid = out.strip().splitlines()[0]
     client = _client(stack)
-    deadline = time.monotonic() + 400
-    while not any("checkpoint_s1_p0_e0002/" in k for k in _keys(stack, run)):
+    deadline = time.monotonic() + 600
+    while (_committed_epoch(stack, run) or 0) < 2:
         assert status_of(client, sid) in ("PENDING", "RUNNING"), client.get_job_logs(sid)[-3000:]
-        assert time.monotonic() < deadline, "no epoch-2 checkpoint in S3 in time"
-        time.sleep(2)
+        assert time.monotonic() < deadline, "no committed epoch-2 checkpoint in S3 in time"
+        time.sleep(1)
     client.stop_job(sid)
     while status_of(client, sid) not in ("STOPPED", "FAILED", "SUCCEEDED"):
         time.sleep(1)
     assert status_of(client, sid) == "STOPPED"
-    done_before = [k for k in _keys(stack, run) if "/checkpoint_s1_p0_e" in k and k.endswith("state.json")]
-    last_epoch = max(int(re.search(r"_e(\d{4})/", k).group(1)) for k in done_before)
-    assert 2 <= last_epoch < epochs
+    last_epoch = _committed_epoch(stack, run)
+    assert 2 <= last_epoch < epochs, "the job ended before it could be stopped mid-run"
 
     rc, out, err = _submit([cfg, "--address", stack.dashboard, "--follow"], capsys)
     assert rc == 0, out[-4000:] + err[-2000:]
@@ -262,10 +278,10 @@ def test_killed_job_resumes_from_s3_checkpoint(cluster_env, capsys, tiny_config)
     assert sid2 == f"{sid}-r2" and "resumes from its checkpoints" in err
     logs = client.get_job_logs(sid2)
     assert "reusing pre-training trajectory" in logs
+    assert f"resuming from checkpoint: stage 1 phase 0 epoch {last_epoch}" in logs
     trained = sorted({int(m) for m in re.findall(rf"stage 1 phase \w+ epoch (\d+)/{epochs}", logs)})
     assert trained == list(range(last_epoch + 1, epochs + 1)), logs[-3000:]
-    final = next(k for k in _keys(stack, run) if k.endswith("/final/state.json"))
-    state = json.loads(_boto(stack).get_object(Bucket=stack.bucket, Key=final)["Body"].read())
+    state = json.loads(_boto(stack).get_object(Bucket=stack.bucket, Key=f"{run}final/state.json")["Body"].read())
     assert state["resumed_from"]["epoch"] == last_epoch
     epochs_seen = [h["epoch"] for h in state["history"] if h["stage"] == 1 and h["phase"] != "before"]
     assert epochs_seen == list(range(1, epochs + 1))  # every epoch once: none lost, none repeated

@@ -10,8 +10,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from forgetless.platform import jobs
 
     extra = list(args.extra)
-    if extra[:1] == ["--"]:
-        extra = extra[1:]
     client, sub = jobs.submit(args.config, args.overrides, args.address, command=args.command, extra_args=extra,
                               working_dir=args.working_dir, ship_code=not args.no_ship_code,
                               forward_credentials=not args.no_forward_credentials, extra_env=args.env,
@@ -50,6 +48,6 @@ def register(sub) -> None:
     p.add_argument("--skip-local-checks", action="store_true",
                    help="do not check storage / MLflow / data from this machine (when only the cluster can reach "
                         "them); the job still checks them at its start")
-    p.add_argument("extra", nargs=argparse.REMAINDER,
+    p.add_argument("extra", nargs="*", metavar="-- ARGS",
                    help="after `--`: arguments for the command, e.g. -- --strategy finetune")
     p.set_defaults(func=cmd_submit)

@@ -27,6 +27,8 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # Forwarded to the job when set in the submitting shell. AWS_*: endpoint, region, credentials, retry mode;
 # MLFLOW_*: the tracking server and its auth. Names only are ever printed.
 FORWARD_PREFIXES = ("AWS_", "MLFLOW_")
+LOCAL_ONLY_VARS = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
+                   "AWS_CA_BUNDLE", "AWS_WEB_IDENTITY_TOKEN_FILE")
 CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN",
                    "MLFLOW_TRACKING_PASSWORD")
 
@@ -98,7 +100,8 @@ def job_env(forward_credentials: bool = True, extra: Iterable[str] = ()) -> dict
         env[name] = os.environ[name]
     if not forward_credentials:
         env = {k: v for k, v in env.items() if k not in CREDENTIAL_VARS}
-    env.pop("AWS_PROFILE", None)  # names a profile in *this* machine's ~/.aws; meaningless on the cluster
+    for name in LOCAL_ONLY_VARS:  # name files or profiles of *this* machine; meaningless (or wrong) on the cluster
+        env.pop(name, None)
     return env
 
 
@@ -231,9 +234,11 @@ def _info(client, submission_id: str):
         raise
 
 
-def follow(client, submission_id: str, out=sys.stdout) -> str:
+def follow(client, submission_id: str, out=None) -> str:
     """Stream the job's logs until it ends; returns its final status. Ctrl-C stops following, not the job."""
     import asyncio
+
+    out = out or sys.stdout
 
     async def tail() -> None:
         async for chunk in client.tail_job_logs(submission_id):
