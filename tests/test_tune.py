@@ -164,7 +164,7 @@ def test_grid_search_logs_every_trial_and_picks_the_best(ray_session, workdir, t
 
 @pytest.mark.e2e
 def test_asha_stops_a_poor_trial_early(ray_session, workdir, tiny_config, shared_storage):
-    # Trials run one at a time in grid order (stop point varies fastest): both lr=0.05 trials reach ASHA's rungs
+    # Trials run one at a time in grid order (stop point varies fastest): the lr=0.05 trials reach ASHA's rungs
     # first, so each lr=1e-6 trial (hardly moves from the untrained head) is below the cutoff at epoch 1.
     cfg = tiny_config(storage=shared_storage, train={"epochs": 4, "lr": 0.05, "batch_size": 64},
                       search={"space": {"stop_point": [1, 2], "train.lr": [0.05, 1e-6]}, "scheduler": "asha",
@@ -175,7 +175,9 @@ def test_asha_stops_a_poor_trial_early(ray_session, workdir, tiny_config, shared
     finished = [t for t in res.trials if t.status == "finished"]
     assert stopped, [(t.params, t.status, t.epochs) for t in res.trials]
     assert all(t.epochs < 4 for t in stopped) and all(t.epochs == 4 for t in finished)
-    assert all(t.params["train.lr"] == 1e-6 for t in stopped)
+    # ASHA may also stop a good-lr trial (stop point 2 can start slower than stop point 1); the lr=1e-6 ones always
+    # fall below the median of the rung-1 values recorded before them
+    assert all(t.status == "stopped_early" for t in res.trials if t.params["train.lr"] == 1e-6)
     assert res.trial_epochs < 4 * len(res.trials)
     assert res.best.params["train.lr"] == 0.05
     c = _client()
