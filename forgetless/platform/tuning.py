@@ -220,10 +220,15 @@ def _tune_metrics(values: dict[str, float], prefix: str) -> dict[str, float]:
     return {f"{prefix}/{k}": v for k, v in values.items() if k != "objective"}
 
 
-def _make_report_callback(objective: Objective):
+def _make_report_callback(objective: Objective, trial_id: str, slots: str):
     """A TuneReportCallback that forwards each epoch's report with the objective added. The accuracy-matrix row and
-    the final marker carry no epoch metrics: the trial reports its own summary after `fit` instead."""
-    from ray.tune.integration.ray_train import TuneReportCallback
+    the final marker carry no epoch metrics: the trial reports its own summary after `fit` instead.
+
+    It runs in the Ray Train controller. When Tune has stopped the trial (ASHA), it aborts the run instead: the
+    controller then shuts the workers down and removes their placement group. (Tune would otherwise kill the trial
+    process, the controller dies with it, and the workers' placement group, with its CPUs, is never released.)"""
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+    from ray.util.queue import Full
 
     class ObjectiveReport(TuneReportCallback):
         def __init__(self):
@@ -231,13 +236,26 @@ def _make_report_callback(objective: Objective):
             self.epochs = 0
 
         def after_report(self, run_context, metrics, checkpoint):
+            import ray
+
             m = metrics[0]
             if "target/acc" not in m:
                 return
             self.epochs += 1
             values = objective.metrics(m["target/acc"], m["source/acc"])
             out = {**m, OBJECTIVE: values["objective"], TRIAL_EPOCH: self.epochs, **_tune_metrics(values, "val")}
-            super().after_report(run_context, [out], checkpoint)
+            if checkpoint:
+                out[CHECKPOINT_PATH_KEY] = checkpoint.path
+            slot_actor = ray.get_actor(slots)
+            while True:
+                if ray.get(slot_actor.should_stop.remote(trial_id)):
+                    ray.get_runtime_context().current_actor.abort.remote()
+                    return
+                try:  # a stopped trial no longer reads its queue: never block on it for good
+                    self._training_actor_item_queue.put(out, timeout=1.0)
+                    return
+                except Full:
+                    continue
 
     return ObjectiveReport()
 
@@ -275,6 +293,7 @@ class TrialSlots:
     def __init__(self, n: int):
         self.n = n
         self.holders: set[str] = set()
+        self.stopped: set[str] = set()
 
     def acquire(self, trial_id: str) -> bool:
         if trial_id in self.holders or len(self.holders) < self.n:
@@ -284,6 +303,14 @@ class TrialSlots:
 
     def release(self, trial_id: str) -> None:
         self.holders.discard(trial_id)
+
+    def stop(self, trial_id: str) -> None:
+        """Tune is done with this trial (finished, or stopped by ASHA): free its slot, and let its run abort."""
+        self.holders.discard(trial_id)
+        self.stopped.add(trial_id)
+
+    def should_stop(self, trial_id: str) -> bool:
+        return trial_id in self.stopped
 
 
 def _start_slots(name: str, n: int):
@@ -321,7 +348,8 @@ def _train_trial(params: dict[str, Any], context: dict[str, Any], trial_id: str)
     sp = Trajectory.from_dict(context["trajectory"]).at(params[STOP_POINT])
     objective = Objective(context["weights"], sp.source_val_acc)
     target = tracking.TrackingTarget(**context["tracking"])
-    res = runner.transfer(cfg, cfg.strategies[0], sp.uri, target, callbacks=[_make_report_callback(objective)])
+    res = runner.transfer(cfg, cfg.strategies[0], sp.uri, target,
+                          callbacks=[_make_report_callback(objective, trial_id, context["slots"])])
     res.compute_metrics()
     last = res.history[-1]  # the last evaluation of the last stage: what the per-epoch reports ended on
     val = objective.metrics(last["acc"][str(last["stage"])], last["acc"]["0"])
@@ -412,9 +440,9 @@ def _progress_callback(slots: str):
     def release(trial_id: str) -> None:
         import ray
 
-        # A trial ASHA stopped was killed while holding its slot.
+        # A trial ASHA stopped still holds its slot, and its Ray Train run must abort (see _make_report_callback).
         try:
-            ray.get_actor(slots).release.remote(trial_id)
+            ray.get_actor(slots).stop.remote(trial_id)
         except ValueError:  # no such actor: the search is over
             pass
 
@@ -522,10 +550,10 @@ def run_search(config, search: SearchConfig | dict | None = None, resume: bool =
         # - Trials reserve no CPU, so Tune would stage every pending trial at once and start them in whatever order
         #   their placement groups come up; staging only as many as can run keeps the searcher's order (a grid runs
         #   in grid order, ASHA's rungs fill in that order).
-        # - A trial ASHA stops is stopped "gracefully", but its function is blocked on its Ray Train run, so Tune
-        #   only kills it (and with it the run's workers, which hold the CPUs the next trial needs) after this many
-        #   seconds (Tune's default: 600).
-        env = {"TUNE_MAX_PENDING_TRIALS_PG": str(concurrency), "TUNE_FORCE_TRIAL_CLEANUP_S": "5"}
+        # - A trial ASHA stops is stopped "gracefully": its Ray Train run aborts at its next report (see
+        #   _make_report_callback), then the trial function returns. Tune kills a trial still stopping after this many
+        #   seconds (Tune's default, 600 s, would leave the next trials waiting that long if an abort went wrong).
+        env = {"TUNE_MAX_PENDING_TRIALS_PG": str(concurrency), "TUNE_FORCE_TRIAL_CLEANUP_S": "120"}
         previous = {k: os.environ.get(k) for k in env}
         os.environ.update({k: v for k, v in env.items() if previous[k] is None})
         try:
