@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-all test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,9 @@ demo: setup
 	$(BIN)/forgetless compare examples/digits_transfer.yaml
 
 test: setup
+	$(BIN)/python -m pytest -q -m "not slow" --durations=25
+
+test-all: setup
 	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: setup

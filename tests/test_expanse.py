@@ -163,6 +163,7 @@ def test_unsupported_backbone_fails_before_ray(tiny_config, workdir):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # minutes on 2 cores: outside CI's budget, run by `make test-all`
 def test_expanse_end_to_end_zero3(ray_session, workdir, tiny_config, tmp_path_factory):
     """Through the platform (2 workers, DeepSpeed ZeRO-3 on CPU): the source accuracy after transfer equals the
     pretrained one exactly, the pretrained weights (BatchNorm statistics included) are bit-identical in the exported

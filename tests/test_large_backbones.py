@@ -363,6 +363,7 @@ def _check_export(cfg, res, x):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # minutes on 2 cores: outside CI's budget, run by `make test-all`
 def test_bert_zero3_four_strategies(models, ray_session, workdir):
     import forgetless
 

@@ -259,6 +259,7 @@ def test_theta2_equal_to_theta1_and_backbone_weights_are_refused(tiny_config, wo
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # minutes on 2 cores: outside CI's budget, run by `make test-all`
 def test_trajectory_transfer_end_to_end(ray_session, workdir, tiny_config, tmp_path_factory):
     """Ray Train (2 workers, DeepSpeed ZeRO-2): the pre-training trajectory reaches the strategy, the transferred
     weights (not the pre-trained ones, BatchNorm statistics recomputed) start the target stage, and the transfer
