@@ -224,11 +224,11 @@ def _make_report_callback(objective: Objective, trial_id: str, slots: str):
     """A TuneReportCallback that forwards each epoch's report with the objective added. The accuracy-matrix row and
     the final marker carry no epoch metrics: the trial reports its own summary after `fit` instead.
 
-    It runs in the Ray Train controller. When Tune has stopped the trial (ASHA), it aborts the run instead: the
-    controller then shuts the workers down and removes their placement group. (Tune would otherwise kill the trial
-    process, the controller dies with it, and the workers' placement group, with its CPUs, is never released.)"""
-    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
-    from ray.util.queue import Full
+    It runs in the Ray Train controller. Once ASHA has decided to stop the trial (see `_scheduler`), it aborts the
+    run at the next report: the controller shuts the workers down and removes their placement group, and the trial
+    function returns. (Had Tune stopped the trial itself, it would kill the trial process: the controller dies with
+    it and the workers' placement group, with its CPUs, is never released, so the next trials wait forever.)"""
+    from ray.tune.integration.ray_train import TuneReportCallback
 
     class ObjectiveReport(TuneReportCallback):
         def __init__(self):
@@ -244,18 +244,9 @@ def _make_report_callback(objective: Objective, trial_id: str, slots: str):
             self.epochs += 1
             values = objective.metrics(m["target/acc"], m["source/acc"])
             out = {**m, OBJECTIVE: values["objective"], TRIAL_EPOCH: self.epochs, **_tune_metrics(values, "val")}
-            if checkpoint:
-                out[CHECKPOINT_PATH_KEY] = checkpoint.path
-            slot_actor = ray.get_actor(slots)
-            while True:
-                if ray.get(slot_actor.should_stop.remote(trial_id)):
-                    ray.get_runtime_context().current_actor.abort.remote()
-                    return
-                try:  # a stopped trial no longer reads its queue: never block on it for good
-                    self._training_actor_item_queue.put(out, timeout=1.0)
-                    return
-                except Full:
-                    continue
+            super().after_report(run_context, [out], checkpoint)
+            if ray.get(ray.get_actor(slots).should_stop.remote(trial_id)):
+                ray.get_runtime_context().current_actor.abort.remote()
 
     return ObjectiveReport()
 
@@ -288,7 +279,7 @@ class TrialSlots:
 
     Tune's max_concurrent_trials only limits what the searcher suggests; trials a restored (resumed) search re-adds
     bypass it and would all start together, their Ray Train worker groups starving each other. A trial therefore
-    holds a slot while it trains; the driver frees the slot of a trial ASHA stopped (its process is killed)."""
+    holds a slot while it trains. The actor also carries ASHA's stop requests to the trials' Ray Train runs."""
 
     def __init__(self, n: int):
         self.n = n
@@ -304,9 +295,8 @@ class TrialSlots:
     def release(self, trial_id: str) -> None:
         self.holders.discard(trial_id)
 
-    def stop(self, trial_id: str) -> None:
-        """Tune is done with this trial (finished, or stopped by ASHA): free its slot, and let its run abort."""
-        self.holders.discard(trial_id)
+    def request_stop(self, trial_id: str) -> None:
+        """ASHA stopped this trial: its run aborts at its next report, then the trial frees its slot."""
         self.stopped.add(trial_id)
 
     def should_stop(self, trial_id: str) -> bool:
@@ -340,6 +330,7 @@ def _trial(params: dict[str, Any], context: dict[str, Any]) -> None:
 
 
 def _train_trial(params: dict[str, Any], context: dict[str, Any], trial_id: str) -> None:
+    import ray
     import ray.tune
 
     from forgetless.platform import runner
@@ -348,8 +339,15 @@ def _train_trial(params: dict[str, Any], context: dict[str, Any], trial_id: str)
     sp = Trajectory.from_dict(context["trajectory"]).at(params[STOP_POINT])
     objective = Objective(context["weights"], sp.source_val_acc)
     target = tracking.TrackingTarget(**context["tracking"])
-    res = runner.transfer(cfg, cfg.strategies[0], sp.uri, target,
-                          callbacks=[_make_report_callback(objective, trial_id, context["slots"])])
+    try:
+        res = runner.transfer(cfg, cfg.strategies[0], sp.uri, target,
+                              callbacks=[_make_report_callback(objective, trial_id, context["slots"])])
+    except Exception:
+        if ray.get(ray.get_actor(context["slots"]).should_stop.remote(trial_id)):
+            # ASHA stopped it and its run aborted: the trial ends here, its last epoch report is its result (the
+            # driver closes its MLflow run from it).
+            return
+        raise
     res.compute_metrics()
     last = res.history[-1]  # the last evaluation of the last stage: what the per-epoch reports ended on
     val = objective.metrics(last["acc"][str(last["stage"])], last["acc"]["0"])
@@ -414,20 +412,28 @@ def _search_alg(search: SearchConfig, concurrency: int):
     return BasicVariantGenerator(random_state=search.seed, max_concurrent=concurrency)
 
 
-def _scheduler(plan: SearchPlan):
+def _scheduler(plan: SearchPlan, slots: str):
     from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
     if plan.search.scheduler == "fifo":
         return FIFOScheduler()
 
     class FinishingASHA(AsyncHyperBandScheduler):
-        """ASHA that never stops a trial at its last epoch: a trial that trained to the end still reports its test
-        accuracy matrix and logs its artifacts (stock ASHA stops it at max_t, before that)."""
+        """ASHA's rungs and cutoffs, with two changes. A trial at its last epoch is never stopped: it still reports its
+        test accuracy matrix and logs its artifacts (stock ASHA stops it at max_t, before that). And a trial ASHA
+        stops is not killed by Tune but asked to stop: its Ray Train run aborts cleanly at its next report
+        (see _make_report_callback), which releases the run's workers and their placement group."""
 
         def on_trial_result(self, tune_controller, trial, result):
+            import ray
+
             if result.get(TRIAL_EPOCH, 0) >= plan.max_t:
                 return TrialScheduler.CONTINUE
-            return super().on_trial_result(tune_controller, trial, result)
+            action = super().on_trial_result(tune_controller, trial, result)
+            if action == TrialScheduler.STOP:
+                ray.get(ray.get_actor(slots).request_stop.remote(trial.trial_id))
+                return TrialScheduler.CONTINUE
+            return action
 
     a = plan.search.asha
     return FinishingASHA(time_attr=TRIAL_EPOCH, max_t=plan.max_t, grace_period=a.grace_period,
@@ -440,9 +446,9 @@ def _progress_callback(slots: str):
     def release(trial_id: str) -> None:
         import ray
 
-        # A trial ASHA stopped still holds its slot, and its Ray Train run must abort (see _make_report_callback).
+        # Normally the trial frees its slot itself; this covers a trial process that died.
         try:
-            ray.get_actor(slots).stop.remote(trial_id)
+            ray.get_actor(slots).release.remote(trial_id)
         except ValueError:  # no such actor: the search is over
             pass
 
@@ -536,7 +542,7 @@ def run_search(config, search: SearchConfig | dict | None = None, resume: bool =
             tuner = tune.Tuner(
                 trainable, param_space=param_space(plan),
                 tune_config=tune.TuneConfig(metric=OBJECTIVE, mode=plan.search.mode, search_alg=_search_alg(plan.search, concurrency),
-                                            scheduler=_scheduler(plan), num_samples=plan.search.num_samples,
+                                            scheduler=_scheduler(plan, slots), num_samples=plan.search.num_samples,
                                             # (a ConcurrencyLimiter for Optuna; the grid/random generator
                                             # already has its own limit)
                                             max_concurrent_trials=concurrency if plan.search.searcher == "optuna"
@@ -546,14 +552,11 @@ def run_search(config, search: SearchConfig | dict | None = None, resume: bool =
                                           failure_config=tune.FailureConfig(max_failures=0)),
             )
         t_tune = time.perf_counter()
-        # Read by Tune's controller when fit() starts; set only for this fit, unless the user set them.
-        # - Trials reserve no CPU, so Tune would stage every pending trial at once and start them in whatever order
-        #   their placement groups come up; staging only as many as can run keeps the searcher's order (a grid runs
-        #   in grid order, ASHA's rungs fill in that order).
-        # - A trial ASHA stops is stopped "gracefully": its Ray Train run aborts at its next report (see
-        #   _make_report_callback), then the trial function returns. Tune kills a trial still stopping after this many
-        #   seconds (Tune's default, 600 s, would leave the next trials waiting that long if an abort went wrong).
-        env = {"TUNE_MAX_PENDING_TRIALS_PG": str(concurrency), "TUNE_FORCE_TRIAL_CLEANUP_S": "120"}
+        # Read by Tune's controller when fit() starts; set only for this fit, unless the user set it. Trials reserve
+        # no CPU, so Tune would stage every pending trial at once and start them in whatever order their placement
+        # groups come up; staging only as many as can run keeps the searcher's order (a grid runs in grid order,
+        # ASHA's rungs fill in that order).
+        env = {"TUNE_MAX_PENDING_TRIALS_PG": str(concurrency)}
         previous = {k: os.environ.get(k) for k in env}
         os.environ.update({k: v for k, v in env.items() if previous[k] is None})
         try:
