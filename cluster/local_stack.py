@@ -134,8 +134,10 @@ class LocalStack:
         Path(self.dir).mkdir(parents=True, exist_ok=True)
         try:
             self._start_s3(timeout)
+            mlflow = self._spawn_mlflow()  # starts while Ray does (both take a while on a busy machine)
             self._start_ray(timeout)
-            self._start_mlflow(timeout)
+            _wait("MLflow server", lambda: _http_ok(f"{self.mlflow_uri}/health"), timeout, mlflow,
+                  Path(self.dir, "mlflow.log"))
         except BaseException:
             self.down(keep_ray_logs=True)
             raise
@@ -244,7 +246,7 @@ class LocalStack:
             summary = json.loads(r.read())["data"]["summary"]
         return sum(1 for n in summary if n.get("raylet", {}).get("state") == "ALIVE")
 
-    def _start_mlflow(self, timeout: float) -> None:
+    def _spawn_mlflow(self) -> subprocess.Popen:
         self.mlflow_port = free_port()
         db = Path(self.dir, "mlflow.db").resolve()
         # The server (not the clients) writes artifacts to S3: proxied artifacts, so clients need no S3 access.
@@ -255,7 +257,7 @@ class LocalStack:
                                    str(self.mlflow_port), "--workers", "1",
                                    "--backend-store-uri", f"sqlite:///{db}",
                                    "--artifacts-destination", f"s3://{self.bucket}/mlflow", "--serve-artifacts"], env)
-        _wait("MLflow server", lambda: _http_ok(f"{self.mlflow_uri}/health"), timeout, p, Path(self.dir, "mlflow.log"))
+        return p
 
     def down(self, grace: float = 45, keep_ray_logs: bool = False) -> None:
         """Stop every process of this stack (by recorded PID and its process group), newest first."""
