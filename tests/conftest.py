@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +57,26 @@ def tiny_config():
         return cfg
 
     return make
+
+
+@pytest.fixture
+def one_intra_op_thread():
+    """Tiny tensors: a second intra-op thread only adds contention on a shared 2-core machine (restored after)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def local_stack_module():
+    """cluster/local_stack.py (scripts, not a package), imported once."""
+    if "local_stack" not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "cluster" / "local_stack.py"
+        spec = importlib.util.spec_from_file_location("local_stack", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["local_stack"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["local_stack"]

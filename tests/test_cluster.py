@@ -9,11 +9,9 @@ checkpoints really travel through S3.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -23,13 +21,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _local_stack_module():
-    if "local_stack" not in sys.modules:  # cluster/ is scripts, not a package
-        spec = importlib.util.spec_from_file_location("local_stack", ROOT / "cluster" / "local_stack.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["local_stack"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["local_stack"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -120,8 +111,8 @@ def test_cluster_manifests_are_complete_and_valid():
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    ls = _local_stack_module()
+def stack(tmp_path_factory, local_stack_module):
+    ls = local_stack_module
     reuse = os.environ.get("FORGETLESS_TEST_STACK_DIR")  # a stack already up (`local_stack.py up --dir DIR`): dev loop
     if reuse:
         yield ls.LocalStack.load(reuse)

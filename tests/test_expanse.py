@@ -17,13 +17,7 @@ from forgetless.strategies.base import TaskInfo
 from forgetless.strategies.expanse import ExpandedBackbone, GrowLayer
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Tiny tensors: a second intra-op thread only adds contention on a shared 2-core machine (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 ARCHS = [

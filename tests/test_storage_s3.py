@@ -3,7 +3,6 @@ on, so wrong credentials are rejected like on AWS). No Ray here: these are the s
 the Ray workers and the driver share."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -11,23 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def _local_stack_module():
-    import sys
-
-    if "local_stack" not in sys.modules:  # cluster/ is scripts, not a package
-        spec = importlib.util.spec_from_file_location("local_stack", ROOT / "cluster" / "local_stack.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["local_stack"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["local_stack"]
 
 
 @pytest.fixture(scope="module")
-def s3server(tmp_path_factory):
-    stack = _local_stack_module().LocalStack(str(tmp_path_factory.mktemp("s3stack")))
+def s3server(tmp_path_factory, local_stack_module):
+    stack = local_stack_module.LocalStack(str(tmp_path_factory.mktemp("s3stack")))
     stack.up_s3_only()
     yield stack
     stack.down()

@@ -16,13 +16,7 @@ from forgetless.strategies import permutations as P
 from forgetless.strategies.trajectory_transfer import learning_transfer, local_context
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Tiny tensors: a second intra-op thread only adds contention on a shared 2-core machine (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 ARCHS = [
