@@ -82,7 +82,7 @@ def local_folder(spec: str) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
     try:
-        storage.download_folder(spec, str(tmp))
+        storage.download_dir(spec, tmp)
         if not (tmp / "config.json").exists():
             raise ValueError(f"{spec}: not a model folder (no config.json under it)")
         try:
