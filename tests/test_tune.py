@@ -163,6 +163,7 @@ def test_grid_search_logs_every_trial_and_picks_the_best(ray_session, workdir, t
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # minutes on 2 cores: outside CI's budget, run by `make test-all`
 def test_asha_stops_a_poor_trial_early(ray_session, workdir, tiny_config, shared_storage):
     # Trials run one at a time in grid order (stop point varies fastest): the lr=0.05 trials reach ASHA's rungs
     # first, so each lr=1e-6 trial (hardly moves from the untrained head) is below the cutoff at epoch 1.
@@ -190,6 +191,7 @@ def test_asha_stops_a_poor_trial_early(ray_session, workdir, tiny_config, shared
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # minutes on 2 cores: outside CI's budget, run by `make test-all`
 def test_killed_search_resumes_and_runs_every_trial_once(ray_session, workdir, tiny_config, shared_storage):
     # One worker per trial, so two trials run at once on the 2-CPU cluster (and write to SQLite together).
     cfg = tiny_config(storage=shared_storage, scaling={"num_workers": 1}, train={"epochs": 3, "lr": 0.01,
