@@ -89,17 +89,27 @@ def test_compare_tracks_everything_and_linear_probe_keeps_source(ray_session, wo
 def test_zero3_run_on_a_cnn(ray_session, workdir, tiny_config):
     import forgetless
 
-    cfg = tiny_config(backbone={"name": "cnn2d", "params": {"channels": [8, 16]}}, deepspeed={"zero_stage": 3},
-                      strategies=["lp_ft"], train={"epochs": 2, "lr": 0.01, "batch_size": 64})
+    from forgetless.config import load_config
+    from forgetless.data import build_stream
+
+    cfg = tiny_config(backbone={"name": "cnn2d", "params": {"channels": [8, 16]}},
+                      deepspeed={"zero_stage": 3, "gradient_accumulation_steps": 2},
+                      strategies=["lp_ft"], train={"epochs": 2, "lr": 0.01, "batch_size": 32})
     cfg["strategies"] = [{"name": "lp_ft", "params": {"probe_epochs": 1}}]
     res = forgetless.run(cfg)
     assert res.accuracy_matrix.shape == (2, 2)
     assert [p["phase"] for p in res.phase_log] == ["probe", "finetune"]
     assert res.accuracy_matrix[1, 1] > res.accuracy_matrix[0, 1]  # it learned the target
+    # Steps count optimizer updates, not micro-batches: each rank sees n_train // 2 samples an epoch in micro-batches
+    # of 32, and every 2 micro-batches make one update (DeepSpeed counts them from the phase engine's start).
+    n_train = len(build_stream(load_config(cfg).source, load_config(cfg).targets)[1].x_train)
+    micro_batches = -(-(n_train // 2) // 32)
+    assert [p["steps"] for p in res.phase_log] == [p["epochs"] * micro_batches // 2 for p in res.phase_log]
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(workdir, tiny_config):
-    """Kill the CLI (SIGINT) after the first transfer checkpoint; re-running the same command resumes from it."""
+    """Stop the CLI with SIGTERM (what `ray job stop` sends; Ctrl-C takes the same path) after the first transfer
+    checkpoint: its MLflow parent run is marked KILLED, and re-running the same command resumes from the checkpoint."""
     cfg = tiny_config(train={"epochs": 12, "lr": 0.01, "batch_size": 16})
     Path("c.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "forgetless.cli", "run", "c.yaml"]
@@ -110,7 +120,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(workdir, tiny_config):
     while time.time() < deadline and not list(runs.glob("tiny-finetune-*/checkpoint_s1_p0_e0002")):
         time.sleep(0.2)
     assert list(runs.glob("tiny-finetune-*/checkpoint_s1_p0_e0002")), "no transfer checkpoint appeared"
-    first.send_signal(signal.SIGINT)
+    first.send_signal(signal.SIGTERM)
     first.wait(timeout=120)
     (run_dir,) = runs.glob("tiny-finetune-*")
     assert not (run_dir / "final").exists(), "the first invocation finished before it was interrupted"
@@ -130,3 +140,5 @@ def test_interrupted_run_resumes_from_its_checkpoint(workdir, tiny_config):
     exp = c.get_experiment_by_name("forgetless")
     finetune_runs = c.search_runs([exp.experiment_id], "tags.strategy = 'finetune'")
     assert len(finetune_runs) == 1 and finetune_runs[0].info.status == "FINISHED"
+    parents = c.search_runs([exp.experiment_id], "tags.`forgetless.command` = 'run'", order_by=["start_time ASC"])
+    assert [r.info.status for r in parents] == ["KILLED", "FINISHED"]

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -84,6 +86,15 @@ def ensure_ray(cfg: ExperimentConfig) -> None:
     say(f"starting Ray ({'connecting to ' + address if address else 'embedded local cluster'})")
     ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True,
              logging_level="ERROR", configure_logging=True)
+    # ray.init makes SIGTERM call sys.exit. `ray job stop` / `forgetless jobs stop` send SIGTERM, and a stop should end
+    # the run the way Ctrl-C does: Ray Train aborts the run with its registered checkpoints kept (so the same command
+    # resumes), and the MLflow parent run is marked KILLED. Only the main thread may set a handler.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def check_resources(cfg: ExperimentConfig) -> None:
@@ -325,8 +336,8 @@ def execute(cfg: ExperimentConfig, command: str,
         _log_parent_summary(out, uri)
         c.set_terminated(parent, "FINISHED")
         return out
-    except BaseException:
-        tracking.client(uri).set_terminated(parent, "FAILED")
+    except BaseException as e:
+        tracking.client(uri).set_terminated(parent, tracking.end_status(e))
         raise
 
 

@@ -91,6 +91,12 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def end_status(error: BaseException) -> str:
+    """MLflow's status for a run ended by `error`: KILLED when a user stopped it (Ctrl-C, or SIGTERM from
+    `forgetless jobs stop` / `ray job stop`, which ensure_ray turns into KeyboardInterrupt), FAILED otherwise."""
+    return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+
+
 def ensure_experiment(uri: str, name: str) -> str:
     c = client(uri)
     exp = c.get_experiment_by_name(name)

@@ -392,15 +392,20 @@ class Worker:
                     if extra is not None:
                         loss = loss + extra
                     self.engine.backward(loss)
-                    if phase.before_step is not None:
+                    # Under gradient accumulation engine.step() updates the weights only on the last micro-batch of
+                    # each group; steps (global_step, phase_step, eval_every_steps, max_steps) count those updates.
+                    boundary = self.engine.is_gradient_accumulation_boundary()
+                    if boundary and phase.before_step is not None:
                         with gathered(self.model, self.zero_stage):  # hooks see full weights, also under ZeRO-3
                             phase.before_step(self.model)
                     self.engine.step()
+                    losses.append(loss.item())
+                    if not boundary:
+                        continue
                     if phase.after_step is not None:
                         with gathered(self.model, self.zero_stage):
                             phase.after_step(self.model)
                             write_back_weights(self.model)  # else DeepSpeed's master copy undoes the hook's rewrite
-                    losses.append(loss.item())
                     self.state["global_step"] += 1
                     phase_step += 1
                     if phase.eval_every_steps or self.optim.eval_every_steps:

@@ -576,8 +576,8 @@ def run_search(config, search: SearchConfig | dict | None = None, resume: bool =
         log_search_summary(out)
         tracking.client(uri).set_terminated(parent, "FINISHED")
         return out
-    except BaseException:
-        tracking.client(uri).set_terminated(parent, "FAILED")
+    except BaseException as e:
+        tracking.client(uri).set_terminated(parent, tracking.end_status(e))
         raise
 
 
