@@ -198,22 +198,15 @@ def print_table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
 
 
 def ensure_ray(num_cpus: int | None, use_gpu: bool) -> None:
+    """A local Ray cluster started exactly as the platform starts one (forgetless.platform.runner.init_ray)."""
     import ray
 
-    if ray.is_initialized():
-        return
-    env = {} if use_gpu else {"DS_ACCELERATOR": "cpu"}
+    from forgetless.platform.runner import init_ray
+
     if not use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    for attempt in range(5):
-        try:
-            ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, logging_level="ERROR", include_dashboard=False)
-            return
-        except Exception as e:  # Ray's raylet must register within 30 s; on a saturated machine it may not
-            say(f"ray.init failed ({e}); retrying")
-            ray.shutdown()
-            time.sleep(10 * (attempt + 1))
-    raise RuntimeError("could not start a local Ray cluster")
+    if not ray.is_initialized():
+        init_ray(None, use_gpu, num_cpus)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

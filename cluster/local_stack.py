@@ -200,7 +200,9 @@ class LocalStack:
                           # a busy laptop/CI box can take more than Ray's default 60 s to register a node
                           "RAY_raylet_start_wait_time_s": "180", "RAY_agent_register_timeout_ms": "180000",
                           # nothing to drain on a local stack: stop promptly on SIGTERM
-                          "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "3"})
+                          "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "3",
+                          # training workers at normal priority, as in forgetless's embedded cluster (runner.init_ray)
+                          "RAY_worker_niceness": "0"})
         common = ["--block", "--disable-usage-stats"]
 
         def head_cmd() -> list[str]:

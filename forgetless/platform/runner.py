@@ -75,17 +75,29 @@ def preflight(cfg: ExperimentConfig) -> str:
 
 
 def ensure_ray(cfg: ExperimentConfig) -> None:
+    """Connect to cfg.ray_address / RAY_ADDRESS, or start an embedded local cluster; no-op if Ray is initialized."""
     import ray
 
-    if ray.is_initialized():
-        return
+    if not ray.is_initialized():
+        init_ray(cfg.ray_address or os.environ.get("RAY_ADDRESS"), cfg.scaling.use_gpu)
+
+
+def init_ray(address: str | None, use_gpu: bool, num_cpus: int | None = None) -> None:
+    """ray.init as every forgetless driver does it (benchmarks too, so they measure the same platform)."""
+    import ray
+
     env = {"PYTHONUNBUFFERED": "1"}
-    if not cfg.scaling.use_gpu:
+    if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
     say(f"starting Ray ({'connecting to ' + address if address else 'embedded local cluster'})")
-    ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True,
-             logging_level="ERROR", configure_logging=True)
+    # An embedded cluster: Ray starts worker processes at nice 15, so where the training workers fill the cores Ray's
+    # own processes (raylet, GCS, dashboard, the Train controller) take CPU from them first: benchmarks/overhead.py
+    # measured a 1.30x slower training loop at nice 15 with 2 workers on 2 cores (1.00x with a core left free). The
+    # training workers are the job here, so they run at normal priority. (A cluster started with `ray start` keeps its
+    # own setting: RAY_worker_niceness=0 in the environment of `ray start` does the same there.)
+    system_config = None if address else {"worker_niceness": 0}
+    ray.init(address=address, num_cpus=None if address else num_cpus, runtime_env={"env_vars": env},
+             log_to_driver=True, logging_level="ERROR", configure_logging=True, _system_config=system_config)
     # ray.init makes SIGTERM call sys.exit. `ray job stop` / `forgetless jobs stop` send SIGTERM, and a stop should end
     # the run the way Ctrl-C does: Ray Train aborts the run with its registered checkpoints kept (so the same command
     # resumes), and the MLflow parent run is marked KILLED. Only the main thread may set a handler.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -263,7 +264,10 @@ class Worker:
 
     def _log(self, msg: str) -> None:
         if self.rank == 0:
-            print(f"[forgetless {self.job['display_name']}] {msg}", flush=True)
+            # Not print(): Ray Train patches print on workers to both echo the line and log it, so every line would
+            # reach the driver twice.
+            sys.stdout.write(f"[forgetless {self.job['display_name']}] {msg}\n")
+            sys.stdout.flush()
 
     # -- evaluation ----------------------------------------------------------------------------------------------------
     def _eval_point(self, stage: int, train_loss: float | None, phase_name: str, epoch: int) -> dict[str, float]:
