@@ -18,8 +18,10 @@ def ray_session():
     """A real embedded Ray cluster (2 CPUs), shared by the end-to-end tests of the session."""
     import ray
 
+    from forgetless.platform.runner import init_ray
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}}, logging_level="ERROR")
+        init_ray(None, use_gpu=False, num_cpus=2)  # as `forgetless run` starts it, with 2 CPUs
     yield ray
     ray.shutdown()
 

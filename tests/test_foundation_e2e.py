@@ -84,6 +84,8 @@ def test_compare_tracks_everything_and_linear_probe_keeps_source(ray_session, wo
     again = forgetless.compare(cfg)
     assert again.trajectory.reused
     assert np.array_equal(again["finetune"].accuracy_matrix, ft.accuracy_matrix)
+    # read from the finished runs without starting Ray Train again: the same driver-measured wall time comes back
+    assert again["finetune"].wall_seconds == ft.wall_seconds and again["linear_probe"].wall_seconds == lp.wall_seconds
 
 
 def test_zero3_run_on_a_cnn(ray_session, workdir, tiny_config):

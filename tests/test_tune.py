@@ -123,7 +123,9 @@ def test_stop_points_follow_the_pretraining_schedule(tiny_config):
 
 @pytest.mark.e2e
 def test_grid_search_logs_every_trial_and_picks_the_best(ray_session, workdir, tiny_config, shared_storage):
-    cfg = tiny_config(storage=shared_storage, search={"space": {"stop_point": [1, 2], "train.lr": [0.01, 0.0001]}})
+    # one worker per trial: the 2-CPU cluster runs two trials at a time (concurrency = CPUs / CPUs per trial)
+    cfg = tiny_config(storage=shared_storage, scaling={"num_workers": 1},
+                      search={"space": {"stop_point": [1, 2], "train.lr": [0.01, 0.0001]}})
     res = forgetless.tune(cfg)
 
     assert len(res.trials) == 4 and all(t.status == "finished" for t in res.trials)

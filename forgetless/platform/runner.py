@@ -6,6 +6,7 @@ label and a hash of everything that shapes the run), so re-running the same conf
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -22,6 +23,7 @@ from forgetless.platform import storage, tracking
 from forgetless.platform.results import CompareResult, StopPoint, StrategyResult, Trajectory
 
 TRAJECTORY_FILE = "trajectory.json"
+WALL_FILE = "driver_wall.json"  # wall time of a finished transfer, measured by the driver
 
 
 def say(msg: str) -> None:
@@ -228,9 +230,21 @@ def trajectory_stop_points(cfg: ExperimentConfig, strategy: StrategyConfig,
 def transfer(cfg: ExperimentConfig, strategy: StrategyConfig, init_weights: str,
              target: tracking.TrackingTarget, callbacks: list | None = None,
              trajectory: Trajectory | None = None) -> StrategyResult:
+    from forgetless.platform.train_loop import FINAL_CHECKPOINT, STATE_FILE
     from forgetless.strategies import get_strategy_class
 
     run_name = transfer_run_name(cfg, strategy)
+    run_uri = storage.join(storage.normalize(cfg.storage), run_name)
+    final_state_uri = storage.join(run_uri, FINAL_CHECKPOINT, STATE_FILE)
+    if callbacks is None and storage.exists(final_state_uri):
+        # The identical run finished before (same config hash): read its result instead of starting Ray Train workers
+        # that would only load the final checkpoint and stop. (Tune trials pass callbacks and always run.)
+        state = json.loads(storage.read_bytes(final_state_uri))
+        if state.get("finished") and tracking.run_exists(target.tracking_uri, state.get("mlflow_run_id")):
+            say(f"strategy {strategy.display_name()}: reusing the finished run {run_name}")
+            wall_uri = storage.join(run_uri, WALL_FILE)
+            wall = json.loads(storage.read_bytes(wall_uri))["wall_seconds"] if storage.exists(wall_uri) else math.nan
+            return _strategy_result(cfg, strategy, state, wall, storage.join(run_uri, FINAL_CHECKPOINT))
     say(f"strategy {strategy.display_name()}: Ray Train run {run_name} ({cfg.scaling.num_workers} workers, "
         f"DeepSpeed ZeRO-{cfg.deepspeed.zero_stage})")
     job = _job(cfg, "transfer", run_name, strategy.display_name(), target, strategy=strategy,
@@ -241,13 +255,22 @@ def transfer(cfg: ExperimentConfig, strategy: StrategyConfig, init_weights: str,
     result = fit(cfg, run_name, job, keep_all_checkpoints=False, callbacks=callbacks)
     wall = time.perf_counter() - t0
     state = _read_state(result)
+    if state.get("finished"):
+        storage.write_bytes(storage.join(run_uri, WALL_FILE), json.dumps({"wall_seconds": wall}).encode())
+    return _strategy_result(cfg, strategy, state, wall, _checkpoint_uri(cfg, run_name, result.checkpoint))
+
+
+def _strategy_result(cfg: ExperimentConfig, strategy: StrategyConfig, state: dict[str, Any], wall: float,
+                     checkpoint_uri: str) -> StrategyResult:
+    from forgetless.strategies import get_strategy_class
+
     cls = get_strategy_class(strategy.name)
     return StrategyResult(
         label=strategy.display_name(), strategy=strategy.name, task_names=state["task_names"],
         accuracy_matrix=np.asarray(state["R"], dtype=float), history=state["history"], phase_log=state["phase_log"],
         trainable_params=state["trainable_params"], global_step=state["global_step"], wall_seconds=wall,
         train_seconds=state["train_seconds"], mlflow_run_id=state.get("mlflow_run_id"),
-        checkpoint_uri=_checkpoint_uri(cfg, run_name, result.checkpoint), evaluation=cfg.evaluation,
+        checkpoint_uri=checkpoint_uri, evaluation=cfg.evaluation,
         tags={"strategy": cls.name, "strategy_source": cls.paper, "fidelity": cls.fidelity},
     )
 

@@ -97,6 +97,18 @@ def end_status(error: BaseException) -> str:
     return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
 
 
+def run_exists(uri: str, run_id: str | None) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return False
+    try:
+        client(uri).get_run(run_id)
+        return True
+    except MlflowException:
+        return False
+
+
 def ensure_experiment(uri: str, name: str) -> str:
     c = client(uri)
     exp = c.get_experiment_by_name(name)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 STATE_FILE = "state.json"
 MODEL_FILE = "model.pt"
 DS_TAG = "ds"
+FINAL_CHECKPOINT = "final"  # the checkpoint of a finished run (its state.json has finished: 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -306,7 +306,7 @@ class Worker:
         self._start_tracking()
         if self.state["finished"]:
             self._log("already finished; nothing to do")
-            self._save({"finished": 1}, name="final")
+            self._save({"finished": 1}, name=FINAL_CHECKPOINT)
             return
 
         if self.pretrain:
@@ -331,7 +331,7 @@ class Worker:
             self._run_stage(stage)
         self.state["finished"] = True
         self._log(f"finished after {self.state['global_step']} optimizer steps")
-        self._save({"finished": 1, "global_step": self.state["global_step"]}, name="final")
+        self._save({"finished": 1, "global_step": self.state["global_step"]}, name=FINAL_CHECKPOINT)
 
     def _phases(self, stage: int):
         from forgetless.strategies.base import ParamGroup, Phase, TaskInfo
