@@ -101,14 +101,15 @@ def init_ray(address: str | None, use_gpu: bool, num_cpus: int | None = None) ->
     ray.init(address=address, num_cpus=None if address else num_cpus, runtime_env={"env_vars": env},
              log_to_driver=True, logging_level="ERROR", configure_logging=True, _system_config=system_config)
     # ray.init makes SIGTERM call sys.exit. `ray job stop` / `forgetless jobs stop` send SIGTERM, and a stop should end
-    # the run the way Ctrl-C does: Ray Train aborts the run with its registered checkpoints kept (so the same command
-    # resumes), and the MLflow parent run is marked KILLED. Only the main thread may set a handler.
+    # the run the way Ctrl-C does: during a fit Ray Train's SIGINT handler aborts the run gracefully (its registered
+    # checkpoints kept, so the same command resumes), elsewhere Python raises KeyboardInterrupt; either way the MLflow
+    # parent run is marked KILLED (tracking.end_status). Only the main thread may set a handler.
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        signal.signal(signal.SIGTERM, _sigterm_as_sigint)
 
 
-def _raise_keyboard_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+def _sigterm_as_sigint(signum, frame) -> None:
+    signal.raise_signal(signal.SIGINT)
 
 
 def check_resources(cfg: ExperimentConfig) -> None:

@@ -93,8 +93,9 @@ def client(uri: str):
 
 def end_status(error: BaseException) -> str:
     """MLflow's status for a run ended by `error`: KILLED when a user stopped it (Ctrl-C, or SIGTERM from
-    `forgetless jobs stop` / `ray job stop`, which ensure_ray turns into KeyboardInterrupt), FAILED otherwise."""
-    return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+    `forgetless jobs stop` / `ray job stop`, which init_ray turns into SIGINT: KeyboardInterrupt, or SystemExit from
+    Ray Train's graceful abort during a fit; forgetless itself never calls sys.exit), FAILED otherwise."""
+    return "KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "FAILED"
 
 
 def run_exists(uri: str, run_id: str | None) -> bool:
