@@ -136,7 +136,7 @@ def test_grid_search_logs_every_trial_and_picks_the_best(ray_session, workdir, t
     assert all(r.info.status == "FINISHED" for r in runs)
     # the best configuration is the one with the best objective among the logged results
     logged = {r.data.tags[tuning.TRIAL_TAG]: r.data.metrics["search/objective"] for r in runs}
-    assert res.best.trial_id == max(logged, key=logged.get)
+    assert logged[res.best.trial_id] == max(logged.values())  # trials may tie on this tiny validation set
     assert res.best_config == {"stop_point": res.best.stop_point, "train.lr": res.best.params["train.lr"]}
     # the objective (target/acc) is the validation accuracy the trial's workers logged at its last epoch
     c = _client()
