@@ -110,11 +110,9 @@ def main():
                 print(seed, label, R, flush=True)
         report(args, runs, suffix="_local")
         return
-    import ray
+    from forgetless.platform.runner import init_ray
 
-    # A light embedded cluster (no dashboard) starts reliably on a busy laptop; compare() reuses it.
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}})
+    init_ray(None, use_gpu=False)  # one embedded cluster for every seed, as the CLI would start; compare() reuses it
     runs = []
     for seed in args.seeds:
         res = forgetless.compare(args.config, overrides=[f"seed={seed}", *args.overrides])

@@ -9,8 +9,13 @@ transfer itself (gradients + matching, evaluation excluded) next to the pre-trai
     python benchmarks/repro_trajectory.py --dataset digits --seeds 0 1 2
     python benchmarks/repro_trajectory.py --dataset mnist1d --seeds 0 1 2
 
-Writes benchmarks/results/trajectory_<dataset>.json and prints markdown tables. The platform run of the same
-algorithm (Ray Train + DeepSpeed, MLflow) is examples/trajectory_digits.yaml.
+Writes benchmarks/results/trajectory_<dataset>.json and prints markdown tables.
+
+    python benchmarks/repro_trajectory.py --platform --seeds 0 1 2
+
+runs the same algorithm through the platform instead: one `forgetless compare examples/trajectory_digits.yaml` per
+seed (Ray Train workers, DeepSpeed, MLflow in ./mlflow.db), reads every run's `transfer/val_acc` curve and
+`steps_to/*` back from MLflow, and writes benchmarks/results/trajectory_platform.json.
 """
 from __future__ import annotations
 
@@ -130,6 +135,63 @@ def tables(results, T):
     return "\n".join(lines)
 
 
+PLATFORM_LABELS = ["naive", "fgmt", "gmt", "oracle", "from_theta2_init"]
+
+
+def platform(args) -> None:
+    """One compare per seed through Ray Train + DeepSpeed; every number is read back from the MLflow runs."""
+    import forgetless
+    from forgetless.platform import tracking
+    from forgetless.platform.runner import init_ray
+
+    init_ray(None, use_gpu=False)  # one embedded cluster for every seed, as the CLI would start
+    runs = []
+    for seed in args.seeds:
+        cfg = forgetless.load_config(args.config, overrides=[f"seed={seed}"])
+        res = forgetless.compare(cfg)
+        print(res.table(), flush=True)
+        client = tracking.client(tracking.resolve_tracking_uri(cfg.tracking.tracking_uri))
+        for r in res.results:
+            history = sorted(client.get_metric_history(r.mlflow_run_id, "transfer/val_acc"), key=lambda m: m.step)
+            m = client.get_run(r.mlflow_run_id).data.metrics
+            runs.append({"seed": seed, "label": r.label, "val_acc": [h.value for h in history],
+                         "transfer_seconds": m.get("transfer/seconds"), "gradients": m.get("transfer/gradients"),
+                         "steps_to_90": m.get("steps_to/90"), "steps_to_95": m.get("steps_to/95"),
+                         "target_acc": float(r.accuracy_matrix[1][1]), "source_after": float(r.accuracy_matrix[1][0]),
+                         "wall_seconds": r.wall_seconds, "mlflow_run_id": r.mlflow_run_id})
+    out = Path(__file__).parent / "results" / "trajectory_platform.json"
+    out.write_text(json.dumps({"config": args.config, "seeds": args.seeds, "runs": runs}, indent=1))
+    steps = max(len(r["val_acc"]) for r in runs) - 1
+    print(f"\n{Path(args.config).name} through the platform, seeds {args.seeds} (mean ± std): source validation "
+          f"accuracy % of θ₂ᵗ without training; then the target\n")
+    head = " | ".join(f"t={t}" for t in range(steps + 1))
+    print(f"| method | {head} | transfer s | gradients | target: steps to 90% / 95% of best | target acc % |")
+    print("|---|" + "---|" * (steps + 5))
+    for label in PLATFORM_LABELS:
+        rs = [r for r in runs if r["label"] == label]
+        if not rs:
+            continue
+        curve = " | ".join(pct([r["val_acc"][t] for r in rs if len(r["val_acc"]) > t]) or "" for t in range(steps + 1))
+        secs = [r["transfer_seconds"] for r in rs if r["transfer_seconds"] is not None]
+        grads = rs[0]["gradients"]
+        reach = " / ".join(num([r[k] for r in rs]) for k in ("steps_to_90", "steps_to_95"))
+        print(f"| {label} | {curve} | {num(secs, 2) if secs else ''} | {'' if grads is None else int(grads)} | "
+              f"{reach} | {pct([r['target_acc'] for r in rs])} |")
+
+
+def pct(values):
+    return num([100 * v for v in values]) if values else None
+
+
+def num(values, digits=1):
+    values = [v for v in values if v is not None and v == v]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="digits", choices=["digits", "mnist1d"])
@@ -137,7 +199,14 @@ def main():
     ap.add_argument("--steps", type=int, default=5, help="T (paper: 5 for the MNIST MLP)")
     ap.add_argument("--epochs", type=int, default=10, help="pre-training epochs")
     ap.add_argument("--hidden", type=int, nargs="+", default=[128, 128])
+    ap.add_argument("--platform", action="store_true",
+                    help="run --config through Ray Train + DeepSpeed + MLflow instead of one process")
+    ap.add_argument("--config", default=str(Path(__file__).parents[1] / "examples/trajectory_digits.yaml"),
+                    help="the compare config of --platform")
     args = ap.parse_args()
+    if args.platform:
+        platform(args)
+        return
     torch.set_num_threads(1)
     task = build_task(TaskConfig(dataset=args.dataset))
     pre = PretrainConfig(optimizer="sgd", lr=0.05, momentum=0.9, batch_size=64, epochs=args.epochs,
