@@ -103,17 +103,17 @@ def one_seed(task, pre, hidden, T, seed):
     return out
 
 
-def mean_std(values):
-    values = [v for v in values if v is not None]
+def mean_std(values, digits=1):
+    values = [v for v in values if v is not None and v == v]  # None / NaN: not measured (e.g. never reached)
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def tables(results, T):
-    lines = [f"| method | " + " | ".join(f"t={t}" for t in range(T + 1)) + " | best | transfer s |",
+    lines = ["| method | " + " | ".join(f"t={t}" for t in range(T + 1)) + " | best | transfer s |",
              "|---|" + "---|" * (T + 3)]
     for m in METHODS:
         cells = [mean_std([100 * r["methods"][m]["val_acc"][t] for r in results]) for t in range(T + 1)]
@@ -121,7 +121,7 @@ def tables(results, T):
         sec = mean_std([r["methods"][m]["seconds"] for r in results])
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {best} | {sec} |")
     chance = 100.0 / len(set(results[0].get("classes", range(10))))
-    lines.append(f"| chance | " + " | ".join(f"{chance:.1f}" for _ in range(T + 1)) + " | | |")
+    lines.append("| chance | " + " | ".join(f"{chance:.1f}" for _ in range(T + 1)) + " | | |")
     lines.append("")
     lines.append(f"θ₁ᵀ val acc {mean_std([100 * r['theta1_T_val_acc'] for r in results])} %; pre-training "
                  f"{mean_std([r['pretrain_seconds'] for r in results])} s (one process)")
@@ -172,13 +172,13 @@ def platform(args) -> None:
         rs = [r for r in runs if r["label"] == label]
         if not rs:
             continue
-        curve = " | ".join(pct([r["val_acc"][t] for r in rs if len(r["val_acc"]) > t]) or "" for t in range(steps + 1))
+        curve = " | ".join(pct([r["val_acc"][t] for r in rs if len(r["val_acc"]) > t]) for t in range(steps + 1))
         secs = [r["transfer_seconds"] for r in rs if r["transfer_seconds"] is not None]
         grads = rs[0]["gradients"]
         # a seed whose run never reached the threshold is left out of the mean and counted
-        reach = " / ".join(num([r[k] for r in rs]) + reached(rs, k) for k in ("steps_to_90", "steps_to_95"))
-        best = pct([max(r["val_acc"][1:]) for r in rs if len(r["val_acc"]) > 1]) or ""
-        print(f"| {label} | {curve} | {best} | {num(secs, 2) if secs else ''} | {'' if grads is None else int(grads)} | "
+        reach = " / ".join(mean_std([r[k] for r in rs]) + reached(rs, k) for k in ("steps_to_90", "steps_to_95"))
+        best = pct([max(r["val_acc"][1:]) for r in rs if len(r["val_acc"]) > 1])
+        print(f"| {label} | {curve} | {best} | {mean_std(secs, 2) if secs else ''} | {'' if grads is None else int(grads)} | "
               f"{reach} | {pct([r['target_acc'] for r in rs])} |")
 
 
@@ -188,16 +188,7 @@ def reached(rs, key) -> str:
 
 
 def pct(values):
-    return num([100 * v for v in values]) if values else None
-
-
-def num(values, digits=1):
-    values = [v for v in values if v is not None and v == v]
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    return mean_std([100 * v for v in values]) if values else ""
 
 
 def main():

@@ -1,9 +1,12 @@
-"""Shared fixtures: one embedded Ray cluster per test session, a clean working directory per test, tiny configs."""
+"""Shared fixtures: one embedded Ray cluster per test session, a clean working directory per test, tiny configs;
+and helpers the tests import (`from conftest import ...`)."""
 from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -11,6 +14,19 @@ import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+def committed_transfer_epoch(snapshot: str) -> int | None:
+    """The epoch of the latest transfer checkpoint Ray Train has committed, from the text of a run's
+    checkpoint_manager_snapshot.json: None if none yet, 10**6 once the transfer stage is done. A checkpoint folder is
+    written before the controller commits it (it polls the workers every 2 s, one report queued per worker), so on a
+    loaded machine a folder can exist while the resume point is still an earlier one."""
+    try:
+        latest = (json.loads(snapshot).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name") or ""
+    except ValueError:  # caught while being rewritten
+        return None
+    m = re.fullmatch(r"checkpoint_s1_p0_e(\d{4})", latest)
+    return int(m.group(1)) if m else (10**6 if latest in ("checkpoint_s1_done", "final") else None)
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import committed_transfer_epoch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -226,15 +228,12 @@ def test_submitted_run_lands_in_s3_and_mlflow(cluster_env, capsys, tiny_config):
 
 
 def _committed_epoch(stack, run: str) -> int | None:
-    """The epoch of the latest checkpoint Ray Train has committed for a run (its checkpoint-manager snapshot in S3).
-    A checkpoint folder can be uploaded before it is committed; a resumed run starts from the committed one."""
+    """The epoch Ray Train has committed for a run (its checkpoint-manager snapshot in S3); see conftest."""
     try:
         body = _boto(stack).get_object(Bucket=stack.bucket, Key=f"{run}checkpoint_manager_snapshot.json")["Body"]
     except Exception:  # noqa: BLE001 - not written yet
         return None
-    latest = (json.loads(body.read()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name", "")
-    m = re.fullmatch(r"checkpoint_s1_p0_e(\d{4})", latest)
-    return int(m.group(1)) if m else (10**6 if latest in ("checkpoint_s1_done", "final") else None)
+    return committed_transfer_epoch(body.read().decode())
 
 
 @pytest.mark.e2e

@@ -1,7 +1,6 @@
 """End to end on a real embedded Ray cluster: 2 workers, DeepSpeed ZeRO-2 on CPU, a real SQLite MLflow store."""
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -12,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+
+from conftest import committed_transfer_epoch
 
 pytestmark = pytest.mark.e2e
 
@@ -111,17 +112,8 @@ def test_zero3_run_on_a_cnn(ray_session, workdir, tiny_config):
 
 
 def _committed_transfer_epoch(runs: Path) -> int | None:
-    """The epoch of the latest transfer checkpoint Ray Train has committed (its checkpoint-manager snapshot). A
-    checkpoint folder is written before the controller commits it (it polls workers every 2 s, one report queued per
-    worker), so on a loaded machine a folder can exist while the resume point is still an earlier one."""
-    for snapshot in runs.glob("tiny-finetune-*/checkpoint_manager_snapshot.json"):
-        try:
-            latest = (json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-        except ValueError:  # being rewritten
-            return None
-        m = re.fullmatch(r"checkpoint_s1_p0_e(\d{4})", latest or "")
-        return int(m.group(1)) if m else None
-    return None
+    snapshots = list(runs.glob("tiny-finetune-*/checkpoint_manager_snapshot.json"))
+    return committed_transfer_epoch(snapshots[0].read_text()) if snapshots else None
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(workdir, tiny_config):

@@ -116,7 +116,7 @@ class HFBackbone(nn.Module):
                  gradient_checkpointing: bool = False, dtype: str = "float32", pretrained: bool = True):
         super().__init__()
         _offline_env()
-        from transformers import AutoConfig, AutoModel
+        from transformers import AutoConfig
         from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
         _check_params(pooling, dtype)
