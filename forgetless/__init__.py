@@ -14,10 +14,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from forgetless.config import ConfigError, ExperimentConfig, load_config
+from forgetless.config import ConfigError, ExperimentConfig, load_config, select_strategy
 from forgetless.platform.results import CompareResult, StrategyResult, Trajectory
-from forgetless.platform.search_config import SearchConfig
-from forgetless.platform.tuning import SearchResult
+from forgetless.search_config import SearchConfig
+from forgetless.platform.runner import execute
+from forgetless.platform.tuning import SearchResult, run_search
 
 __version__ = "0.1.0"
 
@@ -26,17 +27,12 @@ ConfigLike = "str | os.PathLike | dict[str, Any] | ExperimentConfig"
 
 def run(config: ConfigLike, strategy: str | None = None, overrides: list[str] | None = None) -> StrategyResult:
     """Pre-train (or reuse the trajectory) and transfer under one strategy: the named one, or the config's only one."""
-    from forgetless.config import select_strategy
-    from forgetless.platform.runner import execute
-
     cfg = select_strategy(load_config(config, overrides), strategy)
     return execute(cfg, "run").results[0]
 
 
 def compare(config: ConfigLike, overrides: list[str] | None = None) -> CompareResult:
     """Every strategy in the config on the same stream, from the same pre-trained checkpoint."""
-    from forgetless.platform.runner import execute
-
     return execute(load_config(config, overrides), "compare")
 
 
@@ -44,8 +40,6 @@ def tune(config: ConfigLike, search: "dict[str, Any] | SearchConfig | None" = No
          overrides: list[str] | None = None) -> "SearchResult":
     """Ray Tune search over pre-training stop points x learning rates (x searchable strategy fields); `search`
     replaces the config's `search:` section. `resume=True` finishes a killed search. See docs/tune.md."""
-    from forgetless.platform.tuning import run_search
-
     return run_search(config, search, resume=resume, overrides=overrides)
 
 

@@ -6,87 +6,32 @@ never touches this file.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from forgetless.platform.search_config import SearchConfig
-
-
-class ConfigError(ValueError):
-    """A configuration problem a user can fix; the message names the field and the fix."""
+from forgetless.backbones import available_backbones, check_backbone, is_known_backbone
+from forgetless.data.spec import TaskConfig
+from forgetless.errors import ConfigError
+from forgetless.hashing import short_hash
+from forgetless.search_config import SearchConfig
+from forgetless.strategies import available_strategies, get_strategy_class
 
 
 class _Strict(BaseModel):
     # Unknown keys are errors: a typo in a YAML key must not be silently ignored.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class TaskTransform(_Strict):
-    """A deterministic change of a task's inputs, to build streams (permuted / rotated / noisy variants)."""
-
-    kind: Literal["permute", "rotate", "noise", "resample"]
-    seed: int = 0
-    degrees: float = Field(0.0, description="rotate: angle in degrees (2-D images only)")
-    std: float = Field(0.0, ge=0.0, description="noise: std of additive Gaussian noise, in units of the input's std")
-    length: int | None = Field(None, gt=0, description="resample: new flat input length (e.g. 64 to match digits)")
-
-
-class TaskConfig(_Strict):
-    """One labelled task: a dataset, a class subset, splits."""
-
-    name: str | None = Field(None, description="defaults to '<dataset>_<classes>'")
-    dataset: str = Field(..., description="digits | mnist1d | a path or s3:// URI of a .npz or .parquet file")
-    classes: list[int] | None = Field(None, description="class ids to keep (None = all)")
-    samples_per_class: int | None = Field(None, gt=0, description="cap on training samples per class (few-shot)")
-    transforms: list[TaskTransform] = Field(default_factory=list)
-    val_fraction: float = Field(0.2, gt=0.0, lt=0.5)
-    test_fraction: float = Field(0.2, gt=0.0, lt=0.5)
-    split_seed: int = 0
-
-    @field_validator("classes")
-    @classmethod
-    def _classes_unique(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None:
-            if len(v) < 2:
-                raise ValueError("a task needs at least 2 classes")
-            if len(set(v)) != len(v):
-                raise ValueError(f"classes contain duplicates: {v}")
-        return v
-
-    @field_validator("dataset")
-    @classmethod
-    def _dataset_exists(cls, v: str) -> str:
-        from forgetless.data import BUILTIN_DATASETS
-
-        if v in BUILTIN_DATASETS or v.startswith("s3://"):
-            return v
-        if not (v.endswith(".npz") or v.endswith(".parquet")):
-            raise ValueError(
-                f"unknown dataset {v!r}: use one of {sorted(BUILTIN_DATASETS)} or a path to a .npz / .parquet file"
-            )
-        if not Path(v).expanduser().exists():
-            raise ValueError(f"dataset file {v!r} does not exist")
-        return v
-
-    def display_name(self) -> str:
-        if self.name:
-            return self.name
-        base = Path(self.dataset).stem if self.dataset not in _builtin_names() else self.dataset
-        cls_part = "all" if self.classes is None else "-".join(str(c) for c in self.classes)
-        extra = "".join(f"_{t.kind}{t.seed}" for t in self.transforms)
-        return f"{base}_{cls_part}{extra}"
-
-
-def _builtin_names() -> set[str]:
-    from forgetless.data import BUILTIN_DATASETS
-
-    return set(BUILTIN_DATASETS)
 
 
 class BackboneConfig(_Strict):
@@ -99,8 +44,6 @@ class BackboneConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from forgetless.backbones import available_backbones, is_known_backbone
-
         if not is_known_backbone(v):
             raise ValueError(f"unknown backbone {v!r}; available: {available_backbones()}")
         return v
@@ -108,8 +51,6 @@ class BackboneConfig(_Strict):
     @model_validator(mode="after")
     def _prefixed_backbone_ok(self) -> "BackboneConfig":
         # hf:/timm:/torchvision: check their folder and params here, before Ray starts (never the hub).
-        from forgetless.backbones import check_backbone
-
         check_backbone(self.name, self.params)
         return self
 
@@ -141,8 +82,6 @@ class StrategyConfig(_Strict):
 
     @model_validator(mode="after")
     def _known_and_valid(self) -> "StrategyConfig":
-        from forgetless.strategies import get_strategy_class, available_strategies
-
         try:
             cls = get_strategy_class(self.name)
         except KeyError:
@@ -252,12 +191,12 @@ class ExperimentConfig(_Strict):
             "pretrain": self.pretrain.model_dump(),
             "workers": self.scaling.num_workers,
         }
-        return _short_hash(relevant)
+        return short_hash(relevant)
 
     def transfer_key(self, strategy: StrategyConfig) -> str:
         relevant = self.model_dump(exclude={"strategies", "tracking", "ray_address", "storage", "search"})
         relevant["strategy"] = strategy.model_dump()
-        return _short_hash(relevant)
+        return short_hash(relevant)
 
     def with_strategies(self, strategies: list[StrategyConfig]) -> "ExperimentConfig":
         return self.model_copy(update={"strategies": strategies})
@@ -295,10 +234,6 @@ def _check_disjoint(tasks: list[TaskConfig]) -> None:
                     f"{t.display_name()!r}; make the class sets disjoint or set require_disjoint_classes: false"
                 )
             seen[key] = t.display_name()
-
-
-def _short_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def _first_error(e: ValidationError) -> str:

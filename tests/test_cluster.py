@@ -282,7 +282,7 @@ def test_bad_submissions_leave_nothing_behind(cluster_env, capsys, monkeypatch, 
     from mlflow.tracking import MlflowClient
 
     from forgetless.config import ConfigError
-    from forgetless.platform import storage
+    from forgetless import storage
     from forgetless.platform.jobs import submit
 
     stack = cluster_env

@@ -40,7 +40,7 @@ def _boto(stack):
 
 
 def test_read_write_exists_list(s3env):
-    from forgetless.platform import storage
+    from forgetless import storage
 
     base = f"s3://{s3env.bucket}/unit/rw"
     uri = storage.join(base, "a", "b.json")
@@ -58,7 +58,7 @@ def test_read_write_exists_list(s3env):
 
 
 def test_folder_round_trip(s3env, tmp_path):
-    from forgetless.platform import storage
+    from forgetless import storage
 
     src = tmp_path / "model"
     (src / "sub").mkdir(parents=True)
@@ -102,7 +102,7 @@ def test_backbone_weights_from_s3(s3env):
     import torch
 
     from forgetless.backbones import build_backbone
-    from forgetless.platform import storage
+    from forgetless import storage
     from forgetless.platform.train_loop import load_torch_file
 
     net = build_backbone("mlp", (1, 64), {"hidden": [16]})
@@ -119,7 +119,7 @@ def test_backbone_weights_from_s3(s3env):
 
 
 def test_preflight_ok_leaves_nothing(s3env):
-    from forgetless.platform import storage
+    from forgetless import storage
 
     storage.preflight(f"s3://{s3env.bucket}/unit/preflight")
     keys = [o["Key"] for o in _boto(s3env).list_objects_v2(Bucket=s3env.bucket,
@@ -129,7 +129,7 @@ def test_preflight_ok_leaves_nothing(s3env):
 
 def test_missing_bucket_is_a_config_error(s3env):
     from forgetless.config import ConfigError
-    from forgetless.platform import storage
+    from forgetless import storage
 
     with pytest.raises(ConfigError, match="storage: .*bucket 'no-such-bucket' does not exist"):
         storage.preflight("s3://no-such-bucket/runs")
@@ -137,7 +137,7 @@ def test_missing_bucket_is_a_config_error(s3env):
 
 def test_wrong_credentials_are_a_config_error_without_the_key(s3env, monkeypatch):
     from forgetless.config import ConfigError
-    from forgetless.platform import storage
+    from forgetless import storage
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value-123")
     with pytest.raises(ConfigError, match="rejected the credentials") as e:
@@ -149,7 +149,7 @@ def test_denied_access_is_a_config_error(s3env, monkeypatch):
     import boto3
 
     from forgetless.config import ConfigError
-    from forgetless.platform import storage
+    from forgetless import storage
 
     iam = boto3.client("iam", endpoint_url=s3env.s3_endpoint, region_name=s3env.region,
                        aws_access_key_id=s3env.access_key_id, aws_secret_access_key=s3env.secret_access_key)
@@ -168,7 +168,7 @@ def test_ray_gets_an_s3_filesystem_for_the_custom_endpoint(s3env):
 
     import pyarrow.fs as pafs
 
-    from forgetless.platform import storage
+    from forgetless import storage
 
     kw = storage.ray_storage(f"s3://{s3env.bucket}/unit/ray/")
     assert kw["storage_path"] == f"{s3env.bucket}/unit/ray"

@@ -18,7 +18,7 @@ import yaml
 import forgetless
 from forgetless.config import ConfigError, load_config
 from forgetless.platform import tuning
-from forgetless.platform.search_config import SearchConfig
+from forgetless.search_config import SearchConfig
 
 
 def _client():

@@ -74,7 +74,7 @@ def local_folder(spec: str) -> Path:
     workers that start together on one node never see half a folder)."""
     if not spec.startswith("s3://"):
         return Path(spec).expanduser().resolve()
-    from forgetless.platform import storage
+    from forgetless import storage
 
     dest = cache_root() / "models" / hashlib.sha256(spec.rstrip("/").encode()).hexdigest()[:16]
     if (dest / "config.json").exists():

@@ -37,7 +37,7 @@ def _import(name: str):
 
 def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
     """A state dict from a path or s3:// URI: safetensors, or a torch file loaded with weights_only=True."""
-    from forgetless.platform.storage import read_bytes
+    from forgetless.storage import read_bytes
 
     raw = read_bytes(uri)
     if uri.endswith(".safetensors"):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from forgetless.config import TaskConfig
+    from forgetless.data.spec import TaskConfig
 
 
 @dataclass
@@ -71,7 +71,7 @@ BUILTIN_DATASETS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]] = {
 
 
 def _read_bytes(uri: str) -> bytes:
-    from forgetless.platform.storage import read_bytes
+    from forgetless.storage import read_bytes
 
     return read_bytes(uri)
 

@@ -87,7 +87,7 @@ def tokenize(texts: Sequence[str], model: str, max_length: int = 64) -> np.ndarr
 def read_parquet_texts(uri: str) -> tuple[list[str], np.ndarray]:
     import pyarrow.parquet as pq
 
-    from forgetless.platform.storage import read_bytes
+    from forgetless.storage import read_bytes
 
     table = pq.read_table(io.BytesIO(read_bytes(uri)))
     for col in ("text", "label"):
@@ -98,7 +98,7 @@ def read_parquet_texts(uri: str) -> tuple[list[str], np.ndarray]:
 
 def write_text_task(texts: Sequence[str], labels: np.ndarray, model: str, out: str, max_length: int = 64) -> str:
     """Tokenise with `model`'s tokenizer and write the task file `out` (.npz; a path or s3://)."""
-    from forgetless.platform.storage import write_bytes
+    from forgetless.storage import write_bytes
 
     if not out.endswith(".npz"):
         raise ValueError(f"{out}: the task file must end in .npz")

@@ -11,8 +11,6 @@ no MLflow run, no object in the bucket. Environment values (AWS keys, tokens) ar
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shlex
 import sys
@@ -21,6 +19,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from forgetless.config import ConfigError, ExperimentConfig
+from forgetless.console import say
+from forgetless.hashing import short_hash
 
 COMMANDS = ("run", "compare", "tune")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -31,10 +31,6 @@ LOCAL_ONLY_VARS = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CONFIG_FILE", "AWS
                    "AWS_CA_BUNDLE", "AWS_WEB_IDENTITY_TOKEN_FILE")
 CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN",
                    "MLFLOW_TRACKING_PASSWORD")
-
-
-def say(msg: str) -> None:
-    print(f"[forgetless] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -86,8 +82,7 @@ def connect(address: str | None):
 
 def submission_base(cfg: ExperimentConfig, command: str, extra_args: list[str]) -> str:
     """Deterministic id: same resolved config + command + extra arguments = same id."""
-    digest = hashlib.sha256(json.dumps({"config": cfg.model_dump(mode="json"), "command": command,
-                                        "args": extra_args}, sort_keys=True).encode()).hexdigest()[:8]
+    digest = short_hash({"config": cfg.model_dump(mode="json"), "command": command, "args": extra_args})
     return f"forgetless-{cfg.name}-{command}-{digest}"
 
 
@@ -116,7 +111,7 @@ def _relative_config(config_path: str, working_dir: Path) -> str:
 
 def _check_submittable(cfg: ExperimentConfig, env: dict[str, str]) -> str:
     """Cluster-only rules: where the results of a job go must outlive the job's temporary working dir."""
-    from forgetless.platform import storage
+    from forgetless import storage
 
     if not storage.is_s3(cfg.storage) and not Path(cfg.storage).is_absolute():
         raise ConfigError(f"storage: {cfg.storage!r} is relative, so it would land in the job's temporary working "

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import signal
-import sys
 import tempfile
 import threading
 import time
@@ -18,16 +17,19 @@ from typing import Any, Callable
 
 import numpy as np
 
+from forgetless import storage
 from forgetless.config import ConfigError, ExperimentConfig, StrategyConfig
-from forgetless.platform import storage, tracking
-from forgetless.platform.results import CompareResult, StopPoint, StrategyResult, Trajectory
+from forgetless.console import say
+from forgetless.platform import tracking
+from forgetless.platform.results import (
+    CompareResult,
+    StopPoint,
+    StrategyResult,
+    Trajectory,
+)
 
 TRAJECTORY_FILE = "trajectory.json"
 WALL_FILE = "driver_wall.json"  # wall time of a finished transfer, measured by the driver
-
-
-def say(msg: str) -> None:
-    print(f"[forgetless] {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -140,7 +142,13 @@ def fit(cfg: ExperimentConfig, run_name: str, job: dict[str, Any], keep_all_chec
         callbacks: list | None = None):
     """Build and fit a TorchTrainer (Train V2). Re-running the same `run_name` resumes from its latest checkpoint.
     `callbacks`: Ray Train UserCallbacks (a Tune trial passes one that forwards each report to Tune)."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     from forgetless.platform.train_loop import train_worker

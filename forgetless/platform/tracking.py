@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from forgetless.errors import ConfigError
+
 PARENT_TAG = "mlflow.parentRunId"
 RUN_KEY_TAG = "forgetless.run_key"
 _SECRET_PATTERN = re.compile(r"(secret|token|password|access_key|session_key|credential)", re.I)
@@ -48,8 +50,6 @@ def default_artifact_location(uri: str) -> str | None:
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail fast (before Ray starts) when a tracking server cannot be reached."""
-    from forgetless.config import ConfigError
-
     if uri.startswith(("http://", "https://")):
         import urllib.error
         import urllib.request

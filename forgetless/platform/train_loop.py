@@ -45,7 +45,7 @@ def build_model(cfg, tasks_meta: list[dict], strategy=None):
 def load_torch_file(uri: str) -> Any:
     import io
 
-    from forgetless.platform.storage import read_bytes
+    from forgetless.storage import read_bytes
 
     # weights_only: a file a user can supply is never unpickled as code.
     return torch.load(io.BytesIO(read_bytes(uri)), map_location="cpu", weights_only=True)

@@ -11,7 +11,6 @@ MLflow: one parent run per search (space, objective, result table, plots); each 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -21,10 +20,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from forgetless.config import ConfigError, ExperimentConfig, load_config, select_strategy
-from forgetless.platform import storage, tracking
+from forgetless import storage
+from forgetless.config import (
+    ConfigError,
+    ExperimentConfig,
+    load_config,
+    select_strategy,
+)
+from forgetless.console import say
+from forgetless.hashing import short_hash
+from forgetless.platform import tracking
 from forgetless.platform.results import Trajectory
-from forgetless.platform.search_config import OBJECTIVE_METRICS, STOP_POINT, RangeSpec, SearchConfig
+from forgetless.search_config import (
+    OBJECTIVE_METRICS,
+    STOP_POINT,
+    RangeSpec,
+    SearchConfig,
+)
 
 OBJECTIVE = "objective"  # the Tune metric every trial reports (per epoch, on validation data)
 TRIAL_EPOCH = "trial_epoch"  # ASHA's time attribute: epochs this trial has trained
@@ -36,12 +48,6 @@ TRIAL_DRIVER_MEMORY = 64 * 2**20  # bytes Tune reserves for each trial's driver 
 TRIAL_TAG = "forgetless.search.trial_id"
 SEARCH_TAG = "forgetless.search.name"
 STATUS_TAG = "forgetless.search.status"
-
-
-def say(msg: str) -> None:
-    from forgetless.platform.runner import say as _say
-
-    _say(msg)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -160,8 +166,7 @@ def search_name(base: ExperimentConfig, search: SearchConfig) -> str:
     """Deterministic: the same experiment and search give the same name (and so the same Tune experiment folder)."""
     relevant = {"experiment": base.model_dump(mode="json", exclude={"tracking", "ray_address", "storage"}),
                 "search": search.model_dump(mode="json")}
-    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return f"{base.name}-search-{digest}"
+    return f"{base.name}-search-{short_hash(relevant)}"
 
 
 def trial_config(base: ExperimentConfig, params: dict[str, Any], trial_id: str) -> ExperimentConfig:
@@ -413,7 +418,11 @@ def _search_alg(search: SearchConfig, concurrency: int):
 
 
 def _scheduler(plan: SearchPlan, slots: str):
-    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+    from ray.tune.schedulers import (
+        AsyncHyperBandScheduler,
+        FIFOScheduler,
+        TrialScheduler,
+    )
 
     if plan.search.scheduler == "fifo":
         return FIFOScheduler()
@@ -800,8 +809,9 @@ def _best_per_cell(res: SearchResult, finished_only: bool) -> dict[tuple[int, An
 def plot_target_vs_stop_point(res: SearchResult, path: Path) -> Path:
     """Target test accuracy vs stop point, one line per learning rate; the stop points' source accuracy on a second
     axis (the paper's picture: source accuracy keeps rising while the best starting point for the target is earlier)."""
-    from forgetless.platform import plots  # noqa: F401 - selects the headless backend
     import matplotlib.pyplot as plt
+
+    from forgetless.platform import plots  # noqa: F401 - selects the headless backend
 
     cells = _best_per_cell(res, finished_only=True)
     fig, ax = plt.subplots(figsize=(8, 4.8))
@@ -831,9 +841,10 @@ def plot_target_vs_stop_point(res: SearchResult, path: Path) -> Path:
 
 def plot_heatmap(res: SearchResult, path: Path) -> Path:
     """Objective (validation) of every stop point x learning rate cell; early-stopped trials are marked."""
-    from forgetless.platform import plots  # noqa: F401 - selects the headless backend
     import matplotlib.pyplot as plt
     import numpy as np
+
+    from forgetless.platform import plots  # noqa: F401 - selects the headless backend
 
     cells = _best_per_cell(res, finished_only=False)
     sps = sorted({sp for sp, _ in cells})

@@ -13,6 +13,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from forgetless.errors import ConfigError
+
 # What decides which S3 client to build; a change (a test, a new shell) must give a new client.
 _CLIENT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_RETRY_MODE",
@@ -81,7 +83,11 @@ _BAD_CREDENTIALS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken
 
 def _translate(e: Exception, uri: str) -> Exception:
     """A botocore error as FileNotFoundError / PermissionError (both OSError) naming the URI and the fix."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+    from botocore.exceptions import (
+        ClientError,
+        EndpointConnectionError,
+        NoCredentialsError,
+    )
 
     bucket, _ = split_s3(uri)
     where = f" at {endpoint_url()}" if endpoint_url() else ""
@@ -231,8 +237,6 @@ def ray_storage(uri: str) -> dict[str, Any]:
 def preflight(uri: str, field: str = "storage") -> None:
     """Fail at start-up, with a clear ConfigError, when the storage cannot be listed and written: a missing bucket,
     wrong credentials, denied access, an unreachable endpoint, or a local folder that cannot be created."""
-    from forgetless.config import ConfigError
-
     uri = normalize(uri)
     if not is_s3(uri):
         existing = Path(uri)
@@ -262,8 +266,6 @@ def preflight(uri: str, field: str = "storage") -> None:
 
 def check_readable(uri: str, field: str) -> None:
     """ConfigError unless the file at `uri` exists and can be read (checked without downloading it)."""
-    from forgetless.config import ConfigError
-
     try:
         ok = exists(uri)
     except OSError as e:
