@@ -62,8 +62,9 @@ def plain_worker(job_file: str) -> None:
     from forgetless.config import ExperimentConfig
     from forgetless.data import build_stream
     from forgetless.platform.engine import deepspeed_config
-    from forgetless.platform.train_loop import build_model, load_pretrained, load_torch_file
+    from forgetless.platform.model_io import build_model, load_pretrained, load_torch_file
     from forgetless.strategies import make_strategy
+    from forgetless.strategies.base import task_infos
 
     t_start = time.perf_counter()
     job = json.loads(Path(job_file).read_text())
@@ -76,11 +77,9 @@ def plain_worker(job_file: str) -> None:
     # The same model, data and DeepSpeed config as the platform's run (built by the same functions, so equal).
     cfg = ExperimentConfig(**job["config"])
     tasks = build_stream(cfg.source, cfg.targets)
-    meta = [{"name": t.name, "num_classes": t.num_classes, "classes": t.classes, "input_shape": list(t.input_shape)}
-            for t in tasks]
     s = cfg.strategies[0]
-    model = build_model(cfg, meta, make_strategy(s.name, s.params, cfg.train.epochs, cfg.train.lr))
-    load_pretrained(model, load_torch_file(job["init_weights"]), source_only=False)
+    model = build_model(cfg, task_infos(tasks), make_strategy(s.name, s.params, cfg.train.epochs, cfg.train.lr))
+    load_pretrained(model, load_torch_file(job["init_weights"]))
     model.to(device)
     params = list(model.backbone.parameters()) + list(model.heads["t1"].parameters())
     for p in model.parameters():

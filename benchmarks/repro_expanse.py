@@ -33,17 +33,17 @@ def local_compare(cfg):
     modules) in a plain torch loop with the global batch of the Ray run (batch_size x workers). Returns
     {label: (R, trainable parameters)}."""
     import torch
-    import torch.nn.functional as F
 
     from forgetless.data import build_stream
-    from forgetless.platform.engine import make_optimizer, set_train_mode, set_trainable
-    from forgetless.platform.train_loop import build_model, derive_seed, load_pretrained
+    from forgetless.data.sharding import derive_seed
+    from forgetless.platform.engine import make_optimizer
+    from forgetless.platform.model_io import build_model, load_pretrained
     from forgetless.strategies import make_strategy
-    from forgetless.strategies.base import ParamGroup, Phase, TaskInfo
+    from forgetless.strategies.base import task_infos
+    from forgetless.strategies.training import TorchEngine, set_train_mode, set_trainable, train_step
 
     tasks = build_stream(cfg.source, cfg.targets)
-    meta = [{"name": t.name, "num_classes": t.num_classes, "classes": t.classes, "input_shape": list(t.input_shape)}
-            for t in tasks]
+    infos = task_infos(tasks)
     world = cfg.scaling.num_workers
 
     @torch.no_grad()
@@ -52,39 +52,33 @@ def local_compare(cfg):
         x, y = tasks[j].split("test")
         return float((model(x, j).argmax(1) == y).float().mean())
 
-    def train(model, phase, task, optim, stage, p_idx):
+    def train(model, strategy, phase, stage, optim, p_idx):
+        """The platform's train_step with a torch optimizer, on the global batch of the Ray run."""
         set_trainable(model, phase)
-        opt = make_optimizer(phase, optim, use_gpu=False)
-        bs = optim.batch_size * world
+        engine = TorchEngine(model, make_optimizer(phase, optim, use_gpu=False))
+        task, bs = tasks[stage], optim.batch_size * world
         for epoch in range(phase.epochs):
             set_train_mode(model, phase)
             g = torch.Generator().manual_seed(derive_seed(cfg.seed, stage, p_idx, epoch))
             order = torch.randperm(len(task.x_train), generator=g)
             for i in range(0, len(order) - bs + 1, bs):
                 b = order[i: i + bs]
-                x = task.x_train[b]
-                if phase.augment is not None:
-                    x = phase.augment(x, g)
-                opt.zero_grad()
-                F.cross_entropy(model(x, stage), task.y_train[b]).backward()
-                opt.step()
+                train_step(engine, model, strategy, phase, infos[stage], task.x_train[b], task.y_train[b], g)
 
-    source_model = build_model(cfg, meta[:1])
-    pre = Phase("pretrain", cfg.pretrain.epochs, [ParamGroup("all", list(source_model.parameters()),
-                                                             cfg.pretrain.lr)])
-    train(source_model, pre, tasks[0], cfg.pretrain, 0, 0)
+    pretraining = make_strategy("source_pretrain", {}, cfg.pretrain.epochs, cfg.pretrain.lr)
+    source_model = build_model(cfg, infos[:1], pretraining)
+    train(source_model, pretraining, pretraining.phases(source_model, infos[0])[0], 0, cfg.pretrain, 0)
     pretrained = source_model.state_dict()
     out = {}
     for s in cfg.strategies:
         strategy = make_strategy(s.name, s.params, cfg.train.epochs, cfg.train.lr)
-        model = build_model(cfg, meta, strategy)
-        load_pretrained(model, pretrained, source_only=False)
+        model = build_model(cfg, infos, strategy)
+        load_pretrained(model, pretrained)
         R = [[acc(model, 0), acc(model, 1)]]
-        task = TaskInfo(1, meta[1]["name"], meta[1]["num_classes"], meta[1]["classes"], tuple(meta[1]["input_shape"]))
         trainable = 0
-        for p_idx, phase in enumerate(strategy.phases(model, task)):
+        for p_idx, phase in enumerate(strategy.phases(model, infos[1])):
             trainable = max(trainable, sum(p.numel() for p in phase.trainable()))
-            train(model, phase, tasks[1], cfg.train, 1, p_idx)
+            train(model, strategy, phase, 1, cfg.train, p_idx)
         R.append([acc(model, 0), acc(model, 1)])
         out[s.display_name()] = (R, trainable)
     return out

@@ -1,12 +1,11 @@
 """Backbones, the TransferModel, and the baseline strategies' freezing (plain torch, no Ray)."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from forgetless.backbones import TransferModel, build_backbone
-from forgetless.platform.engine import set_trainable, set_train_mode
 from forgetless.strategies import make_strategy
 from forgetless.strategies.base import TaskInfo
+from forgetless.strategies.training import TorchEngine, set_train_mode, set_trainable, train_step
 
 
 @pytest.mark.parametrize("name, shape", [("mlp", (1, 8, 8)), ("cnn2d", (1, 8, 8)), ("cnn1d", (1, 40))])
@@ -31,16 +30,14 @@ def test_heads_are_seeded_identically():
     assert logits.shape == (2, 10)
 
 
-def _train_phase(model, phase, task_index, steps=5):
+def _train_phase(strategy, model, phase, task, steps=5):
+    """A few steps of the platform's train_step, with plain SGD instead of DeepSpeed."""
     set_trainable(model, phase)
     set_train_mode(model, phase)
-    opt = torch.optim.SGD([{"params": g.params, "lr": g.lr} for g in phase.param_groups], lr=0.1)
+    engine = TorchEngine(model, torch.optim.SGD([{"params": g.params, "lr": g.lr} for g in phase.param_groups], lr=0.1))
     for _ in range(steps):
         x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 5, (16,))
-        loss = F.cross_entropy(model(x, task_index), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(engine, model, strategy, phase, task, x, y, torch.Generator().manual_seed(0))
 
 
 def _model():
@@ -59,7 +56,7 @@ def test_linear_probe_leaves_backbone_bit_identical_including_bn_stats():
     before_bb, before_src = _snapshot(model.backbone), _snapshot(model.heads["t0"])
     head_before = model.heads["t1"].weight.detach().clone()
     (phase,) = s.phases(model, task)
-    _train_phase(model, phase, 1)
+    _train_phase(s, model, phase, task)
     for k, v in model.backbone.state_dict().items():
         assert torch.equal(v, before_bb[k]), k  # weights and BatchNorm running statistics
     for k, v in model.heads["t0"].state_dict().items():
@@ -74,7 +71,7 @@ def test_finetune_changes_backbone_but_keeps_source_head():
     (phase,) = s.phases(model, task)
     assert [g.lr for g in phase.param_groups] == [0.05, 0.1]
     before_bb, before_src = _snapshot(model.backbone), _snapshot(model.heads["t0"])
-    _train_phase(model, phase, 1)
+    _train_phase(s, model, phase, task)
     assert any(not torch.equal(v, before_bb[k]) for k, v in model.backbone.state_dict().items())
     assert all(torch.equal(v, before_src[k]) for k, v in model.heads["t0"].state_dict().items())
 

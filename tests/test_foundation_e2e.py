@@ -41,7 +41,7 @@ def test_compare_tracks_everything_and_linear_probe_keeps_source(ray_session, wo
     assert ft.accuracy_matrix[1, 1] > 0.5  # the target was learned (5 classes, chance 0.2)
     # the finetuned backbone moved, the linear probe's did not
     from forgetless.platform.runner import load_model
-    from forgetless.platform.train_loop import load_torch_file
+    from forgetless.platform.model_io import load_torch_file
     from forgetless.config import load_config
 
     pre = load_torch_file(out.trajectory.final().uri)

@@ -1,8 +1,9 @@
 """Unit tests of the continual strategies (fast, input_space, input_space_ci, l2_sp, ewc, lwf) on plain PyTorch.
 
-A few optimizer steps are run the way the train loop runs them (the phase's trainable set and optimizer, its eval-mode
-modules, its learning-rate multipliers and step hooks, cross-entropy plus the strategy's extra loss), without Ray or
-DeepSpeed: what a phase may change must change, everything else must stay bit-identical.
+A few optimizer steps are run by the platform's own `train_step` (the phase's trainable set and optimizer, its eval-mode
+modules, its learning-rate multipliers and step hooks, cross-entropy plus the strategy's extra loss) with a torch
+optimizer instead of DeepSpeed, without Ray: what a phase may change must change, everything else must stay
+bit-identical.
 """
 from __future__ import annotations
 
@@ -10,15 +11,15 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from forgetless.backbones import CNN2d, TransferModel
 from forgetless.config import OptimConfig
-from forgetless.platform.engine import make_optimizer, set_train_mode, set_trainable
+from forgetless.platform.engine import make_optimizer
 from forgetless.strategies import make_strategy
 from forgetless.strategies.base import TaskInfo
 from forgetless.strategies.fast import UpdateNormCap, plateau_rule, warmup_multipliers
 from forgetless.strategies.input_space import AdditivePrompt, InputTransform
+from forgetless.strategies.training import TorchEngine, lr_scheduler, set_train_mode, set_trainable, train_step
 
 SHAPE = (1, 8, 8)
 TASKS = [TaskInfo(i, f"task{i}", 3 if i == 0 else 2, [], SHAPE) for i in range(4)]
@@ -52,27 +53,11 @@ def prepare(strategy, model, upto: int) -> None:
 def train_phase(strategy, model, task: TaskInfo, phase, steps: int = 3) -> None:
     set_trainable(model, phase)
     opt = make_optimizer(phase, OptimConfig(optimizer="adam", lr=0.05), use_gpu=False)
-    sched = None
-    if phase.lr_multipliers is not None:
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, [lambda s, i=i: phase.lr_multipliers(s)[i] for i in range(len(opt.param_groups))])
+    engine = TorchEngine(model, opt, lr_scheduler(opt, phase))
     set_train_mode(model, phase)
     x, y = next(batches_of(task, seed=99)())
     for _ in range(steps):
-        logits = model(x, task.index)
-        loss = F.cross_entropy(logits, y)
-        extra = strategy.extra_loss(model, x, y, task, logits)
-        if extra is not None:
-            loss = loss + extra
-        opt.zero_grad()
-        loss.backward()
-        if phase.before_step:
-            phase.before_step(model)
-        opt.step()
-        if sched:
-            sched.step()
-        if phase.after_step:
-            phase.after_step(model)
+        train_step(engine, model, strategy, phase, task, x, y, torch.Generator().manual_seed(0))
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:

@@ -4,13 +4,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from forgetless.commands.tune import print_search
+from forgetless.console import say
+from forgetless.platform import tracking
+from forgetless.platform.tuning import load_search, log_search_summary
+
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from forgetless.commands.tune import print_search
-    from forgetless.platform import tracking
-    from forgetless.platform.runner import say
-    from forgetless.platform.tuning import load_search, log_search_summary
-
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     tracking.check_reachable(uri)
     res = load_search(uri, args.run_id)

@@ -5,11 +5,11 @@ import argparse
 import json
 
 from forgetless.commands import add_config_args
+from forgetless.console import say
+from forgetless.platform.tuning import SearchResult, run_search
 
 
-def print_search(res, as_json: bool) -> None:
-    from forgetless.platform.runner import say
-
+def print_search(res: SearchResult, as_json: bool) -> None:
     if as_json:
         print(json.dumps({"name": res.name, "objective": res.objective, "best": res.best.__dict__ if res.best else None,
                           "trial_epochs": res.trial_epochs, "parent_run_id": res.parent_run_id,
@@ -34,8 +34,6 @@ def print_search(res, as_json: bool) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from forgetless.platform.tuning import run_search
-
     print_search(run_search(args.config, resume=args.resume, overrides=args.overrides), args.json)
     return 0
 

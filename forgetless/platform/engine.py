@@ -14,6 +14,8 @@ from torch import nn
 
 from forgetless.config import DeepSpeedSpec, OptimConfig
 from forgetless.strategies.base import Phase
+from forgetless.strategies.optim import make_torch_optimizer
+from forgetless.strategies.training import WeightAccess, lr_scheduler, set_trainable
 
 
 def ensure_accelerator_env(use_gpu: bool) -> None:
@@ -64,46 +66,23 @@ def make_optimizer(phase: Phase, optim: OptimConfig, use_gpu: bool,
     groups = [{"params": g.params, "lr": g.lr, "name": g.name} for g in phase.param_groups if g.params]
     if offload_optimizer and optim.optimizer in ("adam", "adamw"):
         # ZeRO-Offload steps on the CPU: DeepSpeed refuses a torch optimizer there (too slow); use its CPU Adam.
+        # deferred: DeepSpeed picks its accelerator when first imported (ensure_accelerator_env runs first)
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=groups[0]["lr"], weight_decay=optim.weight_decay,
                                 adamw_mode=optim.optimizer == "adamw")
-    if optim.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=optim.momentum, weight_decay=optim.weight_decay)
-    kwargs: dict[str, Any] = {"lr": groups[0]["lr"], "weight_decay": optim.weight_decay}
-    if use_gpu:
-        kwargs["fused"] = True
-    cls = torch.optim.Adam if optim.optimizer == "adam" else torch.optim.AdamW
-    return cls(groups, **kwargs)
-
-
-def set_trainable(model: nn.Module, phase: Phase) -> None:
-    """Exactly the phase's parameters require grad; everything else is frozen (and so stays bit-identical)."""
-    trainable = {id(p) for p in phase.trainable()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in trainable)
-
-
-def set_train_mode(model: nn.Module, phase: Phase) -> None:
-    model.train()
-    for m in phase.eval_modules:
-        m.eval()
+    return make_torch_optimizer(groups, optim, fused=use_gpu)
 
 
 def make_engine(model: nn.Module, phase: Phase, optim: OptimConfig, spec: DeepSpeedSpec, world_size: int,
                 use_gpu: bool):
     """Build a DeepSpeed engine for one phase; model surgery has already happened on full weights."""
+    # deferred: DeepSpeed picks its accelerator when first imported (ensure_accelerator_env runs first)
     import deepspeed
 
     set_trainable(model, phase)
     optimizer = make_optimizer(phase, optim, use_gpu, offload_optimizer=spec.offload_optimizer != "none")
-    scheduler = None
-    if phase.lr_multipliers is not None:
-        # LambdaLR takes one function per param group; the phase gives all multipliers at once.
-        n = len(optimizer.param_groups)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, [lambda s, i=i: phase.lr_multipliers(s)[i] for i in range(n)]
-        )
+    scheduler = lr_scheduler(optimizer, phase)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -118,6 +97,7 @@ def make_engine(model: nn.Module, phase: Phase, optim: OptimConfig, spec: DeepSp
 def gathered(module: nn.Module, zero_stage: int, modifier_rank: int | None = None):
     """Full weights of `module` inside the block (a no-op below ZeRO-3). Every rank must enter it (a collective)."""
     if zero_stage == 3:
+        # deferred: DeepSpeed picks its accelerator when first imported (ensure_accelerator_env runs first)
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=modifier_rank):
@@ -133,6 +113,7 @@ def write_back_weights(module: nn.Module) -> None:
     at the next step, which would silently undo the rewrite; this pushes the module's current values into that copy.
     Under ZeRO-3 call it inside `gathered(...)` (full weights). A no-op for a plain fp32 optimizer (ZeRO-0).
     """
+    # deferred: DeepSpeed picks its accelerator when first imported (ensure_accelerator_env runs first)
     from deepspeed.utils import safe_set_full_fp32_param
 
     for p in module.parameters():
@@ -140,17 +121,23 @@ def write_back_weights(module: nn.Module) -> None:
             safe_set_full_fp32_param(p, p.data.detach().float().clone())
 
 
+def weight_access(module: nn.Module, zero_stage: int) -> WeightAccess:
+    """How a phase's hooks read and rewrite `module`'s weights inside a DeepSpeed engine (see train_step)."""
+    return WeightAccess(full=lambda: gathered(module, zero_stage), commit=lambda: write_back_weights(module))
+
+
+def _cpu_fp32_copy(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
+            for k, v in module.state_dict().items()}
+
+
 def full_state_dict(module: nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
     """fp32 copy of the full state dict on every rank (gathered under ZeRO-3)."""
     with gathered(module, zero_stage):
-        return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
-                for k, v in module.state_dict().items()}
+        return _cpu_fp32_copy(module)
 
 
 def consolidated_state_dict(module: nn.Module, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:
     """fp32 copy of the full state dict on rank 0 (gathered on all ranks under ZeRO-3); None on other ranks."""
     with gathered(module, zero_stage):
-        if rank != 0:
-            return None
-        return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
-                for k, v in module.state_dict().items()}
+        return _cpu_fp32_copy(module) if rank == 0 else None

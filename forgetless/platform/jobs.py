@@ -11,16 +11,24 @@ no MLflow run, no object in the bucket. Environment values (AWS keys, tokens) ar
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import shlex
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from forgetless.config import ConfigError, ExperimentConfig
+from forgetless import storage
+from forgetless.config import ExperimentConfig, load_config, select_strategy
 from forgetless.console import say
+from forgetless.errors import ConfigError
 from forgetless.hashing import short_hash
+from forgetless.platform import runner
+
+# The package folder shipped with a job (`py_modules`): this checkout's forgetless.
+PACKAGE_DIR = Path(__file__).parent.parent
 
 COMMANDS = ("run", "compare", "tune")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -62,7 +70,7 @@ def _auth_headers() -> dict[str, str]:
 
 def connect(address: str | None):
     """A JobSubmissionClient for the head, or a ConfigError saying why the head cannot be used."""
-    from ray.job_submission import JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient  # deferred: the Jobs SDK adds ~1 s to every CLI start
 
     addr = resolve_address(address)
     try:
@@ -111,8 +119,6 @@ def _relative_config(config_path: str, working_dir: Path) -> str:
 
 def _check_submittable(cfg: ExperimentConfig, env: dict[str, str]) -> str:
     """Cluster-only rules: where the results of a job go must outlive the job's temporary working dir."""
-    from forgetless import storage
-
     if not storage.is_s3(cfg.storage) and not Path(cfg.storage).is_absolute():
         raise ConfigError(f"storage: {cfg.storage!r} is relative, so it would land in the job's temporary working "
                           f"dir on the cluster; use storage: s3://BUCKET/PREFIX")
@@ -156,8 +162,6 @@ def submit(config_path: str, overrides: list[str], address: str | None, command:
            forward_credentials: bool = True, extra_env: Iterable[str] = (), local_checks: bool = True) -> tuple[
                Any, Submission]:
     """Validate and check everything, then submit; returns (client, submission)."""
-    from forgetless.config import load_config, select_strategy
-
     if command not in COMMANDS:
         raise ConfigError(f"--command: {command!r} is not one of {list(COMMANDS)}")
     extra_args = list(extra_args or [])
@@ -179,9 +183,7 @@ def submit(config_path: str, overrides: list[str], address: str | None, command:
     runtime_env: dict[str, Any] = {"working_dir": str(wd), "env_vars": env}
     if ship_code:
         # The job runs this checkout's forgetless, whatever version the cluster image has installed.
-        import forgetless
-
-        runtime_env["py_modules"] = [str(Path(forgetless.__file__).parent)]
+        runtime_env["py_modules"] = [str(PACKAGE_DIR)]
     say(f"submitting {sid} to {resolve_address(address)}: {entrypoint}")
     say(f"working dir {wd}; env passed: {', '.join(sorted(env)) or 'none'} (values not shown)")
     if previous:
@@ -195,8 +197,6 @@ def submit(config_path: str, overrides: list[str], address: str | None, command:
 def _local_checks(cfg: ExperimentConfig, tracking_uri: str, env: dict[str, str]) -> None:
     """The job's own start-up checks, run here before submitting (same code: runner.preflight), with the environment
     the job will have."""
-    from forgetless.platform import runner
-
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -231,8 +231,6 @@ def _info(client, submission_id: str):
 
 def follow(client, submission_id: str, out=None) -> str:
     """Stream the job's logs until it ends; returns its final status. Ctrl-C stops following, not the job."""
-    import asyncio
-
     out = out or sys.stdout
 
     async def tail() -> None:
@@ -246,8 +244,6 @@ def follow(client, submission_id: str, out=None) -> str:
         say(f"stopped following; the job goes on (`forgetless jobs logs {submission_id} --follow`)")
         return status_of(client, submission_id)
     # the log stream can end a moment before the status turns terminal
-    import time
-
     for _ in range(60):
         st = status_of(client, submission_id)
         if st in TERMINAL:

@@ -1,8 +1,10 @@
-"""Figures for MLflow: the accuracy-matrix heatmap and learning / forgetting curves (matplotlib, headless)."""
+"""Figures for MLflow: the accuracy-matrix heatmap and learning / forgetting curves (matplotlib, headless), and a
+search's target accuracy vs stop point and stop point x learning rate heatmap."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Protocol, Sequence
 
 import matplotlib
 
@@ -70,6 +72,111 @@ def comparison_curves(runs: dict[str, list[dict]], path: Path, title: str) -> Pa
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
     fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a search's figures (forgetless tune / forgetless report)
+
+LR_KEY = "train.lr"  # the searched field on the search figures' learning-rate axis
+
+
+class TrialView(Protocol):
+    """What the search figures read of one trial (a `forgetless.platform.tuning.TrialResult`; plots never
+    imports tuning, so it names only the shape)."""
+
+    params: dict[str, Any]
+    status: str
+    epochs: int
+    objective: float
+    metrics: dict[str, float]
+
+    @property
+    def stop_point(self) -> int: ...
+
+
+class SearchView(Protocol):
+    """What the search figures read of a search (a `forgetless.platform.tuning.SearchResult`)."""
+
+    name: str
+    mode: str
+    objective: str
+    space_keys: list[str]
+    source_acc_by_stop_point: dict[int, float]
+
+    @property
+    def trials(self) -> Sequence[TrialView]: ...
+
+
+def _lr_of(t: TrialView, res: SearchView) -> Any:
+    return t.params.get(LR_KEY) if LR_KEY in res.space_keys else "config"
+
+
+def _best_per_cell(res: SearchView, finished_only: bool) -> dict[tuple[int, Any], TrialView]:
+    # Several trials can share a (stop point, lr) cell (other searched fields, repeats): show the best of them.
+    sign = 1.0 if res.mode == "max" else -1.0
+    cells: dict[tuple[int, Any], TrialView] = {}
+    for t in res.trials:
+        if (finished_only and t.status != "finished") or math.isnan(t.objective):
+            continue
+        key = (t.stop_point, _lr_of(t, res))
+        if key not in cells or sign * t.objective > sign * cells[key].objective:
+            cells[key] = t
+    return cells
+
+
+def plot_target_vs_stop_point(res: SearchView, path: Path) -> Path:
+    """Target test accuracy vs stop point, one line per learning rate; the stop points' source accuracy on a second
+    axis (the paper's picture: source accuracy keeps rising while the best starting point for the target is earlier)."""
+    cells = _best_per_cell(res, finished_only=True)
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    lrs = sorted({lr for _, lr in cells}, key=str)
+    for lr in lrs:
+        pts = sorted((sp, t.metrics.get("test/target/acc", float("nan"))) for (sp, l), t in cells.items() if l == lr)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"lr={lr:g}" if isinstance(lr, float)
+                else f"lr={lr}")
+    ax.set_xlabel("pre-training stop point (epoch)")
+    ax.set_ylabel("target test accuracy (finished trials)")
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    src = sorted(res.source_acc_by_stop_point.items())
+    if src:
+        ax2.plot([s[0] for s in src], [s[1] for s in src], color="grey", ls="--", marker=".",
+                 label="source val acc of the stop point")
+        ax2.set_ylabel("source validation accuracy", color="grey")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="lower right")
+    ax.set_title(f"{res.name}: target accuracy vs stop point")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_heatmap(res: SearchView, path: Path) -> Path:
+    """Objective (validation) of every stop point x learning rate cell; early-stopped trials are marked."""
+    cells = _best_per_cell(res, finished_only=False)
+    sps = sorted({sp for sp, _ in cells})
+    lrs = sorted({lr for _, lr in cells}, key=lambda v: (isinstance(v, str), v if not isinstance(v, str) else 0))
+    grid = np.full((len(lrs), len(sps)), np.nan)
+    for (sp, lr), t in cells.items():
+        grid[lrs.index(lr), sps.index(sp)] = t.objective
+    fig, ax = plt.subplots(figsize=(1.0 * len(sps) + 3, 0.7 * len(lrs) + 2))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(sps)), [str(s) for s in sps])
+    ax.set_yticks(range(len(lrs)), [f"{lr:g}" if isinstance(lr, float) else str(lr) for lr in lrs])
+    ax.set_xlabel("pre-training stop point (epoch)")
+    ax.set_ylabel("learning rate")
+    for (sp, lr), t in cells.items():
+        txt = f"{t.objective:.3f}" + ("" if t.status == "finished" else f"\nstop@{t.epochs}")
+        ax.text(sps.index(sp), lrs.index(lr), txt, ha="center", va="center", fontsize=7,
+                color="w" if np.nanmean(grid) > t.objective else "k")
+    fig.colorbar(im, ax=ax, label=f"objective ({res.objective})")
+    ax.set_title(f"{res.name}: stop point x learning rate")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

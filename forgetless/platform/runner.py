@@ -13,22 +13,28 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
+import ray
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
 from forgetless import storage
 from forgetless.config import ConfigError, ExperimentConfig, StrategyConfig
 from forgetless.console import say
-from forgetless.platform import tracking
-from forgetless.platform.results import (
-    CompareResult,
-    StopPoint,
-    StrategyResult,
-    Trajectory,
-)
+from forgetless.data import build_stream
+from forgetless.platform import plots, tracking
+from forgetless.platform.model_io import build_model, load_torch_file
+from forgetless.platform.results import CompareResult, StopPoint, StrategyResult, Trajectory
+from forgetless.platform.train_loop import FINAL_CHECKPOINT, MODEL_FILE, STATE_FILE, train_worker
+from forgetless.platform.worker_job import CheckpointPolicy, RunState, StopPointRef, WorkerJob
+from forgetless.strategies import get_strategy_class, make_strategy
+from forgetless.strategies.base import check_trajectory_ends, task_infos
 
 TRAJECTORY_FILE = "trajectory.json"
+STOP_POINT_PREFIX = "stop_point_e"
+STOP_POINT_FORMAT = STOP_POINT_PREFIX + "{epoch:04d}"  # the checkpoint names of the pre-training's stop points
 WALL_FILE = "driver_wall.json"  # wall time of a finished transfer, measured by the driver
 
 
@@ -38,10 +44,11 @@ WALL_FILE = "driver_wall.json"  # wall time of a finished transfer, measured by 
 
 def preflight(cfg: ExperimentConfig) -> str:
     """Everything that can be checked without starting Ray; returns the resolved tracking URI."""
-    from forgetless.strategies import get_strategy_class
-
     for s in cfg.strategies:
         cls = get_strategy_class(s.name)
+        if not cls.transfer:
+            raise ConfigError(f"strategies[{s.display_name()}]: {s.name} is the platform's own source pre-training, "
+                              f"not a transfer strategy; configure it under pretrain: and list transfer strategies")
         if cfg.deepspeed.zero_stage > cls.max_zero_stage:
             raise ConfigError(
                 f"strategies[{s.display_name()}]: {s.name} supports DeepSpeed ZeRO stage <= {cls.max_zero_stage} "
@@ -61,15 +68,10 @@ def preflight(cfg: ExperimentConfig) -> str:
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     tracking.check_reachable(uri)
     # The tasks are built once here too, so a bad class id or an unreadable file fails before Ray starts.
-    from forgetless.data import build_stream
-
     try:
         tasks = build_stream(cfg.source, cfg.targets)
     except (ValueError, OSError) as e:
         raise ConfigError(f"tasks: {e}") from None
-    from forgetless.platform.train_loop import load_torch_file
-    from forgetless.strategies import make_strategy
-
     for s in cfg.strategies:  # the strategies' own whole-experiment checks (e.g. a permutation spec exists)
         try:
             make_strategy(s.name, s.params, cfg.train.epochs, cfg.train.lr).check(cfg, tasks, load_torch_file)
@@ -80,16 +82,12 @@ def preflight(cfg: ExperimentConfig) -> str:
 
 def ensure_ray(cfg: ExperimentConfig) -> None:
     """Connect to cfg.ray_address / RAY_ADDRESS, or start an embedded local cluster; no-op if Ray is initialized."""
-    import ray
-
     if not ray.is_initialized():
         init_ray(cfg.ray_address or os.environ.get("RAY_ADDRESS"), cfg.scaling.use_gpu)
 
 
 def init_ray(address: str | None, use_gpu: bool, num_cpus: int | None = None) -> None:
     """ray.init as every forgetless driver does it (benchmarks too, so they measure the same platform)."""
-    import ray
-
     env = {"PYTHONUNBUFFERED": "1"}
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
@@ -115,8 +113,6 @@ def _sigterm_as_sigint(signum, frame) -> None:
 
 
 def check_resources(cfg: ExperimentConfig) -> None:
-    import ray
-
     total = ray.cluster_resources()
     need_cpu = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     if total.get("CPU", 0) < need_cpu:
@@ -138,31 +134,19 @@ def check_resources(cfg: ExperimentConfig) -> None:
 # one Ray Train run
 
 
-def fit(cfg: ExperimentConfig, run_name: str, job: dict[str, Any], keep_all_checkpoints: bool,
-        callbacks: list | None = None):
-    """Build and fit a TorchTrainer (Train V2). Re-running the same `run_name` resumes from its latest checkpoint.
+def fit(cfg: ExperimentConfig, job: WorkerJob, keep_all_checkpoints: bool, callbacks: list | None = None):
+    """Build and fit a TorchTrainer (Train V2). Re-running the same `job.run_name` resumes from its latest checkpoint.
     `callbacks`: Ray Train UserCallbacks (a Tune trial passes one that forwards each report to Tune)."""
-    from ray.train import (
-        CheckpointConfig,
-        FailureConfig,
-        LoggingConfig,
-        RunConfig,
-        ScalingConfig,
-    )
-    from ray.train.torch import TorchTrainer
-
-    from forgetless.platform.train_loop import train_worker
-
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=job,
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=RunConfig(
-            name=run_name,
+            name=job.run_name,
             **storage.ray_storage(cfg.storage),
             checkpoint_config=CheckpointConfig(num_to_keep=None if keep_all_checkpoints else 3),
-            failure_config=FailureConfig(max_failures=job.get("max_failures", 0)),
+            failure_config=FailureConfig(max_failures=0),
             callbacks=callbacks,
             # Ray Train's own INFO lines (one per checkpoint and rank) drown the progress lines; warnings still show.
             logging_config=LoggingConfig(log_level=os.environ.get("FORGETLESS_RAY_TRAIN_LOG_LEVEL", "WARNING")),
@@ -171,9 +155,9 @@ def fit(cfg: ExperimentConfig, run_name: str, job: dict[str, Any], keep_all_chec
     return trainer.fit()
 
 
-def _read_state(result) -> dict[str, Any]:
+def _read_state(result) -> RunState:
     with result.checkpoint.as_directory() as d:
-        return json.loads(Path(d, "state.json").read_text())
+        return RunState.from_json(Path(d, STATE_FILE).read_text())
 
 
 def _checkpoint_uri(cfg: ExperimentConfig, run_name: str, checkpoint) -> str:
@@ -188,11 +172,29 @@ def transfer_run_name(cfg: ExperimentConfig, strategy: StrategyConfig) -> str:
     return f"{cfg.name}-{strategy.display_name()}-{cfg.transfer_key(strategy)}"
 
 
-def _job(cfg: ExperimentConfig, mode: str, run_name: str, display: str, target: tracking.TrackingTarget,
-         strategy: StrategyConfig | None = None, init_weights: str | None = None) -> dict[str, Any]:
-    return {"config": cfg.model_dump(mode="json"), "mode": mode, "run_name": run_name, "run_key": run_name,
-            "display_name": display, "tracking": target.to_dict(), "use_gpu": cfg.scaling.use_gpu,
-            "strategy": strategy.model_dump(mode="json") if strategy else None, "init_weights": init_weights}
+def pretrain_job(cfg: ExperimentConfig, target: tracking.TrackingTarget) -> WorkerJob:
+    """The source pre-training as a run of the `source_pretrain` strategy on stage 0; its checkpoints are the stop
+    points of the trajectory (θ⁰ first, then every `pretrain.checkpoint_every` epochs and the last)."""
+    return WorkerJob(
+        config=cfg, run_name=pretrain_run_name(cfg), display_name="pretrain", mode="pretrain",
+        strategy=StrategyConfig(name="source_pretrain", params={"head_only": bool(cfg.backbone.weights)}),
+        optim=cfg.pretrain, num_tasks=1, stages=[0], class_incremental=False,
+        checkpoints=CheckpointPolicy(STOP_POINT_FORMAT, every_epochs=cfg.pretrain.checkpoint_every, at_start=True),
+        tracking=target, init_weights=cfg.backbone.weights)
+
+
+def transfer_job(cfg: ExperimentConfig, strategy: StrategyConfig, init_weights: str, target: tracking.TrackingTarget,
+                 trajectory: Trajectory | None) -> WorkerJob:
+    """One strategy over the target stream (stages 1..T), starting from the pre-trained weights."""
+    needs_trajectory = get_strategy_class(strategy.name).needs_trajectory
+    return WorkerJob(
+        config=cfg, run_name=transfer_run_name(cfg, strategy), display_name=strategy.display_name(), mode="transfer",
+        strategy=strategy, optim=cfg.train, num_tasks=len(cfg.targets) + 1, stages=list(range(1, len(cfg.targets) + 1)),
+        class_incremental=cfg.evaluation == "class_incremental",
+        checkpoints=CheckpointPolicy("checkpoint_s{stage}_p{phase}_e{epoch:04d}",
+                                     stage_end_format="checkpoint_s{stage}_done"),
+        tracking=target, init_weights=init_weights,
+        trajectory=trajectory_stop_points(cfg, strategy, trajectory) if needs_trajectory else [])
 
 
 def pretrain(cfg: ExperimentConfig, target: tracking.TrackingTarget) -> Trajectory:
@@ -205,80 +207,71 @@ def pretrain(cfg: ExperimentConfig, target: tracking.TrackingTarget) -> Trajecto
     what = "training a source head on the given backbone" if cfg.backbone.weights else "pre-training from scratch"
     say(f"{what}: {cfg.source.display_name()} for {cfg.pretrain.epochs} epochs, stop point every "
         f"{cfg.pretrain.checkpoint_every} (Ray Train run {run_name})")
-    job = _job(cfg, "pretrain", run_name, "pretrain", target, init_weights=cfg.backbone.weights)
-    result = fit(cfg, run_name, job, keep_all_checkpoints=True)
+    result = fit(cfg, pretrain_job(cfg, target), keep_all_checkpoints=True)
     state = _read_state(result)
     stop_points = []
     for ckpt, metrics in result.best_checkpoints:
         name = Path(ckpt.path).name
-        if name.startswith("stop_point_e"):
-            stop_points.append(StopPoint(int(name[len("stop_point_e"):]), storage.join(
-                _checkpoint_uri(cfg, run_name, ckpt), "model.pt"), metrics.get("source/acc")))
+        if name.startswith(STOP_POINT_PREFIX):
+            stop_points.append(StopPoint(int(name[len(STOP_POINT_PREFIX):]), storage.join(
+                _checkpoint_uri(cfg, run_name, ckpt), MODEL_FILE), metrics.get("source/acc")))
     stop_points.sort(key=lambda s: s.epoch)
     traj = Trajectory(run_name, storage.join(storage.normalize(cfg.storage), run_name), stop_points,
-                      state.get("mlflow_run_id"))
-    if state.get("mlflow_run_id"):
-        tracking.client(target.tracking_uri).set_terminated(state["mlflow_run_id"], "FINISHED")
+                      state.mlflow_run_id)
+    if state.mlflow_run_id:
+        tracking.client(target.tracking_uri).set_terminated(state.mlflow_run_id, "FINISHED")
     storage.write_bytes(traj_uri, json.dumps(traj.to_dict(), indent=1).encode())
     return traj
 
 
 def trajectory_stop_points(cfg: ExperimentConfig, strategy: StrategyConfig,
-                           trajectory: Trajectory | None) -> list[dict[str, Any]]:
+                           trajectory: Trajectory | None) -> list[StopPointRef]:
     """The stop points handed to a strategy that needs the trajectory; θ⁰ (epoch 0) and θᵀ (the last epoch) must be
     there, checked before its training starts."""
     epochs = [sp.epoch for sp in trajectory.stop_points] if trajectory is not None else []
-    for needed, what in ((0, "θ⁰ (epoch 0)"), (cfg.pretrain.epochs, f"θᵀ (epoch {cfg.pretrain.epochs})")):
-        if needed not in epochs:
-            raise ConfigError(f"strategies[{strategy.display_name()}]: {strategy.name} needs the pre-training "
-                              f"trajectory from θ⁰ to θᵀ, but it has no stop point {what} (it has {epochs}); "
-                              f"re-run the pre-training from scratch (remove its trajectory.json) so it completes")
-    return [{"epoch": sp.epoch, "uri": sp.uri} for sp in trajectory.stop_points]
+    try:
+        check_trajectory_ends(epochs, cfg.pretrain.epochs)
+    except ValueError as e:
+        raise ConfigError(f"strategies[{strategy.display_name()}]: {strategy.name} needs the pre-training trajectory "
+                          f"from θ⁰ to θᵀ, but {e}") from None
+    return [StopPointRef(sp.epoch, sp.uri) for sp in trajectory.stop_points]
 
 
 def transfer(cfg: ExperimentConfig, strategy: StrategyConfig, init_weights: str,
              target: tracking.TrackingTarget, callbacks: list | None = None,
              trajectory: Trajectory | None = None) -> StrategyResult:
-    from forgetless.platform.train_loop import FINAL_CHECKPOINT, STATE_FILE
-    from forgetless.strategies import get_strategy_class
-
     run_name = transfer_run_name(cfg, strategy)
     run_uri = storage.join(storage.normalize(cfg.storage), run_name)
     final_state_uri = storage.join(run_uri, FINAL_CHECKPOINT, STATE_FILE)
     if callbacks is None and storage.exists(final_state_uri):
         # The identical run finished before (same config hash): read its result instead of starting Ray Train workers
         # that would only load the final checkpoint and stop. (Tune trials pass callbacks and always run.)
-        state = json.loads(storage.read_bytes(final_state_uri))
-        if state.get("finished") and tracking.run_exists(target.tracking_uri, state.get("mlflow_run_id")):
+        state = RunState.from_json(storage.read_bytes(final_state_uri))
+        if state.finished and tracking.run_exists(target.tracking_uri, state.mlflow_run_id):
             say(f"strategy {strategy.display_name()}: reusing the finished run {run_name}")
             wall_uri = storage.join(run_uri, WALL_FILE)
             wall = json.loads(storage.read_bytes(wall_uri))["wall_seconds"] if storage.exists(wall_uri) else math.nan
             return _strategy_result(cfg, strategy, state, wall, storage.join(run_uri, FINAL_CHECKPOINT))
     say(f"strategy {strategy.display_name()}: Ray Train run {run_name} ({cfg.scaling.num_workers} workers, "
         f"DeepSpeed ZeRO-{cfg.deepspeed.zero_stage})")
-    job = _job(cfg, "transfer", run_name, strategy.display_name(), target, strategy=strategy,
-               init_weights=init_weights)
-    if get_strategy_class(strategy.name).needs_trajectory:
-        job["trajectory"] = trajectory_stop_points(cfg, strategy, trajectory)
+    job = transfer_job(cfg, strategy, init_weights, target, trajectory)
     t0 = time.perf_counter()
-    result = fit(cfg, run_name, job, keep_all_checkpoints=False, callbacks=callbacks)
+    result = fit(cfg, job, keep_all_checkpoints=False, callbacks=callbacks)
     wall = time.perf_counter() - t0
     state = _read_state(result)
-    if state.get("finished"):
+    if state.finished:
         storage.write_bytes(storage.join(run_uri, WALL_FILE), json.dumps({"wall_seconds": wall}).encode())
     return _strategy_result(cfg, strategy, state, wall, _checkpoint_uri(cfg, run_name, result.checkpoint))
 
 
-def _strategy_result(cfg: ExperimentConfig, strategy: StrategyConfig, state: dict[str, Any], wall: float,
+def _strategy_result(cfg: ExperimentConfig, strategy: StrategyConfig, state: RunState, wall: float,
                      checkpoint_uri: str) -> StrategyResult:
-    from forgetless.strategies import get_strategy_class
-
     cls = get_strategy_class(strategy.name)
     return StrategyResult(
-        label=strategy.display_name(), strategy=strategy.name, task_names=state["task_names"],
-        accuracy_matrix=np.asarray(state["R"], dtype=float), history=state["history"], phase_log=state["phase_log"],
-        trainable_params=state["trainable_params"], global_step=state["global_step"], wall_seconds=wall,
-        train_seconds=state["train_seconds"], mlflow_run_id=state.get("mlflow_run_id"),
+        label=strategy.display_name(), strategy=strategy.name, task_names=state.task_names,
+        accuracy_matrix=np.asarray(state.R, dtype=float), history=state.history, phase_log=state.phase_log,
+        trainable_params=state.trainable_params, global_step=state.global_step, wall_seconds=wall,
+        train_seconds=state.train_seconds, mlflow_run_id=state.mlflow_run_id,
         checkpoint_uri=checkpoint_uri, evaluation=cfg.evaluation,
         tags={"strategy": cls.name, "strategy_source": cls.paper, "fidelity": cls.fidelity},
     )
@@ -289,8 +282,6 @@ def _strategy_result(cfg: ExperimentConfig, strategy: StrategyConfig, state: dic
 
 
 def log_strategy_artifacts(cfg: ExperimentConfig, res: StrategyResult, uri: str) -> None:
-    from forgetless.platform import plots
-
     if res.mlflow_run_id is None:
         return
     c = tracking.client(uri)
@@ -315,20 +306,15 @@ def log_strategy_artifacts(cfg: ExperimentConfig, res: StrategyResult, uri: str)
 
 def load_model(cfg: ExperimentConfig, res: StrategyResult):
     """Rebuild the trained model (strategy surgery included) from the run's consolidated checkpoint."""
-    from forgetless.data import build_stream
-    from forgetless.platform.train_loop import build_model, load_torch_file
-    from forgetless.strategies import make_strategy
-
     s = next(s for s in cfg.strategies if s.display_name() == res.label)
     tasks = build_stream(cfg.source, cfg.targets)
-    meta = [{"name": t.name, "num_classes": t.num_classes, "classes": t.classes, "input_shape": list(t.input_shape)}
-            for t in tasks]
-    model = build_model(cfg, meta, make_strategy(s.name, s.params, cfg.train.epochs, cfg.train.lr))
-    model.load_state_dict(load_torch_file(storage.join(res.checkpoint_uri, "model.pt")))
+    model = build_model(cfg, task_infos(tasks), make_strategy(s.name, s.params, cfg.train.epochs, cfg.train.lr))
+    model.load_state_dict(load_torch_file(storage.join(res.checkpoint_uri, MODEL_FILE)))
     return model.eval(), tasks
 
 
 def log_model(cfg: ExperimentConfig, res: StrategyResult, uri: str) -> None:
+    # deferred: mlflow.pytorch is a heavy import that only model logging needs
     import mlflow
     import mlflow.pytorch
 
@@ -386,8 +372,6 @@ def execute(cfg: ExperimentConfig, command: str,
 
 
 def _log_parent_summary(out: CompareResult, uri: str) -> None:
-    from forgetless.platform import plots
-
     c = tracking.client(uri)
     with tempfile.TemporaryDirectory() as d:
         Path(d, "comparison.txt").write_text(out.table() + "\n")

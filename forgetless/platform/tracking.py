@@ -136,6 +136,25 @@ def find_unfinished_run(uri: str, experiment_id: str, run_key: str) -> str | Non
     return None
 
 
+def open_child_run(target: TrackingTarget, run_key: str, display_name: str, tags: dict[str, str],
+                   params: dict[str, Any], known_run_id: str | None = None) -> str:
+    """The child run of one Ray Train run: created under the invocation's parent, or, on resume, the same run again
+    (`known_run_id` from the checkpoint, or an unfinished run with this key left by a killed invocation)."""
+    uri = target.tracking_uri
+    run_id = known_run_id or find_unfinished_run(uri, target.experiment_id, run_key)
+    if target.parent_run_id:
+        tags = {**tags, PARENT_TAG: target.parent_run_id}
+    c = client(uri)
+    if run_id is None:
+        run_id = c.create_run(target.experiment_id, run_name=display_name, tags=redact(tags)).info.run_id
+    else:
+        for k, v in tags.items():
+            c.set_tag(run_id, k, v)
+        c.update_run(run_id, status="RUNNING")
+    log_params(uri, run_id, params)
+    return run_id
+
+
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from forgetless.backbones.transfer_model import TransferModel, head_key
+from forgetless.data.tasks import TaskData
 
 
 class StrategyParams(BaseModel):
@@ -33,6 +34,16 @@ class TaskInfo:
     classes: list[int]
     # Shape of one input (without the batch dimension), for strategies that build input-side modules.
     input_shape: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, index: int, task: TaskData) -> "TaskInfo":
+        """The description of a built task (no data): what strategies see."""
+        return cls(index, task.name, task.num_classes, list(task.classes), tuple(task.input_shape))
+
+
+def task_infos(tasks: list[TaskData]) -> list[TaskInfo]:
+    """The descriptions of a built stream, task 0 the source."""
+    return [TaskInfo.of(i, t) for i, t in enumerate(tasks)]
 
 
 @dataclass
@@ -102,6 +113,8 @@ class Strategy:
     supported_backbones: ClassVar[tuple[str, ...] | None] = None
     # Does `prepare` need the source pre-training trajectory (the stop points' state dicts)? (learning transfer)
     needs_trajectory: ClassVar[bool] = False
+    # A strategy users list under `strategies:` to train target tasks; False for the platform's source pre-training.
+    transfer: ClassVar[bool] = True
 
     def __init__(self, params: StrategyParams, epochs: int, lr: float):
         self.params = params
@@ -153,3 +166,13 @@ def backbone_params(model: TransferModel) -> list[nn.Parameter]:
 
 def count_params(params: Iterable[nn.Parameter]) -> int:
     return sum(p.numel() for p in params)
+
+
+def check_trajectory_ends(epochs: list[int], final_epoch: int) -> None:
+    """A pre-training trajectory runs from θ⁰ (epoch 0, the initialisation) to θᵀ (its final epoch); a strategy that
+    needs the trajectory refuses one without either end (ValueError naming the missing point and the fix)."""
+    for epoch, which, symbol in ((0, "first", "θ⁰"), (final_epoch, "final", "θᵀ")):
+        if epoch not in epochs:
+            raise ValueError(f"the pre-training trajectory has no stop point at its {which} epoch, i.e. no stop point "
+                             f"{symbol} (epoch {epoch}); it has {sorted(epochs)}: re-run the pre-training from scratch "
+                             f"(remove its trajectory.json) so it completes")

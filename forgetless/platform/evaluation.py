@@ -1,0 +1,58 @@
+"""Sharded evaluation inside a Ray Train worker: every rank scores its share of each task, the sums are all-reduced."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from forgetless.backbones import TransferModel
+from forgetless.data import TaskData
+
+
+@torch.no_grad()
+def evaluate(model: TransferModel, tasks: list[TaskData], split: str, stage: int, class_incremental: bool, rank: int,
+             world: int, device: torch.device, batch_size: int = 256) -> dict[int, tuple[float, float]]:
+    """(accuracy, mean loss) for every task, each rank on its shard, summed over ranks.
+
+    Shards are padded to equal length (padding masked out) so that every rank runs the same forward passes; under
+    ZeRO-3 each forward gathers parameters collectively, so a rank with one batch fewer would hang the others.
+    """
+    was_training = model.training
+    model.eval()
+    offsets = [0]
+    for t in tasks:
+        offsets.append(offsets[-1] + t.num_classes)
+    out: dict[int, tuple[float, float]] = {}
+    for j, task in enumerate(tasks):
+        # class-incremental: one prediction over every head seen so far, labels shifted to their global ids
+        heads = list(range(max(stage, j) + 1)) if class_incremental else j
+        stats = _task_stats(model, *task.split(split), heads, offsets[j] if class_incremental else 0, rank, world,
+                            device, batch_size)
+        if world > 1:
+            dist.all_reduce(stats)
+        out[j] = (float(stats[0] / stats[2]), float(stats[1] / stats[2]))
+    model.train(was_training)
+    return out
+
+
+def _task_stats(model: TransferModel, x: torch.Tensor, y: torch.Tensor, heads: int | list[int], label_offset: int,
+                rank: int, world: int, device: torch.device, batch_size: int) -> torch.Tensor:
+    """(correct, loss sum, count) of this rank's padded shard of one task."""
+    n = len(x)
+    per_rank = math.ceil(n / world)
+    idx = torch.arange(rank * per_rank, (rank + 1) * per_rank)
+    valid = idx < n
+    idx = torch.where(valid, idx, torch.zeros_like(idx))
+    stats = torch.zeros(3, dtype=torch.float64)
+    for i in range(0, per_rank, batch_size):
+        b, v = idx[i : i + batch_size], valid[i : i + batch_size].to(device)
+        xb, yb = x[b].to(device), y[b].to(device) + label_offset
+        logits = model(xb, heads).float()
+        correct = logits.argmax(1) == yb
+        loss = F.cross_entropy(logits, yb, reduction="none")
+        stats[0] += correct[v].sum().item()
+        stats[1] += loss[v].sum().item()
+        stats[2] += v.sum().item()
+    return stats

@@ -1,0 +1,41 @@
+"""What a search writes on its trials' MLflow runs (tags, params, metrics), from several processes at once."""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from forgetless.platform import tracking
+from forgetless.platform.tuning.objective import OBJECTIVE, TRIAL_EPOCH
+
+TRIAL_TAG = "forgetless.search.trial_id"
+SEARCH_TAG = "forgetless.search.name"
+STATUS_TAG = "forgetless.search.status"
+
+
+def with_retries(fn: Callable, *args, attempts: int = 6, **kwargs):
+    """Call `fn`, retrying while the SQLite store is locked by another trial's writer.
+
+    MLflow already sets SQLite's busy_timeout (20 s); this covers the rest (a lock held longer while several trials
+    start at once), with exponential backoff. Other errors are raised at once."""
+    for i in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - filtered just below
+            transient = "database is locked" in str(e) or getattr(e, "error_code", "") == "TEMPORARILY_UNAVAILABLE"
+            if not transient or i == attempts - 1:
+                raise
+            time.sleep(0.5 * 2**i)
+
+
+def mark_trial(uri: str, run_id: str, name: str, trial_id: str, params: dict[str, Any], status: str,
+               values: dict[str, float]) -> None:
+    """Tag a trial's child run as part of search `name` and log its searched values and its result."""
+    c = tracking.client(uri)
+    for k, v in {TRIAL_TAG: trial_id, SEARCH_TAG: name, STATUS_TAG: status}.items():
+        with_retries(c.set_tag, run_id, k, v)
+    with_retries(tracking.log_params, uri, run_id, {f"search.{k}": v for k, v in params.items()})
+    metrics = {f"search/{k}": v for k, v in values.items()
+               if isinstance(v, (int, float)) and k not in (OBJECTIVE, TRIAL_EPOCH)}
+    metrics["search/objective"] = values[OBJECTIVE]
+    metrics["search/trial_epochs"] = values[TRIAL_EPOCH]
+    with_retries(tracking.log_metrics, uri, run_id, metrics, step=0)
