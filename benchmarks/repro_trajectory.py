@@ -29,9 +29,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import forgetless
 from forgetless.backbones import TransferModel, build_backbone
 from forgetless.config import PretrainConfig, TaskConfig
 from forgetless.data import build_task
+from forgetless.platform import tracking
+from forgetless.platform.runner import init_ray
 from forgetless.strategies import make_strategy
 from forgetless.strategies.trajectory_transfer import local_context
 
@@ -140,10 +143,6 @@ PLATFORM_LABELS = ["naive", "fgmt", "gmt", "oracle", "from_theta2_init"]
 
 def platform(args) -> None:
     """One compare per seed through Ray Train + DeepSpeed; every number is read back from the MLflow runs."""
-    import forgetless
-    from forgetless.platform import tracking
-    from forgetless.platform.runner import init_ray
-
     init_ray(None, use_gpu=False)  # one embedded cluster for every seed, as the CLI would start
     runs = []
     for seed in args.seeds:

@@ -12,7 +12,7 @@ Public API::
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Union
 
 from forgetless.config import ConfigError, ExperimentConfig, load_config, select_strategy
 from forgetless.platform.results import CompareResult, StrategyResult, Trajectory
@@ -22,7 +22,8 @@ from forgetless.platform.tuning import SearchResult, run_search
 
 __version__ = "0.1.0"
 
-ConfigLike = "str | os.PathLike | dict[str, Any] | ExperimentConfig"
+# What every entry point accepts as a config: a YAML path, a mapping, or a loaded config.
+ConfigLike = Union[str, os.PathLike, dict[str, Any], ExperimentConfig]
 
 
 def run(config: ConfigLike, strategy: str | None = None, overrides: list[str] | None = None) -> StrategyResult:

@@ -7,10 +7,11 @@ import importlib
 import pkgutil
 import sys
 
+import forgetless.commands as commands
+from forgetless.errors import ConfigError
+
 
 def build_parser() -> argparse.ArgumentParser:
-    import forgetless.commands as commands
-
     parser = argparse.ArgumentParser(
         prog="forgetless",
         description="Fine-tune pretrained backbones on new tasks without forgetting, on Ray Train + DeepSpeed, "
@@ -25,8 +26,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from forgetless.config import ConfigError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -7,8 +7,10 @@ and the endpoint, never a key id or a secret.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -41,8 +43,8 @@ def s3_client(max_attempts: int | None = None):
 
 @lru_cache(maxsize=8)
 def _cached_client(env: tuple, max_attempts: int | None):
-    import boto3
-    from botocore.config import Config
+    import boto3  # deferred: boto3/botocore take ~0.3 s to import; only s3:// URIs need them
+    from botocore.config import Config  # deferred: as boto3
 
     attempts = max_attempts or int(os.environ.get("AWS_MAX_ATTEMPTS", "8"))
     return boto3.session.Session().client("s3", config=Config(
@@ -83,7 +85,7 @@ _BAD_CREDENTIALS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken
 
 def _translate(e: Exception, uri: str) -> Exception:
     """A botocore error as FileNotFoundError / PermissionError (both OSError) naming the URI and the fix."""
-    from botocore.exceptions import (
+    from botocore.exceptions import (  # deferred: as boto3
         ClientError,
         EndpointConnectionError,
         NoCredentialsError,
@@ -113,7 +115,7 @@ def _translate(e: Exception, uri: str) -> Exception:
 
 
 def _s3_call(uri: str, fn):
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError, ClientError  # deferred: as boto3
 
     try:
         return fn()
@@ -147,7 +149,7 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 def exists(uri: str) -> bool:
     if is_s3(uri):
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import ClientError  # deferred: as boto3
 
         bucket, key = split_s3(uri)
         try:
@@ -210,6 +212,63 @@ def upload_dir(local_dir: str | os.PathLike, uri: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# model folders (Hugging Face / timm layout: config.json and weights): a local folder, or an s3:// prefix downloaded
+# once per machine. Both the backbones (weights) and the data layer (a text task's tokenizer) read them.
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", "./", "../", "~")) or os.sep in spec and Path(spec).expanduser().exists()
+
+
+def check_model_folder(spec: str, prefix: str = "hf:") -> None:
+    """Config-time check of `hf:<spec>`: a local folder with config.json, or an s3:// URI (checked when loaded)."""
+    if not spec:
+        raise ValueError(f"{prefix}: give a model folder, e.g. {prefix}/models/bert-base or {prefix}s3://bucket/bert")
+    if spec.startswith("s3://"):
+        return
+    path = Path(spec).expanduser()
+    if not path.exists():
+        if not _looks_like_path(spec):
+            raise ValueError(
+                f"{prefix}{spec}: not a local folder or s3:// URI. forgetless never downloads from the Hugging Face "
+                f"hub; download the model once (e.g. `huggingface-cli download {spec} --local-dir DIR`) and give "
+                f"{prefix}DIR, or upload DIR to S3 and give {prefix}s3://bucket/prefix"
+            )
+        raise ValueError(f"{prefix}{spec}: folder does not exist")
+    if not path.is_dir() or not (path / "config.json").exists():
+        raise ValueError(f"{prefix}{spec}: not a model folder (no config.json inside); give the folder that "
+                         f"save_pretrained wrote")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FORGETLESS_CACHE", Path.home() / ".cache" / "forgetless")).expanduser()
+
+
+def local_folder(spec: str) -> Path:
+    """The local folder for `spec`; an s3:// folder is downloaded once per machine into the cache (atomic rename, so
+    workers that start together on one node never see half a folder)."""
+    if not spec.startswith("s3://"):
+        return Path(spec).expanduser().resolve()
+    dest = cache_root() / "models" / hashlib.sha256(spec.rstrip("/").encode()).hexdigest()[:16]
+    if (dest / "config.json").exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
+    try:
+        download_dir(spec, tmp)
+        if not (tmp / "config.json").exists():
+            raise ValueError(f"{spec}: not a model folder (no config.json under it)")
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not (dest / "config.json").exists():  # someone else won the race only if the folder is complete
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Ray Train and start-up checks
 
 
@@ -225,7 +284,7 @@ def ray_storage(uri: str) -> dict[str, Any]:
     endpoint = endpoint_url()
     if not is_s3(uri) or not endpoint:
         return {"storage_path": uri}
-    import pyarrow.fs as pafs
+    import pyarrow.fs as pafs  # deferred: only an s3:// storage with a custom endpoint needs it
 
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     attempts = int(os.environ.get("AWS_MAX_ATTEMPTS", "8"))

@@ -1,10 +1,12 @@
 """Tasks from real packaged data and from user files: splits, class subsets, determinism, transforms."""
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from forgetless.config import TaskConfig
-from forgetless.data import build_stream, build_task
+from forgetless.data import build_stream, build_task, load_raw_dataset
 
 
 def test_digits_class_split_is_disjoint_and_deterministic():
@@ -33,8 +35,6 @@ def test_mnist1d_offline_and_few_shot():
 def test_label_order_follows_classes_list():
     t = build_task(TaskConfig(dataset="digits", classes=[9, 3]))
     # local label 0 is class 9: check against the raw data
-    from forgetless.data import load_raw_dataset
-
     x, y = load_raw_dataset("digits")
     first_nine = torch.from_numpy(x[y == 9])
     train_nines = t.x_train[t.y_train == 0]
@@ -58,9 +58,6 @@ def test_user_npz_and_parquet(tmp_path):
     np.savez(tmp_path / "d.npz", x=x, y=y)
     t = build_task(TaskConfig(dataset=str(tmp_path / "d.npz")))
     assert t.input_shape == (1, 6) and t.num_classes == 3
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     pq.write_table(pa.table({"f0": x[:, 0], "f1": x[:, 1], "label": y}), tmp_path / "d.parquet")
     t2 = build_task(TaskConfig(dataset=str(tmp_path / "d.parquet"), classes=[0, 2]))
     assert t2.input_shape == (1, 2) and t2.num_classes == 2

@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import forgetless
 from forgetless.backbones import TransferModel, build_backbone
 from forgetless.config import ConfigError, load_config
-from forgetless.platform.train_loop import load_pretrained
+from forgetless.platform.model_io import load_pretrained, load_torch_file
+from forgetless.platform.runner import preflight
 from forgetless.strategies import make_strategy
 from forgetless.strategies.base import TaskInfo
 from forgetless.strategies.expanse import ExpandedBackbone, GrowLayer
@@ -48,7 +50,7 @@ def _expanded(name, shape, params, pretrained, ratio=0.25):
     model = TransferModel(build_backbone(name, shape, params), [5, 3])
     strategy = make_strategy("expanse", {"ratio": ratio}, epochs=4, lr=0.05)
     strategy.build(model, [TaskInfo(0, "s", 5, list(range(5))), TaskInfo(1, "t", 3, [0, 1, 2])])
-    load_pretrained(model, pretrained.state_dict(), source_only=False)
+    load_pretrained(model, pretrained.state_dict())
     return model.eval(), strategy
 
 
@@ -149,8 +151,6 @@ def test_bad_params_are_config_errors(tiny_config, params, field):
 
 
 def test_unsupported_backbone_fails_before_ray(tiny_config, workdir):
-    from forgetless.platform.runner import preflight
-
     cfg = load_config(tiny_config(backbone={"name": "resnet", "params": {"widths": [4]}}, strategies=["expanse"]))
     with pytest.raises(ConfigError, match="expanse does not support backbone 'resnet'"):
         preflight(cfg)
@@ -162,9 +162,6 @@ def test_expanse_end_to_end_zero3(ray_session, workdir, tiny_config, tmp_path_fa
     """Through the platform (2 workers, DeepSpeed ZeRO-3 on CPU): the source accuracy after transfer equals the
     pretrained one exactly, the pretrained weights (BatchNorm statistics included) are bit-identical in the exported
     checkpoint, and the target is learned."""
-    import forgetless
-    from forgetless.platform.train_loop import load_torch_file
-
     # The same pre-training as tests/test_trajectory_transfer.py's end-to-end test, in a session-wide storage
     # folder: whichever runs second reuses the trajectory (CI time).
     cfg = tiny_config(backbone={"name": "mlp", "params": {"hidden": [32], "batchnorm": True}},

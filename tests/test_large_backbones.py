@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
+import boto3
 import numpy as np
 import pytest
 import torch
@@ -21,9 +25,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from forgetless.backbones import build_backbone  # noqa: E402
+import mlflow.pytorch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import (AutoModel, BertConfig, BertModel, GPT2Config, GPT2Model,  # noqa: E402
+                          PreTrainedTokenizerFast, ViTConfig, ViTModel)
+
+import forgetless  # noqa: E402
+from forgetless.backbones import TransferModel, build_backbone  # noqa: E402
+from forgetless.backbones.hf import HFBackbone, save_pretrained  # noqa: E402
 from forgetless.config import ConfigError, load_config  # noqa: E402
 from forgetless.data.text import docstring_texts, write_text_task  # noqa: E402
+from forgetless.platform.runner import load_model, preflight  # noqa: E402
+from forgetless.strategies import make_strategy  # noqa: E402
+from forgetless.strategies.base import TaskInfo  # noqa: E402
+from forgetless.strategies.lora import lora_parameters, merge_and_reset  # noqa: E402
 
 H = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 
@@ -33,8 +48,8 @@ H = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediat
 
 
 def _train_tokenizer(kind: str):
+    # deferred: a module-level `models` would clash with the fixture of that name
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     texts, _ = docstring_texts()
     if kind == "wordpiece":  # BERT-style
@@ -54,8 +69,6 @@ def _train_tokenizer(kind: str):
 
 
 def make_bert(folder: Path) -> Path:
-    from transformers import BertConfig, BertModel
-
     tok = _train_tokenizer("wordpiece")
     torch.manual_seed(1)
     BertModel(BertConfig(vocab_size=len(tok), max_position_embeddings=64, pad_token_id=tok.pad_token_id,
@@ -65,8 +78,6 @@ def make_bert(folder: Path) -> Path:
 
 
 def make_gpt2(folder: Path) -> Path:
-    from transformers import GPT2Config, GPT2Model
-
     tok = _train_tokenizer("bpe")
     torch.manual_seed(2)
     GPT2Model(GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
@@ -76,8 +87,6 @@ def make_gpt2(folder: Path) -> Path:
 
 
 def make_vit(folder: Path) -> Path:
-    from transformers import ViTConfig, ViTModel
-
     torch.manual_seed(3)
     ViTModel(ViTConfig(image_size=8, patch_size=4, num_channels=1, **H)).save_pretrained(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps(
@@ -98,8 +107,6 @@ def models(tmp_path_factory):
 
 def folder_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The folder's weights under the in-memory names (transformers may rename keys between file and module)."""
-    from transformers import AutoModel
-
     return {k: v.clone() for k, v in AutoModel.from_pretrained(folder).state_dict().items()}
 
 
@@ -155,8 +162,6 @@ def test_hub_names_and_bad_folders_are_config_errors(tiny_config, tmp_path):
 
 
 def test_unknown_backbone_params_and_unsupported_strategy_are_config_errors(models, tiny_config, workdir):
-    from forgetless.platform.runner import preflight
-
     with pytest.raises(ConfigError, match="pooling"):
         load_config(tiny_config(backbone={"name": f"hf:{models['vit']}", "params": {"pooling": "max"}}))
     with pytest.raises(ConfigError, match="unknown"):
@@ -168,25 +173,15 @@ def test_unknown_backbone_params_and_unsupported_strategy_are_config_errors(mode
 
 
 def _tiny_transfer_model(folder, shape, strategy=None):
-    from forgetless.backbones import TransferModel
-
     bb = build_backbone(f"hf:{folder}", shape)
     model = TransferModel(bb, [3, 3])
     if strategy is not None:
-        from forgetless.strategies.base import TaskInfo
-
         strategy.build(model, [TaskInfo(0, "s", 3, [0, 1, 2]), TaskInfo(1, "t", 3, [3, 4, 5])])
     return model
 
 
 @pytest.mark.parametrize("name", ["gpt2", "vit"])
 def test_lora_merge_keeps_the_function_and_exports_a_plain_model(models, name, tmp_path):
-    from transformers import AutoModel
-
-    from forgetless.backbones.hf import HFBackbone, save_pretrained
-    from forgetless.strategies import make_strategy
-    from forgetless.strategies.lora import lora_parameters, merge_and_reset
-
     shape = (1, 8, 8) if name == "vit" else (2, 32)
     plain = _tiny_transfer_model(models[name], shape)
     lora = make_strategy("lora", {"r": 4}, epochs=1, lr=0.01)
@@ -214,7 +209,6 @@ def test_lora_merge_keeps_the_function_and_exports_a_plain_model(models, name, t
 
 def test_timm_backbone_loads_weights_from_a_file(tmp_path):
     timm = pytest.importorskip("timm", reason="timm needs an importable torchvision")
-    from safetensors.torch import save_file
 
     ref = timm.create_model("resnet10t", pretrained=False, num_classes=0)
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "w.safetensors"))
@@ -247,8 +241,7 @@ def test_torchvision_backbone_or_clear_error():
 def test_hf_folder_from_s3(models, tmp_path, monkeypatch):
     """A model folder on an S3-compatible server (moto in server mode on 127.0.0.1) loads like a local one."""
     pytest.importorskip("moto")
-    import boto3
-    from moto.server import ThreadedMotoServer
+    from moto.server import ThreadedMotoServer  # deferred: moto is optional (skipped above without it)
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
@@ -306,10 +299,6 @@ for opt in ("adamw", "sgd"):
 def test_offload_and_accumulation_settings_reach_deepspeed(tmp_path):
     """deepspeed.offload_optimizer/offload_param and gradient_accumulation_steps are passed through and train
     (one real single-process DeepSpeed engine per setting, in a subprocess so no process group leaks into pytest)."""
-    import random
-    import subprocess
-    import sys
-
     script = tmp_path / "offload.py"
     script.write_text(_OFFLOAD_SCRIPT)
     out = subprocess.run([sys.executable, str(script), str(random.randint(20000, 40000))], capture_output=True,
@@ -351,10 +340,6 @@ def _plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _check_export(cfg, res, x):
     """The MLflow model (consolidated weights) loads back and predicts what the checkpoint's model predicts."""
-    import mlflow.pytorch
-
-    from forgetless.platform.runner import load_model
-
     model, _ = load_model(cfg, res)
     exported = mlflow.pytorch.load_model(f"runs:/{res.mlflow_run_id}/model", map_location="cpu").eval()
     with torch.no_grad():
@@ -365,8 +350,6 @@ def _check_export(cfg, res, x):
 @pytest.mark.e2e
 @pytest.mark.slow  # minutes on 2 cores: outside CI's budget, run by `make test-all`
 def test_bert_zero3_four_strategies(models, ray_session, workdir):
-    import forgetless
-
     cfg = load_config(_text_config(
         models, "bert", ["finetune", "linear_probe", {"name": "lora", "params": {"r": 4}}, "lp_ft"],
         backbone={"name": f"hf:{models['bert']}", "params": {"gradient_checkpointing": True}}))
@@ -392,8 +375,6 @@ def test_bert_zero3_four_strategies(models, ray_session, workdir):
     x = torch.from_numpy(np.load(models["bert_data"])["x"][:8])
     _check_export(cfg, by["finetune"], x)
     lora_model = _check_export(cfg, by["lora"], x)
-    from forgetless.backbones.hf import HFBackbone, save_pretrained
-
     dest = save_pretrained(lora_model.backbone, workdir / "bert_lora_merged")
     with torch.no_grad():
         assert torch.allclose(HFBackbone(str(dest), (2, 32)).eval()(x), lora_model.backbone(x), atol=1e-5)
@@ -401,8 +382,6 @@ def test_bert_zero3_four_strategies(models, ray_session, workdir):
 
 @pytest.mark.e2e
 def test_gpt2_and_vit_lora_under_zero3(models, ray_session, workdir):
-    import forgetless
-
     # GPT-2: LoRA on its fused Conv1D attention projection (transposed weights), merged under ZeRO-3
     gpt = load_config(_text_config(models, "gpt2", [{"name": "lora", "params": {"r": 4}}],
                                    train={"epochs": 1, "lr": 0.005, "batch_size": 16}))

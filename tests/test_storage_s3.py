@@ -5,13 +5,23 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 from pathlib import Path
 
+import boto3
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
+import torch
 
-
-
+from forgetless import storage
+from forgetless.backbones import build_backbone
+from forgetless.config import ConfigError, TaskConfig, load_config
+from forgetless.data.tasks import build_task
+from forgetless.platform.model_io import load_torch_file
+from forgetless.platform.runner import preflight
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +43,11 @@ def s3env(s3server, monkeypatch):
 
 
 def _boto(stack):
-    import boto3
-
     return boto3.client("s3", endpoint_url=stack.s3_endpoint, region_name=stack.region,
                         aws_access_key_id=stack.access_key_id, aws_secret_access_key=stack.secret_access_key)
 
 
 def test_read_write_exists_list(s3env):
-    from forgetless import storage
-
     base = f"s3://{s3env.bucket}/unit/rw"
     uri = storage.join(base, "a", "b.json")
     assert not storage.exists(uri)
@@ -58,8 +64,6 @@ def test_read_write_exists_list(s3env):
 
 
 def test_folder_round_trip(s3env, tmp_path):
-    from forgetless import storage
-
     src = tmp_path / "model"
     (src / "sub").mkdir(parents=True)
     (src / "config.json").write_text("{}")
@@ -71,12 +75,6 @@ def test_folder_round_trip(s3env, tmp_path):
 
 
 def test_dataset_npz_and_parquet_from_s3(s3env):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from forgetless.config import TaskConfig
-    from forgetless.data.tasks import build_task
-
     rng = np.random.default_rng(0)
     x = rng.normal(size=(120, 6)).astype(np.float32)
     y = np.repeat(np.arange(3), 40)
@@ -99,12 +97,6 @@ def test_dataset_npz_and_parquet_from_s3(s3env):
 
 
 def test_backbone_weights_from_s3(s3env):
-    import torch
-
-    from forgetless.backbones import build_backbone
-    from forgetless import storage
-    from forgetless.platform.train_loop import load_torch_file
-
     net = build_backbone("mlp", (1, 64), {"hidden": [16]})
     buf = io.BytesIO()
     torch.save(net.state_dict(), buf)
@@ -119,8 +111,6 @@ def test_backbone_weights_from_s3(s3env):
 
 
 def test_preflight_ok_leaves_nothing(s3env):
-    from forgetless import storage
-
     storage.preflight(f"s3://{s3env.bucket}/unit/preflight")
     keys = [o["Key"] for o in _boto(s3env).list_objects_v2(Bucket=s3env.bucket,
                                                             Prefix="unit/preflight").get("Contents", [])]
@@ -128,17 +118,11 @@ def test_preflight_ok_leaves_nothing(s3env):
 
 
 def test_missing_bucket_is_a_config_error(s3env):
-    from forgetless.config import ConfigError
-    from forgetless import storage
-
     with pytest.raises(ConfigError, match="storage: .*bucket 'no-such-bucket' does not exist"):
         storage.preflight("s3://no-such-bucket/runs")
 
 
 def test_wrong_credentials_are_a_config_error_without_the_key(s3env, monkeypatch):
-    from forgetless.config import ConfigError
-    from forgetless import storage
-
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value-123")
     with pytest.raises(ConfigError, match="rejected the credentials") as e:
         storage.preflight(f"s3://{s3env.bucket}/runs")
@@ -146,11 +130,6 @@ def test_wrong_credentials_are_a_config_error_without_the_key(s3env, monkeypatch
 
 
 def test_denied_access_is_a_config_error(s3env, monkeypatch):
-    import boto3
-
-    from forgetless.config import ConfigError
-    from forgetless import storage
-
     iam = boto3.client("iam", endpoint_url=s3env.s3_endpoint, region_name=s3env.region,
                        aws_access_key_id=s3env.access_key_id, aws_secret_access_key=s3env.secret_access_key)
     iam.create_user(UserName="reader-none")
@@ -164,12 +143,6 @@ def test_denied_access_is_a_config_error(s3env, monkeypatch):
 def test_ray_gets_an_s3_filesystem_for_the_custom_endpoint(s3env):
     """With AWS_ENDPOINT_URL set, Ray Train receives an explicit pyarrow S3 filesystem for that endpoint (and no
     credentials inside it: it is pickled to every worker)."""
-    import pickle
-
-    import pyarrow.fs as pafs
-
-    from forgetless import storage
-
     kw = storage.ray_storage(f"s3://{s3env.bucket}/unit/ray/")
     assert kw["storage_path"] == f"{s3env.bucket}/unit/ray"
     fs = kw["storage_filesystem"]
@@ -184,9 +157,6 @@ def test_ray_gets_an_s3_filesystem_for_the_custom_endpoint(s3env):
 def test_runner_preflight_checks_storage_and_weights(s3env, workdir, tiny_config):
     """The driver's start-up checks (before Ray starts): a missing bucket and a missing weights file are errors that
     name the field; a good S3 config passes."""
-    from forgetless.config import ConfigError, load_config
-    from forgetless.platform.runner import preflight
-
     good = load_config(tiny_config(storage=f"s3://{s3env.bucket}/unit/runs"))
     assert preflight(good).startswith("sqlite:///")
     with pytest.raises(ConfigError, match="^storage: "):

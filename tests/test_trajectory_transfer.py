@@ -9,8 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import forgetless
 from forgetless.backbones import TransferModel, build_backbone, register_backbone
 from forgetless.config import ConfigError, PretrainConfig, TaskConfig, load_config
+from forgetless.data import build_task
+from forgetless.platform import tracking
+from forgetless.platform.model_io import load_torch_file
+from forgetless.platform.results import StopPoint, Trajectory
+from forgetless.platform.runner import preflight, trajectory_stop_points
 from forgetless.strategies import make_strategy
 from forgetless.strategies import permutations as P
 from forgetless.strategies.trajectory_transfer import learning_transfer, local_context
@@ -94,8 +100,6 @@ def test_weight_matching_recovers_a_known_permutation(arch):
 
 def _digits_trajectory(epochs=6, hidden=(64, 64)):
     """A real source trajectory: an MLP trained with SGD on the digits' training split (θ₁⁰ and θ₁ᵀ)."""
-    from forgetless.data import build_task
-
     task = build_task(TaskConfig(dataset="digits"))
     pre = PretrainConfig(optimizer="sgd", lr=0.05, momentum=0.9, batch_size=64, epochs=epochs, checkpoint_every=epochs)
     torch.manual_seed(0)
@@ -198,8 +202,6 @@ register_backbone("test_no_spec_net", _NoSpecNet)
 
 
 def test_architecture_without_a_spec_is_a_clear_error(tiny_config, workdir):
-    from forgetless.platform.runner import preflight
-
     with pytest.raises(P.UnsupportedArchitecture, match="no permutation spec for backbone _NoSpecNet"):
         P.spec_for(TransferModel(_NoSpecNet((1, 8, 8)), [5]))
     cfg = load_config(tiny_config(backbone={"name": "test_no_spec_net"}, strategies=["trajectory_transfer"]))
@@ -208,8 +210,6 @@ def test_architecture_without_a_spec_is_a_clear_error(tiny_config, workdir):
 
 
 def test_mismatched_theta2_shapes_fail_before_ray(tiny_config, workdir):
-    from forgetless.platform.runner import preflight
-
     other = TransferModel(build_backbone("mlp", (1, 8, 8), {"hidden": [48]}), [5])
     torch.save(other.state_dict(), workdir / "theta2.pt")
     cfg = load_config(tiny_config(strategies=[{"name": "trajectory_transfer",
@@ -220,9 +220,6 @@ def test_mismatched_theta2_shapes_fail_before_ray(tiny_config, workdir):
 
 
 def test_trajectory_without_its_final_point_fails_before_training(tiny_config, digits_trajectory):
-    from forgetless.platform.results import StopPoint, Trajectory
-    from forgetless.platform.runner import trajectory_stop_points
-
     cfg = load_config(tiny_config(strategies=["trajectory_transfer"]))  # pretrain.epochs = 2
     partial = Trajectory("r", "/x", [StopPoint(0, "/x/e0/model.pt", None), StopPoint(1, "/x/e1/model.pt", 0.5)])
     with pytest.raises(ConfigError, match=r"no stop point θᵀ \(epoch 2\)"):
@@ -237,8 +234,6 @@ def test_trajectory_without_its_final_point_fails_before_training(tiny_config, d
 
 
 def test_theta2_equal_to_theta1_and_backbone_weights_are_refused(tiny_config, workdir, tmp_path):
-    from forgetless.platform.runner import preflight
-
     with pytest.raises(ConfigError, match="theta2_seed"):
         preflight(load_config(tiny_config(strategies=[{"name": "trajectory_transfer",
                                                        "params": {"theta2_seed": 0}}])))
@@ -258,10 +253,6 @@ def test_trajectory_transfer_end_to_end(ray_session, workdir, tiny_config, tmp_p
     """Ray Train (2 workers, DeepSpeed ZeRO-2): the pre-training trajectory reaches the strategy, the transferred
     weights (not the pre-trained ones, BatchNorm statistics recomputed) start the target stage, and the transfer
     curve is in MLflow."""
-    import forgetless
-    from forgetless.platform import tracking
-    from forgetless.platform.train_loop import load_torch_file
-
     T = 2
     # The same pre-training as tests/test_expanse.py's end-to-end test (session-wide storage: one of them reuses it).
     cfg = tiny_config(backbone={"name": "mlp", "params": {"hidden": [32], "batchnorm": True}},

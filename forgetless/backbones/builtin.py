@@ -32,6 +32,21 @@ class MLP(nn.Module):
         return self.body(x)
 
 
+def _conv_body(c_in: int, channels: list[int] | None, pool: list[bool] | None, kernel_size: int, conv: type[nn.Module],
+               bn: type[nn.Module], max_pool: type[nn.Module], global_pool: type[nn.Module]) -> tuple[nn.Sequential, int]:
+    """conv-BN-ReLU blocks (optional 2x pooling after each), then global average pooling: (body, feature width)."""
+    channels = list(channels or [32, 64])
+    pool = list(pool or [True] * (len(channels) - 1) + [False])
+    layers: list[nn.Module] = []
+    for c, p in zip(channels, pool):
+        layers += [conv(c_in, c, kernel_size, padding=kernel_size // 2), bn(c), nn.ReLU()]
+        if p:
+            layers.append(max_pool(2))
+        c_in = c
+    layers += [global_pool(1), nn.Flatten()]
+    return nn.Sequential(*layers), c_in
+
+
 class CNN2d(nn.Module):
     """conv-BN-ReLU blocks with optional 2x2 pooling, global average pooling to features."""
 
@@ -39,18 +54,8 @@ class CNN2d(nn.Module):
         super().__init__()
         if len(input_shape) != 3:
             raise ValueError(f"cnn2d needs image inputs (C, H, W), got shape {input_shape}; use mlp or cnn1d")
-        channels = list(channels or [32, 64])
-        pool = list(pool or [True] * (len(channels) - 1) + [False])
-        layers: list[nn.Module] = []
-        c_in = input_shape[0]
-        for c, p in zip(channels, pool):
-            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU()]
-            if p:
-                layers.append(nn.MaxPool2d(2))
-            c_in = c
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-        self.body = nn.Sequential(*layers)
-        self.feature_dim = c_in
+        self.body, self.feature_dim = _conv_body(input_shape[0], channels, pool, 3, nn.Conv2d, nn.BatchNorm2d,
+                                                 nn.MaxPool2d, nn.AdaptiveAvgPool2d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -64,18 +69,8 @@ class CNN1d(nn.Module):
         super().__init__()
         if len(input_shape) != 2:
             raise ValueError(f"cnn1d needs sequence inputs (C, L), got shape {input_shape}")
-        channels = list(channels or [32, 64])
-        pool = list(pool or [True] * (len(channels) - 1) + [False])
-        layers: list[nn.Module] = []
-        c_in = input_shape[0]
-        for c, p in zip(channels, pool):
-            layers += [nn.Conv1d(c_in, c, kernel_size, padding=kernel_size // 2), nn.BatchNorm1d(c), nn.ReLU()]
-            if p:
-                layers.append(nn.MaxPool1d(2))
-            c_in = c
-        layers += [nn.AdaptiveAvgPool1d(1), nn.Flatten()]
-        self.body = nn.Sequential(*layers)
-        self.feature_dim = c_in
+        self.body, self.feature_dim = _conv_body(input_shape[0], channels, pool, kernel_size, nn.Conv1d, nn.BatchNorm1d,
+                                                 nn.MaxPool1d, nn.AdaptiveAvgPool1d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)

@@ -16,16 +16,23 @@ or `auto` (last for decoders, cls otherwise).
 """
 from __future__ import annotations
 
-import hashlib
+import copy
+import inspect
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from forgetless.backbones.registry import register_backbone_prefix
+from forgetless.storage import cache_root, check_model_folder, local_folder
+
+__all__ = ["HFBackbone", "build", "cache_root", "check", "check_model_folder", "local_folder", "plain_model",
+           "save_pretrained"]
 
 POOLINGS = ("auto", "cls", "mean", "last", "pooler")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,68 +45,10 @@ def _offline_env() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# where the folder is
-
-
-def _looks_like_path(spec: str) -> bool:
-    return spec.startswith(("/", "./", "../", "~")) or os.sep in spec and Path(spec).expanduser().exists()
-
-
-def check_model_folder(spec: str, prefix: str = "hf:") -> None:
-    """Config-time check of `hf:<spec>`: a local folder with config.json, or an s3:// URI (checked when loaded)."""
-    if not spec:
-        raise ValueError(f"{prefix}: give a model folder, e.g. {prefix}/models/bert-base or {prefix}s3://bucket/bert")
-    if spec.startswith("s3://"):
-        return
-    path = Path(spec).expanduser()
-    if not path.exists():
-        if not _looks_like_path(spec):
-            raise ValueError(
-                f"{prefix}{spec}: not a local folder or s3:// URI. forgetless never downloads from the Hugging Face "
-                f"hub; download the model once (e.g. `huggingface-cli download {spec} --local-dir DIR`) and give "
-                f"{prefix}DIR, or upload DIR to S3 and give {prefix}s3://bucket/prefix"
-            )
-        raise ValueError(f"{prefix}{spec}: folder does not exist")
-    if not path.is_dir() or not (path / "config.json").exists():
-        raise ValueError(f"{prefix}{spec}: not a model folder (no config.json inside); give the folder that "
-                         f"save_pretrained wrote")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FORGETLESS_CACHE", Path.home() / ".cache" / "forgetless")).expanduser()
-
-
-def local_folder(spec: str) -> Path:
-    """The local folder for `spec`; an s3:// folder is downloaded once per machine into the cache (atomic rename, so
-    workers that start together on one node never see half a folder)."""
-    if not spec.startswith("s3://"):
-        return Path(spec).expanduser().resolve()
-    from forgetless import storage
-
-    dest = cache_root() / "models" / hashlib.sha256(spec.rstrip("/").encode()).hexdigest()[:16]
-    if (dest / "config.json").exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
-    try:
-        storage.download_dir(spec, tmp)
-        if not (tmp / "config.json").exists():
-            raise ValueError(f"{spec}: not a model folder (no config.json under it)")
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            if not (dest / "config.json").exists():  # someone else won the race only if the folder is complete
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 
 
 def _is_decoder(config) -> bool:
-    from transformers.models.auto.modeling_auto import (
+    from transformers.models.auto.modeling_auto import (  # deferred: transformers is optional and takes ~3 s to import
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     )
@@ -116,8 +65,8 @@ class HFBackbone(nn.Module):
                  gradient_checkpointing: bool = False, dtype: str = "float32", pretrained: bool = True):
         super().__init__()
         _offline_env()
-        from transformers import AutoConfig
-        from transformers.models.auto.modeling_auto import MODEL_MAPPING
+        from transformers import AutoConfig  # deferred: optional, ~3 s to import (and after _offline_env)
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING  # deferred: as AutoConfig
 
         _check_params(pooling, dtype)
         self.spec = spec
@@ -130,13 +79,11 @@ class HFBackbone(nn.Module):
             config.use_cache = False  # no key/value cache: we never generate, and it costs memory
         kwargs: dict[str, Any] = {}
         model_cls = MODEL_MAPPING[type(config)]
-        import inspect
-
         if pooling != "pooler" and "add_pooling_layer" in inspect.signature(model_cls.__init__).parameters:
             # An unused pooler would get no gradients (ZeRO and DDP both dislike unused trainable weights).
             kwargs["add_pooling_layer"] = False
         if pretrained:
-            from transformers.utils import logging as hf_logging
+            from transformers.utils import logging as hf_logging  # deferred: as AutoConfig
 
             # Its load report lists the pooler we left out on purpose as "unexpected" on every rank: keep it quiet.
             level = hf_logging.get_verbosity()
@@ -186,8 +133,6 @@ class HFBackbone(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
 
     def preprocess_images(self, x: torch.Tensor) -> torch.Tensor:
-        import torch.nn.functional as F
-
         if x.shape[1] == 1 and self.num_channels != 1:
             x = x.expand(-1, self.num_channels, -1, -1)
         if self.image_size is not None and tuple(x.shape[-2:]) != self.image_size:
@@ -258,11 +203,9 @@ def build(spec: str, input_shape: tuple[int, ...], **params) -> HFBackbone:
 def plain_model(backbone: HFBackbone) -> nn.Module:
     """A copy of the backbone's Transformers model with any PEFT (LoRA) layers merged into their base weights and
     removed, so it saves as, and loads back into, the plain model class. Needs full weights (not ZeRO-3 partitions)."""
-    import copy
-
     model = copy.deepcopy(backbone.model)
     try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer  # deferred: peft is optional (absent: nothing to merge)
     except ImportError:
         return model
     for name, module in list(model.named_modules()):
@@ -288,10 +231,4 @@ def save_pretrained(backbone: HFBackbone, dest: str | os.PathLike) -> Path:
     return dest
 
 
-def _register() -> None:
-    from forgetless.backbones import register_backbone_prefix
-
-    register_backbone_prefix("hf:", build, check)
-
-
-_register()
+register_backbone_prefix("hf:", build, check)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from forgetless.backbones import register_backbone
+from forgetless.backbones.registry import register_backbone
 
 
 def _layers(dims: int) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:

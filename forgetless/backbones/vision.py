@@ -20,6 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from forgetless.backbones.registry import register_backbone_prefix
+from forgetless.storage import check_model_folder, local_folder, read_bytes
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -37,11 +40,9 @@ def _import(name: str):
 
 def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
     """A state dict from a path or s3:// URI: safetensors, or a torch file loaded with weights_only=True."""
-    from forgetless.storage import read_bytes
-
     raw = read_bytes(uri)
     if uri.endswith(".safetensors"):
-        from safetensors.torch import load as load_safetensors
+        from safetensors.torch import load as load_safetensors  # deferred: optional (comes with transformers / timm)
 
         return load_safetensors(raw)
     state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
@@ -91,8 +92,6 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], name: str, d
 
 def _timm_folder(spec: str) -> tuple[str, dict[str, Any], str | None]:
     """(architecture, model kwargs, weights file) of a timm folder (timm's hub layout: config.json + weights)."""
-    from forgetless.backbones.hf import local_folder
-
     folder = local_folder(spec)
     cfg_file = folder / "config.json"
     if not cfg_file.exists():
@@ -140,8 +139,6 @@ def check_timm(spec: str, params: dict[str, Any]) -> None:
         raise ValueError(f"timm backbone params: unknown {sorted(unknown)}; known: weights, model_args, "
                          f"gradient_checkpointing")
     if _is_location(spec) and not spec.startswith("s3://"):
-        from forgetless.backbones.hf import check_model_folder
-
         check_model_folder(spec, prefix="timm:")
     _check_weights(params.get("weights"))
 
@@ -160,7 +157,7 @@ _TV_HEADS = ("fc", "classifier", "heads", "head")
 def build_torchvision(spec: str, input_shape: tuple[int, ...], weights: str | None = None,
                       image_size: int = 224) -> ImageBackbone:
     _import("torchvision")
-    import torchvision.models as tvm
+    import torchvision.models as tvm  # deferred: optional; `_import` above turned a failed import into the fix
 
     try:
         model = tvm.get_model(spec, weights=None)
@@ -188,11 +185,5 @@ def check_torchvision(spec: str, params: dict[str, Any]) -> None:
     _check_weights(params.get("weights"))
 
 
-def _register() -> None:
-    from forgetless.backbones import register_backbone_prefix
-
-    register_backbone_prefix("timm:", build_timm, check_timm)
-    register_backbone_prefix("torchvision:", build_torchvision, check_torchvision)
-
-
-_register()
+register_backbone_prefix("timm:", build_timm, check_timm)
+register_backbone_prefix("torchvision:", build_torchvision, check_torchvision)

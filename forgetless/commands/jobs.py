@@ -4,10 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from forgetless.console import say
+from forgetless.errors import ConfigError
+from forgetless.platform import jobs
+
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from forgetless.platform import jobs
-
     client = jobs.connect(args.address)
     if args.action == "list":
         rows = jobs.list_jobs(client, all_jobs=args.all)
@@ -17,8 +19,6 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             print(f"{r['submission_id']:60s} {r['status']:10s} {r['config']}")
         return 0
     if not args.job_id:
-        from forgetless.config import ConfigError
-
         raise ConfigError(f"jobs {args.action}: give a submission id (see `forgetless jobs list`)")
     if args.action == "status":
         info = jobs.describe(client, args.job_id)
@@ -28,7 +28,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     if args.action == "logs":
         if args.follow:
             status = jobs.follow(client, args.job_id)
-            jobs.say(f"job {args.job_id}: {status}")
+            say(f"job {args.job_id}: {status}")
             return 0 if status == "SUCCEEDED" else 1
         jobs.status_of(client, args.job_id)  # a clear error for an unknown id
         print(client.get_job_logs(args.job_id), end="")
@@ -36,7 +36,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     # stop
     jobs.status_of(client, args.job_id)
     stopped = client.stop_job(args.job_id)
-    jobs.say(f"job {args.job_id}: {'stop requested' if stopped else 'already ended'}; its last checkpoint is kept "
+    say(f"job {args.job_id}: {'stop requested' if stopped else 'already ended'}; its last checkpoint is kept "
              f"-- resubmit the same config to resume")
     return 0
 

@@ -5,11 +5,12 @@ import argparse
 import json
 
 from forgetless.commands import add_config_args
+from forgetless.config import load_config, select_strategy
+from forgetless.console import say
+from forgetless.platform.runner import execute
 
 
 def _print_result(out, as_json: bool) -> None:
-    from forgetless.platform.runner import say
-
     if as_json:
         print(json.dumps([{"label": r.label, "metrics": r.metrics, "R": r.accuracy_matrix.tolist(),
                            "mlflow_run_id": r.mlflow_run_id} for r in out.results], indent=1))
@@ -29,18 +30,12 @@ def _print_result(out, as_json: bool) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from forgetless.config import load_config, select_strategy
-    from forgetless.platform.runner import execute
-
     cfg = select_strategy(load_config(args.config, args.overrides), args.strategy)
     _print_result(execute(cfg, "run"), args.json)
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from forgetless.config import load_config
-    from forgetless.platform.runner import execute
-
     _print_result(execute(load_config(args.config, args.overrides), "compare"), args.json)
     return 0
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 
 from forgetless.commands import add_config_args
+from forgetless.console import say
+from forgetless.platform import jobs
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from forgetless.platform import jobs
-
     extra = list(args.extra)
     client, sub = jobs.submit(args.config, args.overrides, args.address, command=args.command, extra_args=extra,
                               working_dir=args.working_dir, ship_code=not args.no_ship_code,
@@ -16,10 +16,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
                               local_checks=not args.skip_local_checks)
     print(sub.submission_id)
     if not args.follow:
-        jobs.say(f"follow it: forgetless jobs logs {sub.submission_id} --follow --address {jobs.resolve_address(args.address)}")
+        say(f"follow it: forgetless jobs logs {sub.submission_id} --follow --address "
+            f"{jobs.resolve_address(args.address)}")
         return 0
     status = jobs.follow(client, sub.submission_id)
-    jobs.say(f"job {sub.submission_id}: {status}")
+    say(f"job {sub.submission_id}: {status}")
     return 0 if status == "SUCCEEDED" else 1
 
 

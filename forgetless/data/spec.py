@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from forgetless.data.tasks import BUILTIN_DATASETS
+from forgetless.data.raw import BUILTIN_DATASETS
 
 
 class _Strict(BaseModel):

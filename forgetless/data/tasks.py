@@ -5,16 +5,15 @@ instead of shipping arrays around (the built-in data is small; user files are re
 """
 from __future__ import annotations
 
-import functools
-import io
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from forgetless.data.spec import TaskConfig
+from forgetless.data.raw import BUILTIN_DATASETS, load_raw_dataset
+from forgetless.data.spec import TaskConfig, TaskTransform
+
+__all__ = ["BUILTIN_DATASETS", "TaskData", "build_stream", "build_task", "load_raw_dataset", "reshape_like"]
 
 
 @dataclass
@@ -40,82 +39,10 @@ class TaskData:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# raw datasets: (x float32 [N, *shape], y int64 [N])
-
-
-@functools.lru_cache(maxsize=None)
-def _digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = (d.images.astype(np.float32) / 16.0)[:, None, :, :]  # [N, 1, 8, 8], in [0, 1]
-    return x, d.target.astype(np.int64)
-
-
-@functools.lru_cache(maxsize=None)
-def _mnist1d() -> tuple[np.ndarray, np.ndarray]:
-    # mnist1d's generator rebuilds the published benchmark offline (no download): 4000 train + 1000 test.
-    from mnist1d.data import get_dataset_args, make_dataset
-
-    args = get_dataset_args()
-    d = make_dataset(args)
-    x = np.concatenate([d["x"], d["x_test"]]).astype(np.float32)[:, None, :]  # [N, 1, 40]
-    y = np.concatenate([d["y"], d["y_test"]]).astype(np.int64)
-    return x, y
-
-
-BUILTIN_DATASETS: dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]] = {
-    "digits": _digits,
-    "mnist1d": _mnist1d,
-}
-
-
-def _read_bytes(uri: str) -> bytes:
-    from forgetless.storage import read_bytes
-
-    return read_bytes(uri)
-
-
-def load_raw_dataset(dataset: str) -> tuple[np.ndarray, np.ndarray]:
-    """Return (x, y) for a built-in dataset name or a .npz / .parquet path or s3:// URI.
-
-    .npz: arrays `x` (N, ...) and `y` (N,). Parquet: a `label` column, and either a list column `x` or numeric columns
-    (all other columns, flattened as features).
-    """
-    if dataset in BUILTIN_DATASETS:
-        return BUILTIN_DATASETS[dataset]()
-    raw = _read_bytes(dataset)
-    if dataset.endswith(".npz"):
-        with np.load(io.BytesIO(raw), allow_pickle=False) as f:
-            if "x" not in f or "y" not in f:
-                raise ValueError(f"{dataset}: a .npz dataset needs arrays named 'x' and 'y', found {list(f.keys())}")
-            x, y = f["x"].astype(np.float32), f["y"].astype(np.int64)
-    elif dataset.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(io.BytesIO(raw))
-        if "label" not in table.column_names:
-            raise ValueError(f"{dataset}: a Parquet dataset needs a 'label' column")
-        y = table.column("label").to_numpy().astype(np.int64)
-        if "x" in table.column_names:
-            x = np.stack([np.asarray(v, dtype=np.float32) for v in table.column("x").to_pylist()])
-        else:
-            cols = [c for c in table.column_names if c != "label"]
-            x = np.stack([table.column(c).to_numpy().astype(np.float32) for c in cols], axis=1)
-    else:
-        raise ValueError(f"unsupported dataset {dataset!r}")
-    if x.ndim == 2:
-        x = x[:, None, :]  # treat flat features as a 1-channel sequence so 1-D convs apply
-    if len(x) != len(y):
-        raise ValueError(f"{dataset}: {len(x)} inputs but {len(y)} labels")
-    return x, y
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # transforms that make task variants
 
 
-def _apply_transform(x: np.ndarray, t) -> np.ndarray:
+def _apply_transform(x: np.ndarray, t: TaskTransform) -> np.ndarray:
     rng = np.random.default_rng(t.seed)
     if t.kind == "permute":
         flat = x.reshape(len(x), -1)
@@ -126,7 +53,7 @@ def _apply_transform(x: np.ndarray, t) -> np.ndarray:
     if t.kind == "rotate":
         if x.ndim != 4:
             raise ValueError("rotate applies to 2-D images only")
-        from scipy.ndimage import rotate
+        from scipy.ndimage import rotate  # deferred: scipy.ndimage takes ~0.6 s to import; only rotations need it
 
         return rotate(x, t.degrees, axes=(2, 3), reshape=False, order=1).astype(np.float32)
     if t.kind == "resample":
@@ -163,7 +90,7 @@ def _stratified_split(y: np.ndarray, val: float, test: float, seed: int) -> tupl
     return tuple(np.sort(np.concatenate(p)) for p in (tr, va, te))  # type: ignore[return-value]
 
 
-def build_task(cfg: "TaskConfig", input_shape: tuple[int, ...] | None = None) -> TaskData:
+def build_task(cfg: TaskConfig, input_shape: tuple[int, ...] | None = None) -> TaskData:
     """Build a task deterministically from its config. `input_shape` reshapes inputs to match a backbone's input."""
     x, y = load_raw_dataset(cfg.dataset)
     classes = sorted(int(c) for c in np.unique(y)) if cfg.classes is None else list(cfg.classes)
@@ -202,7 +129,7 @@ def build_task(cfg: "TaskConfig", input_shape: tuple[int, ...] | None = None) ->
     )
 
 
-def build_stream(source: "TaskConfig", targets: list["TaskConfig"]) -> list[TaskData]:
+def build_stream(source: TaskConfig, targets: list[TaskConfig]) -> list[TaskData]:
     """Source first, then targets; every target is reshaped to the source's input shape so one backbone reads all."""
     src = build_task(source)
     return [src] + [build_task(t, input_shape=src.input_shape) for t in targets]

@@ -17,6 +17,7 @@ Command line:  python -m forgetless.data.text --model DIR --out task.npz (--parq
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import io
 import os
@@ -25,6 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
+from forgetless.storage import check_model_folder, local_folder, read_bytes, write_bytes
+
 # Modules whose public callables have real, stable docstrings; the label is the module's index here.
 DOCSTRING_MODULES = ("math", "os", "inspect", "socket", "statistics", "os.path")
 
@@ -32,8 +35,6 @@ DOCSTRING_MODULES = ("math", "os", "inspect", "socket", "statistics", "os.path")
 def docstring_texts(modules: Sequence[str] = DOCSTRING_MODULES, per_class: int = 30) -> tuple[list[str], np.ndarray]:
     """(texts, labels): the first paragraph of the docstrings of each module's public callables, label = module index.
     Deterministic (sorted names), at most `per_class` per module."""
-    import importlib
-
     texts, labels = [], []
     for label, name in enumerate(modules):
         mod = importlib.import_module(name)
@@ -61,9 +62,7 @@ def docstring_texts(modules: Sequence[str] = DOCSTRING_MODULES, per_class: int =
 def load_tokenizer(model: str):
     """The tokenizer saved in a model folder (local path or s3://), loaded offline; padding made explicit."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
-    from forgetless.backbones.hf import check_model_folder, local_folder
+    from transformers import AutoTokenizer  # deferred: optional, ~3 s to import, and only after HF_HUB_OFFLINE is set
 
     check_model_folder(model)
     tok = AutoTokenizer.from_pretrained(local_folder(model), local_files_only=True)
@@ -85,9 +84,7 @@ def tokenize(texts: Sequence[str], model: str, max_length: int = 64) -> np.ndarr
 
 
 def read_parquet_texts(uri: str) -> tuple[list[str], np.ndarray]:
-    import pyarrow.parquet as pq
-
-    from forgetless.storage import read_bytes
+    import pyarrow.parquet as pq  # deferred: only Parquet sources need it
 
     table = pq.read_table(io.BytesIO(read_bytes(uri)))
     for col in ("text", "label"):
@@ -98,8 +95,6 @@ def read_parquet_texts(uri: str) -> tuple[list[str], np.ndarray]:
 
 def write_text_task(texts: Sequence[str], labels: np.ndarray, model: str, out: str, max_length: int = 64) -> str:
     """Tokenise with `model`'s tokenizer and write the task file `out` (.npz; a path or s3://)."""
-    from forgetless.storage import write_bytes
-
     if not out.endswith(".npz"):
         raise ValueError(f"{out}: the task file must end in .npz")
     x = tokenize(texts, model, max_length)

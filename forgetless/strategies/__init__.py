@@ -22,6 +22,8 @@ def _load_all() -> None:
     global _LOADED
     if _LOADED:
         return
+    # Modules and sub-packages alike (a strategy may be a folder, e.g. trajectory_transfer/, whose __init__ registers
+    # it); iter_modules does not recurse, so a folder's inner modules are never taken for strategies.
     for mod in pkgutil.iter_modules(__path__):
         if mod.name not in ("base",) and not mod.name.startswith("_"):
             importlib.import_module(f"{__name__}.{mod.name}")

@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import grad, vmap
 
 
 def _safe(name: str) -> str:
@@ -72,8 +73,6 @@ def diagonal_fisher(model: nn.Module, params: list[tuple[str, nn.Parameter]],
     labels: "empirical" uses the true labels; "true" samples y from the model's own predictive distribution
     (Kirkpatrick et al.'s Fisher). The model is put in eval mode (per-sample gradients need BatchNorm statistics fixed).
     """
-    from torch.func import grad, vmap
-
     was_training = model.training
     model.eval()
     base = {n: p.detach() for n, p in params}

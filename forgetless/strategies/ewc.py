@@ -16,8 +16,8 @@ from torch.func import functional_call
 from forgetless.backbones.transfer_model import head_key
 from forgetless.strategies import register
 from forgetless.strategies._penalties import ParamStore, diagonal_fisher, named, quadratic_penalty
-from forgetless.strategies.base import (ParamGroup, Phase, Strategy, StrategyParams, TaskInfo, backbone_params,
-                                        head_params)
+from forgetless.strategies._phases import finetune_phase
+from forgetless.strategies.base import Phase, Strategy, StrategyParams, TaskInfo
 
 STORE = "ewc"
 
@@ -65,10 +65,7 @@ class EWC(Strategy):
         model.extras[STORE] = ParamStore(named(model.backbone), kinds=["fisher", "anchor"])
 
     def phases(self, model, task: TaskInfo) -> list[Phase]:
-        return [Phase(name="finetune", epochs=self.epochs, param_groups=[
-            ParamGroup("backbone", backbone_params(model), self.lr * self.params.backbone_lr_scale),
-            ParamGroup("head", head_params(model, task), self.lr),
-        ])]
+        return [finetune_phase(model, task, self.epochs, self.lr * self.params.backbone_lr_scale, self.lr)]
 
     def extra_loss(self, model, x, y, task: TaskInfo, logits):
         store = model.extras[STORE]

@@ -17,8 +17,8 @@ import torch
 from pydantic import Field
 
 from forgetless.strategies import register
-from forgetless.strategies.base import (ParamGroup, Phase, Strategy, StrategyParams, TaskInfo, backbone_params,
-                                        head_params)
+from forgetless.strategies._phases import finetune_phase, probe_phase
+from forgetless.strategies.base import Phase, Strategy, StrategyParams, TaskInfo
 
 
 class FastParams(StrategyParams):
@@ -101,20 +101,15 @@ class Fast(Strategy):
     def phases(self, model, task: TaskInfo) -> list[Phase]:
         p = self.params
         head_lr = self.lr * p.head_lr_scale
-        head = head_params(model, task)
-        align = Phase(
-            name="align", epochs=self.epochs,
-            param_groups=[ParamGroup("head", head, head_lr)],
-            eval_modules=[model.backbone],
+        align = probe_phase(
+            model, task, self.epochs, head_lr, name="align",
             max_steps=p.align_max_steps,
             eval_every_steps=p.align_eval_every_steps,
             stop_rule=plateau_rule(p.plateau_window, p.plateau_tolerance),
         )
         cap = UpdateNormCap(p.backbone_update_cap) if p.backbone_update_cap else None
-        adapt = Phase(
-            name="adapt", epochs=p.adapt_epochs or self.epochs,
-            param_groups=[ParamGroup("backbone", backbone_params(model), p.rho * head_lr),
-                          ParamGroup("head", head, head_lr)],
+        adapt = finetune_phase(
+            model, task, p.adapt_epochs or self.epochs, p.rho * head_lr, head_lr, name="adapt",
             lr_multipliers=warmup_multipliers(p.warmup_steps),
             before_step=cap.before_step if cap else None,
             after_step=cap.after_step if cap else None,

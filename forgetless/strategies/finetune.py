@@ -4,7 +4,8 @@ from __future__ import annotations
 from pydantic import Field
 
 from forgetless.strategies import register
-from forgetless.strategies.base import ParamGroup, Phase, Strategy, StrategyParams, TaskInfo, backbone_params, head_params
+from forgetless.strategies._phases import finetune_phase
+from forgetless.strategies.base import Phase, Strategy, StrategyParams, TaskInfo
 
 
 class FinetuneParams(StrategyParams):
@@ -20,13 +21,4 @@ class Finetune(Strategy):
     has_per_task_parts = True  # per-task heads (the shared backbone still drifts)
 
     def phases(self, model, task: TaskInfo) -> list[Phase]:
-        return [
-            Phase(
-                name="finetune",
-                epochs=self.epochs,
-                param_groups=[
-                    ParamGroup("backbone", backbone_params(model), self.lr * self.params.backbone_lr_scale),
-                    ParamGroup("head", head_params(model, task), self.lr),
-                ],
-            )
-        ]
+        return [finetune_phase(model, task, self.epochs, self.lr * self.params.backbone_lr_scale, self.lr)]

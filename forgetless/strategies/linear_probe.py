@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from forgetless.strategies import register
-from forgetless.strategies.base import ParamGroup, Phase, Strategy, StrategyParams, TaskInfo, head_params
+from forgetless.strategies._phases import probe_phase
+from forgetless.strategies.base import Phase, Strategy, StrategyParams, TaskInfo
 
 
 @register
@@ -13,11 +14,4 @@ class LinearProbe(Strategy):
     Config = StrategyParams
 
     def phases(self, model, task: TaskInfo) -> list[Phase]:
-        return [
-            Phase(
-                name="probe",
-                epochs=self.epochs,
-                param_groups=[ParamGroup("head", head_params(model, task), self.lr)],
-                eval_modules=[model.backbone],
-            )
-        ]
+        return [probe_phase(model, task, self.epochs, self.lr)]

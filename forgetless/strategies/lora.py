@@ -29,11 +29,12 @@ _FALLBACK_TARGETS = (("q_proj", "v_proj"), ("query", "value"), ("c_attn",), ("qk
 
 
 def default_targets(hf: nn.Module) -> list[str] | None:
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+    from peft.utils import constants  # deferred: peft is optional (the `large` extra) and imports transformers (~3 s)
 
     leaves = {n.rsplit(".", 1)[-1] for n, m in hf.named_modules() if isinstance(m, nn.Linear) or
               type(m).__name__ == "Conv1D"}
-    for names in [tuple(DEFAULTS.get(hf.config.model_type, ())), *_FALLBACK_TARGETS]:
+    defaults = constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    for names in [tuple(defaults.get(hf.config.model_type, ())), *_FALLBACK_TARGETS]:
         if names and all(n in leaves for n in names):
             return list(names)
     return None
@@ -59,7 +60,7 @@ def _hf_model(model) -> nn.Module:
 
 
 def tuner_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # deferred: optional, see default_targets
 
     return [(n, m) for n, m in module.named_modules() if isinstance(m, LoraLayer)]
 
@@ -101,7 +102,7 @@ class Lora(Strategy):
     supported_backbones = ("hf:",)
 
     def build(self, model, tasks: list[TaskInfo]) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import LoraConfig, inject_adapter_in_model  # deferred: optional, see default_targets
 
         hf = _hf_model(model)
         mt = hf.config.model_type

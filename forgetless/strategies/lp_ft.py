@@ -4,7 +4,8 @@ from __future__ import annotations
 from pydantic import Field
 
 from forgetless.strategies import register
-from forgetless.strategies.base import ParamGroup, Phase, Strategy, StrategyParams, TaskInfo, backbone_params, head_params
+from forgetless.strategies._phases import finetune_phase, probe_phase
+from forgetless.strategies.base import Phase, Strategy, StrategyParams, TaskInfo
 
 
 class LpFtParams(StrategyParams):
@@ -22,20 +23,5 @@ class LpFt(Strategy):
 
     def phases(self, model, task: TaskInfo) -> list[Phase]:
         p = self.params
-        head = head_params(model, task)
-        return [
-            Phase(
-                name="probe",
-                epochs=p.probe_epochs or self.epochs,
-                param_groups=[ParamGroup("head", head, self.lr * p.probe_lr_scale)],
-                eval_modules=[model.backbone],
-            ),
-            Phase(
-                name="finetune",
-                epochs=self.epochs,
-                param_groups=[
-                    ParamGroup("backbone", backbone_params(model), self.lr * p.finetune_lr_scale),
-                    ParamGroup("head", head, self.lr * p.finetune_lr_scale),
-                ],
-            ),
-        ]
+        return [probe_phase(model, task, p.probe_epochs or self.epochs, self.lr * p.probe_lr_scale),
+                finetune_phase(model, task, self.epochs, self.lr * p.finetune_lr_scale, self.lr * p.finetune_lr_scale)]

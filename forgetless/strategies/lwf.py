@@ -21,8 +21,8 @@ from torch import nn
 
 from forgetless.backbones.transfer_model import head_key
 from forgetless.strategies import register
-from forgetless.strategies.base import (ParamGroup, Phase, Strategy, StrategyParams, TaskInfo, backbone_params,
-                                        head_params)
+from forgetless.strategies._phases import finetune_phase, probe_phase
+from forgetless.strategies.base import Phase, Strategy, StrategyParams, TaskInfo
 
 OLD = "lwf_old"
 
@@ -60,13 +60,10 @@ class LwF(Strategy):
         frozen_copy = model.extras[OLD]
         out = []
         if p.warmup_epochs:
-            out.append(Phase(name="warmup", epochs=p.warmup_epochs,
-                             param_groups=[ParamGroup("head", head_params(model, task), self.lr)],
-                             eval_modules=[model.backbone, frozen_copy]))
-        out.append(Phase(name="lwf", epochs=self.epochs, param_groups=[
-            ParamGroup("backbone", backbone_params(model), self.lr * p.backbone_lr_scale),
-            ParamGroup("head", head_params(model, task), self.lr),
-        ], eval_modules=[frozen_copy]))
+            out.append(probe_phase(model, task, p.warmup_epochs, self.lr, name="warmup",
+                                   eval_modules=[model.backbone, frozen_copy]))
+        out.append(finetune_phase(model, task, self.epochs, self.lr * p.backbone_lr_scale, self.lr, name="lwf",
+                                  eval_modules=[frozen_copy]))
         return out
 
     def old_targets(self, model, x: torch.Tensor, old_tasks: list[int]) -> list[torch.Tensor]:

@@ -18,6 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from forgetless.backbones.builtin import CNN1d, CNN2d, MLP
+from forgetless.backbones.resnet import ResNet
+
 Perms = dict[str, torch.Tensor]
 State = dict[str, torch.Tensor]
 
@@ -135,9 +138,6 @@ SUPPORTED = ("mlp", "cnn2d", "cnn1d", "resnet")
 
 def spec_for(model: nn.Module) -> PermutationSpec:
     """The permutation spec of a TransferModel (backbone and every head) built on a supported backbone."""
-    from forgetless.backbones.builtin import CNN1d, CNN2d, MLP
-    from forgetless.backbones.resnet import ResNet
-
     backbone = model.backbone
     b = _Builder()
     if isinstance(backbone, (MLP, CNN2d, CNN1d)):
@@ -196,7 +196,7 @@ def weight_matching(spec: PermutationSpec, pairs: list[tuple[State, State]], ini
     in p's assignment: A_p[i, j] = Σ ⟨a restricted to unit i of p, π₋ₚ(b) restricted to unit j⟩; solve it exactly
     (linear_sum_assignment, maximise). Sweeps repeat until one changes nothing (at most `max_sweeps`).
     """
-    from scipy.optimize import linear_sum_assignment
+    from scipy.optimize import linear_sum_assignment  # deferred: ~0.7 s to import, paid by every config validation
 
     perms = {p: v.clone() for p, v in (init or identity(spec)).items()}
     p2a = spec.perm_to_axes()
