@@ -74,8 +74,10 @@ class StrategyResult:
             return [h["step"] - start for h in pts], [h["acc"][str(task)] for h in pts]
         return [h["step"] for h in pts], [h["acc"][str(task)] for h in pts]
 
-    def best_target_acc(self) -> float:
-        return max(max(self.curve(s, s)[1]) for s in range(1, len(self.task_names)))
+    def best_target_acc(self, stage: int) -> float:
+        """The best validation accuracy the task of `stage` reached while it was trained (learning-speed thresholds
+        are fractions of the best any compared strategy reached)."""
+        return max(self.curve(stage, stage)[1])
 
     def compute_metrics(self, reference_best: dict[int, float] | None = None) -> dict[str, float]:
         """Matrix metrics + learning speed. `reference_best[stage]` is the best target val acc any compared strategy

@@ -273,7 +273,7 @@ def _strategy_result(cfg: ExperimentConfig, strategy: StrategyConfig, state: Run
         trainable_params=state.trainable_params, global_step=state.global_step, wall_seconds=wall,
         train_seconds=state.train_seconds, mlflow_run_id=state.mlflow_run_id,
         checkpoint_uri=checkpoint_uri, evaluation=cfg.evaluation,
-        tags={"strategy": cls.name, "strategy_source": cls.paper, "fidelity": cls.fidelity},
+        tags=cls.identity_tags(),
     )
 
 
@@ -358,7 +358,7 @@ def execute(cfg: ExperimentConfig, command: str,
                 on_result(res)
         # learning-speed thresholds are relative to the best target accuracy *any* strategy reached
         T = len(results[0].task_names) - 1
-        best = {st: max(max(r.curve(st, st)[1]) for r in results) for st in range(1, T + 1)}
+        best = {st: max(r.best_target_acc(st) for r in results) for st in range(1, T + 1)}
         for r in results:
             r.compute_metrics(best)
             log_strategy_artifacts(cfg, r, uri)

@@ -150,8 +150,14 @@ class Strategy:
         the first target task (full weights, no engine): may replace the starting weights (e.g. with weights
         synthesised from the pre-training trajectory)."""
 
+    @classmethod
+    def identity_tags(cls) -> dict[str, str]:
+        """Which strategy ran, from which paper, and how faithfully (STRATEGIES.md): on every run and result."""
+        return {"strategy": cls.name, "strategy_source": cls.paper, "fidelity": cls.fidelity}
+
     def tags(self) -> dict[str, str]:
-        return {"strategy": self.name, "strategy_source": self.paper, "fidelity": self.fidelity}
+        """The MLflow tags of a run of this strategy: its identity plus what its settings make worth filtering on."""
+        return self.identity_tags()
 
 
 # -- helpers shared by strategies ----------------------------------------------------------------------------------------
