@@ -9,13 +9,21 @@ BIN := $(VENV)/bin
 
 .PHONY: setup demo test test-all test-fast clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(VENV)/.ops-built
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[test]"
+	@# the browser tests drive Debian's chromium (Playwright's own browser download does not work here)
+	command -v chromium >/dev/null || ! command -v apt-get >/dev/null || apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium) || true
+	touch $@
+
+# DeepSpeed's CPU C++ op, built once now into the environment's own folder ($(VENV)/torch_extensions, where runs
+# look for it) rather than by a first run's workers, under a lock that a killed build leaves behind.
+$(VENV)/.ops-built: $(VENV)/.installed
+	$(BIN)/python -c "from forgetless.platform.build_locks import build_ops; build_ops()"
 	touch $@
 
 demo: setup

@@ -72,8 +72,17 @@ def collect_from_mlflow(uri: str, name: str) -> dict[str, list[dict[str, float]]
                                                            f"tags.`forgetless.mode` = 'transfer'")
         for ch in sorted(children, key=lambda r: r.info.start_time):
             per_label.setdefault(ch.info.run_name, []).append(
-                {**ch.data.metrics, "seed": int(parent.data.params["seed"]), "mlflow_run_id": ch.info.run_id})
+                {**python_metrics(ch.data.metrics), "seed": int(parent.data.params["seed"]),
+                 "mlflow_run_id": ch.info.run_id})
     return per_label
+
+
+def python_metrics(logged: dict[str, float]) -> dict[str, float]:
+    """A run's summary metrics under the Python API's names and units (fractions): MLflow holds them in the units of
+    the comparison table, named so (`forgetting/max_pp`, `target/final_acc_pct`, ...)."""
+    from forgetless.platform.results import SUMMARY_METRICS
+
+    return {key: logged[name] / scale for key, (name, scale, _) in SUMMARY_METRICS.items() if name in logged}
 
 
 def mean_std(values: list[float], pct: bool) -> str:

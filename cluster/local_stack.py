@@ -127,6 +127,9 @@ class LocalStack:
         return {"AWS_ENDPOINT_URL": self.s3_endpoint, "AWS_ACCESS_KEY_ID": self.access_key_id,
                 "AWS_SECRET_ACCESS_KEY": self.secret_access_key, "AWS_DEFAULT_REGION": self.region,
                 "MLFLOW_TRACKING_URI": self.mlflow_uri, "RAY_ADDRESS": self.dashboard,
+                # MLflow 3 downloads large artifacts through presigned multipart URLs, which moto (and other
+                # S3-compatible stores) answer with 500; off, downloads go through the server like uploads
+                "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
                 "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.ray_token}
 
     # -- lifecycle ----------------------------------------------------------------------------------------------------
@@ -154,8 +157,8 @@ class LocalStack:
             raise
         return self
 
-    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
-        log = Path(self.dir, f"{name}.log")
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str], log_name: str | None = None) -> subprocess.Popen:
+        log = Path(self.dir, log_name or f"{name}.log")
         # Own session = own process group: down() can signal the whole group (gunicorn/uvicorn workers, raylet, ...).
         p = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                              start_new_session=True, cwd=self.dir)
@@ -230,14 +233,19 @@ class LocalStack:
         """Start one Ray node; on a machine under heavy load a raylet can give up waiting for its agents and exit
         during start-up (a fixed 15 s limit inside Ray), so a node that dies while starting is started again."""
         for attempt in range(1, attempts + 1):
-            p = self._spawn(name, make_cmd(), env)
+            # each attempt its own log: a retry must not overwrite the log that says why the previous one died
+            log_name = f"{name}.log" if attempt == 1 else f"{name}.attempt{attempt}.log"
+            p = self._spawn(name, make_cmd(), env, log_name)
             try:
-                _wait(name, is_up, timeout, p, Path(self.dir, f"{name}.log"))
+                _wait(name, is_up, timeout, p, Path(self.dir, log_name))
                 return
             except RuntimeError:
+                cause = start_failure_cause(Path(self.dir, log_name), self.ray_temp_dir)
                 if attempt == attempts:
-                    raise
-                print(f"{name} exited while starting; starting it again ({attempt + 1}/{attempts})", file=sys.stderr)
+                    raise RuntimeError(f"{name} exited while starting, {attempts} times; last cause: {cause}") \
+                        from None
+                print(f"{name} exited while starting ({cause}); starting it again ({attempt + 1}/{attempts}); "
+                      f"its log: {Path(self.dir, log_name)}, Ray's own logs: {self.ray_temp_dir}", file=sys.stderr)
                 _signal_group(p.pid, signal.SIGKILL)
                 self.procs = [q for q in self.procs if q.pid != p.pid]
 
@@ -254,7 +262,7 @@ class LocalStack:
         # The server (not the clients) writes artifacts to S3: proxied artifacts, so clients need no S3 access.
         env = _clean_env({"AWS_ENDPOINT_URL": self.s3_endpoint, "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint,
                           "AWS_ACCESS_KEY_ID": self.access_key_id, "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
-                          "AWS_DEFAULT_REGION": self.region})
+                          "AWS_DEFAULT_REGION": self.region, "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false"})
         p = self._spawn("mlflow", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port",
                                    str(self.mlflow_port), "--workers", "1",
                                    "--backend-store-uri", f"sqlite:///{db}",
@@ -294,6 +302,25 @@ class LocalStack:
         data = json.loads(Path(directory, STATE_FILE).read_text())
         data["procs"] = [Proc(**p) for p in data["procs"]]
         return cls(**data)
+
+
+def start_failure_cause(log: Path, ray_temp_dir: str) -> str:
+    """Why a Ray node died while starting: the last fatal line of its `ray start` log or of the raylet's and GCS's own
+    logs (a raylet `Check failed: ...` is written there, not to the `ray start` output)."""
+    candidates = [log]
+    if ray_temp_dir:
+        candidates += sorted(Path(ray_temp_dir).glob("**/logs/raylet.out"), key=lambda p: p.stat().st_mtime)[-1:]
+        candidates += sorted(Path(ray_temp_dir).glob("**/logs/gcs_server.out"), key=lambda p: p.stat().st_mtime)[-1:]
+    found = []
+    for path in candidates:
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        fatal = [line.strip() for line in lines if "Check failed" in line or "FATAL" in line or "Error" in line]
+        if fatal:
+            found.append(f"{path.name}: {fatal[-1][:300]}")
+    return "; ".join(found) or f"no error line in {log.name}; see it and Ray's logs"
 
 
 def _signal_group(pid: int, sig: int) -> None:

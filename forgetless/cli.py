@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
-        print(f"forgetless: error: {e}", file=sys.stderr)
+        # One line per error, whatever a library put into the message (a YAML snippet, a pydantic table).
+        print(f"forgetless: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("forgetless: interrupted; the last checkpoint and the MLflow run are kept — re-run the same command "

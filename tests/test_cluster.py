@@ -212,8 +212,8 @@ def test_submitted_run_lands_in_s3_and_mlflow(cluster_env, capsys, tiny_config):
     child = next(r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
                  and r.data.tags.get("forgetless.mode") == "transfer")
     assert parent.info.status == child.info.status == "FINISHED"
-    assert 0.0 <= child.data.metrics["target/acc"] <= 1.0 and "forgetting/max" in child.data.metrics
-    assert len(ml.get_metric_history(child.info.run_id, "target/acc")) >= 3  # before + 2 epochs
+    assert 0.0 <= child.data.metrics["val/target/acc"] <= 1.0 and "forgetting/max_pp" in child.data.metrics
+    assert len(ml.get_metric_history(child.info.run_id, "val/target/acc")) >= 3  # before + 2 epochs
     names = {a.path for a in ml.list_artifacts(child.info.run_id)}
     assert {"accuracy_matrix.json", "curves.png"} <= names
     # proxied artifacts: the server wrote them into the bucket

@@ -56,8 +56,39 @@ def test_disjoint_classes_required(tiny_config):
 def test_missing_yaml_and_bad_yaml(tmp_path):
     assert "does not exist" in _err(tmp_path / "nope.yaml")
     p = tmp_path / "bad.yaml"
-    p.write_text("name: [unclosed")
-    assert "not valid YAML" in _err(p)
+    p.write_text("name: x\nseed: 1\n  bad: indent\n")
+    msg = _err(p)
+    assert "not valid YAML at line 3, column 6" in msg and "\n" not in msg
+    p.write_bytes(b"name: x\n\x80\x81")
+    assert "not a text file" in _err(p)
+    assert "is a folder" in _err(tmp_path)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("strategies.9.name=x", "there is no item 9"),
+    ("strategies.-1.name=x", "there is no item -1"),
+    ("targets.first.classes=[1]", "must be an item number"),
+    ("train.epochs.x=1", "train.epochs is the value 2"),
+    ("train..lr=1", "empty part"),
+])
+def test_override_paths_that_do_not_exist(tiny_config, override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        apply_overrides(tiny_config(), [override])
+
+
+def test_override_reaches_params_of_a_strategy_given_by_name(tiny_config):
+    cfg = load_config(tiny_config(), ["strategies.0.params.backbone_lr_scale=0.5"])
+    assert cfg.strategies[0].params == {"backbone_lr_scale": 0.5}
+
+
+@pytest.mark.parametrize("backbone, needle", [
+    ({"name": "mlp", "params": {"hidden": [32], "depth": 2}}, "params.depth: backbone 'mlp' has no such parameter"),
+    ({"name": "mlp", "params": {"dropout": "0.1"}}, "params.dropout: Input should be a valid number"),
+    ({"name": "cnn2d", "params": {"channels": [8, 8], "pool": [True]}}, "one flag per block"),
+    ({"name": "resnet", "params": {"blocks_per_stage": 0}}, "params.blocks_per_stage"),
+])
+def test_builtin_backbone_params_are_typed(tiny_config, backbone, needle):
+    assert needle in _err(tiny_config(backbone=backbone))
 
 
 def test_overrides_parse_values(tiny_config):

@@ -63,11 +63,12 @@ def test_compare_tracks_everything_and_linear_probe_keeps_source(ray_session, wo
     assert set(by_name) == {"pretrain", "finetune", "linear_probe"}
     run = by_name["finetune"]
     assert run.data.tags["strategy"] == "finetune" and run.data.tags["fidelity"] == "confirmed"
-    for m in ("acc", "bwt", "forgetting/max", "forgetting/first", "steps_to/90", "aulc", "source/retention"):
+    for m in ("acc_pct", "bwt_pp", "forgetting/max_pp", "forgetting/first_pp", "steps_to/90", "aulc_pct",
+              "source/retention_pct"):
         assert m in run.data.metrics, m
     # per-epoch curves: one point before training and one per epoch
-    assert len(c.get_metric_history(run.info.run_id, "target/acc")) == 1 + cfg["train"]["epochs"]
-    assert len(c.get_metric_history(run.info.run_id, "source/acc")) >= 3
+    assert len(c.get_metric_history(run.info.run_id, "val/target/acc")) == 1 + cfg["train"]["epochs"]
+    assert len(c.get_metric_history(run.info.run_id, "val/source/acc")) >= 3
     arts = {a.path for a in c.list_artifacts(run.info.run_id)}
     assert {"accuracy_matrix.json", "accuracy_matrix.png", "curves.png", "history.json"} <= arts
     R = json.loads(Path(c.download_artifacts(run.info.run_id, "accuracy_matrix.json")).read_text())["R"]

@@ -138,10 +138,10 @@ def test_grid_search_logs_every_trial_and_picks_the_best(ray_session, workdir, t
     logged = {r.data.tags[tuning.TRIAL_TAG]: r.data.metrics["search/objective"] for r in runs}
     assert logged[res.best.trial_id] == max(logged.values())  # trials may tie on this tiny validation set
     assert res.best_config == {"stop_point": res.best.stop_point, "train.lr": res.best.params["train.lr"]}
-    # the objective (target/acc) is the validation accuracy the trial's workers logged at its last epoch
+    # the objective (target/acc) is the validation accuracy the workers logged at its last epoch (val/target/acc)
     c = _client()
     for r in runs:
-        history = sorted(c.get_metric_history(r.info.run_id, "target/acc"), key=lambda m: m.step)
+        history = sorted(c.get_metric_history(r.info.run_id, "val/target/acc"), key=lambda m: m.step)
         assert len(history) == 1 + cfg["train"]["epochs"]
         assert r.data.metrics["search/objective"] == pytest.approx(history[-1].value)
         assert r.data.params["search.stop_point"] in ("1", "2")
@@ -185,7 +185,7 @@ def test_asha_stops_a_poor_trial_early(ray_session, workdir, tiny_config, shared
     assert res.best.params["train.lr"] == 0.05
     c = _client()
     for r in _trial_runs(res.parent_run_id):
-        n_points = len(c.get_metric_history(r.info.run_id, "target/acc"))
+        n_points = len(c.get_metric_history(r.info.run_id, "val/target/acc"))
         if r.data.tags[tuning.STATUS_TAG] == "stopped_early":
             assert r.info.status == "KILLED" and n_points < 1 + 4
         else:
@@ -234,7 +234,7 @@ def test_killed_search_resumes_and_runs_every_trial_once(ray_session, workdir, t
     ids = [r.data.tags[tuning.TRIAL_TAG] for r in runs]
     assert sorted(ids) == sorted(t.trial_id for t in res.trials)  # one MLflow run per trial, none duplicated
     for r in runs:
-        steps = [m.step for m in c.get_metric_history(r.info.run_id, "target/acc")]
+        steps = [m.step for m in c.get_metric_history(r.info.run_id, "val/target/acc")]
         assert len(set(steps)) == 1 + 3, (r.data.tags[tuning.TRIAL_TAG], steps)  # every epoch trained once
         tid = r.data.tags[tuning.TRIAL_TAG]
         if tid in done_before:  # finished before the kill: not trained again

@@ -7,7 +7,38 @@ from __future__ import annotations
 import math
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from torch import nn
+
+
+class BackboneParams(BaseModel):
+    """A built-in backbone's constructor arguments as typed fields: `backbone.params` is checked against it when the
+    config loads (an unknown key or a wrong type names the field), not when a worker builds the model."""
+
+    # strict: a YAML string "64" for a width is a typo to report, not a value to coerce.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class MLPParams(BackboneParams):
+    hidden: list[PositiveInt] = Field(default_factory=lambda: [128, 64], min_length=1, description="layer widths")
+    batchnorm: bool = False
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class ConvParams(BackboneParams):
+    channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64], min_length=1, description="block widths")
+    pool: list[bool] | None = Field(None, description="2x pooling after each block; default: all but the last")
+
+    @model_validator(mode="after")
+    def _one_pool_flag_per_block(self) -> "ConvParams":
+        if self.pool is not None and len(self.pool) != len(self.channels):
+            raise ValueError(f"pool has {len(self.pool)} entries but channels has {len(self.channels)}; "
+                             f"give one flag per block")
+        return self
+
+
+class CNN1dParams(ConvParams):
+    kernel_size: PositiveInt = 5
 
 
 class MLP(nn.Module):

@@ -6,9 +6,16 @@ exercised on residual connections, where several layers must share one permutati
 from __future__ import annotations
 
 import torch
+from pydantic import Field, PositiveInt
 from torch import nn
 
+from forgetless.backbones.builtin import BackboneParams
 from forgetless.backbones.registry import register_backbone
+
+
+class ResNetParams(BackboneParams):
+    widths: list[PositiveInt] = Field(default_factory=lambda: [16, 32], min_length=1, description="stage widths")
+    blocks_per_stage: PositiveInt = 1
 
 
 def _layers(dims: int) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
@@ -67,4 +74,4 @@ class ResNet(nn.Module):
         return self.pool(self.stages(self.stem(x)))
 
 
-register_backbone("resnet", ResNet)
+register_backbone("resnet", ResNet, ResNetParams)

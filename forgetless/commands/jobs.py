@@ -23,7 +23,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     if args.action == "status":
         info = jobs.describe(client, args.job_id)
         print(json.dumps(info, indent=1) if args.json else f"{info['submission_id']}: {info['status']}"
-              + (f" ({info['message']})" if info["message"] else ""))
+              + (f" ({info['message']})" if info["message"] else "")
+              + (f"\n  STALLED: {info['stalled']}" if info["stalled"] else ""))
         return 0
     if args.action == "logs":
         if args.follow:

@@ -7,6 +7,7 @@ import json
 from forgetless.commands import add_config_args
 from forgetless.config import load_config, select_strategy
 from forgetless.console import say
+from forgetless.platform import review
 from forgetless.platform.runner import execute
 
 
@@ -25,8 +26,13 @@ def _print_result(out, as_json: bool) -> None:
         for row in r.accuracy_matrix:
             print("   " + "  ".join(f"{v:.3f}" for v in row))
     say(f"MLflow parent run {out.parent_run_id} in {out.tracking_uri}")
-    if out.tracking_uri.startswith("sqlite:///"):
-        say(f"browse it: mlflow ui --backend-store-uri {out.tracking_uri}   (then open http://127.0.0.1:5000)")
+    link = review.ui_link(out.tracking_uri, out.experiment_id, out.parent_run_id)
+    if out.tracking_uri.startswith(("http://", "https://")):
+        say(f"review it: {link}")
+    else:
+        say(f"review it: mlflow ui --backend-store-uri {out.tracking_uri}   then open {link}")
+    say(f"offline report: forgetless report {out.parent_run_id} --html; register a model: forgetless register "
+        f"{out.parent_run_id} --strategy LABEL")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

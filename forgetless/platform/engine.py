@@ -5,7 +5,9 @@ optimizer; on GPU: bf16 and fused optimizers.
 """
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import KeysView
 from contextlib import contextmanager
 from typing import Any
 
@@ -57,8 +59,126 @@ def deepspeed_config(spec: DeepSpeedSpec, micro_batch: int, world_size: int, use
         cfg["bf16"] = {"enabled": True}
     elif precision == "fp16":
         cfg["fp16"] = {"enabled": True}
-    cfg.update(spec.extra)
+    for key, value in spec.extra.items():
+        # A section the platform fills too (zero_optimization, bf16) is merged key by key, so that e.g.
+        # extra: {zero_optimization: {reduce_bucket_size: ...}} keeps the configured ZeRO stage.
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
     return cfg
+
+
+# The DeepSpeed keys forgetless sets from its own fields (deepspeed_config), with the field to set instead: in
+# deepspeed.extra they would contradict those fields or the optimizer and schedule the strategy's phases build.
+PLATFORM_DEEPSPEED_KEYS = {
+    "train_batch_size": "train.batch_size (times deepspeed.gradient_accumulation_steps and the workers)",
+    "train_micro_batch_size_per_gpu": "train.batch_size",
+    "gradient_accumulation_steps": "deepspeed.gradient_accumulation_steps",
+    "gradient_clipping": "deepspeed.gradient_clipping",
+    "optimizer": "train.optimizer and train.lr",
+    "scheduler": "the strategy's params (its phases set the learning-rate schedule)",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+    "zero_optimization.offload_optimizer": "deepspeed.offload_optimizer",
+    "zero_optimization.offload_param": "deepspeed.offload_param",
+    "bf16.enabled": "deepspeed.precision",
+    "fp16.enabled": "deepspeed.precision",
+}
+
+
+class _ReadRecorder(dict):
+    """A DeepSpeed config dict that records which top-level keys DeepSpeed reads, with the default it reads them
+    with: DeepSpeed ignores keys it does not know, so what it reads is the list of keys that exist."""
+
+    def __init__(self, data: dict[str, Any], read: dict[str, Any] | None = None):
+        super().__init__(data)
+        self.read: dict[str, Any] = {} if read is None else read
+
+    def _record(self, key: Any, default: Any = None) -> None:
+        if self.read.get(key) is None:
+            self.read[key] = default
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self._record(key, default)
+        return super().get(key, default)
+
+    def __getitem__(self, key: Any) -> Any:
+        self._record(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self._record(key)
+        return super().__contains__(key)
+
+    def keys(self):  # `KEY in config.keys()` is how several DeepSpeed sections test for themselves
+        return KeysView(self)
+
+    def __copy__(self) -> "_ReadRecorder":  # DeepSpeedConfig reads a copy; the record is shared
+        return _ReadRecorder(self, self.read)
+
+
+def check_deepspeed_extra(spec: DeepSpeedSpec, use_gpu: bool) -> None:
+    """Refuse, before anything starts, a `deepspeed.extra` that DeepSpeed would refuse at `initialize` in every worker,
+    or silently ignore (a misspelt key). ValueError naming the key; no process group is needed (DeepSpeed's config
+    falls back to rank 0 of 1 without one)."""
+    for key, value in spec.extra.items():
+        _check_not_platform_key(key, value)
+    ensure_accelerator_env(use_gpu)
+    # deferred: DeepSpeed picks its accelerator when first imported (ensure_accelerator_env runs first), and the import
+    # takes seconds that only a config with deepspeed.extra needs
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    own = deepspeed_config(spec.model_copy(update={"extra": {}}), 1, 1, use_gpu)
+    known = _ReadRecorder(own)
+    DeepSpeedConfig(known)  # the platform's own config: records every top-level key DeepSpeed reads
+    for key, value in spec.extra.items():
+        if key not in known.read:
+            close = difflib.get_close_matches(key, [k for k in known.read if isinstance(k, str)], n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "see DeepSpeed's configuration reference"
+            raise ValueError(f"deepspeed.extra.{key}: DeepSpeed has no such setting (it would ignore it); {hint}")
+        example = known.read[key] if known.read[key] is not None else own.get(key)
+        if not _same_kind(value, example):
+            raise ValueError(f"deepspeed.extra.{key}: expected {_kind_name(example)} (like {example!r}), "
+                             f"got {value!r}")
+    try:
+        DeepSpeedConfig(deepspeed_config(spec, 1, 1, use_gpu))
+    except Exception as e:  # noqa: BLE001 - DeepSpeed refuses with pydantic errors, asserts, TypeErrors, its own type
+        raise ValueError(f"deepspeed.extra: DeepSpeed refuses it: {_deepspeed_problem(e)}; fix or remove that key") \
+            from None
+
+
+def _check_not_platform_key(key: str, value: Any) -> None:
+    owned = [key] if key in PLATFORM_DEEPSPEED_KEYS else []
+    if isinstance(value, dict):
+        owned += [f"{key}.{k}" for k in value if f"{key}.{k}" in PLATFORM_DEEPSPEED_KEYS]
+    if owned:
+        raise ValueError(f"deepspeed.extra.{owned[0]}: forgetless sets it itself; set "
+                         f"{PLATFORM_DEEPSPEED_KEYS[owned[0]]} instead")
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    if default is None:
+        return True  # DeepSpeed gives no default to compare with; its own config check below decides
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and (isinstance(default, float) or isinstance(value, int))
+    return isinstance(value, type(default))
+
+
+def _kind_name(default: Any) -> str:
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", dict: "a mapping",
+            list: "a list"}.get(type(default), type(default).__name__)
+
+
+def _deepspeed_problem(e: Exception) -> str:
+    errors = getattr(e, "errors", None)
+    if callable(errors):  # pydantic: name the section's model and the field
+        err = errors()[0]
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        return f"{getattr(e, 'title', 'config')}.{loc}: {err.get('msg')} (got {err.get('input')!r})"
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else 'invalid'}"
 
 
 def make_optimizer(phase: Phase, optim: OptimConfig, use_gpu: bool,

@@ -25,7 +25,7 @@ from forgetless.config import ExperimentConfig, load_config, select_strategy
 from forgetless.console import say
 from forgetless.errors import ConfigError
 from forgetless.hashing import short_hash
-from forgetless.platform import runner
+from forgetless.platform import runner, watchdog
 
 # The package folder shipped with a job (`py_modules`): this checkout's forgetless.
 PACKAGE_DIR = Path(__file__).parent.parent
@@ -253,11 +253,31 @@ def follow(client, submission_id: str, out=None) -> str:
 
 
 def describe(client, submission_id: str) -> dict[str, Any]:
-    """What `jobs status` shows: no runtime_env (its env_vars hold the forwarded credentials)."""
+    """What `jobs status` shows: no runtime_env (its env_vars hold the forwarded credentials). `stalled`: the driver's
+    latest no-progress warning (watchdog) while the job runs and has made no progress since, else None."""
     info = _info(client, submission_id)
-    return {"submission_id": info.submission_id, "status": str(getattr(info.status, "value", info.status)),
+    status = str(getattr(info.status, "value", info.status))
+    stalled = None
+    if status not in TERMINAL:
+        try:
+            stalled = stall_of(client.get_job_logs(submission_id))
+        except RuntimeError as e:  # the logs are a hint; the status itself was read
+            stalled = f"(its log could not be read: {e})"
+    return {"submission_id": info.submission_id, "status": status, "stalled": stalled,
             "message": info.message, "entrypoint": info.entrypoint, "start_time": info.start_time,
             "end_time": info.end_time, "metadata": info.metadata or {}}
+
+
+def stall_of(log_text: str) -> str | None:
+    """The driver's last no-progress line in a job's log, unless progress was reported after it."""
+    stalled = None
+    for line in log_text.splitlines():
+        text = line.partition("[forgetless] ")[2]
+        if text.startswith(watchdog.NO_PROGRESS_PREFIX):
+            stalled = text
+        elif text.startswith(watchdog.PROGRESS_AGAIN_PREFIX):
+            stalled = None
+    return stalled
 
 
 def list_jobs(client, all_jobs: bool = False) -> list[dict[str, Any]]:

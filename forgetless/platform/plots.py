@@ -14,9 +14,13 @@ import numpy as np  # noqa: E402
 
 
 def accuracy_matrix_heatmap(R: np.ndarray, task_names: Sequence[str], title: str, path: Path) -> Path:
+    """R as the change from row 0 (the pre-trained model) in percentage points, on a diverging scale centred on 0, so a
+    few points of forgetting show in colour; the cells print the accuracies themselves."""
     R = np.asarray(R, dtype=float)
+    change = 100.0 * (R - R[0])
+    span = max(1.0, float(np.nanmax(np.abs(change))))
     fig, ax = plt.subplots(figsize=(1.2 * len(task_names) + 2.5, 0.9 * R.shape[0] + 1.8))
-    im = ax.imshow(R, vmin=0.0, vmax=1.0, cmap="viridis")
+    im = ax.imshow(change, vmin=-span, vmax=span, cmap="RdBu")
     ax.set_xticks(range(len(task_names)), [f"{n}\n({'source' if j == 0 else f'target {j}'})"
                                            for j, n in enumerate(task_names)], fontsize=8)
     ax.set_yticks(range(R.shape[0]), ["before (pre-trained)"] + [f"after {task_names[i]}" for i in range(1, R.shape[0])],
@@ -25,8 +29,10 @@ def accuracy_matrix_heatmap(R: np.ndarray, task_names: Sequence[str], title: str
     ax.set_ylabel("after training stage i")
     for i in range(R.shape[0]):
         for j in range(R.shape[1]):
-            ax.text(j, i, f"{R[i, j]:.3f}", ha="center", va="center", color="w" if R[i, j] < 0.6 else "k", fontsize=8)
-    fig.colorbar(im, ax=ax, label="test accuracy")
+            note = "" if i == 0 else f"\n({change[i, j]:+.1f})"
+            ax.text(j, i, f"{R[i, j]:.3f}{note}", ha="center", va="center", fontsize=8,
+                    color="w" if abs(change[i, j]) > 0.6 * span else "k")
+    fig.colorbar(im, ax=ax, label="change from row 0 (percentage points)")
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -34,7 +40,21 @@ def accuracy_matrix_heatmap(R: np.ndarray, task_names: Sequence[str], title: str
     return path
 
 
-def learning_curves(history: list[dict], task_names: Sequence[str], title: str, path: Path) -> Path:
+def phase_switches(phase_log: Sequence[dict]) -> list[tuple[int, str]]:
+    """(step, "probe -> finetune") where a phase hands over to the next phase of the same stage (e.g. lp_ft)."""
+    return [(a["end_step"], f"{a['phase']} -> {b['phase']}") for a, b in zip(phase_log, phase_log[1:])
+            if a["stage"] == b["stage"] and "end_step" in a]
+
+
+def _mark_switches(ax, switches: Sequence[tuple[int, str]], color: str = "grey") -> None:
+    for step, label in switches:
+        ax.axvline(step, color=color, lw=0.9, ls="--", alpha=0.7)
+        ax.annotate(label, (step, 1.0), xycoords=("data", "axes fraction"), fontsize=7, color=color, rotation=90,
+                    ha="right", va="top")
+
+
+def learning_curves(history: list[dict], task_names: Sequence[str], title: str, path: Path,
+                    phases: Sequence[dict] = ()) -> Path:
     """Validation accuracy of every task vs optimizer steps; the source's decline is the forgetting curve."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     steps = [h["step"] for h in history]
@@ -45,6 +65,7 @@ def learning_curves(history: list[dict], task_names: Sequence[str], title: str, 
     boundaries = sorted({h["step"] for h, nxt in zip(history, history[1:]) if nxt["stage"] != h["stage"]})
     for b in boundaries:
         ax.axvline(b, color="grey", lw=0.8, ls=":")
+    _mark_switches(ax, phase_switches(phases))
     ax.set_xlabel("optimizer steps")
     ax.set_ylabel("validation accuracy")
     ax.set_ylim(0, 1.02)
@@ -57,18 +78,31 @@ def learning_curves(history: list[dict], task_names: Sequence[str], title: str, 
     return path
 
 
-def comparison_curves(runs: dict[str, list[dict]], path: Path, title: str) -> Path:
-    """Target (first target) and source validation accuracy vs steps, one line per strategy, side by side."""
+def comparison_curves(runs: dict[str, list[dict]], path: Path, title: str,
+                      phases: dict[str, Sequence[dict]] | None = None) -> Path:
+    """Target (first target) validation accuracy and the source's change from its start, one line per strategy.
+
+    The forgetting panel plots percentage points lost on a y-axis fitted to the data: a drop of a few points is the
+    finding, and a 0-1 axis would flatten it. Dashed lines mark a strategy's switch between phases (lp_ft)."""
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5), sharex=False)
-    for label, history in runs.items():
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, history) in enumerate(runs.items()):
+        color = colors[i % len(colors)]
         steps = [h["step"] for h in history]
-        a1.plot(steps, [h["acc"].get("1") for h in history], marker=".", label=label)
-        a2.plot(steps, [h["acc"].get("0") for h in history], marker=".", label=label)
+        a1.plot(steps, [h["acc"].get("1") for h in history], marker=".", label=label, color=color)
+        start = history[0]["acc"]["0"] if history else 0.0
+        a2.plot(steps, [100.0 * (h["acc"]["0"] - start) for h in history], marker=".", label=label, color=color)
+        for ax in (a1, a2):
+            _mark_switches(ax, [(s, f"{label}: {t}") for s, t in phase_switches((phases or {}).get(label, ()))],
+                           color)
     a1.set_title("first target: validation accuracy (learning)")
-    a2.set_title("source: validation accuracy (forgetting)")
+    a1.set_ylabel("validation accuracy")
+    a1.set_ylim(0, 1.02)
+    a2.set_title("source: change in validation accuracy (forgetting)")
+    a2.set_ylabel("change from the start (percentage points)")
+    a2.axhline(0.0, color="k", lw=0.8)
     for a in (a1, a2):
         a.set_xlabel("optimizer steps")
-        a.set_ylim(0, 1.02)
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
     fig.suptitle(title)

@@ -45,6 +45,40 @@ class Trajectory:
         return cls(d["run_name"], d["uri"], [StopPoint(**s) for s in d["stop_points"]], d.get("mlflow_run_id"), reused)
 
 
+# The one-number results as MLflow metrics: logged at step 0 (MLflow draws one bar per run for a metric with a single
+# step-0 value) in the units the comparison table prints, which the names say: `_pct` percent, `_pp` percentage points.
+# StrategyResult.metrics key -> (MLflow name, scale, decimals)
+SUMMARY_METRICS: dict[str, tuple[str, float, int]] = {
+    "forgetting/max": ("forgetting/max_pp", 100.0, 2),
+    "forgetting/first": ("forgetting/first_pp", 100.0, 2),
+    "bwt": ("bwt_pp", 100.0, 2),
+    "acc": ("acc_pct", 100.0, 2),
+    "avg_inc_acc": ("avg_inc_acc_pct", 100.0, 2),
+    "target/final_acc": ("target/final_acc_pct", 100.0, 2),
+    "source/acc_before": ("source/acc_before_pct", 100.0, 2),
+    "source/acc_after": ("source/acc_after_pct", 100.0, 2),
+    "source/retention": ("source/retention_pct", 100.0, 2),
+    "aulc": ("aulc_pct", 100.0, 2),
+    "source/auc": ("source/auc_pct", 100.0, 2),
+    "steps_to/90": ("steps_to/90", 1.0, 1),
+    "steps_to/95": ("steps_to/95", 1.0, 1),
+    "trainable_params/max": ("trainable_params/max", 1.0, 0),
+    "optimizer_steps": ("optimizer_steps", 1.0, 0),
+    "wall_seconds": ("wall_seconds", 1.0, 1),
+    "train_seconds": ("train_seconds", 1.0, 1),
+}
+
+
+def summary_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """`metrics` (fractions, StrategyResult.metrics) under their MLflow names, scaled and rounded."""
+    out = {}
+    for key, (name, scale, decimals) in SUMMARY_METRICS.items():
+        v = metrics.get(key)
+        if v is not None and not math.isnan(v):
+            out[name] = round(scale * v, decimals)
+    return out
+
+
 @dataclass
 class StrategyResult:
     """One strategy on one stream: the accuracy matrix, the curves, and the metrics derived from them."""
@@ -64,6 +98,7 @@ class StrategyResult:
     evaluation: str
     tags: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    ended_at_ms: int | None = None  # when its training ended (the child run's end time), epoch milliseconds
 
     def curve(self, task: int, stage: int | None = None) -> tuple[list[int], list[float]]:
         """(steps, val acc) of a task; with `stage`, only that stage's points, steps counted from its start."""

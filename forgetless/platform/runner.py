@@ -5,10 +5,14 @@ label and a hash of everything that shapes the run), so re-running the same conf
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
 import signal
+import socket
+import sys
 import tempfile
 import threading
 import time
@@ -17,16 +21,23 @@ from typing import Callable
 
 import numpy as np
 import ray
+import torch
+from ray._private.utils import get_num_cpus  # the CPU count ray.init gives an embedded cluster
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from forgetless import storage
+from forgetless.backbones import TransferModel, build_backbone, is_builtin_backbone
 from forgetless.config import ConfigError, ExperimentConfig, StrategyConfig
 from forgetless.console import say
 from forgetless.data import build_stream
-from forgetless.platform import plots, tracking
-from forgetless.platform.model_io import build_model, load_torch_file
-from forgetless.platform.results import CompareResult, StopPoint, StrategyResult, Trajectory
+from forgetless.hashing import short_hash
+from forgetless.platform import (build_locks, checkpoints, model_export, plots, reaper, report_html, review, tracking,
+                                 watchdog)
+from forgetless.platform.engine import check_deepspeed_extra
+from forgetless.platform.model_io import build_model, load_pretrained, load_torch_file
+from forgetless.platform.results import (CompareResult, StopPoint, StrategyResult, Trajectory,
+                                         summary_metrics)
 from forgetless.platform.train_loop import FINAL_CHECKPOINT, MODEL_FILE, STATE_FILE, train_worker
 from forgetless.platform.worker_job import CheckpointPolicy, RunState, StopPointRef, WorkerJob
 from forgetless.strategies import get_strategy_class, make_strategy
@@ -44,6 +55,35 @@ WALL_FILE = "driver_wall.json"  # wall time of a finished transfer, measured by 
 
 def preflight(cfg: ExperimentConfig) -> str:
     """Everything that can be checked without starting Ray; returns the resolved tracking URI."""
+    _check_strategies(cfg)
+    if cfg.deepspeed.extra:
+        try:
+            check_deepspeed_extra(cfg.deepspeed, cfg.scaling.use_gpu)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    # storage first: a missing bucket or wrong credentials is the likeliest cluster error, and the clearest
+    storage.preflight(cfg.storage)
+    weights = None
+    if cfg.backbone.weights:
+        storage.check_readable(cfg.backbone.weights, "backbone.weights")
+        weights = _load_user_weights(cfg.backbone.weights)
+    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    tracking.check_reachable(uri)
+    # The tasks are built once here too, so a bad class id or an unreadable file fails before Ray starts.
+    try:
+        tasks = build_stream(cfg.source, cfg.targets)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"tasks: {e}") from None
+    _check_builtin_model(cfg, tasks, weights)
+    for s in cfg.strategies:  # the strategies' own whole-experiment checks (e.g. a permutation spec exists)
+        try:
+            make_strategy(s.name, s.params, cfg.train.epochs, cfg.train.lr).check(cfg, tasks, load_torch_file)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"strategies[{s.display_name()}]: {e}") from None
+    return uri
+
+
+def _check_strategies(cfg: ExperimentConfig) -> None:
     for s in cfg.strategies:
         cls = get_strategy_class(s.name)
         if not cls.transfer:
@@ -61,29 +101,65 @@ def preflight(cfg: ExperimentConfig) -> str:
         if cfg.evaluation == "task_incremental" and not cls.has_per_task_parts:
             raise ConfigError(f"evaluation: {s.name} keeps no per-task parts, so task-incremental evaluation does not "
                               f"apply; set evaluation: class_incremental")
-    # storage first: a missing bucket or wrong credentials is the likeliest cluster error, and the clearest
-    storage.preflight(cfg.storage)
-    if cfg.backbone.weights:
-        storage.check_readable(cfg.backbone.weights, "backbone.weights")
-    uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
-    tracking.check_reachable(uri)
-    # The tasks are built once here too, so a bad class id or an unreadable file fails before Ray starts.
+
+
+_SAVE_HINT = "save the weights with torch.save(model.state_dict(), PATH)"
+
+
+def _load_user_weights(uri: str) -> dict[str, torch.Tensor]:
+    """backbone.weights as the workers will load it (torch.load, weights_only=True), here, before anything starts."""
     try:
-        tasks = build_stream(cfg.source, cfg.targets)
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"tasks: {e}") from None
-    for s in cfg.strategies:  # the strategies' own whole-experiment checks (e.g. a permutation spec exists)
+        state = load_torch_file(uri)
+    except Exception as e:  # noqa: BLE001 - torch.load raises a different type for each kind of file it cannot read
+        if str(e).startswith("Weights only load failed"):
+            refused = re.search(r"(?i)unsupported global:? (?:GLOBAL )?([\w.]+)", str(e))
+            what = f" ({refused.group(1)})" if refused else ""
+            raise ConfigError(f"backbone.weights: {uri} holds pickled Python objects{what}, which forgetless never "
+                              f"unpickles (torch.load with weights_only=True); {_SAVE_HINT}") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"backbone.weights: {uri} is not a PyTorch weights file ({type(e).__name__}: {first}); "
+                          f"{_SAVE_HINT}") from None
+    if not (isinstance(state, dict) and state and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                      for k, v in state.items())):
+        what = f"a {type(state).__name__}" + (f" of {len(state)} item(s)" if hasattr(state, "__len__") else "")
+        raise ConfigError(f"backbone.weights: {uri} holds {what}, not a state dict (parameter names to tensors); "
+                          f"{_SAVE_HINT}")
+    return state
+
+
+def _check_builtin_model(cfg: ExperimentConfig, tasks, weights: dict[str, torch.Tensor] | None) -> None:
+    """Build a built-in backbone on the tasks' inputs once (milliseconds) and load backbone.weights into it: a shape
+    the backbone cannot take or weights of another architecture fail here, not in every worker after Ray started.
+    (hf:, timm:, torchvision: backbones are checked by their own config checks; building one here would cost more.)"""
+    if not is_builtin_backbone(cfg.backbone.name):
+        return
+    infos = task_infos(tasks)
+    try:
+        backbone = build_backbone(cfg.backbone.name, infos[0].input_shape, cfg.backbone.params).eval()
+        with torch.no_grad():
+            for shape in sorted({t.input_shape for t in infos}):
+                backbone(torch.zeros(2, *shape))
+    except (ValueError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"backbone: {cfg.backbone.name} with params {cfg.backbone.params} cannot take the tasks' "
+                          f"inputs {sorted({t.input_shape for t in infos})} ({first}); change backbone.params or "
+                          f"the backbone") from None
+    if weights is not None:
         try:
-            make_strategy(s.name, s.params, cfg.train.epochs, cfg.train.lr).check(cfg, tasks, load_torch_file)
-        except (ValueError, OSError) as e:
-            raise ConfigError(f"strategies[{s.display_name()}]: {e}") from None
-    return uri
+            load_pretrained(TransferModel(backbone, [t.num_classes for t in infos]), weights)
+        except (ValueError, RuntimeError) as e:  # torch's size-mismatch message spans lines: one line, shortened
+            problem = " ".join(str(e).split())[:300]
+            raise ConfigError(f"backbone.weights: {problem}; give weights saved from this backbone with these "
+                              f"backbone.params") from None
 
 
 def ensure_ray(cfg: ExperimentConfig) -> None:
     """Connect to cfg.ray_address / RAY_ADDRESS, or start an embedded local cluster; no-op if Ray is initialized."""
     if not ray.is_initialized():
-        init_ray(cfg.ray_address or os.environ.get("RAY_ADDRESS"), cfg.scaling.use_gpu)
+        address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+        if not address:
+            check_embedded_resources(cfg)
+        init_ray(address, cfg.scaling.use_gpu)
 
 
 def init_ray(address: str | None, use_gpu: bool, num_cpus: int | None = None) -> None:
@@ -98,8 +174,11 @@ def init_ray(address: str | None, use_gpu: bool, num_cpus: int | None = None) ->
     # training workers are the job here, so they run at normal priority. (A cluster started with `ray start` keeps its
     # own setting: RAY_worker_niceness=0 in the environment of `ray start` does the same there.)
     system_config = None if address else {"worker_niceness": 0}
-    ray.init(address=address, num_cpus=None if address else num_cpus, runtime_env={"env_vars": env},
-             log_to_driver=True, logging_level="ERROR", configure_logging=True, _system_config=system_config)
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, logging_level="ERROR",
+                 configure_logging=True)
+    else:
+        _init_embedded_ray(env, num_cpus, system_config)
     # ray.init makes SIGTERM call sys.exit. `ray job stop` / `forgetless jobs stop` send SIGTERM, and a stop should end
     # the run the way Ctrl-C does: during a fit Ray Train's SIGINT handler aborts the run gracefully (its registered
     # checkpoints kept, so the same command resumes), elsewhere Python raises KeyboardInterrupt; either way the MLflow
@@ -108,20 +187,65 @@ def init_ray(address: str | None, use_gpu: bool, num_cpus: int | None = None) ->
         signal.signal(signal.SIGTERM, _sigterm_as_sigint)
 
 
+def _init_embedded_ray(env: dict[str, str], num_cpus: int | None, system_config: dict) -> None:
+    """Start an embedded cluster that everything it starts can find without guessing: Ray Train's helper actors
+    look a cluster up by address (RAY_ADDRESS, else any cluster on the machine: "Found multiple active Ray instances"
+    when another one runs), so the GCS port is chosen here and RAY_ADDRESS given to every worker. DeepSpeed's C++ ops
+    are built into this environment's own folder (build_locks). A watcher process ends the cluster's processes if
+    this driver is killed (reaper)."""
+    gcs_port = _free_port()
+    env = {**env, "RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{gcs_port}",
+           "TORCH_EXTENSIONS_DIR": build_locks.use_private_extensions_dir()}
+    os.environ[GCS_PORT_VARIABLE] = str(gcs_port)  # read by ray.init when it starts the GCS
+    try:
+        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, log_to_driver=True, logging_level="ERROR",
+                 configure_logging=True, _system_config=system_config)
+    finally:
+        os.environ.pop(GCS_PORT_VARIABLE, None)
+    actual = ray.get_runtime_context().gcs_address
+    if actual != env["RAY_ADDRESS"]:
+        say(f"the embedded Ray cluster is at {actual}, not {env['RAY_ADDRESS']} as its workers were told; another Ray "
+            f"cluster on this machine may be picked up by Ray Train's helpers")
+    # (a private attribute: Ray has no public call for the session's name, which tells this cluster's processes apart)
+    reaper.start(Path(ray._private.worker._global_node.get_session_dir_path()).name)
+
+
+GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 def _sigterm_as_sigint(signum, frame) -> None:
     signal.raise_signal(signal.SIGINT)
 
 
-def check_resources(cfg: ExperimentConfig) -> None:
-    total = ray.cluster_resources()
+def check_embedded_resources(cfg: ExperimentConfig) -> None:
+    """Before starting an embedded cluster: it gets this machine's CPUs (Ray's own count, which honours container
+    limits) and the GPUs torch sees (CUDA_VISIBLE_DEVICES honoured, as Ray does), so a run it cannot place is refused
+    before Ray starts."""
+    _check_capacity(cfg, float(get_num_cpus()), float(torch.cuda.device_count()),
+                    "this machine (the embedded Ray cluster)")
+
+
+def _check_capacity(cfg: ExperimentConfig, cpus: float, gpus: float, where: str) -> None:
     need_cpu = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    if total.get("CPU", 0) < need_cpu:
+    if cpus < need_cpu:
         raise ConfigError(f"scaling: {cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker} CPU need "
-                          f"{need_cpu:g} CPUs but the Ray cluster has {total.get('CPU', 0):g}; lower "
-                          f"scaling.num_workers or scaling.cpus_per_worker")
-    if cfg.scaling.use_gpu and total.get("GPU", 0) < cfg.scaling.num_workers:
+                          f"{need_cpu:g} CPUs but {where} has {cpus:g}; lower scaling.num_workers or "
+                          f"scaling.cpus_per_worker")
+    if cfg.scaling.use_gpu and gpus < cfg.scaling.num_workers:
         raise ConfigError(f"scaling.use_gpu: {cfg.scaling.num_workers} workers need {cfg.scaling.num_workers} GPUs but "
-                          f"the Ray cluster has {total.get('GPU', 0):g}")
+                          f"{where} has {gpus:g}; set scaling.use_gpu: false or run on a cluster with GPUs")
+
+
+def check_resources(cfg: ExperimentConfig) -> None:
+    """Right after connecting: a run the cluster cannot place would wait for resources forever."""
+    total = ray.cluster_resources()
+    _check_capacity(cfg, total.get("CPU", 0), total.get("GPU", 0), "the Ray cluster")
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) > 1 and not storage.is_s3(cfg.storage):
         # Workers on other nodes would write checkpoints to their own disks, and a resumed run would not find them.
@@ -137,6 +261,9 @@ def check_resources(cfg: ExperimentConfig) -> None:
 def fit(cfg: ExperimentConfig, job: WorkerJob, keep_all_checkpoints: bool, callbacks: list | None = None):
     """Build and fit a TorchTrainer (Train V2). Re-running the same `job.run_name` resumes from its latest checkpoint.
     `callbacks`: Ray Train UserCallbacks (a Tune trial passes one that forwards each report to Tune)."""
+    # Workers run in a folder of Ray Train's own: a relative storage path means the driver's folder, so they are given
+    # the absolute one (they write each checkpoint's manifest under it and restore from it).
+    job = dataclasses.replace(job, config=job.config.model_copy(update={"storage": storage.normalize(cfg.storage)}))
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=job,
@@ -146,7 +273,9 @@ def fit(cfg: ExperimentConfig, job: WorkerJob, keep_all_checkpoints: bool, callb
             name=job.run_name,
             **storage.ray_storage(cfg.storage),
             checkpoint_config=CheckpointConfig(num_to_keep=None if keep_all_checkpoints else 3),
-            failure_config=FailureConfig(max_failures=0),
+            # A lost worker (preemption, OOM, node loss): Ray Train restarts the worker group, which resumes from the
+            # latest intact checkpoint (train_loop.restore).
+            failure_config=FailureConfig(max_failures=cfg.fault_tolerance.max_failures),
             callbacks=callbacks,
             # Ray Train's own INFO lines (one per checkpoint and rank) drown the progress lines; warnings still show.
             logging_config=LoggingConfig(log_level=os.environ.get("FORGETLESS_RAY_TRAIN_LOG_LEVEL", "WARNING")),
@@ -156,7 +285,11 @@ def fit(cfg: ExperimentConfig, job: WorkerJob, keep_all_checkpoints: bool, callb
 
 
 def _read_state(result) -> RunState:
+    """The state of the run's last checkpoint (its final one), verified against its manifest."""
     with result.checkpoint.as_directory() as d:
+        problem = checkpoints.verify_folder(d)
+        if problem:
+            raise RuntimeError(f"the last checkpoint of the run, {result.checkpoint.path}, is damaged: {problem}")
         return RunState.from_json(Path(d, STATE_FILE).read_text())
 
 
@@ -214,7 +347,7 @@ def pretrain(cfg: ExperimentConfig, target: tracking.TrackingTarget) -> Trajecto
         name = Path(ckpt.path).name
         if name.startswith(STOP_POINT_PREFIX):
             stop_points.append(StopPoint(int(name[len(STOP_POINT_PREFIX):]), storage.join(
-                _checkpoint_uri(cfg, run_name, ckpt), MODEL_FILE), metrics.get("source/acc")))
+                _checkpoint_uri(cfg, run_name, ckpt), MODEL_FILE), metrics.get("pretrain/val/source/acc")))
     stop_points.sort(key=lambda s: s.epoch)
     traj = Trajectory(run_name, storage.join(storage.normalize(cfg.storage), run_name), stop_points,
                       state.mlflow_run_id)
@@ -255,13 +388,25 @@ def transfer(cfg: ExperimentConfig, strategy: StrategyConfig, init_weights: str,
     say(f"strategy {strategy.display_name()}: Ray Train run {run_name} ({cfg.scaling.num_workers} workers, "
         f"DeepSpeed ZeRO-{cfg.deepspeed.zero_stage})")
     job = transfer_job(cfg, strategy, init_weights, target, trajectory)
-    t0 = time.perf_counter()
-    result = fit(cfg, job, keep_all_checkpoints=False, callbacks=callbacks)
-    wall = time.perf_counter() - t0
+    # wall time sums every invocation of the run (a resumed one included); the watch says when the run stalls
+    clock = watchdog.WallClock(storage.join(run_uri, WALL_FILE))
+    with watchdog.RunWatch(run_name, run_uri, clock, lambda: _stall_hints(cfg)):
+        result = fit(cfg, job, keep_all_checkpoints=False, callbacks=callbacks)
     state = _read_state(result)
-    if state.finished:
-        storage.write_bytes(storage.join(run_uri, WALL_FILE), json.dumps({"wall_seconds": wall}).encode())
+    wall = clock.write(finished=state.finished)
     return _strategy_result(cfg, strategy, state, wall, _checkpoint_uri(cfg, run_name, result.checkpoint))
+
+
+def _stall_hints(cfg: ExperimentConfig) -> str:
+    """What a run that makes no progress may be waiting for, as far as the driver can see."""
+    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    free = ray.available_resources().get("CPU", 0.0)
+    hints = [f"Free CPUs in the Ray cluster: {free:g} (this run's workers take {need:g} while they run)"]
+    locks = build_locks.present_locks()
+    if locks:
+        hints.append(f"DeepSpeed op build locks present: {', '.join(map(str, locks))} (workers wait on them, "
+                     f"bounded by FORGETLESS_BUILD_LOCK_WAIT_S)")
+    return "; ".join(hints) + "."
 
 
 def _strategy_result(cfg: ExperimentConfig, strategy: StrategyConfig, state: RunState, wall: float,
@@ -273,7 +418,7 @@ def _strategy_result(cfg: ExperimentConfig, strategy: StrategyConfig, state: Run
         trainable_params=state.trainable_params, global_step=state.global_step, wall_seconds=wall,
         train_seconds=state.train_seconds, mlflow_run_id=state.mlflow_run_id,
         checkpoint_uri=checkpoint_uri, evaluation=cfg.evaluation,
-        tags=cls.identity_tags(),
+        tags=cls.identity_tags(), ended_at_ms=int(time.time() * 1000),  # called as the Ray Train run returns
     )
 
 
@@ -282,10 +427,14 @@ def _strategy_result(cfg: ExperimentConfig, strategy: StrategyConfig, state: Run
 
 
 def log_strategy_artifacts(cfg: ExperimentConfig, res: StrategyResult, uri: str) -> None:
+    """The driver's part of a strategy run: summary metrics at step 0 (one bar per run in MLflow's charts), the
+    accuracy matrix and curves, the description and context, the model; then the run ends at its training's end."""
     if res.mlflow_run_id is None:
         return
     c = tracking.client(uri)
-    tracking.log_metrics(uri, res.mlflow_run_id, res.metrics, step=res.global_step)
+    ended = c.get_run(res.mlflow_run_id).info.end_time  # set only where the run was reused from an earlier invocation
+    summary = summary_metrics(res.metrics)
+    tracking.log_metrics(uri, res.mlflow_run_id, summary, step=0)
     with tempfile.TemporaryDirectory() as d:
         Path(d, "accuracy_matrix.json").write_text(json.dumps({
             "task_names": res.task_names, "rows": ["before"] + [f"after {n}" for n in res.task_names[1:]],
@@ -296,12 +445,21 @@ def log_strategy_artifacts(cfg: ExperimentConfig, res: StrategyResult, uri: str)
         plots.accuracy_matrix_heatmap(res.accuracy_matrix, res.task_names, f"{res.label}: accuracy matrix",
                                       Path(d, "accuracy_matrix.png"))
         plots.learning_curves(res.history, res.task_names, f"{res.label}: learning and forgetting curves",
-                              Path(d, "curves.png"))
+                              Path(d, "curves.png"), phases=res.phase_log)
         for f in ("accuracy_matrix.json", "accuracy_matrix.png", "history.json", "curves.png"):
             c.log_artifact(res.mlflow_run_id, str(Path(d, f)))
+    review.set_tags(uri, res.mlflow_run_id, review.context_tags())
+    review.set_description(uri, res.mlflow_run_id, review.child_description(res, _strategy_doc(res.strategy)))
     if cfg.tracking.log_model and res.checkpoint_uri:
-        log_model(cfg, res, uri)
-    c.set_terminated(res.mlflow_run_id, "FINISHED")
+        log_model(cfg, res, uri, summary)
+    # The run ends when its training ended, not when the last strategy's artifacts are logged; a run reused from an
+    # earlier invocation keeps the end time it had.
+    c.set_terminated(res.mlflow_run_id, "FINISHED", end_time=ended or res.ended_at_ms)
+
+
+def _strategy_doc(name: str) -> str | None:
+    """The docstring of a strategy's module: its one-line summary opens it."""
+    return sys.modules[get_strategy_class(name).__module__].__doc__
 
 
 def load_model(cfg: ExperimentConfig, res: StrategyResult):
@@ -313,17 +471,10 @@ def load_model(cfg: ExperimentConfig, res: StrategyResult):
     return model.eval(), tasks
 
 
-def log_model(cfg: ExperimentConfig, res: StrategyResult, uri: str) -> None:
-    # deferred: mlflow.pytorch is a heavy import that only model logging needs
-    import mlflow
-    import mlflow.pytorch
-
+def log_model(cfg: ExperimentConfig, res: StrategyResult, uri: str, summary: dict[str, float]) -> str:
+    """The trained model as a logged model named after the strategy, at the run's final step (pt2 format)."""
     model, tasks = load_model(cfg, res)
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=res.mlflow_run_id):
-        # pickle format: the TransferModel's forward takes (inputs, task index), which torch.export cannot trace.
-        mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
-                                 pip_requirements=["torch", "forgetless"])
+    return model_export.log_strategy_model(uri, res.mlflow_run_id, res.label, model, tasks, res.global_step, summary)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -334,11 +485,18 @@ def execute(cfg: ExperimentConfig, command: str,
             on_result: Callable[[StrategyResult], None] | None = None) -> CompareResult:
     """Run every strategy of `cfg` on its stream from one shared pre-trained checkpoint; one MLflow parent run."""
     uri = preflight(cfg)
+    if not ray.is_initialized() and not (cfg.ray_address or os.environ.get("RAY_ADDRESS")):
+        # an embedded run's workers build DeepSpeed's ops on this machine: a stale build lock is named now, not
+        # after Ray started (the workers wait on it too, bounded, wherever they run)
+        build_locks.use_private_extensions_dir()
+        build_locks.wait_for_build_locks()
     ensure_ray(cfg)
     check_resources(cfg)
     exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
+    review.set_model_training_view(uri, exp_id)  # MLflow opens it in the model-training view, not the GenAI one
     parent = tracking.start_parent_run(uri, exp_id, f"{cfg.name} ({command})", {
         "forgetless.command": command, "forgetless.name": cfg.name,
+        "forgetless.config_hash": short_hash(cfg.model_dump(mode="json")),
         "forgetless.strategies": ",".join(s.display_name() for s in cfg.strategies),
         "forgetless.evaluation": cfg.evaluation,
     })
@@ -364,6 +522,7 @@ def execute(cfg: ExperimentConfig, command: str,
             log_strategy_artifacts(cfg, r, uri)
         out = CompareResult(cfg.name, results, traj, parent, uri, exp_id)
         _log_parent_summary(out, uri)
+        tracking.flush_buffered(uri)  # metric points an MLflow outage kept on disk
         c.set_terminated(parent, "FINISHED")
         return out
     except BaseException as e:
@@ -372,16 +531,25 @@ def execute(cfg: ExperimentConfig, command: str,
 
 
 def _log_parent_summary(out: CompareResult, uri: str) -> None:
+    """The parent run's description (findings, table, links), the comparison files and the HTML report; the pre-training
+    run's context; the experiment's description and model-training view."""
     c = tracking.client(uri)
     with tempfile.TemporaryDirectory() as d:
         Path(d, "comparison.txt").write_text(out.table() + "\n")
         Path(d, "comparison.json").write_text(json.dumps(
             [{"label": r.label, "strategy": r.strategy, "metrics": r.metrics, "R": r.accuracy_matrix.tolist(),
-              "mlflow_run_id": r.mlflow_run_id} for r in out.results], indent=1))
+              "task_names": r.task_names, "mlflow_run_id": r.mlflow_run_id} for r in out.results], indent=1))
         plots.comparison_curves({r.label: r.history for r in out.results}, Path(d, "comparison_curves.png"),
-                                f"{out.name}: strategies compared")
-        for f in ("comparison.txt", "comparison.json", "comparison_curves.png"):
+                                f"{out.name}: strategies compared", phases={r.label: r.phase_log for r in out.results})
+        report_html.write_report(report_html.ComparisonView.of(out), Path(d, report_html.REPORT_FILE))
+        for f in ("comparison.txt", "comparison.json", "comparison_curves.png", report_html.REPORT_FILE):
             c.log_artifact(out.parent_run_id, str(Path(d, f)))
-    for r in out.results:
-        tracking.log_metrics(uri, out.parent_run_id, {f"{r.label}/{k}": v for k, v in r.metrics.items()
-                                                     if k in ("target/final_acc", "forgetting/max", "acc", "bwt")}, step=0)
+    context = review.context_tags()
+    review.set_tags(uri, out.parent_run_id, context)
+    if out.trajectory is not None and out.trajectory.mlflow_run_id and not out.trajectory.reused:
+        review.set_tags(uri, out.trajectory.mlflow_run_id, context)
+        review.set_description(uri, out.trajectory.mlflow_run_id, "Source pre-training: its stop points are the "
+                               "strategies' starting weights (curves under `pretrain/...`).")
+    review.set_description(uri, out.parent_run_id, review.parent_description(out))
+    review.set_model_training_view(uri, out.experiment_id, review.experiment_description(
+        out.name, out.experiment_id, out.parent_run_id))

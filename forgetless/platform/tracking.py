@@ -6,13 +6,20 @@ pass through `redact` first.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
+import socket
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
+from forgetless.console import say
 from forgetless.errors import ConfigError
+from forgetless.platform import metric_buffer
 
 PARENT_TAG = "mlflow.parentRunId"
 RUN_KEY_TAG = "forgetless.run_key"
@@ -119,9 +126,58 @@ def ensure_experiment(uri: str, name: str) -> str:
 
 
 def start_parent_run(target_uri: str, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
+    """The parent run of this invocation. `tags` identify the command (IDENTITY_TAGS); a RUNNING parent run of the
+    same command whose driver is gone (killed: it could not end its run) is closed as KILLED first."""
+    close_stale_parent_runs(target_uri, experiment_id, tags)
     c = client(target_uri)
-    run = c.create_run(experiment_id, run_name=run_name, tags=redact(tags))
+    run = c.create_run(experiment_id, run_name=run_name, tags=redact({**tags, DRIVER_TAG: driver_identity()}))
     return run.info.run_id
+
+
+DRIVER_TAG = "forgetless.driver"  # host:pid:process start time of the invocation's driver
+IDENTITY_TAGS = ("forgetless.command", "forgetless.name", "forgetless.config_hash")
+
+
+def driver_identity(pid: int | None = None) -> str:
+    proc = psutil.Process(pid or os.getpid())
+    return f"{socket.gethostname()}:{proc.pid}:{proc.create_time():.2f}"
+
+
+def driver_alive(identity: str) -> bool | None:
+    """Whether the driver named by a DRIVER_TAG value still runs: None when it ran on another host (unknowable)."""
+    host, _, rest = identity.partition(":")
+    pid, _, started = rest.partition(":")
+    if host != socket.gethostname():
+        return None
+    try:
+        return f"{psutil.Process(int(pid)).create_time():.2f}" == started
+    except (psutil.NoSuchProcess, ValueError):
+        return False
+
+
+def close_stale_parent_runs(uri: str, experiment_id: str, tags: dict[str, str]) -> list[str]:
+    """Close as KILLED the RUNNING parent runs (and their RUNNING child runs) of the same command and config whose
+    driver no longer runs; returns their ids. A driver on another host cannot be checked: its run is left alone."""
+    c = client(uri)
+    match = " and ".join(f"tags.`{k}` = '{tags[k]}'" for k in IDENTITY_TAGS if k in tags)
+    if not match:
+        return []
+    closed = []
+    for run in c.search_runs([experiment_id], filter_string=f"{match} and attributes.status = 'RUNNING'",
+                             max_results=50):
+        alive = driver_alive(run.data.tags.get(DRIVER_TAG, ""))
+        if alive is False:
+            children = c.search_runs([experiment_id], max_results=1000, filter_string=(
+                f"tags.`{PARENT_TAG}` = '{run.info.run_id}' and attributes.status = 'RUNNING'"))
+            for r in [*children, run]:
+                c.set_terminated(r.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+            say(f"MLflow: run {run.info.run_id} of the same command was left RUNNING by a driver that no longer runs "
+                f"({run.data.tags.get(DRIVER_TAG)}); closed as KILLED")
+        elif alive is None:
+            say(f"MLflow: run {run.info.run_id} of the same command is RUNNING, started by a driver on another host "
+                f"({run.data.tags.get(DRIVER_TAG)}); left as it is")
+    return closed
 
 
 def find_unfinished_run(uri: str, experiment_id: str, run_key: str) -> str | None:
@@ -167,12 +223,174 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
 
 
 def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
-    import math
-    import time
+    """Log one point per metric at `step`. A point already in the run's history (same key and step: a re-trained
+    epoch of a resumed run, a re-logged summary) is skipped. When the server does not answer within
+    FORGETLESS_TRACKING_RETRIES retries, the points go to the on-disk buffer (metric_buffer) and are sent later:
+    tracking never stops training, and nothing is lost."""
+    ts = int(time.time() * 1000)
+    points = [metric_buffer.MetricPoint(k, float(v), ts, int(step)) for k, v in metrics.items()
+              if v is not None and not math.isnan(float(v))]
+    if not points:
+        return
+    if time.monotonic() < _retry_after.get(uri, 0.0):  # the server failed moments ago: do not wait on it again yet
+        metric_buffer.append(uri, run_id, points)
+        return
+    try:
+        _flush_run(uri, run_id)  # what was buffered is older: it goes first
+        _send_new(uri, run_id, points)
+    except TrackingUnavailable as e:
+        _buffer_after_failure(uri, run_id, points, e)
 
+
+class TrackingUnavailable(Exception):
+    """The tracking server did not answer (down, restarting, 5xx, timeouts) within the retry budget."""
+
+
+# Per process: the (key, step) points each run already has on the server, loaded once per run.
+_logged: dict[tuple[str, str], set[tuple[str, int]]] = {}
+# Per tracking URI: until when (time.monotonic) metric logging goes straight to the buffer after a failure.
+_retry_after: dict[str, float] = {}
+
+
+def _env_number(name: str, default: float) -> float:
+    return float(os.environ.get(name) or default)
+
+
+def _buffer_after_failure(uri: str, run_id: str, points: list, error: Exception) -> None:
+    path = metric_buffer.append(uri, run_id, points)
+    cool_off = _env_number("FORGETLESS_TRACKING_RETRY_AFTER_S", 30)
+    first = uri not in _retry_after
+    _retry_after[uri] = time.monotonic() + cool_off
+    if first:
+        say(f"MLflow at {uri} is not answering ({str(error).splitlines()[0][:200]}); training goes on and metrics "
+            f"are kept in {path.parent} until it is back (tried again every {cool_off:g}s and at the end)")
+
+
+def _send_new(uri: str, run_id: str, points: list) -> int:
+    """Send the points the run does not have yet; returns how many were sent."""
+    seen = _logged_points(uri, run_id)
+    new = []
+    for p in points:
+        if (p.key, p.step) not in seen:
+            seen.add((p.key, p.step))
+            new.append(p)
+    try:
+        for i in range(0, len(new), 500):
+            _log_batch(uri, run_id, new[i: i + 500])
+    except TrackingUnavailable:
+        seen.difference_update((p.key, p.step) for p in new)
+        raise
+    if uri in _retry_after:
+        del _retry_after[uri]
+    return len(new)
+
+
+def _logged_points(uri: str, run_id: str) -> set[tuple[str, int]]:
+    """The run's (key, step) points on the server, read once per process (a resumed run has a history)."""
+    if (uri, run_id) in _logged:
+        return _logged[(uri, run_id)]
+    if uri.startswith(("http://", "https://")):
+        run = _rest(uri, "/api/2.0/mlflow/runs/get", "GET", params={"run_id": run_id})["run"]
+        seen = set()
+        for key in {m["key"] for m in run.get("data", {}).get("metrics", [])}:
+            page: dict = {}
+            while True:
+                out = _rest(uri, "/api/2.0/mlflow/metrics/get-history", "GET",
+                            params={"run_id": run_id, "metric_key": key, **page})
+                seen.update((key, int(m.get("step", 0))) for m in out.get("metrics", []))
+                if not out.get("next_page_token"):
+                    break
+                page = {"page_token": out["next_page_token"]}
+    else:
+        c = client(uri)
+        keys = list(_call(lambda: c.get_run(run_id).data.metrics))
+        seen = {(k, m.step) for k in keys for m in _call(lambda k=k: c.get_metric_history(run_id, k))}
+    _logged[(uri, run_id)] = seen
+    return seen
+
+
+def _call(fn):
+    """An MLflow call; a transport failure or a server error becomes TrackingUnavailable, a client error (a bad
+    request, an unknown run: a bug, not an outage) is raised as it is."""
+    # deferred: mlflow (and requests under it) is a 2 s import that only world rank 0 needs
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return fn()
+    except MlflowException as e:
+        status = e.get_http_status_code()
+        if 400 <= status < 500 and status != 429:
+            raise
+        raise TrackingUnavailable(str(e)) from None
+    except (requests.exceptions.RequestException, OSError) as e:
+        raise TrackingUnavailable(str(e)) from None
+
+
+def _rest(uri: str, endpoint: str, method: str, **kwargs) -> dict:
+    """One request to a tracking server with a retry budget of our own (MLflow's default waits minutes, and this is
+    the training path): FORGETLESS_TRACKING_RETRIES retries (default 3, backoff about 2-4-8 s), 10 s per request."""
+    # deferred: mlflow is a 2 s import that only world rank 0 needs
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+    retries = int(_env_number("FORGETLESS_TRACKING_RETRIES", 3))
+    timeout = int(_env_number("FORGETLESS_TRACKING_TIMEOUT_S", 10))
+    response = _call(lambda: verify_rest_response(http_request(
+        get_default_host_creds(uri), endpoint, method, max_retries=retries, backoff_factor=1, backoff_jitter=0.5,
+        timeout=timeout, **kwargs), endpoint))
+    return response.json() if response.content else {}
+
+
+def _log_batch(uri: str, run_id: str, points: list) -> None:
+    # deferred: mlflow is a 2 s import that only world rank 0 needs
     from mlflow.entities import Metric
 
-    ts = int(time.time() * 1000)
-    items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None and not math.isnan(float(v))]
-    for i in range(0, len(items), 500):
-        client(uri).log_batch(run_id, metrics=items[i : i + 500])
+    if uri.startswith(("http://", "https://")):
+        _rest(uri, "/api/2.0/mlflow/runs/log-batch", "POST", json={"run_id": run_id, "metrics": [
+            {"key": p.key, "value": p.value, "timestamp": p.timestamp, "step": p.step} for p in points]})
+    else:
+        _call(lambda: client(uri).log_batch(run_id, metrics=[Metric(p.key, p.value, p.timestamp, p.step)
+                                                             for p in points]))
+
+
+def _flush_run(uri: str, run_id: str) -> int:
+    """Send a run's buffered points (oldest first); returns how many were sent. Raises TrackingUnavailable."""
+    sent = 0
+    for path in metric_buffer.pending_files(run_id):
+        file_uri, points = metric_buffer.read(path)
+        if file_uri != uri:
+            continue
+        sent += _send_new(uri, run_id, points)
+        metric_buffer.done(path)
+    return sent
+
+
+def flush_buffered(uri: str, wait_s: float | None = None) -> int:
+    """At the end of an invocation: send every buffered point of tracking server `uri`, waiting at most `wait_s`
+    (default FORGETLESS_TRACKING_FLUSH_WAIT_S, 120 s) for the server to answer again. What still cannot be sent
+    stays on disk, said with its folder, and goes with the next forgetless command that logs to the run."""
+    runs = metric_buffer.pending_runs(uri)
+    if not runs:
+        return 0
+    wait_s = _env_number("FORGETLESS_TRACKING_FLUSH_WAIT_S", 120) if wait_s is None else wait_s
+    deadline = time.monotonic() + wait_s
+    sent = 0
+    while True:
+        try:
+            for run_id in list(runs):
+                sent += _flush_run(uri, run_id)
+                runs.remove(run_id)
+            if sent:
+                say(f"MLflow at {uri} is back: sent {sent} buffered metric points")
+            return sent
+        except TrackingUnavailable as e:
+            if time.monotonic() >= deadline:
+                left = sum(metric_buffer.count_pending(r) for r in runs)
+                say(f"MLflow at {uri} still does not answer after {wait_s:g}s ({str(e).splitlines()[0][:200]}); "
+                    f"{left} metric points stay in {metric_buffer.root()} and are sent by the next forgetless "
+                    f"command that logs to the same runs")
+                return sent
+            say(f"waiting for MLflow at {uri} to send {sum(metric_buffer.count_pending(r) for r in runs)} buffered "
+                f"metric points (at most {max(0.0, deadline - time.monotonic()):.0f}s more)")
+            time.sleep(min(10.0, max(0.0, deadline - time.monotonic())))

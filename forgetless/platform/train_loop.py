@@ -24,7 +24,8 @@ from ray.train import Checkpoint
 from forgetless.backbones import TransferModel
 from forgetless.data import TaskData, build_stream
 from forgetless.data.sharding import derive_seed, shard_batches
-from forgetless.platform import tracking
+from forgetless import storage
+from forgetless.platform import build_locks, checkpoints, review, tracking
 from forgetless.platform.engine import (consolidated_state_dict, ensure_accelerator_env, full_state_dict, make_engine,
                                         weight_access)
 from forgetless.platform.evaluation import evaluate
@@ -55,6 +56,9 @@ class WorkerRun:
     state: RunState
     engine: Any = None  # the DeepSpeed engine of the running phase
     resume_dir: str | None = None  # a local copy of the restored checkpoint, until the phase's optimizer is loaded
+    commit_wait_seconds: float = 0.0  # rank 0: time spent waiting for Ray Train to commit checkpoints
+    commits: int = 0  # rank 0: checkpoints written by this worker group
+    skipped_checkpoints: tuple[str, ...] = ()  # damaged checkpoints restore passed over (their folders stay)
 
     @property
     def zero_stage(self) -> int:
@@ -88,6 +92,10 @@ def train_worker(job: WorkerJob) -> None:
 
 
 def init_process_group(use_gpu: bool) -> None:
+    # DeepSpeed builds its C++ ops here on first use, under a lock a killed build leaves behind: a folder of this
+    # environment, and a bounded wait on its locks that names a stale one (torch would wait on it forever).
+    build_locks.use_private_extensions_dir()
+    build_locks.wait_for_build_locks()
     # deferred: DeepSpeed picks its accelerator when first imported, after ensure_accelerator_env has set it
     import deepspeed
 
@@ -115,8 +123,8 @@ def before_training(run: WorkerRun) -> None:
     strategy_data_hook(run, "after_source", 0)
     if first > 0:
         # Row 0 of R: the pre-trained model before any target training.
-        record_row(run, first - 1)
-    # The first point of every curve, measured as of the stage the run starts from.
+        log_metrics(run, record_row(run, first - 1))
+    # The first point of every curve, measured as of the stage the run starts from (the targets' fresh heads).
     eval_point(run, max(first - 1, 0), None, "before", 0)
     policy = run.job.checkpoints
     if policy.at_start:
@@ -168,7 +176,8 @@ def train_phase(run: WorkerRun, stage: int, p: int, phase: Phase) -> None:
         if state.phase_done:
             state.phase_log.append({"stage": stage, "phase": phase.name, "epochs": epoch + 1, "steps": state.phase_step,
                                     "stopped_early": stop, "end_step": state.global_step})
-        shown = {k: round(v, 4) for k, v in metrics.items() if k in ("source/acc", "target/acc", "train/loss")}
+        shown = {k.removeprefix("pretrain/"): round(v, 4) for k, v in metrics.items()
+                 if k.endswith(("val/source/acc", "val/target/acc", "train/loss"))}
         log(run, f"stage {stage} phase {phase.name} epoch {epoch + 1}/{phase.epochs} step {state.global_step} {shown}")
         if job.checkpoints.due(epoch + 1, state.phase_done):
             save_checkpoint(run, {**metrics, "epoch": epoch + 1, "global_step": state.global_step},
@@ -229,29 +238,40 @@ def last_val_loss(run: WorkerRun, stage: int) -> float:
 
 
 def eval_point(run: WorkerRun, stage: int, train_loss: float | None, phase_name: str, epoch: int) -> dict[str, float]:
-    """Validation accuracy and loss of every task: one point of every curve, logged and kept in the history."""
+    """Validation accuracy and loss of every task: one point of every curve, logged and kept in the history.
+
+    Curve names say split and task (`val/target/acc`, `val/task/<name>/acc`, `train/loss`); the pre-training run's are
+    under `pretrain/` so they never share a chart with the transfers'. The target of a point is the task of its stage;
+    the "before" point (stage 0) of a transfer measures the first target's fresh head, where its curve starts."""
     res = evaluate(run.model, run.tasks, "val", stage, run.job.class_incremental, run.rank, run.world, run.device)
     run.state.history.append({"step": run.state.global_step, "stage": stage, "phase": phase_name, "epoch": epoch,
                               "acc": {str(j): a for j, (a, _) in res.items()},
                               "loss": {str(j): loss for j, (_, loss) in res.items()}, "train_loss": train_loss})
-    metrics: dict[str, float] = {"source/acc": res[0][0], "source/loss": res[0][1], "stage": stage}
+    prefix = curve_prefix(run)
+    metrics: dict[str, float] = {f"{prefix}val/source/acc": res[0][0], f"{prefix}val/source/loss": res[0][1]}
     if len(run.tasks) > 1:  # a stream with targets: the target is the task of the current stage
-        metrics["target/acc"] = res[stage][0]
-        metrics["target/loss"] = res[stage][1]
+        target = max(stage, 1)
+        metrics[f"{prefix}val/target/acc"] = res[target][0]
+        metrics[f"{prefix}val/target/loss"] = res[target][1]
     for j, (acc, _) in res.items():
-        metrics[f"task/{run.infos[j].name}/acc"] = acc
+        metrics[f"{prefix}val/task/{run.infos[j].name}/acc"] = acc
     if train_loss is not None:
-        metrics["train/loss"] = train_loss
+        metrics[f"{prefix}train/loss"] = train_loss
     log_metrics(run, metrics)
     return metrics
 
 
+def curve_prefix(run: WorkerRun) -> str:
+    return "pretrain/" if run.job.mode == "pretrain" else ""
+
+
 def record_row(run: WorkerRun, stage: int) -> dict[str, float]:
-    """Row `stage` of the accuracy matrix R: test accuracy on every task of the stream."""
+    """Row `stage` of the accuracy matrix R: test accuracy on every task of the stream, logged as
+    `test/task/<name>/acc` at the step the stage ended (row 0, before any target training, at step 0)."""
     res = evaluate(run.model, run.tasks, "test", stage, run.job.class_incremental, run.rank, run.world, run.device)
     row = [res[j][0] for j in range(len(run.tasks))]
     run.state.R.append(row)
-    return {f"R/{stage}/{run.infos[j].name}": acc for j, acc in enumerate(row)}
+    return {f"{curve_prefix(run)}test/task/{run.infos[j].name}/acc": acc for j, acc in enumerate(row)}
 
 
 # -- strategy hooks that need data or collectives ----------------------------------------------------------------------
@@ -317,7 +337,16 @@ def release_engine(run: WorkerRun) -> None:
 
 
 def save_checkpoint(run: WorkerRun, metrics: dict[str, float], name: str) -> None:
-    """Every rank writes its DeepSpeed shard and reports; rank 0 adds the consolidated model and the state."""
+    """Every rank writes its DeepSpeed shard and reports; rank 0 adds the consolidated model and the state, and once
+    Ray Train has committed the checkpoint (so every rank's files are uploaded) writes its manifest last. Waiting for
+    the commit makes the checkpoint just written the resume point of a lost worker (the controller commits when it
+    next polls, every 2 s), so at most the epoch in progress is re-trained."""
+    if name in run.skipped_checkpoints and name != FINAL_CHECKPOINT:
+        # Ray Train still lists the damaged checkpoint under this folder name; a second checkpoint in the same folder
+        # would be deleted twice when Ray Train rotates old checkpoints out, and its controller fails on the second.
+        log(run, f"not writing checkpoint {name}: its folder holds a damaged checkpoint that Ray Train still lists")
+        ray.train.report(metrics)
+        return
     with tempfile.TemporaryDirectory(prefix="forgetless-ckpt-") as d:
         if run.engine is not None and not run.state.phase_done:
             run.engine.save_checkpoint(d, tag=DS_TAG)
@@ -325,31 +354,87 @@ def save_checkpoint(run: WorkerRun, metrics: dict[str, float], name: str) -> Non
         if run.rank == 0:
             torch.save(state_dict, Path(d, MODEL_FILE))
             Path(d, STATE_FILE).write_text(run.state.to_json())
+        files = checkpoints.gather_files(checkpoints.describe_files(d), run.world)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=name)
+    if run.rank != 0:
+        return
+    t0 = time.perf_counter()
+    committed = checkpoints.wait_until_committed(name)
+    run.commit_wait_seconds += time.perf_counter() - t0
+    run.commits += 1
+    if name == FINAL_CHECKPOINT:
+        log(run, f"{run.commits} checkpoints written; waited {run.commit_wait_seconds:.1f} s in all for Ray Train "
+                 f"to commit them ({run.commit_wait_seconds / run.commits:.2f} s each)")
+    if not committed:
+        warn(run, f"checkpoint {name} was not committed by Ray Train within {checkpoints.COMMIT_TIMEOUT_S:.0f} s; "
+                  f"it gets no manifest and is not a resume point")
+        return
+    storage.write_bytes(storage.join(checkpoint_uri(run, name), checkpoints.MANIFEST_FILE),
+                        checkpoints.manifest_bytes(files))
+
+
+def checkpoint_uri(run: WorkerRun, name: str) -> str:
+    """Where Ray Train put the checkpoint folder `name` of this run (RunConfig(storage_path, name))."""
+    return storage.join(storage.normalize(run.job.config.storage), run.job.run_name, name)
 
 
 def restore(run: WorkerRun) -> bool:
-    """Load the latest committed checkpoint of this run name, if any: state and weights now, optimizer later."""
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
+    """Load the newest intact checkpoint of this run name, if any: state and weights now, optimizer later.
+
+    World rank 0 picks it (newest committed first; one that fails its manifest is skipped with a warning naming it)
+    and tells the others, and every rank loads only from a local copy it has verified itself."""
+    if ray.train.get_checkpoint() is None:
         return False
-    with ckpt.as_directory() as d:
-        run.state = RunState.from_json(Path(d, STATE_FILE).read_text())
-        run.model.load_state_dict(torch.load(Path(d, MODEL_FILE), map_location="cpu", weights_only=True))
-        # A local copy: the DeepSpeed shards are loaded once the phase's engine exists.
-        run.resume_dir = tempfile.mkdtemp(prefix="forgetless-resume-")
-        shutil.copytree(d, run.resume_dir, dirs_exist_ok=True)
+    name, local, skipped = pick_intact_checkpoint(run) if run.rank == 0 else (None, None, ())
+    if run.world > 1:
+        chosen = [name, skipped]
+        dist.broadcast_object_list(chosen, src=0)
+        name, skipped = chosen
+    run.skipped_checkpoints = tuple(skipped)
+    if name is None:
+        return False
+    if local is None:
+        local = tempfile.mkdtemp(prefix="forgetless-resume-")
+        problem = checkpoints.fetch_verified(checkpoint_uri(run, name), local)
+        if problem:
+            raise RuntimeError(f"checkpoint {checkpoint_uri(run, name)} changed while it was restored: {problem}")
+    run.state = RunState.from_json(Path(local, STATE_FILE).read_text())
+    run.model.load_state_dict(checkpoints.safe_torch_load(Path(local, MODEL_FILE), map_location="cpu",
+                                                          deepspeed_types=False))
+    run.resume_dir = local  # the DeepSpeed shards are loaded once the phase's engine exists
     run.state.resumed_from = run.state.position()
     pos = run.state.resumed_from
-    log(run, f"resuming from checkpoint: stage {pos['stage']} phase {pos['phase']} epoch {pos['epoch']} "
+    log(run, f"resuming from checkpoint {name}: stage {pos['stage']} phase {pos['phase']} epoch {pos['epoch']} "
              f"step {pos['global_step']}")
     return True
 
 
+def pick_intact_checkpoint(run: WorkerRun) -> tuple[str | None, str | None, list[str]]:
+    """(name, verified local copy, names skipped) of the newest committed checkpoint that passes its manifest;
+    name and copy are None if none does, and the run starts over."""
+    names = checkpoints.committed_checkpoint_names()
+    skipped: list[str] = []
+    for name in names:
+        uri = checkpoint_uri(run, name)
+        local = tempfile.mkdtemp(prefix="forgetless-resume-")
+        problem = checkpoints.fetch_verified(uri, local)
+        if problem is None:
+            return name, local, skipped
+        shutil.rmtree(local, ignore_errors=True)
+        skipped.append(name)
+        warn(run, f"checkpoint {uri} is damaged or incomplete, skipping it: {problem}")
+    warn(run, f"none of the {len(names)} checkpoints of run {run.job.run_name} is intact; starting over")
+    return None, None, skipped
+
+
 def resume_optimizer(run: WorkerRun) -> None:
-    """Optimizer (and scheduler) state of the interrupted phase; its weights were loaded by `restore`."""
+    """Optimizer (and scheduler) state of the interrupted phase; its weights were loaded by `restore`. The shards
+    are loaded weights-only: DeepSpeed's own checkpoint engine would unpickle anything a file holds."""
     if run.resume_dir and run.state.epoch > 0 and Path(run.resume_dir, DS_TAG).exists():
+        checkpoints.install_weights_only_loader(run.engine)
         run.engine.load_checkpoint(run.resume_dir, tag=DS_TAG)
+    if run.resume_dir:
+        shutil.rmtree(run.resume_dir, ignore_errors=True)
     run.resume_dir = None
 
 
@@ -367,8 +452,16 @@ def start_tracking(run: WorkerRun) -> None:
     params = tracking.flatten("", job.config.model_dump(mode="json", exclude={"strategies"}))
     params.update(tracking.flatten("strategy", job.strategy.model_dump(mode="json")))
     params["ray.num_workers"] = run.world
+    known_run_id = run.state.mlflow_run_id
     run.state.mlflow_run_id = tracking.open_child_run(job.tracking, job.run_name, job.display_name, tags, params,
-                                                      run.state.mlflow_run_id)
+                                                      known_run_id)
+    uri, run_id = job.tracking.tracking_uri, run.state.mlflow_run_id
+    try:
+        if known_run_id is None:  # a resumed run has its datasets already
+            review.log_task_datasets(uri, run_id, run.tasks)
+        review.start_system_metrics(uri, run_id)
+    except Exception as e:  # noqa: BLE001 - what a reviewer reads must never stop training
+        log(run, f"could not log datasets or system metrics to MLflow: {str(e).splitlines()[0][:200]}")
 
 
 def log_metrics(run: WorkerRun, metrics: dict[str, float], step: int | None = None) -> None:
@@ -383,3 +476,9 @@ def log(run: WorkerRun, msg: str) -> None:
         # reach the driver twice.
         sys.stdout.write(f"[forgetless {run.job.display_name}] {msg}\n")
         sys.stdout.flush()
+
+
+def warn(run: WorkerRun, msg: str) -> None:
+    if run.rank == 0:
+        sys.stderr.write(f"[forgetless {run.job.display_name}] warning: {msg}\n")
+        sys.stderr.flush()

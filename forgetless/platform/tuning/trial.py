@@ -80,10 +80,10 @@ class ObjectiveReport(TuneReportCallback):
 
     def after_report(self, run_context, metrics, checkpoint):
         m = metrics[0]
-        if "target/acc" not in m:
+        if "val/target/acc" not in m:
             return
         self.epochs += 1
-        values = self.objective.metrics(m["target/acc"], m["source/acc"])
+        values = self.objective.metrics(m["val/target/acc"], m["val/source/acc"])
         out = {**m, OBJECTIVE: values["objective"], TRIAL_EPOCH: self.epochs, **tune_metrics(values, "val")}
         super().after_report(run_context, [out], checkpoint)
         if stop_requested(self.slots, self.trial_id):

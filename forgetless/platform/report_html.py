@@ -1,0 +1,186 @@
+"""The comparison report: one self-contained HTML page (plotly, its JavaScript inlined, so it opens offline) with the
+findings and table, the target learning curves of all strategies on one chart, the source-retention curves, the
+accuracy matrices side by side on a diverging scale centred on row 0, and a learning-vs-forgetting scatter.
+
+Logged on the parent run of `forgetless compare` as `comparison_report.html`; `forgetless report RUN_ID --html`
+rebuilds it from MLflow.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.subplots import make_subplots
+
+from forgetless.errors import ConfigError
+from forgetless.platform import review, tracking
+from forgetless.platform.results import CompareResult, format_table
+
+REPORT_FILE = "comparison_report.html"
+COMPARISON_FILE = "comparison.json"
+HISTORY_FILE = "history.json"
+
+
+@dataclass
+class StrategyView:
+    """What the report reads of one strategy (a StrategyResult, or its run read back from MLflow)."""
+
+    label: str
+    metrics: dict[str, float]
+    accuracy_matrix: list[list[float]]
+    task_names: list[str]
+    history: list[dict]
+    phase_log: list[dict] = field(default_factory=list)
+    mlflow_run_id: str | None = None
+    wall_seconds: float = math.nan
+
+
+@dataclass
+class ComparisonView:
+    name: str
+    strategies: list[StrategyView]
+
+    @classmethod
+    def of(cls, out: CompareResult) -> "ComparisonView":
+        return cls(out.name, [StrategyView(r.label, r.metrics, r.accuracy_matrix.tolist(), r.task_names, r.history,
+                                           r.phase_log, r.mlflow_run_id, r.wall_seconds) for r in out.results])
+
+
+def load_comparison(uri: str, parent_run_id: str) -> ComparisonView:
+    """A finished comparison read back from MLflow: the parent's comparison.json and each child's history.json."""
+    c = tracking.client(uri)
+    parent = c.get_run(parent_run_id)
+    if parent.data.tags.get("forgetless.command") not in ("compare", "run"):
+        raise ConfigError(f"report --html: run {parent_run_id} is not the parent run of `forgetless compare` or "
+                          f"`forgetless run` (tags.forgetless.command = "
+                          f"{parent.data.tags.get('forgetless.command')!r})")
+    with tempfile.TemporaryDirectory() as d:
+        rows = json.loads(Path(c.download_artifacts(parent_run_id, COMPARISON_FILE, d)).read_text())
+        views = []
+        for i, row in enumerate(rows):
+            hist = json.loads(Path(c.download_artifacts(row["mlflow_run_id"], HISTORY_FILE, f"{d}/{i}")).read_text())
+            wall = c.get_run(row["mlflow_run_id"]).data.metrics.get("wall_seconds", math.nan)
+            views.append(StrategyView(row["label"], row["metrics"], row["R"], row["task_names"], hist["history"],
+                                      hist.get("phases", []), row["mlflow_run_id"], wall))
+    name = parent.data.tags.get("forgetless.name", parent.info.run_name)
+    return ComparisonView(name, views)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# figures
+
+
+def _target_of(h: dict) -> str:
+    return str(max(h["stage"], 1))
+
+
+def learning_figure(view: ComparisonView) -> go.Figure:
+    """Target validation accuracy (the task of each stage) vs optimizer steps, every strategy on one chart."""
+    fig = go.Figure()
+    for s in view.strategies:
+        fig.add_trace(go.Scatter(x=[h["step"] for h in s.history], y=[100 * h["acc"][_target_of(h)] for h in s.history],
+                                 mode="lines+markers", name=s.label))
+    fig.update_layout(title="Learning: target validation accuracy", xaxis_title="optimizer steps",
+                      yaxis_title="target validation accuracy (%)", height=420)
+    return fig
+
+
+def retention_figure(view: ComparisonView) -> go.Figure:
+    """Source validation accuracy as a percentage of where it started, every strategy on one chart."""
+    fig = go.Figure()
+    for s in view.strategies:
+        start = s.history[0]["acc"]["0"] if s.history else 1.0
+        fig.add_trace(go.Scatter(x=[h["step"] for h in s.history],
+                                 y=[100 * h["acc"]["0"] / start if start else math.nan for h in s.history],
+                                 mode="lines+markers", name=s.label))
+    fig.add_hline(y=100, line_dash="dot", line_color="grey")
+    fig.update_layout(title="Forgetting: source retention (validation accuracy / its value before training)",
+                      xaxis_title="optimizer steps", yaxis_title="source retention (%)", height=420)
+    return fig
+
+
+def heatmaps_figure(view: ComparisonView) -> go.Figure:
+    """Each strategy's R as the change from row 0 in percentage points, side by side on one diverging scale centred
+    on 0 (so a few points of forgetting are visible); the cells print the accuracies."""
+    n = len(view.strategies)
+    fig = make_subplots(rows=1, cols=n, subplot_titles=[s.label for s in view.strategies], horizontal_spacing=0.06)
+    changes = [[[100 * (v - r0) for v, r0 in zip(row, s.accuracy_matrix[0])] for row in s.accuracy_matrix]
+               for s in view.strategies]
+    span = max([1.0] + [abs(v) for ch in changes for row in ch for v in row])
+    for i, (s, change) in enumerate(zip(view.strategies, changes)):
+        rows = ["before"] + [f"after {t}" for t in s.task_names[1:len(s.accuracy_matrix)]]
+        text = [[f"{100 * v:.1f}%" + ("" if r == 0 else f" ({change[r][j]:+.1f})") for j, v in enumerate(row)]
+                for r, row in enumerate(s.accuracy_matrix)]
+        fig.add_trace(go.Heatmap(z=change, x=s.task_names, y=rows, text=text, texttemplate="%{text}",
+                                 colorscale="RdBu", zmid=0, zmin=-span, zmax=span, showscale=i == n - 1,
+                                 colorbar={"title": "pp vs row 0"},
+                                 hovertemplate="%{y}, %{x}: %{text}<extra></extra>"), row=1, col=i + 1)
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title="Accuracy matrices (test): change from the pre-trained model, percentage points",
+                      height=360 + 30 * max(len(s.accuracy_matrix) for s in view.strategies))
+    return fig
+
+
+def scatter_figure(view: ComparisonView) -> go.Figure:
+    """Each strategy a point: forgetting (x) vs final target accuracy (y); the best corner is top left."""
+    fig = go.Figure()
+    for s in view.strategies:
+        fig.add_trace(go.Scatter(x=[100 * s.metrics["forgetting/max"]], y=[100 * s.metrics["target/final_acc"]],
+                                 mode="markers+text", text=[s.label], textposition="top center", name=s.label,
+                                 marker={"size": 14}))
+    fig.update_layout(title="Learning vs forgetting (test split)", xaxis_title="forgetting (percentage points)",
+                      yaxis_title="final target accuracy (%)", height=420)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the page
+
+
+def _table_html(view: ComparisonView) -> str:
+    head = ("<tr><th>strategy</th><th>target acc %</th><th>source before %</th><th>source after %</th>"
+            "<th>forgetting pp</th><th>BWT pp</th><th>steps to 90%</th></tr>")
+    rows = []
+    for s in view.strategies:
+        m = s.metrics
+        cells = [f"{100 * m[k]:.1f}" if not math.isnan(m[k]) else "-" for k in
+                 ("target/final_acc", "source/acc_before", "source/acc_after", "forgetting/max", "bwt")]
+        steps = "-" if math.isnan(m["steps_to/90"]) else f"{m['steps_to/90']:.0f}"
+        rows.append("<tr><td>" + html.escape(s.label) + "</td>" + "".join(f"<td>{c}</td>" for c in cells)
+                    + f"<td>{steps}</td></tr>")
+    return f"<table id='comparison'>{head}{''.join(rows)}</table>"
+
+
+def _markdown_bold(sentence: str) -> str:
+    parts = html.escape(sentence).split("**")
+    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def render(view: ComparisonView) -> str:
+    figures = [learning_figure(view), retention_figure(view), heatmaps_figure(view), scatter_figure(view)]
+    # the first figure carries plotly.js inline (no CDN: the page opens offline); the others reuse it
+    divs = [pio.to_html(f, full_html=False, include_plotlyjs=(i == 0), config={"displaylogo": False})
+            for i, f in enumerate(figures)]
+    findings = "".join(f"<li>{_markdown_bold(s)}</li>" for s in review.findings(view.strategies))
+    title = html.escape(f"{view.name}: strategies compared")
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>" + title + "</title><style>"
+            "body{font-family:sans-serif;margin:24px;max-width:1400px}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}td:first-child{text-align:left}"
+            "</style></head><body><h1>" + title + "</h1><ul id='findings'>" + findings + "</ul>"
+            + _table_html(view) + "".join(divs) + "</body></html>")
+
+
+def write_report(view: ComparisonView, path: Path) -> Path:
+    path.write_text(render(view), encoding="utf-8")
+    return path
+
+
+def format_view_table(view: ComparisonView) -> str:
+    """The comparison table as `forgetless compare` prints it (format_table reads label, metrics, wall_seconds)."""
+    return format_table(view.strategies)

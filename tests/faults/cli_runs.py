@@ -1,0 +1,112 @@
+"""Helpers of the fault tests that drive the real `forgetless` CLI (its own embedded Ray cluster, real DeepSpeed
+workers): start it in a folder, wait for Ray Train to commit checkpoints, find its Ray Train workers, read a run's
+checkpoint folders."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+
+RUN_GLOB = "forgetless_runs/tiny-finetune-*"  # the transfer run of conftest's TINY config
+EPOCH_CHECKPOINT = re.compile(r"checkpoint_s1_p0_e(\d{4})")
+
+
+def start_cli(cfg: dict, folder: Path) -> subprocess.Popen:
+    """`forgetless run c.yaml` in `folder` (its own ./forgetless_runs and ./mlflow.db); output in folder/cli.log."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "c.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with open(folder / "cli.log", "ab") as log:  # the child keeps its own handle
+        return subprocess.Popen([sys.executable, "-m", "forgetless.cli", "run", "c.yaml"], cwd=folder, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+
+
+def run_cli(cfg: dict, folder: Path, timeout_s: float = 900) -> int:
+    proc = start_cli(cfg, folder)
+    return proc.wait(timeout=timeout_s)
+
+
+def output(folder: Path) -> str:
+    return (folder / "cli.log").read_text(errors="replace")
+
+
+def run_dir(folder: Path) -> Path | None:
+    found = sorted(folder.glob(RUN_GLOB))
+    return found[0] if found else None
+
+
+def committed_names(folder: Path) -> list[str]:
+    """The checkpoints Ray Train has committed and still keeps, oldest first (from its run snapshot)."""
+    rd = run_dir(folder)
+    snapshot = rd / "checkpoint_manager_snapshot.json" if rd else None
+    if snapshot is None or not snapshot.exists():
+        return []
+    try:
+        data = json.loads(snapshot.read_text())
+    except ValueError:  # caught while being rewritten
+        return []
+    return [r["checkpoint_dir_name"] for r in data.get("checkpoint_results", [])]
+
+
+def epoch_of(name: str) -> int | None:
+    m = EPOCH_CHECKPOINT.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def wait_for_committed_epoch(proc: subprocess.Popen, folder: Path, epoch: int, timeout_s: float = 600) -> int:
+    """Wait (bounded) until Ray Train has committed the transfer checkpoint of `epoch` or a later one."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        epochs = [e for e in map(epoch_of, committed_names(folder)) if e is not None]
+        if epochs and max(epochs) >= epoch:
+            return max(epochs)
+        assert proc.poll() is None, f"the CLI exited ({proc.returncode}) before epoch {epoch} was committed:\n" \
+                                    f"{output(folder)[-3000:]}"
+        time.sleep(0.2)
+    raise AssertionError(f"no transfer checkpoint of epoch >= {epoch} was committed within {timeout_s:.0f} s")
+
+
+def epochs_on_disk(folder: Path, with_manifest: bool) -> list[int]:
+    """Epochs whose checkpoint folder exists (with a manifest, if asked), in order."""
+    rd = run_dir(folder)
+    if rd is None:
+        return []
+    found = [(epoch_of(p.name), p) for p in rd.iterdir() if p.is_dir()]
+    return sorted(e for e, p in found if e is not None and (not with_manifest or (p / "manifest.json").exists()))
+
+
+def train_workers(pid: int) -> list[psutil.Process]:
+    """The Ray Train worker processes started by the CLI `pid` (its embedded cluster's processes descend from it)."""
+    out = []
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+def interrupt(proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    """SIGTERM (what `ray job stop` sends): Ray Train aborts the run, its committed checkpoints kept."""
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=timeout_s)
+
+
+def final_state(folder: Path) -> dict:
+    return json.loads((run_dir(folder) / "final" / "state.json").read_text())
+
+
+def last_manifested(folder: Path) -> list[str]:
+    """Committed checkpoints that carry a manifest, newest first."""
+    rd = run_dir(folder)
+    return [n for n in reversed(committed_names(folder)) if (rd / n / "manifest.json").exists()]

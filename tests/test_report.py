@@ -1,0 +1,92 @@
+"""What a reviewer reads, without Ray or a server: summary metrics in the table's units, the findings and
+descriptions, the figures, and the self-contained HTML report, all from hand-built results."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from forgetless.platform import plots, report_html, review
+from forgetless.platform.results import CompareResult, StrategyResult, summary_metrics
+
+
+def _history(target: list[float], source: list[float], steps: list[int]) -> list[dict]:
+    return [{"step": s, "stage": 0 if i == 0 else 1, "phase": "before" if i == 0 else "all", "epoch": i,
+             "acc": {"0": a0, "1": a1}, "loss": {"0": 0.1, "1": 0.2}, "train_loss": None}
+            for i, (s, a1, a0) in enumerate(zip(steps, target, source))]
+
+
+def _result(label: str, R: list[list[float]], target: list[float], source: list[float]) -> StrategyResult:
+    r = StrategyResult(label=label, strategy=label, task_names=["src", "tgt"], accuracy_matrix=np.asarray(R),
+                       history=_history(target, source, [0, 10, 20]),
+                       phase_log=[{"stage": 1, "phase": "probe", "epochs": 1, "steps": 10, "end_step": 10},
+                                  {"stage": 1, "phase": "finetune", "epochs": 1, "steps": 10, "end_step": 20}],
+                       trainable_params={"1/all": 100}, global_step=20, wall_seconds=12.0, train_seconds=8.0,
+                       mlflow_run_id=f"run-{label}", checkpoint_uri=None, evaluation="task_incremental")
+    return r
+
+
+@pytest.fixture
+def compared() -> CompareResult:
+    # finetune forgets 8 points and reaches 90% of the best (0.9) at step 10; probe forgets nothing, reaches it at 20
+    ft = _result("finetune", [[0.98, 0.2], [0.90, 0.95]], [0.2, 0.9, 0.95], [0.98, 0.93, 0.90])
+    lp = _result("linear_probe", [[0.98, 0.2], [0.98, 0.85]], [0.2, 0.7, 0.85], [0.98, 0.98, 0.98])
+    best = {1: max(ft.best_target_acc(1), lp.best_target_acc(1))}
+    for r in (ft, lp):
+        r.compute_metrics(best)
+    return CompareResult("demo", [ft, lp], None, "parent-id", "sqlite:////tmp/x.db", "7")
+
+
+def test_summary_metrics_are_in_the_units_their_names_say(compared):
+    s = summary_metrics(compared["finetune"].metrics)
+    assert s["forgetting/max_pp"] == pytest.approx(8.0)  # 0.98 - 0.90, in percentage points
+    assert s["target/final_acc_pct"] == pytest.approx(95.0)
+    assert s["source/retention_pct"] == pytest.approx(round(100 * 0.90 / 0.98, 2))
+    assert s["steps_to/90"] == 10.0
+    assert "fwt" not in compared["finetune"].metrics  # fresh heads: FWT would be chance-level noise
+    assert all(v == round(v, 2) for v in s.values())
+
+
+def test_findings_name_who_forgot_most_and_who_learned_fastest(compared):
+    sentences = review.findings(compared.results)
+    assert sentences[0].startswith("**finetune** forgot most") and "8.0 points" in sentences[0]
+    assert "**linear_probe** forgot least" in sentences[0]
+    assert sentences[1].startswith("**finetune** learned fastest") and "after 10 optimizer steps" in sentences[1]
+    text = review.parent_description(compared)
+    assert "[finetune](#/experiments/7/runs/run-finetune?workflowType=machine_learning)" in text
+    assert "| 95.0 | 98.0 | 90.0 | 8.0 |" in text
+
+
+def test_ui_link_lands_on_the_parent_run_in_the_model_training_view():
+    assert review.ui_link("http://mlflow:5000/", "3", "abc") == \
+        "http://mlflow:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    assert review.ui_link("sqlite:////x/mlflow.db", "3", "abc").startswith(review.DEFAULT_UI + "/#/experiments/3/")
+
+
+def test_phase_switches_mark_where_lp_ft_starts_fine_tuning(compared):
+    assert plots.phase_switches(compared["finetune"].phase_log) == [(10, "probe -> finetune")]
+
+
+def test_figures_are_written(compared, tmp_path):
+    r = compared["finetune"]
+    plots.accuracy_matrix_heatmap(r.accuracy_matrix, r.task_names, "R", tmp_path / "R.png")
+    plots.comparison_curves({x.label: x.history for x in compared.results}, tmp_path / "c.png", "t",
+                            phases={x.label: x.phase_log for x in compared.results})
+    assert (tmp_path / "R.png").stat().st_size > 1000 and (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_html_report_is_self_contained_and_carries_the_numbers(compared, tmp_path):
+    view = report_html.ComparisonView.of(compared)
+    path = report_html.write_report(view, tmp_path / report_html.REPORT_FILE)
+    text = path.read_text()
+    assert "<script src=" not in text  # plotly.js is inline: no CDN, opens offline
+    assert text.count('class="plotly-graph-div"') == 4
+    assert "8.0" in text and "95.0" in text and "learned fastest" in text
+    fig = report_html.heatmaps_figure(view)
+    heat = fig.data[0]
+    assert heat.zmid == 0 and heat.zmin == -heat.zmax  # diverging, centred on row 0
+    assert heat.z[1][0] == pytest.approx(-8.0)  # finetune's source lost 8 points
+    scatter = report_html.scatter_figure(view)
+    assert [(t.x[0], t.y[0]) for t in scatter.data] == [pytest.approx((8.0, 95.0)), pytest.approx((0.0, 85.0))]
+    assert not math.isnan(view.strategies[0].metrics["aulc"])
