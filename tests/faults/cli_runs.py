@@ -110,3 +110,14 @@ def last_manifested(folder: Path) -> list[str]:
     """Committed checkpoints that carry a manifest, newest first."""
     rd = run_dir(folder)
     return [n for n in reversed(committed_names(folder)) if (rd / n / "manifest.json").exists()]
+
+
+def interrupted_run(cfg: dict, folder: Path, epoch: int = 3) -> tuple[str, str]:
+    """`forgetless run` stopped (SIGINT) once Ray Train has committed the checkpoint of `epoch`, before it finished;
+    returns the names of the newest and the previous checkpoint that carry a manifest."""
+    proc = start_cli(cfg, folder)
+    wait_for_committed_epoch(proc, folder, epoch)
+    interrupt(proc)
+    assert not (run_dir(folder) / "final").exists(), "the run finished before it was interrupted"
+    newest, previous = last_manifested(folder)[:2]
+    return newest, previous

@@ -4,28 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from .cli_runs import (
-    epoch_of,
-    final_state,
-    interrupt,
-    last_manifested,
-    output,
-    run_cli,
-    run_dir,
-    start_cli,
-    wait_for_committed_epoch,
-)
+from .cli_runs import epoch_of, final_state, interrupted_run, output, run_cli, run_dir
 
 pytestmark = pytest.mark.e2e
 
 
 def test_truncated_checkpoint_is_skipped_and_the_previous_one_resumed(workdir, tiny_config):
     cfg = tiny_config(train={"epochs": 12, "lr": 0.01, "batch_size": 16})
-    proc = start_cli(cfg, workdir)
-    wait_for_committed_epoch(proc, workdir, 3)
-    interrupt(proc)
-    assert not (run_dir(workdir) / "final").exists(), "the run finished before it was interrupted"
-    newest, previous = last_manifested(workdir)[:2]
+    newest, previous = interrupted_run(cfg, workdir)
     shard = run_dir(workdir) / newest / "model.pt"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])

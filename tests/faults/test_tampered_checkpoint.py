@@ -11,17 +11,7 @@ import torch
 
 from forgetless.platform import checkpoints
 
-from .cli_runs import (
-    epoch_of,
-    final_state,
-    interrupt,
-    last_manifested,
-    output,
-    run_cli,
-    run_dir,
-    start_cli,
-    wait_for_committed_epoch,
-)
+from .cli_runs import epoch_of, final_state, interrupted_run, output, run_cli, run_dir
 
 pytestmark = pytest.mark.e2e
 
@@ -48,11 +38,7 @@ def plant(checkpoint: Path, marker: Path) -> Path:
 
 def test_tampered_deepspeed_shard_never_runs(workdir, tiny_config):
     cfg = tiny_config(train={"epochs": 12, "lr": 0.01, "batch_size": 16})
-    proc = start_cli(cfg, workdir)
-    wait_for_committed_epoch(proc, workdir, 3)
-    interrupt(proc)
-    assert not (run_dir(workdir) / "final").exists(), "the run finished before it was interrupted"
-    newest, previous = last_manifested(workdir)[:2]
+    newest, previous = interrupted_run(cfg, workdir)
     marker = workdir / "the-pickle-ran"
     shard = plant(run_dir(workdir) / newest, marker)
     # the planted file is a working exploit: loaded as DeepSpeed's own checkpoint engine loads (weights_only=False)
