@@ -268,7 +268,9 @@ def test_killed_job_resumes_from_s3_checkpoint(cluster_env, capsys, tiny_config)
     assert sid2 == f"{sid}-r2" and "resumes from its checkpoints" in err
     logs = client.get_job_logs(sid2)
     assert "reusing pre-training trajectory" in logs
-    assert f"resuming from checkpoint: stage 1 phase 0 epoch {last_epoch}" in logs
+    # the resume line names the checkpoint it verified and resumed from (docs/reliability.md)
+    assert re.search(rf"resuming from checkpoint checkpoint_s1_p0_e{last_epoch:04d}: stage 1 phase 0 epoch {last_epoch} ",
+                     logs), logs[-3000:]
     trained = sorted({int(m) for m in re.findall(rf"stage 1 phase \w+ epoch (\d+)/{epochs}", logs)})
     assert trained == list(range(last_epoch + 1, epochs + 1)), logs[-3000:]
     state = json.loads(_boto(stack).get_object(Bucket=stack.bucket, Key=f"{run}final/state.json")["Body"].read())
