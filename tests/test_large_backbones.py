@@ -35,6 +35,8 @@ from forgetless.backbones import TransferModel, build_backbone  # noqa: E402
 from forgetless.backbones.hf import HFBackbone, save_pretrained  # noqa: E402
 from forgetless.config import ConfigError, load_config  # noqa: E402
 from forgetless.data.text import docstring_texts, write_text_task  # noqa: E402
+from forgetless.platform import tracking  # noqa: E402
+from forgetless.platform.model_export import logged_model_id  # noqa: E402
 from forgetless.platform.runner import load_model, preflight  # noqa: E402
 from forgetless.strategies import make_strategy  # noqa: E402
 from forgetless.strategies.base import TaskInfo  # noqa: E402
@@ -340,10 +342,13 @@ def _plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _check_export(cfg, res, x):
     """The MLflow model (consolidated weights) loads back and predicts what the checkpoint's model predicts."""
-    model, _ = load_model(cfg, res)
-    exported = mlflow.pytorch.load_model(f"runs:/{res.mlflow_run_id}/model", map_location="cpu").eval()
+    model, tasks = load_model(cfg, res)
+    run = tracking.client(tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)).get_run(res.mlflow_run_id)
+    exported = mlflow.pytorch.load_model(f"models:/{logged_model_id(run)}", map_location="cpu")
+    # the logged model returns every task's logits side by side; task 1's columns follow the source head's
+    start = tasks[0].num_classes
     with torch.no_grad():
-        assert torch.allclose(exported(x, 1), model(x, 1), atol=1e-6)
+        assert torch.allclose(exported(x)[:, start:start + tasks[1].num_classes], model(x, 1), atol=1e-5)
     return model
 
 

@@ -71,6 +71,9 @@ def log_strategy_model(uri: str, run_id: str, label: str, model: nn.Module, task
     with torch.no_grad():
         output = wrapped(torch.from_numpy(example)).numpy()
     mlflow.set_tracking_uri(uri)
+    # MLflow 3 files a logged model under the active experiment, not its run's: without this the driver's models
+    # land in "Default", away from their runs
+    mlflow.set_experiment(experiment_id=tracking.client(uri).get_run(run_id).info.experiment_id)
     common = dict(name=model_name(label), run_id=run_id, step=step, input_example=example,
                   signature=infer_signature(example, output), metadata=heads_metadata(tasks))
     try:
@@ -112,6 +115,16 @@ def find_strategy_run(uri: str, run_id: str, label: str | None):
     return labels[label]
 
 
+def logged_model_id(run) -> str:
+    """The id of the model a strategy run logged last (an MLflow 3 logged model, not a run artifact: load it with
+    `models:/<id>`)."""
+    outputs = run.outputs.model_outputs if run.outputs else []
+    if not outputs:
+        raise ConfigError(f"run {run.info.run_id} ({run.info.run_name}) has no logged model; run with "
+                          f"tracking.log_model: true")
+    return outputs[-1].model_id
+
+
 def register_strategy_model(uri: str, run_id: str, label: str | None, registered_name: str | None,
                             alias: str) -> tuple[str, str, str]:
     """Put a strategy run's logged model in the registry under `registered_name` (default: the label), point `alias`
@@ -121,11 +134,7 @@ def register_strategy_model(uri: str, run_id: str, label: str | None, registered
 
     run = find_strategy_run(uri, run_id, label)
     c = tracking.client(uri)
-    outputs = run.outputs.model_outputs if run.outputs else []
-    if not outputs:
-        raise ConfigError(f"register: run {run.info.run_id} ({run.info.run_name}) has no logged model; run with "
-                          f"tracking.log_model: true")
-    model_id = outputs[-1].model_id
+    model_id = logged_model_id(run)
     name = registered_name or model_name(run.info.run_name)
     mlflow.set_tracking_uri(uri)
     version = mlflow.register_model(f"models:/{model_id}", name).version
