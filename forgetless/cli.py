@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
 import forgetless.commands as commands
+from forgetless.console import VERBOSE_VARIABLE
 from forgetless.errors import ConfigError
 
 
@@ -18,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "tracked in MLflow.",
         epilog="Run `forgetless COMMAND --help` for a command's options. Docs: README.md.",
     )
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show Ray Train's per-checkpoint lines, DeepSpeed's op loading and known-harmless "
+                             "library warnings from the workers (off by default)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for mod in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         if not mod.name.startswith("_"):
@@ -28,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_VARIABLE] = "1"  # read by the driver and passed on to the workers (runner.init_ray)
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:

@@ -268,13 +268,21 @@ def test_killed_job_resumes_from_s3_checkpoint(cluster_env, capsys, tiny_config)
     assert sid2 == f"{sid}-r2" and "resumes from its checkpoints" in err
     logs = client.get_job_logs(sid2)
     assert "reusing pre-training trajectory" in logs
-    # the resume line names the checkpoint it verified and resumed from (docs/reliability.md)
-    assert re.search(rf"resuming from checkpoint checkpoint_s1_p0_e{last_epoch:04d}: stage 1 phase 0 epoch {last_epoch} ",
-                     logs), logs[-3000:]
-    trained = sorted({int(m) for m in re.findall(rf"stage 1 phase \w+ epoch (\d+)/{epochs}", logs)})
-    assert trained == list(range(last_epoch + 1, epochs + 1)), logs[-3000:]
     state = json.loads(_boto(stack).get_object(Bucket=stack.bucket, Key=f"{run}final/state.json")["Body"].read())
-    assert state["resumed_from"]["epoch"] == last_epoch
+    resumed = state["resumed_from"]["epoch"]
+    said = "\n".join(line for line in logs.splitlines() if re.search("resuming|skipping|starting over", line))
+    if resumed == last_epoch - 1:
+        # the stop came between Ray Train's commit and the manifest rank 0 writes after it: that checkpoint was
+        # never completed, so it is skipped with a warning naming it (docs/reliability.md)
+        assert re.search(rf"checkpoint_s1_p0_e{last_epoch:04d} is damaged or incomplete, skipping it: no manifest",
+                         logs), said
+    else:
+        assert resumed == last_epoch, (resumed, last_epoch, said)
+    # the resume line names the checkpoint it verified and resumed from
+    assert re.search(rf"resuming from checkpoint checkpoint_s1_p0_e{resumed:04d}: stage 1 phase 0 epoch {resumed} ",
+                     logs), said
+    trained = sorted({int(m) for m in re.findall(rf"stage 1 phase \w+ epoch (\d+)/{epochs}", logs)})
+    assert trained == list(range(resumed + 1, epochs + 1)), logs[-3000:]
     epochs_seen = [h["epoch"] for h in state["history"] if h["stage"] == 1 and h["phase"] != "before"]
     assert epochs_seen == list(range(1, epochs + 1))  # every epoch once: none lost, none repeated
 

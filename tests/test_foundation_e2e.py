@@ -51,6 +51,14 @@ def test_compare_tracks_everything_and_linear_probe_keeps_source(ray_session, wo
     assert torch.equal(lp_model.state_dict()[key], pre[key])
     assert not torch.equal(ft_model.state_dict()[key], pre[key])
 
+    # where the run's time went: every part measured, the worker's parts within the run's wall time
+    from forgetless.platform import timing
+
+    assert set(timing.PARTS) <= set(ft.seconds), set(timing.PARTS) - set(ft.seconds)
+    in_fit = sum(v for k, v in ft.seconds.items() if k not in ("read_back", "mlflow_artifacts", "model_logging"))
+    assert 0 < ft.seconds["training"] < in_fit <= ft.wall_seconds + 1.0
+    assert ft.seconds["training"] == pytest.approx(ft.train_seconds)
+
     # the pre-training trajectory: a stop point every epoch, θ⁰ included
     assert [sp.epoch for sp in out.trajectory.stop_points] == [0, 1, 2]
     assert all(Path(sp.uri).exists() for sp in out.trajectory.stop_points)
@@ -141,7 +149,10 @@ def test_interrupted_run_resumes_from_its_checkpoint(workdir, tiny_config):
 
     second = subprocess.run(cmd + ["--json"], capture_output=True, text=True, env=env, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "resuming from checkpoint" in second.stderr + second.stdout
+    assert "resuming from checkpoint" in second.stderr
+    # --json: stdout is the JSON and nothing else (the workers' progress lines and Ray's go to stderr)
+    (printed,) = json.loads(second.stdout)
+    assert printed["label"] == "finetune" and len(printed["R"]) == 2
     state = json.loads((run_dir / "final" / "state.json").read_text())
     resumed = state["resumed_from"]
     # the resume point is the committed checkpoint, or a later one committed before the abort (never the start)

@@ -90,3 +90,14 @@ def test_html_report_is_self_contained_and_carries_the_numbers(compared, tmp_pat
     scatter = report_html.scatter_figure(view)
     assert [(t.x[0], t.y[0]) for t in scatter.data] == [pytest.approx((8.0, 95.0)), pytest.approx((0.0, 85.0))]
     assert not math.isnan(view.strategies[0].metrics["aulc"])
+
+
+def test_results_come_as_records_and_a_dataframe(compared):
+    records = compared.records()
+    assert [r["label"] for r in records] == ["finetune", "linear_probe"]
+    assert records[0]["forgetting/max"] == pytest.approx(0.08) and records[1]["forgetting/max"] == pytest.approx(0.0)
+    assert records[0]["mlflow_run_id"] == "run-finetune" and records[0]["wall_seconds"] == 12.0
+    pd = pytest.importorskip("pandas")  # pandas comes with Ray's data extra; forgetless does not need it
+    frame = compared.to_pandas()
+    assert isinstance(frame, pd.DataFrame) and list(frame.index) == ["finetune", "linear_probe"]
+    assert frame.loc["finetune", "target/final_acc"] == pytest.approx(0.95)

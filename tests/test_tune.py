@@ -138,6 +138,12 @@ def test_grid_search_logs_every_trial_and_picks_the_best(ray_session, workdir, t
     logged = {r.data.tags[tuning.TRIAL_TAG]: r.data.metrics["search/objective"] for r in runs}
     assert logged[res.best.trial_id] == max(logged.values())  # trials may tie on this tiny validation set
     assert res.best_config == {"stop_point": res.best.stop_point, "train.lr": res.best.params["train.lr"]}
+    # the per-trial table as records and as a DataFrame, not only as text
+    records = {r["trial_id"]: r for r in res.records()}
+    assert records[res.best.trial_id]["objective"] == res.best.objective
+    assert {(r["stop_point"], r["train.lr"]) for r in records.values()} == {(1, 0.01), (1, 0.0001), (2, 0.01),
+                                                                           (2, 0.0001)}
+    assert list(res.to_pandas().sort_values("objective").index)[-1] in {t.trial_id for t in res.trials}
     # the objective (target/acc) is the validation accuracy the workers logged at its last epoch (val/target/acc)
     c = _client()
     for r in runs:

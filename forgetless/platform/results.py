@@ -99,6 +99,14 @@ class StrategyResult:
     tags: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     ended_at_ms: int | None = None  # when its training ended (the child run's end time), epoch milliseconds
+    seconds: dict[str, float] = field(default_factory=dict)  # where the run's wall time went (platform/timing.py)
+
+    def record(self) -> dict[str, Any]:
+        """A flat dict for scripts and DataFrames: label, strategy, every metric (metric names as keys), the wall and
+        training seconds, optimizer steps, the MLflow run id and the final checkpoint."""
+        return {"label": self.label, "strategy": self.strategy, **self.metrics, "wall_seconds": self.wall_seconds,
+                "train_seconds": self.train_seconds, "global_step": self.global_step,
+                "mlflow_run_id": self.mlflow_run_id, "checkpoint_uri": self.checkpoint_uri}
 
     def curve(self, task: int, stage: int | None = None) -> tuple[list[int], list[float]]:
         """(steps, val acc) of a task; with `stage`, only that stage's points, steps counted from its start."""
@@ -155,6 +163,25 @@ class CompareResult:
 
     def table(self) -> str:
         return format_table(self.results)
+
+    def records(self) -> list[dict[str, Any]]:
+        """One record per strategy: label, strategy, every metric, times, MLflow run (what `table()` shows and more)."""
+        return [r.record() for r in self.results]
+
+    def to_pandas(self):
+        """`records()` as a pandas DataFrame indexed by label (pandas must be installed)."""
+        return records_frame(self.records(), "label")
+
+
+def records_frame(records: list[dict[str, Any]], index: str):
+    """Records as a pandas DataFrame; pandas is not a forgetless dependency, so a missing one is said plainly."""
+    try:
+        # deferred: optional (Ray's data extra brings it); only callers of to_pandas need it
+        import pandas as pd
+    except ImportError:
+        raise ImportError("to_pandas() needs pandas: pip install pandas (records() gives the same rows as "
+                          "dicts)") from None
+    return pd.DataFrame.from_records(records).set_index(index)
 
 
 def _fmt(v: float | None, pct: bool = False) -> str:

@@ -29,11 +29,12 @@ from ray.train.torch import TorchTrainer
 from forgetless import storage
 from forgetless.backbones import TransferModel, build_backbone, is_builtin_backbone
 from forgetless.config import ConfigError, ExperimentConfig, StrategyConfig
+from forgetless import console
 from forgetless.console import say
 from forgetless.data import build_stream
 from forgetless.hashing import short_hash
-from forgetless.platform import (build_locks, checkpoints, model_export, plots, reaper, report_html, review, tracking,
-                                 watchdog)
+from forgetless.platform import (build_locks, checkpoints, model_export, plots, reaper, report_html, review, timing,
+                                 tracking, watchdog)
 from forgetless.platform.engine import check_deepspeed_extra
 from forgetless.platform.model_io import build_model, load_pretrained, load_torch_file
 from forgetless.platform.results import (CompareResult, StopPoint, StrategyResult, Trajectory,
@@ -164,7 +165,9 @@ def ensure_ray(cfg: ExperimentConfig) -> None:
 
 def init_ray(address: str | None, use_gpu: bool, num_cpus: int | None = None) -> None:
     """ray.init as every forgetless driver does it (benchmarks too, so they measure the same platform)."""
-    env = {"PYTHONUNBUFFERED": "1"}
+    env = {"PYTHONUNBUFFERED": "1", **controller_poll_env()}
+    if console.verbose():
+        env[console.VERBOSE_VARIABLE] = "1"
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     say(f"starting Ray ({'connecting to ' + address if address else 'embedded local cluster'})")
@@ -185,6 +188,18 @@ def init_ray(address: str | None, use_gpu: bool, num_cpus: int | None = None) ->
     # parent run is marked KILLED (tracking.end_status). Only the main thread may set a handler.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _sigterm_as_sigint)
+
+
+# Ray Train's controller collects reports (and commits checkpoints) once per health-check poll, 2 s by default; every
+# epoch's checkpoint waits for its commit (so that a lost worker resumes from it), so that interval was a fixed cost
+# of every epoch (benchmarks/fixed_cost.py). Polling two workers every 0.2 s costs the controller little.
+CONTROLLER_POLL_VARIABLE = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+CONTROLLER_POLL_S = "0.2"
+
+
+def controller_poll_env() -> dict[str, str]:
+    """The controller's poll interval for the job's processes (a value the user set wins)."""
+    return {CONTROLLER_POLL_VARIABLE: os.environ.get(CONTROLLER_POLL_VARIABLE, CONTROLLER_POLL_S)}
 
 
 def _init_embedded_ray(env: dict[str, str], num_cpus: int | None, system_config: dict) -> None:
@@ -278,7 +293,7 @@ def fit(cfg: ExperimentConfig, job: WorkerJob, keep_all_checkpoints: bool, callb
             failure_config=FailureConfig(max_failures=cfg.fault_tolerance.max_failures),
             callbacks=callbacks,
             # Ray Train's own INFO lines (one per checkpoint and rank) drown the progress lines; warnings still show.
-            logging_config=LoggingConfig(log_level=os.environ.get("FORGETLESS_RAY_TRAIN_LOG_LEVEL", "WARNING")),
+            logging_config=LoggingConfig(log_level="INFO" if console.verbose() else "WARNING"),
         ),
     )
     return trainer.fit()
@@ -387,12 +402,15 @@ def transfer(cfg: ExperimentConfig, strategy: StrategyConfig, init_weights: str,
             return _strategy_result(cfg, strategy, state, wall, storage.join(run_uri, FINAL_CHECKPOINT))
     say(f"strategy {strategy.display_name()}: Ray Train run {run_name} ({cfg.scaling.num_workers} workers, "
         f"DeepSpeed ZeRO-{cfg.deepspeed.zero_stage})")
-    job = transfer_job(cfg, strategy, init_weights, target, trajectory)
+    job = dataclasses.replace(transfer_job(cfg, strategy, init_weights, target, trajectory), submitted_at=time.time())
     # wall time sums every invocation of the run (a resumed one included); the watch says when the run stalls
     clock = watchdog.WallClock(storage.join(run_uri, WALL_FILE))
     with watchdog.RunWatch(run_name, run_uri, clock, lambda: _stall_hints(cfg)):
         result = fit(cfg, job, keep_all_checkpoints=False, callbacks=callbacks)
+    returned = time.time()
     state = _read_state(result)
+    timing.add(state.seconds, "finish", returned - (state.saved_at or returned))
+    timing.add(state.seconds, "read_back", time.time() - returned)
     wall = clock.write(finished=state.finished)
     return _strategy_result(cfg, strategy, state, wall, _checkpoint_uri(cfg, run_name, result.checkpoint))
 
@@ -419,6 +437,7 @@ def _strategy_result(cfg: ExperimentConfig, strategy: StrategyConfig, state: Run
         train_seconds=state.train_seconds, mlflow_run_id=state.mlflow_run_id,
         checkpoint_uri=checkpoint_uri, evaluation=cfg.evaluation,
         tags=cls.identity_tags(), ended_at_ms=int(time.time() * 1000),  # called as the Ray Train run returns
+        seconds=dict(state.seconds),
     )
 
 
@@ -431,8 +450,20 @@ def log_strategy_artifacts(cfg: ExperimentConfig, res: StrategyResult, uri: str)
     accuracy matrix and curves, the description and context, the model; then the run ends at its training's end."""
     if res.mlflow_run_id is None:
         return
+    with timing.timed(res.seconds, "mlflow_artifacts"):
+        _log_run_artifacts(res, uri)
+    if cfg.tracking.log_model and res.checkpoint_uri:
+        with timing.timed(res.seconds, "model_logging"):
+            log_model(cfg, res, uri, summary_metrics(res.metrics))
+    # The run ends when its training ended, not when the last strategy's artifacts are logged; a run reused from an
+    # earlier invocation keeps the end time it had.
     c = tracking.client(uri)
-    ended = c.get_run(res.mlflow_run_id).info.end_time  # set only where the run was reused from an earlier invocation
+    c.set_terminated(res.mlflow_run_id, "FINISHED", end_time=c.get_run(res.mlflow_run_id).info.end_time
+                     or res.ended_at_ms)
+
+
+def _log_run_artifacts(res: StrategyResult, uri: str) -> None:
+    c = tracking.client(uri)
     summary = summary_metrics(res.metrics)
     tracking.log_metrics(uri, res.mlflow_run_id, summary, step=0)
     with tempfile.TemporaryDirectory() as d:
@@ -450,11 +481,6 @@ def log_strategy_artifacts(cfg: ExperimentConfig, res: StrategyResult, uri: str)
             c.log_artifact(res.mlflow_run_id, str(Path(d, f)))
     review.set_tags(uri, res.mlflow_run_id, review.context_tags())
     review.set_description(uri, res.mlflow_run_id, review.child_description(res, _strategy_doc(res.strategy)))
-    if cfg.tracking.log_model and res.checkpoint_uri:
-        log_model(cfg, res, uri, summary)
-    # The run ends when its training ended, not when the last strategy's artifacts are logged; a run reused from an
-    # earlier invocation keeps the end time it had.
-    c.set_terminated(res.mlflow_run_id, "FINISHED", end_time=ended or res.ended_at_ms)
 
 
 def _strategy_doc(name: str) -> str | None:

@@ -25,7 +25,7 @@ from forgetless.backbones import TransferModel
 from forgetless.data import TaskData, build_stream
 from forgetless.data.sharding import derive_seed, shard_batches
 from forgetless import storage
-from forgetless.platform import build_locks, checkpoints, review, tracking
+from forgetless.platform import build_locks, checkpoints, quiet, review, timing, tracking
 from forgetless.platform.engine import (consolidated_state_dict, ensure_accelerator_env, full_state_dict, make_engine,
                                         weight_access)
 from forgetless.platform.evaluation import evaluate
@@ -67,13 +67,23 @@ class WorkerRun:
 
 def train_worker(job: WorkerJob) -> None:
     """Entry point of every Ray Train worker: restore or start, train each stage of the job, finish."""
-    ensure_accelerator_env(job.use_gpu)
-    init_process_group(job.use_gpu)
-    run = open_run(job)
-    resumed = restore(run)
-    if not resumed and job.init_weights:
-        load_pretrained(run.model, load_torch_file(job.init_weights))
-    start_tracking(run)
+    startup = {"start_workers": time.time() - job.submitted_at} if job.submitted_at else {}
+    quiet.quiet_worker_output()
+    with timing.timed(startup, "distributed_init"):
+        ensure_accelerator_env(job.use_gpu)
+        init_process_group(job.use_gpu)
+    with timing.timed(startup, "model_build"):
+        run = open_run(job)
+        resumed = restore(run)
+        if not resumed and job.init_weights:
+            load_pretrained(run.model, load_torch_file(job.init_weights))
+    if run.state.submitted_at == job.submitted_at:  # a worker group Ray Train restarted: the first one counted it
+        startup.pop("start_workers", None)
+    run.state.submitted_at = job.submitted_at
+    for part, value in startup.items():  # after restore: the restored state holds the earlier invocations' parts
+        timing.add(run.state.seconds, part, value)
+    with timing.timed(run.state.seconds, "tracking"):
+        start_tracking(run)
     if run.state.finished:
         log(run, "already finished; nothing to do")
         save_checkpoint(run, {"finished": 1}, FINAL_CHECKPOINT)
@@ -99,7 +109,8 @@ def init_process_group(use_gpu: bool) -> None:
     # deferred: DeepSpeed picks its accelerator when first imported, after ensure_accelerator_env has set it
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+    with quiet.prints_hidden():  # "DeepSpeed ... op built successfully", as it loads its C++ op
+        deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
 
 
 def open_run(job: WorkerJob) -> WorkerRun:
@@ -157,7 +168,8 @@ def train_stage(run: WorkerRun, stage: int) -> None:
 def train_phase(run: WorkerRun, stage: int, p: int, phase: Phase) -> None:
     """One DeepSpeed engine, epochs until the phase's end or its stop rule; a checkpoint as the policy says."""
     state, job = run.state, run.job
-    run.engine = make_engine(run.model, phase, job.optim, job.config.deepspeed, run.world, job.use_gpu)
+    with timing.timed(state.seconds, "engine_init"):
+        run.engine = make_engine(run.model, phase, job.optim, job.config.deepspeed, run.world, job.use_gpu)
     # ds_numel: under ZeRO-3 a parameter's local tensor is an empty partition once the engine exists.
     n_trainable = sum(getattr(prm, "ds_numel", prm.numel()) for prm in phase.trainable())
     state.trainable_params[f"{stage}/{phase.name}"] = n_trainable
@@ -216,7 +228,9 @@ def train_epoch(run: WorkerRun, stage: int, p: int, phase: Phase, epoch: int,
         if phase.max_steps is not None and state.phase_step >= phase.max_steps:
             stop = True
             break
-    state.train_seconds += time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
+    state.train_seconds += elapsed
+    timing.add(state.seconds, "training", elapsed)
     return sum(losses) / max(1, len(losses)), stop
 
 
@@ -243,7 +257,9 @@ def eval_point(run: WorkerRun, stage: int, train_loss: float | None, phase_name:
     Curve names say split and task (`val/target/acc`, `val/task/<name>/acc`, `train/loss`); the pre-training run's are
     under `pretrain/` so they never share a chart with the transfers'. The target of a point is the task of its stage;
     the "before" point (stage 0) of a transfer measures the first target's fresh head, where its curve starts."""
-    res = evaluate(run.model, run.tasks, "val", stage, run.job.class_incremental, run.rank, run.world, run.device)
+    with timing.timed(run.state.seconds, "evaluation"):
+        res = evaluate(run.model, run.tasks, "val", stage, run.job.class_incremental, run.rank, run.world,
+                       run.device)
     run.state.history.append({"step": run.state.global_step, "stage": stage, "phase": phase_name, "epoch": epoch,
                               "acc": {str(j): a for j, (a, _) in res.items()},
                               "loss": {str(j): loss for j, (_, loss) in res.items()}, "train_loss": train_loss})
@@ -268,7 +284,9 @@ def curve_prefix(run: WorkerRun) -> str:
 def record_row(run: WorkerRun, stage: int) -> dict[str, float]:
     """Row `stage` of the accuracy matrix R: test accuracy on every task of the stream, logged as
     `test/task/<name>/acc` at the step the stage ended (row 0, before any target training, at step 0)."""
-    res = evaluate(run.model, run.tasks, "test", stage, run.job.class_incremental, run.rank, run.world, run.device)
+    with timing.timed(run.state.seconds, "evaluation"):
+        res = evaluate(run.model, run.tasks, "test", stage, run.job.class_incremental, run.rank, run.world,
+                       run.device)
     row = [res[j][0] for j in range(len(run.tasks))]
     run.state.R.append(row)
     return {f"{curve_prefix(run)}test/task/{run.infos[j].name}/acc": acc for j, acc in enumerate(row)}
@@ -329,38 +347,44 @@ def release_engine(run: WorkerRun) -> None:
     from an unpartitioned module."""
     if run.engine is None:
         return
-    full = full_state_dict(run.model, run.zero_stage)
-    run.engine = None
-    run.model = build_model(run.job.config, run.infos, run.strategy)
-    run.model.load_state_dict(full)
-    run.model.to(run.device)
+    with timing.timed(run.state.seconds, "engine_init"):
+        full = full_state_dict(run.model, run.zero_stage)
+        run.engine = None
+        run.model = build_model(run.job.config, run.infos, run.strategy)
+        run.model.load_state_dict(full)
+        run.model.to(run.device)
 
 
 def save_checkpoint(run: WorkerRun, metrics: dict[str, float], name: str) -> None:
     """Every rank writes its DeepSpeed shard and reports; rank 0 adds the consolidated model and the state, and once
     Ray Train has committed the checkpoint (so every rank's files are uploaded) writes its manifest last. Waiting for
     the commit makes the checkpoint just written the resume point of a lost worker (the controller commits when it
-    next polls, every 2 s), so at most the epoch in progress is re-trained."""
+    next polls: every 0.2 s as forgetless starts it, runner.CONTROLLER_POLL_S), so at most the epoch in progress is
+    re-trained."""
     if name in run.skipped_checkpoints and name != FINAL_CHECKPOINT:
         # Ray Train still lists the damaged checkpoint under this folder name; a second checkpoint in the same folder
         # would be deleted twice when Ray Train rotates old checkpoints out, and its controller fails on the second.
         log(run, f"not writing checkpoint {name}: its folder holds a damaged checkpoint that Ray Train still lists")
         ray.train.report(metrics)
         return
+    t_save = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="forgetless-ckpt-") as d:
         if run.engine is not None and not run.state.phase_done:
             run.engine.save_checkpoint(d, tag=DS_TAG)
         state_dict = consolidated_state_dict(run.model, run.zero_stage if run.engine else 0, run.rank)
         if run.rank == 0:
             torch.save(state_dict, Path(d, MODEL_FILE))
+            run.state.saved_at = time.time()
             Path(d, STATE_FILE).write_text(run.state.to_json())
         files = checkpoints.gather_files(checkpoints.describe_files(d), run.world)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=name)
+    timing.add(run.state.seconds, "checkpoint_save", time.perf_counter() - t_save)
     if run.rank != 0:
         return
     t0 = time.perf_counter()
     committed = checkpoints.wait_until_committed(name)
     run.commit_wait_seconds += time.perf_counter() - t0
+    timing.add(run.state.seconds, "checkpoint_commit", time.perf_counter() - t0)
     run.commits += 1
     if name == FINAL_CHECKPOINT:
         log(run, f"{run.commits} checkpoints written; waited {run.commit_wait_seconds:.1f} s in all for Ray Train "
@@ -466,16 +490,18 @@ def start_tracking(run: WorkerRun) -> None:
 
 def log_metrics(run: WorkerRun, metrics: dict[str, float], step: int | None = None) -> None:
     if run.rank == 0:
-        tracking.log_metrics(run.job.tracking.tracking_uri, run.state.mlflow_run_id, metrics,
-                             step=run.state.global_step if step is None else step)
+        with timing.timed(run.state.seconds, "tracking"):
+            tracking.log_metrics(run.job.tracking.tracking_uri, run.state.mlflow_run_id, metrics,
+                                 step=run.state.global_step if step is None else step)
 
 
 def log(run: WorkerRun, msg: str) -> None:
     if run.rank == 0:
         # Not print(): Ray Train patches print on workers to both echo the line and log it, so every line would
-        # reach the driver twice.
-        sys.stdout.write(f"[forgetless {run.job.display_name}] {msg}\n")
-        sys.stdout.flush()
+        # reach the driver twice. stderr, as the driver's own status lines: stdout carries only the results
+        # (the table, or --json).
+        sys.stderr.write(f"[forgetless {run.job.display_name}] {msg}\n")
+        sys.stderr.flush()
 
 
 def warn(run: WorkerRun, msg: str) -> None:

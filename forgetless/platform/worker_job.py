@@ -59,6 +59,7 @@ class WorkerJob:
     tracking: TrackingTarget
     init_weights: str | None = None  # a state dict (path or s3://) loaded into the fresh model before training
     trajectory: list[StopPointRef] = field(default_factory=list)  # for strategies that need the stop points
+    submitted_at: float | None = None  # the driver's wall clock as it submits the run (timing.PARTS start_workers)
 
     @property
     def use_gpu(self) -> bool:
@@ -89,6 +90,9 @@ class RunState:
     trainable_params: dict[str, int] = field(default_factory=dict)
     phase_log: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: dict[str, int] | None = None
+    seconds: dict[str, float] = field(default_factory=dict)  # where the workers' time went (timing.PARTS)
+    saved_at: float | None = None  # wall clock when this state was written into its checkpoint
+    submitted_at: float | None = None  # WorkerJob.submitted_at of the invocation that wrote it
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

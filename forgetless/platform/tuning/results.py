@@ -13,7 +13,7 @@ import yaml
 
 from forgetless.config import ConfigError
 from forgetless.platform import plots, tracking
-from forgetless.platform.results import Trajectory
+from forgetless.platform.results import Trajectory, records_frame
 from forgetless.platform.tuning.record import STATUS_TAG, TRIAL_TAG, with_retries
 from forgetless.search_config import STOP_POINT
 
@@ -68,6 +68,16 @@ class SearchResult:
 
     def table(self) -> str:
         return format_search_table(self)
+
+    def records(self) -> list[dict[str, Any]]:
+        """One record per trial: id, status, epochs, objective (the value of `self.objective`), every searched parameter
+        and every metric."""
+        return [{"trial_id": t.trial_id, "status": t.status, "epochs": t.epochs, "objective": t.objective,
+                 **t.params, **t.metrics, "mlflow_run_id": t.mlflow_run_id} for t in self.trials]
+
+    def to_pandas(self):
+        """`records()` as a pandas DataFrame indexed by trial id (pandas must be installed)."""
+        return records_frame(self.records(), "trial_id")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
