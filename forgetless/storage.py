@@ -171,7 +171,9 @@ def list_files(uri: str) -> list[str]:
 
         def collect():
             for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-                out.extend(f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", []))
+                # a key ending in "/" is a folder marker (pyarrow's S3 filesystem, which Ray Train uploads
+                # checkpoints with, writes one per folder), not a file
+                out.extend(f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", []) if not o["Key"].endswith("/"))
 
         _s3_call(uri, collect)
         return sorted(out)

@@ -74,6 +74,24 @@ def test_folder_round_trip(s3env, tmp_path):
     assert (out / "sub" / "weights.bin").read_bytes() == b"\x00\x01"
 
 
+def test_folders_written_by_pyarrow_download_without_their_markers(s3env, tmp_path):
+    """Ray Train uploads checkpoints with pyarrow's S3 filesystem, which writes a marker object ("<folder>/") for each
+    folder it creates; a checkpoint read back must come out as its files only (a marker once became a local path
+    that was a folder, and every S3 checkpoint failed its verification)."""
+    kw = storage.ray_storage(f"s3://{s3env.bucket}/unit/pyarrow-ckpt/")
+    fs, root = kw["storage_filesystem"], kw["storage_path"]
+    fs.create_dir(f"{root}/ds")
+    with fs.open_output_stream(f"{root}/ds/shard.pt") as f:
+        f.write(b"shard")
+    keys = [o["Key"] for o in storage.s3_client().list_objects_v2(Bucket=s3env.bucket,
+                                                                    Prefix="unit/pyarrow-ckpt/")["Contents"]]
+    assert any(k.endswith("/") for k in keys), keys  # the marker is there, as Ray Train leaves it
+    base = f"s3://{s3env.bucket}/unit/pyarrow-ckpt"
+    assert storage.list_files(base) == [f"{base}/ds/shard.pt"]
+    out = storage.download_dir(base, tmp_path / "copy")
+    assert (out / "ds" / "shard.pt").read_bytes() == b"shard"
+
+
 def test_dataset_npz_and_parquet_from_s3(s3env):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(120, 6)).astype(np.float32)
