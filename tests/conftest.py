@@ -88,6 +88,23 @@ def one_intra_op_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def s3server(tmp_path_factory, local_stack_module):
+    """A real S3-compatible server (moto in server mode, as cluster/local_stack.py starts it) for one test module."""
+    stack = local_stack_module.LocalStack(str(tmp_path_factory.mktemp("s3stack")))
+    stack.up_s3_only()
+    yield stack
+    stack.down()
+
+
+def point_aws_env_at(server, monkeypatch) -> None:
+    """The standard AWS variables (what a user sets for MinIO) pointing at `server`; no profile."""
+    for k, v in server.client_env().items():
+        if k.startswith("AWS_"):
+            monkeypatch.setenv(k, v)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
 @pytest.fixture(scope="session")
 def local_stack_module():
     """cluster/local_stack.py (scripts, not a package), imported once."""

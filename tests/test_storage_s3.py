@@ -23,22 +23,13 @@ from forgetless.data.tasks import build_task
 from forgetless.platform.model_io import load_torch_file
 from forgetless.platform.runner import preflight
 
-
-@pytest.fixture(scope="module")
-def s3server(tmp_path_factory, local_stack_module):
-    stack = local_stack_module.LocalStack(str(tmp_path_factory.mktemp("s3stack")))
-    stack.up_s3_only()
-    yield stack
-    stack.down()
+from conftest import point_aws_env_at
 
 
 @pytest.fixture
 def s3env(s3server, monkeypatch):
     """The standard AWS variables pointing at the test server (what a user sets for MinIO)."""
-    for k, v in s3server.client_env().items():
-        if k.startswith("AWS_"):
-            monkeypatch.setenv(k, v)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    point_aws_env_at(s3server, monkeypatch)
     return s3server
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from forgetless.commands import add_tracking_uri_arg
 from forgetless.console import say
 from forgetless.platform import model_export, tracking
 
@@ -28,5 +29,5 @@ def register(sub) -> None:
     p.add_argument("--strategy", help="which strategy of the comparison (its label, e.g. lp_ft)")
     p.add_argument("--name", help="registered model name (default: the strategy's label)")
     p.add_argument("--alias", default="champion", help="alias of the new version (default: champion)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    add_tracking_uri_arg(p)
     p.set_defaults(func=cmd_register)

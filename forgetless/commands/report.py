@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from forgetless.commands import add_tracking_uri_arg
 from forgetless.commands.tune import print_search
 from forgetless.console import say
 from forgetless.platform import report_html, tracking
@@ -47,7 +48,7 @@ def register(sub) -> None:
                                    "the parent run of `forgetless compare`: the comparison table and its "
                                    "self-contained HTML report.")
     p.add_argument("run_id", help="the MLflow parent run id (printed by forgetless tune / forgetless compare)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    add_tracking_uri_arg(p)
     p.add_argument("--out", help="folder for the table and figures (default: forgetless_report/<search name>)")
     p.add_argument("--log", action="store_true", help="also log the rebuilt files on the parent run")
     p.add_argument("--json", action="store_true", help="print results as JSON instead of a table")

@@ -450,11 +450,12 @@ def log_strategy_artifacts(cfg: ExperimentConfig, res: StrategyResult, uri: str)
     accuracy matrix and curves, the description and context, the model; then the run ends at its training's end."""
     if res.mlflow_run_id is None:
         return
+    summary = summary_metrics(res.metrics)
     with timing.timed(res.seconds, "mlflow_artifacts"):
-        _log_run_artifacts(res, uri)
+        _log_run_artifacts(res, uri, summary)
     if cfg.tracking.log_model and res.checkpoint_uri:
         with timing.timed(res.seconds, "model_logging"):
-            log_model(cfg, res, uri, summary_metrics(res.metrics))
+            log_model(cfg, res, uri, summary)
     # The run ends when its training ended, not when the last strategy's artifacts are logged; a run reused from an
     # earlier invocation keeps the end time it had.
     c = tracking.client(uri)
@@ -462,9 +463,8 @@ def log_strategy_artifacts(cfg: ExperimentConfig, res: StrategyResult, uri: str)
                      or res.ended_at_ms)
 
 
-def _log_run_artifacts(res: StrategyResult, uri: str) -> None:
+def _log_run_artifacts(res: StrategyResult, uri: str, summary: dict[str, float]) -> None:
     c = tracking.client(uri)
-    summary = summary_metrics(res.metrics)
     tracking.log_metrics(uri, res.mlflow_run_id, summary, step=0)
     with tempfile.TemporaryDirectory() as d:
         Path(d, "accuracy_matrix.json").write_text(json.dumps({

@@ -14,28 +14,19 @@ import torch
 from forgetless import storage
 from forgetless.platform import checkpoints
 
+from conftest import point_aws_env_at
+
 from .fault_proxy import FaultProxy, FaultSchedule
-
-
-@pytest.fixture(scope="module")
-def s3server(tmp_path_factory, local_stack_module):
-    stack = local_stack_module.LocalStack(str(tmp_path_factory.mktemp("s3faults")))
-    stack.up_s3_only()
-    yield stack
-    stack.down()
 
 
 @pytest.fixture
 def faulty_s3(s3server, monkeypatch):
     """The standard AWS variables pointing at the proxy; botocore's standard retry mode with 8 attempts."""
     proxy = FaultProxy(s3server.s3_endpoint, FaultSchedule())
-    for k, v in s3server.client_env().items():
-        if k.startswith("AWS_"):
-            monkeypatch.setenv(k, v)
+    point_aws_env_at(s3server, monkeypatch)
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     monkeypatch.setenv("AWS_RETRY_MODE", "standard")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "8")
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
     yield proxy
     proxy.stop()
 
