@@ -108,16 +108,15 @@ def main():
 
     init_ray(None, use_gpu=False)  # one embedded cluster for every seed, as the CLI would start; compare() reuses it
     runs = []
-    for seed in args.seeds:
-        res = forgetless.compare(args.config, overrides=[f"seed={seed}", *args.overrides])
-        print(res.table(), flush=True)
-        for r in res.results:
-            R = r.accuracy_matrix
-            runs.append({"seed": seed, "label": r.label, "source_before": float(R[0][0]),
-                         "source_after": float(R[1][0]),
-                         "target": float(R[1][1]), "trainable": r.metrics["trainable_params/max"],
-                         "steps_to_90": r.metrics["steps_to/90"], "wall_seconds": r.wall_seconds,
-                         "mlflow_run_id": r.mlflow_run_id, "source_exact": bool(R[1][0] == R[0][0])})
+    res = forgetless.compare(args.config, overrides=list(args.overrides), seeds=args.seeds)  # mean ± sd table
+    print(res.table(), flush=True)
+    for r in res.results:
+        R = r.accuracy_matrix
+        runs.append({"seed": r.seed, "label": r.label, "source_before": float(R[0][0]),
+                     "source_after": float(R[1][0]),
+                     "target": float(R[1][1]), "trainable": r.metrics["trainable_params/max"],
+                     "steps_to_90": r.metrics["steps_to/90"], "wall_seconds": r.wall_seconds,
+                     "mlflow_run_id": r.mlflow_run_id, "source_exact": bool(R[1][0] == R[0][0])})
     report(args, runs)
 
 

@@ -3,8 +3,8 @@
     python benchmarks/repro_strategies.py --experiment fast stream --seeds 0 1 2
     python benchmarks/repro_strategies.py --experiment all --seeds 0 1 2 --json benchmarks/results/strategies.json
 
-Each (experiment, seed) is one `forgetless compare` (one MLflow parent run; every strategy from the same pre-trained
-checkpoint of that seed). The seed changes the pre-training, the head initialisation and the data order; the task
+Each experiment is one `forgetless compare --seeds ...` (one MLflow parent run holding the mean ± sd aggregates; every
+strategy of a seed from that seed's pre-trained checkpoint). The seed changes the pre-training, the head initialisation and the data order; the task
 splits are fixed. Numbers are whatever the runs measure: nothing is filtered or tuned after the fact.
 """
 from __future__ import annotations
@@ -43,12 +43,13 @@ def run_experiment(name: str, seeds: list[int], extra: list[str]) -> dict[str, l
 
     config, overrides, _ = EXPERIMENTS[name]
     per_label: dict[str, list[dict[str, float]]] = {}
-    for seed in seeds:
-        out = forgetless.compare(str(ROOT / config), overrides=[*overrides, f"seed={seed}", *extra])
-        for r in out.results:
-            per_label.setdefault(r.label, []).append(
-                {**r.metrics, "seed": seed, "R": r.accuracy_matrix.tolist(), "mlflow_run_id": r.mlflow_run_id})
-        print(out.table(), file=sys.stderr, flush=True)
+    # one compare over every seed (forgetless's --seeds): one MLflow parent with the aggregates, runs side by side
+    # where the cluster has room
+    out = forgetless.compare(str(ROOT / config), overrides=[*overrides, *extra], seeds=seeds)
+    for r in out.results:
+        per_label.setdefault(r.label, []).append(
+            {**r.metrics, "seed": r.seed, "R": r.accuracy_matrix.tolist(), "mlflow_run_id": r.mlflow_run_id})
+    print(out.table(), file=sys.stderr, flush=True)
     return per_label
 
 
@@ -72,7 +73,7 @@ def collect_from_mlflow(uri: str, name: str) -> dict[str, list[dict[str, float]]
                                                            f"tags.`forgetless.mode` = 'transfer'")
         for ch in sorted(children, key=lambda r: r.info.start_time):
             per_label.setdefault(ch.info.run_name, []).append(
-                {**python_metrics(ch.data.metrics), "seed": int(parent.data.params["seed"]),
+                {**python_metrics(ch.data.metrics), "seed": int(ch.data.params.get("seed", parent.data.params["seed"])),
                  "mlflow_run_id": ch.info.run_id})
     return per_label
 

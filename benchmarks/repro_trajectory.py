@@ -145,19 +145,18 @@ def platform(args) -> None:
     """One compare per seed through Ray Train + DeepSpeed; every number is read back from the MLflow runs."""
     init_ray(None, use_gpu=False)  # one embedded cluster for every seed, as the CLI would start
     runs = []
-    for seed in args.seeds:
-        cfg = forgetless.load_config(args.config, overrides=[f"seed={seed}"])
-        res = forgetless.compare(cfg)
-        print(res.table(), flush=True)
-        client = tracking.client(tracking.resolve_tracking_uri(cfg.tracking.tracking_uri))
-        for r in res.results:
-            history = sorted(client.get_metric_history(r.mlflow_run_id, "transfer/val_acc"), key=lambda m: m.step)
-            m = client.get_run(r.mlflow_run_id).data.metrics
-            runs.append({"seed": seed, "label": r.label, "val_acc": [h.value for h in history],
-                         "transfer_seconds": m.get("transfer/seconds"), "gradients": m.get("transfer/gradients"),
-                         "steps_to_90": m.get("steps_to/90"), "steps_to_95": m.get("steps_to/95"),
-                         "target_acc": float(r.accuracy_matrix[1][1]), "source_after": float(r.accuracy_matrix[1][0]),
-                         "wall_seconds": r.wall_seconds, "mlflow_run_id": r.mlflow_run_id})
+    cfg = forgetless.load_config(args.config)
+    res = forgetless.compare(cfg, seeds=args.seeds)  # one parent run over every seed, mean ± sd table
+    print(res.table(), flush=True)
+    client = tracking.client(tracking.resolve_tracking_uri(cfg.tracking.tracking_uri))
+    for r in res.results:
+        history = sorted(client.get_metric_history(r.mlflow_run_id, "transfer/val_acc"), key=lambda m: m.step)
+        m = client.get_run(r.mlflow_run_id).data.metrics
+        runs.append({"seed": r.seed, "label": r.label, "val_acc": [h.value for h in history],
+                     "transfer_seconds": m.get("transfer/seconds"), "gradients": m.get("transfer/gradients"),
+                     "steps_to_90": m.get("steps_to/90"), "steps_to_95": m.get("steps_to/95"),
+                     "target_acc": float(r.accuracy_matrix[1][1]), "source_after": float(r.accuracy_matrix[1][0]),
+                     "wall_seconds": r.wall_seconds, "mlflow_run_id": r.mlflow_run_id})
     out = Path(__file__).parent / "results" / "trajectory_platform.json"
     out.write_text(json.dumps({"config": args.config, "seeds": args.seeds, "runs": runs}, indent=1))
     steps = max(len(r["val_acc"]) for r in runs) - 1

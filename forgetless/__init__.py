@@ -42,12 +42,18 @@ def run(config: ConfigLike, strategy: str | None = None, overrides: list[str] | 
     return execute(cfg, "run").results[0]
 
 
-def compare(config: ConfigLike, overrides: list[str] | None = None) -> CompareResult:
-    """Every strategy in the config on the same stream, from the same pre-trained checkpoint."""
+def compare(config: ConfigLike, overrides: list[str] | None = None, seeds: list[int] | None = None,
+            max_concurrent: int | None = None) -> CompareResult:
+    """Every strategy in the config on the same stream, from the same pre-trained checkpoint; `seeds` repeats every
+    strategy (and the pre-training) per seed (table: mean ± sd); `max_concurrent` caps the runs at once (default:
+    as many as the cluster fits)."""
     # deferred: the driver's machinery (see above)
     from forgetless.platform.runner import execute
 
-    return execute(load_config(config, overrides), "compare")
+    cfg = load_config(config, overrides)
+    if max_concurrent is not None:
+        cfg = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"max_concurrent": max_concurrent})})
+    return execute(cfg, "compare", seeds=seeds)
 
 
 def tune(config: ConfigLike, search: "dict[str, Any] | SearchConfig | None" = None, resume: bool = False,

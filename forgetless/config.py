@@ -100,6 +100,8 @@ class ScalingSpec(_Strict):
     num_workers: int = Field(2, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
+    max_concurrent: int = Field(0, ge=0, description="strategy runs at once (compare, seeds); 0 = as many as the "
+                                "cluster's CPUs/GPUs fit; 1 = one after another")
 
 
 class DeepSpeedSpec(_Strict):
@@ -135,6 +137,8 @@ class ExperimentConfig(_Strict):
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     seed: int = 0
+    seeds: list[int] | None = Field(None, min_length=1, description="repeat every strategy (and the pre-training) "
+                                    "once per seed; the table shows mean ± sd over them. None: `seed` only")
     storage: str = Field("./forgetless_runs", description="local folder or s3://bucket/prefix")
     ray_address: str | None = Field(None, description="None: embedded local Ray (or $RAY_ADDRESS when set)")
     source: TaskConfig
@@ -187,9 +191,19 @@ class ExperimentConfig(_Strict):
             )
         if self.require_disjoint_classes:
             _check_disjoint([self.source, *self.targets])
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: {self.seeds} repeats a seed; list each seed once")
         return self
 
     # -- derived values -------------------------------------------------------------------------------------------
+    def seed_list(self) -> list[int]:
+        """The seeds an invocation runs: `seeds`, else the one `seed`."""
+        return list(self.seeds) if self.seeds else [self.seed]
+
+    def for_seed(self, seed: int) -> "ExperimentConfig":
+        """This config as the run of one seed."""
+        return self.model_copy(update={"seed": seed, "seeds": None})
+
     def task_names(self) -> list[str]:
         return [self.source.display_name()] + [t.display_name() for t in self.targets]
 
@@ -205,8 +219,11 @@ class ExperimentConfig(_Strict):
         return short_hash(relevant)
 
     def transfer_key(self, strategy: StrategyConfig) -> str:
+        # not part of a run's identity: where it runs, how it is tracked and retried, how many run at once, and the
+        # other seeds of the invocation (`seed` is)
         relevant = self.model_dump(exclude={"strategies", "tracking", "ray_address", "storage", "search",
-                                             "fault_tolerance"})
+                                             "fault_tolerance", "seeds"})
+        relevant["scaling"].pop("max_concurrent")
         relevant["strategy"] = strategy.model_dump()
         return short_hash(relevant)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from forgetless.commands import add_config_args
+from forgetless.commands import add_config_args, add_repeat_args, repeat_overrides
 from forgetless.config import load_config, select_strategy
 from forgetless.console import say
 from forgetless.platform import review
@@ -13,15 +13,16 @@ from forgetless.platform.runner import execute
 
 def _print_result(out, as_json: bool) -> None:
     if as_json:
-        print(json.dumps([{"label": r.label, "metrics": r.metrics, "R": r.accuracy_matrix.tolist(),
+        print(json.dumps([{"label": r.label, "seed": r.seed, "metrics": r.metrics, "R": r.accuracy_matrix.tolist(),
                            "mlflow_run_id": r.mlflow_run_id} for r in out.results], indent=1))
         return
     print()
     print(out.table())
     print()
+    several = len(out.seeds) > 1
     for r in out.results:
         names = r.task_names
-        print(f"{r.label}: accuracy matrix (rows: before, after {', after '.join(names[1:])}; "
+        print(f"{r.run_label(several)}: accuracy matrix (rows: before, after {', after '.join(names[1:])}; "
               f"columns: {', '.join(names)})")
         for row in r.accuracy_matrix:
             print("   " + "  ".join(f"{v:.3f}" for v in row))
@@ -36,13 +37,13 @@ def _print_result(out, as_json: bool) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = select_strategy(load_config(args.config, args.overrides), args.strategy)
+    cfg = select_strategy(load_config(args.config, args.overrides + repeat_overrides(args)), args.strategy)
     _print_result(execute(cfg, "run"), args.json)
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    _print_result(execute(load_config(args.config, args.overrides), "compare"), args.json)
+    _print_result(execute(load_config(args.config, args.overrides + repeat_overrides(args)), "compare"), args.json)
     return 0
 
 
@@ -53,6 +54,7 @@ def register(sub) -> None:
                                    "the same config resumes from the latest checkpoint.")
     add_config_args(p)
     p.add_argument("--strategy", help="which strategy of the config to run (or any registered strategy name)")
+    add_repeat_args(p)
     p.add_argument("--json", action="store_true", help="print results as JSON instead of a table")
     p.set_defaults(func=cmd_run)
 
@@ -61,5 +63,6 @@ def register(sub) -> None:
                                    "and print a comparison table (target accuracy, source accuracy before/after, "
                                    "forgetting, steps to 90% of the best target accuracy, wall time).")
     add_config_args(p)
+    add_repeat_args(p)
     p.add_argument("--json", action="store_true", help="print results as JSON instead of a table")
     p.set_defaults(func=cmd_compare)

@@ -6,7 +6,9 @@ optimizer; on GPU: bf16 and fused optimizers.
 from __future__ import annotations
 
 import difflib
+import importlib
 import os
+import sys
 from collections.abc import KeysView
 from contextlib import contextmanager
 from typing import Any
@@ -200,6 +202,7 @@ def make_engine(model: nn.Module, phase: Phase, optim: OptimConfig, spec: DeepSp
     # deferred: DeepSpeed picks its accelerator when first imported (ensure_accelerator_env runs first)
     import deepspeed
 
+    import_muon_without_compiling()
     set_trainable(model, phase)
     optimizer = make_optimizer(phase, optim, use_gpu, offload_optimizer=spec.offload_optimizer != "none")
     scheduler = lr_scheduler(optimizer, phase)
@@ -211,6 +214,32 @@ def make_engine(model: nn.Module, phase: Phase, optim: OptimConfig, spec: DeepSp
         dist_init_required=False,
     )
     return engine
+
+
+def import_muon_without_compiling() -> None:
+    """Import DeepSpeed's Muon optimizer module with torch.compile as a no-op decorator.
+
+    Why: every engine with ZeRO >= 1 (and DeepSpeed's bf16 optimizer) imports that module to check whether the
+    optimizer is Muon, and its module-level @torch.compile decorators import torch's inductor: 2.8 s per worker
+    process on first use (benchmarks/fixed_cost.py, `engine_init`). forgetless builds its optimizers itself
+    (make_optimizer) and never uses Muon, so Muon's kernels may stay eager. A DeepSpeed without that module: nothing
+    to do."""
+    name = "deepspeed.runtime.zero.muon.muon_optimizer"
+    if name in sys.modules:
+        return
+    compile_fn = torch.compile
+    torch.compile = _eager_compile  # type: ignore[assignment]
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        pass
+    finally:
+        torch.compile = compile_fn  # type: ignore[assignment]
+
+
+def _eager_compile(model=None, **kwargs):
+    """torch.compile's signature, compiling nothing: `@torch.compile` and `@torch.compile(...)` return the function."""
+    return model if model is not None else (lambda fn: fn)
 
 
 @contextmanager

@@ -48,8 +48,10 @@ class ComparisonView:
 
     @classmethod
     def of(cls, out: CompareResult) -> "ComparisonView":
-        return cls(out.name, [StrategyView(r.label, r.metrics, r.accuracy_matrix.tolist(), r.task_names, r.history,
-                                           r.phase_log, r.mlflow_run_id, r.wall_seconds) for r in out.results])
+        several = len(out.seeds) > 1  # one curve, heatmap and point per run: `finetune (seed 1)`
+        return cls(out.name, [StrategyView(r.run_label(several), r.metrics, r.accuracy_matrix.tolist(), r.task_names,
+                                           r.history, r.phase_log, r.mlflow_run_id, r.wall_seconds)
+                              for r in out.results])
 
 
 def load_comparison(uri: str, parent_run_id: str) -> ComparisonView:

@@ -100,13 +100,19 @@ class StrategyResult:
     metrics: dict[str, float] = field(default_factory=dict)
     ended_at_ms: int | None = None  # when its training ended (the child run's end time), epoch milliseconds
     seconds: dict[str, float] = field(default_factory=dict)  # where the run's wall time went (platform/timing.py)
+    seed: int = 0
 
     def record(self) -> dict[str, Any]:
-        """A flat dict for scripts and DataFrames: label, strategy, every metric (metric names as keys), the wall and
-        training seconds, optimizer steps, the MLflow run id and the final checkpoint."""
-        return {"label": self.label, "strategy": self.strategy, **self.metrics, "wall_seconds": self.wall_seconds,
+        """A flat dict for scripts and DataFrames: label, strategy, seed, every metric (metric names as keys), the wall
+        and training seconds, optimizer steps, the MLflow run id and the final checkpoint."""
+        return {"label": self.label, "strategy": self.strategy, "seed": self.seed, **self.metrics,
+                "wall_seconds": self.wall_seconds,
                 "train_seconds": self.train_seconds, "global_step": self.global_step,
                 "mlflow_run_id": self.mlflow_run_id, "checkpoint_uri": self.checkpoint_uri}
+
+    def run_label(self, with_seed: bool) -> str:
+        """The label, with the seed where a comparison ran several (`finetune (seed 1)`: its MLflow run's name)."""
+        return f"{self.label} (seed {self.seed})" if with_seed else self.label
 
     def curve(self, task: int, stage: int | None = None) -> tuple[list[int], list[float]]:
         """(steps, val acc) of a task; with `stage`, only that stage's points, steps counted from its start."""
@@ -146,31 +152,74 @@ class StrategyResult:
 
 @dataclass
 class CompareResult:
-    """Several strategies on the same stream, from the same pre-trained checkpoint."""
+    """Several strategies on the same stream, each seed from its own pre-trained checkpoint (one seed: `seeds=[seed]`).
+    `results` holds one StrategyResult per strategy and seed, seed by seed in the config's strategy order."""
 
     name: str
     results: list[StrategyResult]
-    trajectory: Trajectory | None
+    trajectory: Trajectory | None  # the first seed's pre-training
     parent_run_id: str | None
     tracking_uri: str
     experiment_id: str | None = None
+    seeds: list[int] = field(default_factory=lambda: [0])
 
     def __getitem__(self, label: str) -> StrategyResult:
-        for r in self.results:
-            if r.label == label:
-                return r
-        raise KeyError(label)
+        """The strategy's result (its first seed's; `runs(label)` gives every seed's)."""
+        runs = self.runs(label)
+        if not runs:
+            raise KeyError(label)
+        return runs[0]
+
+    def runs(self, label: str) -> list[StrategyResult]:
+        return [r for r in self.results if r.label == label]
+
+    def labels(self) -> list[str]:
+        return list(dict.fromkeys(r.label for r in self.results))
 
     def table(self) -> str:
-        return format_table(self.results)
+        """The comparison table; with several seeds every column is mean ± sd over the seeds, with n."""
+        return format_table(self.results) if len(self.seeds) == 1 else format_seed_table(self.results)
 
     def records(self) -> list[dict[str, Any]]:
-        """One record per strategy: label, strategy, every metric, times, MLflow run (what `table()` shows and more)."""
+        """One record per strategy and seed: label, strategy, seed, every metric, times, MLflow run."""
         return [r.record() for r in self.results]
 
-    def to_pandas(self):
-        """`records()` as a pandas DataFrame indexed by label (pandas must be installed)."""
-        return records_frame(self.records(), "label")
+    def summary_records(self) -> list[dict[str, Any]]:
+        """One record per strategy over its seeds: label, strategy, n, and `<metric>/mean`, `<metric>/sd`."""
+        return aggregate_records(self.records())
+
+    def to_pandas(self, summary: bool = False):
+        """`records()` (or `summary_records()`) as a pandas DataFrame (pandas must be installed): indexed by label,
+        and by label and seed when the comparison ran several seeds."""
+        if summary:
+            return records_frame(self.summary_records(), "label")
+        return records_frame(self.records(), "label" if len(self.seeds) == 1 else ["label", "seed"])
+
+
+# what aggregate_records leaves out: identifiers, not measurements
+NOT_AGGREGATED = ("label", "strategy", "seed", "mlflow_run_id", "checkpoint_uri")
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1) of the values that are numbers; sd is nan below two values."""
+    vals = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    if vals.size == 0:
+        return math.nan, math.nan
+    return float(vals.mean()), float(vals.std(ddof=1)) if vals.size > 1 else math.nan
+
+
+def aggregate_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per label (in first-seen order): n runs, and the mean and sample sd of every numeric column over them."""
+    out = []
+    for label in dict.fromkeys(r["label"] for r in records):
+        group = [r for r in records if r["label"] == label]
+        row: dict[str, Any] = {"label": label, "strategy": group[0]["strategy"], "n": len(group)}
+        for key in group[0]:
+            if key in NOT_AGGREGATED or not all(isinstance(r.get(key), (int, float)) for r in group):
+                continue
+            row[f"{key}/mean"], row[f"{key}/sd"] = mean_sd([float(r[key]) for r in group])
+        out.append(row)
+    return out
 
 
 def records_frame(records: list[dict[str, Any]], index: str):
@@ -190,15 +239,42 @@ def _fmt(v: float | None, pct: bool = False) -> str:
     return f"{100 * v:.1f}" if pct else f"{v:.0f}" if abs(v) >= 100 or float(v).is_integer() else f"{v:.2f}"
 
 
+# the table's columns: header, metric key, shown as a percentage
+TABLE_COLUMNS = [("target acc %", "target/final_acc", True), ("source before %", "source/acc_before", True),
+                 ("source after %", "source/acc_after", True), ("forgetting %", "forgetting/max", True),
+                 ("BWT %", "bwt", True), ("steps to 90%", "steps_to/90", False),
+                 ("trainable", "trainable_params/max", False)]
+
+
 def format_table(results: list[StrategyResult]) -> str:
-    headers = ["strategy", "target acc %", "source before %", "source after %", "forgetting %", "BWT %",
-               "steps to 90%", "trainable", "wall s"]
+    headers = ["strategy"] + [h for h, _, _ in TABLE_COLUMNS] + ["wall s"]
+    rows = [[r.label] + [_fmt(r.metrics[key], pct) for _, key, pct in TABLE_COLUMNS] + [f"{r.wall_seconds:.1f}"]
+            for r in results]
+    return _align(headers, rows)
+
+
+def format_seed_table(results: list[StrategyResult]) -> str:
+    """One row per strategy: every column as mean ± sd over its seeds, and n."""
+    headers = ["strategy", "n"] + [h for h, _, _ in TABLE_COLUMNS] + ["wall s"]
     rows = []
-    for r in results:
-        m = r.metrics
-        rows.append([r.label, _fmt(m["target/final_acc"], True), _fmt(m["source/acc_before"], True),
-                     _fmt(m["source/acc_after"], True), _fmt(m["forgetting/max"], True), _fmt(m["bwt"], True),
-                     _fmt(m["steps_to/90"]), _fmt(m["trainable_params/max"]), f"{r.wall_seconds:.1f}"])
+    for row in aggregate_records([r.record() for r in results]):
+        cells = [_fmt_mean_sd(row.get(f"{key}/mean"), row.get(f"{key}/sd"), pct) for _, key, pct in TABLE_COLUMNS]
+        rows.append([row["label"], str(row["n"])] + cells
+                    + [_fmt_mean_sd(row["wall_seconds/mean"], row["wall_seconds/sd"], False)])
+    return _align(headers, rows)
+
+
+def _fmt_mean_sd(mean: float | None, sd: float | None, pct: bool) -> str:
+    if mean is None or math.isnan(mean):
+        return "-"
+    if sd is None or math.isnan(sd):
+        return _fmt(mean, pct)
+    scale = 100.0 if pct else 1.0
+    decimals = 1 if pct or abs(mean) < 100 else 0
+    return f"{scale * mean:.{decimals}f} ± {scale * sd:.{decimals}f}"
+
+
+def _align(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
     line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
                                    for i, (c, w) in enumerate(zip(cells, widths)))

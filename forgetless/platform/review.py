@@ -70,11 +70,17 @@ def parent_description(out: CompareResult) -> str:
     lines = [f"### {out.name}: {len(out.results)} strategies compared on "
              f"{' → '.join(out.results[0].task_names)}", ""]
     lines += [f"- {s}" for s in findings(out.results)]
+    several = len(out.seeds) > 1
+    if several:
+        lines += ["", f"Mean ± sd over seeds {', '.join(map(str, out.seeds))} (n runs each; per-seed runs below; "
+                      f"the aggregates are the parent's metrics `<strategy>/<metric>/mean` and `.../sd`):", "",
+                  "```", out.table(), "```"]
     lines += ["", "| strategy | target acc % | source before % | source after % | forgetting pp | BWT pp | "
                   "steps to 90% | wall s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in out.results:
         m = r.metrics
-        name = f"[{r.label}]({run_path(out.experiment_id, r.mlflow_run_id)})" if r.mlflow_run_id else r.label
+        label = r.run_label(several)
+        name = f"[{label}]({run_path(out.experiment_id, r.mlflow_run_id)})" if r.mlflow_run_id else label
         steps = "-" if math.isnan(m["steps_to/90"]) else f"{m['steps_to/90']:.0f}"
         lines.append(f"| {name} | {_pp(m['target/final_acc'])} | {_pp(m['source/acc_before'])} | "
                      f"{_pp(m['source/acc_after'])} | {_pp(m['forgetting/max'])} | {_pp(m['bwt'])} | {steps} | "

@@ -6,6 +6,7 @@ label and a hash of everything that shapes the run), so re-running the same conf
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -33,11 +34,11 @@ from forgetless import console
 from forgetless.console import say
 from forgetless.data import build_stream
 from forgetless.hashing import short_hash
-from forgetless.platform import (build_locks, checkpoints, model_export, plots, reaper, report_html, review, timing,
-                                 tracking, watchdog)
+from forgetless.platform import (build_locks, checkpoints, fanout, model_export, plots, progress, reaper, report_html,
+                                 review, timing, tracking, watchdog)
 from forgetless.platform.engine import check_deepspeed_extra
 from forgetless.platform.model_io import build_model, load_pretrained, load_torch_file
-from forgetless.platform.results import (CompareResult, StopPoint, StrategyResult, Trajectory,
+from forgetless.platform.results import (CompareResult, StopPoint, StrategyResult, Trajectory, mean_sd,
                                          summary_metrics)
 from forgetless.platform.train_loop import FINAL_CHECKPOINT, MODEL_FILE, STATE_FILE, train_worker
 from forgetless.platform.worker_job import CheckpointPolicy, RunState, StopPointRef, WorkerJob
@@ -210,7 +211,10 @@ def _init_embedded_ray(env: dict[str, str], num_cpus: int | None, system_config:
     this driver is killed (reaper)."""
     gcs_port = _free_port()
     env = {**env, "RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{gcs_port}",
-           "TORCH_EXTENSIONS_DIR": build_locks.use_private_extensions_dir()}
+           "TORCH_EXTENSIONS_DIR": build_locks.use_private_extensions_dir(),
+           # Ray Train starts a preemption-watcher actor (one more process) for every worker group; nothing drains the
+           # node of an embedded cluster, so it would only cost a process start per run (a value the user set wins)
+           PREEMPTION_WATCHER_VARIABLE: os.environ.get(PREEMPTION_WATCHER_VARIABLE, "0")}
     os.environ[GCS_PORT_VARIABLE] = str(gcs_port)  # read by ray.init when it starts the GCS
     try:
         ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, log_to_driver=True, logging_level="ERROR",
@@ -226,6 +230,7 @@ def _init_embedded_ray(env: dict[str, str], num_cpus: int | None, system_config:
 
 
 GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"
+PREEMPTION_WATCHER_VARIABLE = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def _free_port() -> int:
@@ -345,8 +350,9 @@ def transfer_job(cfg: ExperimentConfig, strategy: StrategyConfig, init_weights: 
         trajectory=trajectory_stop_points(cfg, strategy, trajectory) if needs_trajectory else [])
 
 
-def pretrain(cfg: ExperimentConfig, target: tracking.TrackingTarget) -> Trajectory:
-    """Pre-train the source (or reuse the trajectory of an identical earlier pre-training)."""
+def pretrain(cfg: ExperimentConfig, target: tracking.TrackingTarget, run_label: str | None = None) -> Trajectory:
+    """Pre-train the source (or reuse the trajectory of an identical earlier pre-training). `run_label`: the MLflow
+    run's name (default `pretrain`)."""
     run_name = pretrain_run_name(cfg)
     traj_uri = storage.join(storage.normalize(cfg.storage), run_name, TRAJECTORY_FILE)
     if storage.exists(traj_uri):
@@ -354,8 +360,11 @@ def pretrain(cfg: ExperimentConfig, target: tracking.TrackingTarget) -> Trajecto
         return Trajectory.from_dict(json.loads(storage.read_bytes(traj_uri)), reused=True)
     what = "training a source head on the given backbone" if cfg.backbone.weights else "pre-training from scratch"
     say(f"{what}: {cfg.source.display_name()} for {cfg.pretrain.epochs} epochs, stop point every "
-        f"{cfg.pretrain.checkpoint_every} (Ray Train run {run_name})")
-    result = fit(cfg, pretrain_job(cfg, target), keep_all_checkpoints=True)
+        f"{cfg.pretrain.checkpoint_every}, seed {cfg.seed} (Ray Train run {run_name})")
+    job = pretrain_job(cfg, target)
+    job = dataclasses.replace(job, display_name=run_label or job.display_name)
+    with progress.board().watch(job.display_name, storage.join(storage.normalize(cfg.storage), run_name)):
+        result = fit(cfg, job, keep_all_checkpoints=True)
     state = _read_state(result)
     stop_points = []
     for ckpt, metrics in result.best_checkpoints:
@@ -387,7 +396,9 @@ def trajectory_stop_points(cfg: ExperimentConfig, strategy: StrategyConfig,
 
 def transfer(cfg: ExperimentConfig, strategy: StrategyConfig, init_weights: str,
              target: tracking.TrackingTarget, callbacks: list | None = None,
-             trajectory: Trajectory | None = None) -> StrategyResult:
+             trajectory: Trajectory | None = None, run_label: str | None = None) -> StrategyResult:
+    """One strategy's Ray Train run (or the result of the identical finished one). `run_label`: the MLflow child
+    run's name (default: the strategy's label)."""
     run_name = transfer_run_name(cfg, strategy)
     run_uri = storage.join(storage.normalize(cfg.storage), run_name)
     final_state_uri = storage.join(run_uri, FINAL_CHECKPOINT, STATE_FILE)
@@ -402,10 +413,12 @@ def transfer(cfg: ExperimentConfig, strategy: StrategyConfig, init_weights: str,
             return _strategy_result(cfg, strategy, state, wall, storage.join(run_uri, FINAL_CHECKPOINT))
     say(f"strategy {strategy.display_name()}: Ray Train run {run_name} ({cfg.scaling.num_workers} workers, "
         f"DeepSpeed ZeRO-{cfg.deepspeed.zero_stage})")
-    job = dataclasses.replace(transfer_job(cfg, strategy, init_weights, target, trajectory), submitted_at=time.time())
+    job = dataclasses.replace(transfer_job(cfg, strategy, init_weights, target, trajectory), submitted_at=time.time(),
+                              display_name=run_label or strategy.display_name())
     # wall time sums every invocation of the run (a resumed one included); the watch says when the run stalls
     clock = watchdog.WallClock(storage.join(run_uri, WALL_FILE))
-    with watchdog.RunWatch(run_name, run_uri, clock, lambda: _stall_hints(cfg)):
+    with watchdog.RunWatch(run_name, run_uri, clock, lambda: _stall_hints(cfg)), \
+            progress.board().watch(job.display_name, run_uri):
         result = fit(cfg, job, keep_all_checkpoints=False, callbacks=callbacks)
     returned = time.time()
     state = _read_state(result)
@@ -437,7 +450,7 @@ def _strategy_result(cfg: ExperimentConfig, strategy: StrategyConfig, state: Run
         train_seconds=state.train_seconds, mlflow_run_id=state.mlflow_run_id,
         checkpoint_uri=checkpoint_uri, evaluation=cfg.evaluation,
         tags=cls.identity_tags(), ended_at_ms=int(time.time() * 1000),  # called as the Ray Train run returns
-        seconds=dict(state.seconds),
+        seconds=dict(state.seconds), seed=cfg.seed,
     )
 
 
@@ -507,9 +520,13 @@ def log_model(cfg: ExperimentConfig, res: StrategyResult, uri: str, summary: dic
 # top level
 
 
-def execute(cfg: ExperimentConfig, command: str,
-            on_result: Callable[[StrategyResult], None] | None = None) -> CompareResult:
-    """Run every strategy of `cfg` on its stream from one shared pre-trained checkpoint; one MLflow parent run."""
+def execute(cfg: ExperimentConfig, command: str, on_result: Callable[[StrategyResult], None] | None = None,
+            seeds: list[int] | None = None) -> CompareResult:
+    """Run every strategy of `cfg` on its stream, per seed (`seeds`, else the config's `seeds`/`seed`) from that seed's
+    pre-trained checkpoint; independent runs side by side where the cluster has room (fanout); one MLflow parent run."""
+    if seeds:
+        cfg = cfg.model_copy(update={"seeds": list(seeds)})
+    seed_list = cfg.seed_list()
     uri = preflight(cfg)
     if not ray.is_initialized() and not (cfg.ray_address or os.environ.get("RAY_ADDRESS")):
         # an embedded run's workers build DeepSpeed's ops on this machine: a stale build lock is named now, not
@@ -518,42 +535,84 @@ def execute(cfg: ExperimentConfig, command: str,
         build_locks.wait_for_build_locks()
     ensure_ray(cfg)
     check_resources(cfg)
+    target = _open_parent(cfg, command, uri)
+    try:
+        out = _run_seeds(cfg, seed_list, target, on_result)
+        _log_parent_summary(out, uri)
+        tracking.flush_buffered(uri)  # metric points an MLflow outage kept on disk
+        tracking.client(uri).set_terminated(target.parent_run_id, "FINISHED")
+        return out
+    except BaseException as e:
+        tracking.client(uri).set_terminated(target.parent_run_id, tracking.end_status(e))
+        raise
+
+
+def _open_parent(cfg: ExperimentConfig, command: str, uri: str) -> tracking.TrackingTarget:
     exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
     review.set_model_training_view(uri, exp_id)  # MLflow opens it in the model-training view, not the GenAI one
     parent = tracking.start_parent_run(uri, exp_id, f"{cfg.name} ({command})", {
         "forgetless.command": command, "forgetless.name": cfg.name,
         "forgetless.config_hash": short_hash(cfg.model_dump(mode="json")),
         "forgetless.strategies": ",".join(s.display_name() for s in cfg.strategies),
-        "forgetless.evaluation": cfg.evaluation,
+        "forgetless.evaluation": cfg.evaluation, "forgetless.seeds": ",".join(map(str, cfg.seed_list())),
     })
     tracking.log_params(uri, parent, tracking.flatten("", cfg.model_dump(mode="json")))
-    target = tracking.TrackingTarget(uri, exp_id, parent)
     say(f"MLflow: {uri}, experiment {cfg.tracking.experiment!r}, parent run {parent}")
-    try:
-        traj = pretrain(cfg, target)
-        c = tracking.client(uri)
-        c.set_tag(parent, "forgetless.pretrain_run", traj.run_name)
-        c.set_tag(parent, "forgetless.pretrain_reused", str(traj.reused).lower())
-        results = []
-        for s in cfg.strategies:
-            res = transfer(cfg, s, traj.final().uri, target, trajectory=traj)
-            results.append(res)
-            if on_result:
-                on_result(res)
-        # learning-speed thresholds are relative to the best target accuracy *any* strategy reached
-        T = len(results[0].task_names) - 1
-        best = {st: max(r.best_target_acc(st) for r in results) for st in range(1, T + 1)}
-        for r in results:
+    return tracking.TrackingTarget(uri, exp_id, parent)
+
+
+def _run_seeds(cfg: ExperimentConfig, seed_list: list[int], target: tracking.TrackingTarget,
+               on_result: Callable[[StrategyResult], None] | None) -> CompareResult:
+    """Pre-train per seed, then every strategy per seed; metrics relative to the best strategy of the same seed."""
+    uri = target.tracking_uri
+    per_seed = [cfg.for_seed(s) for s in seed_list]
+    several = len(seed_list) > 1
+    trajectories = fanout.run_all([functools.partial(pretrain, c, target, run_label=f"pretrain (seed {c.seed})"
+                                                     if several else None) for c in per_seed],
+                                  fanout.concurrency(cfg, len(per_seed)))
+    c = tracking.client(uri)
+    c.set_tag(target.parent_run_id, "forgetless.pretrain_run", trajectories[0].run_name)
+    c.set_tag(target.parent_run_id, "forgetless.pretrain_reused", str(trajectories[0].reused).lower())
+    calls = [functools.partial(transfer, sc, s, traj.final().uri, target, trajectory=traj,
+                               run_label=f"{s.display_name()} (seed {sc.seed})" if several else None)
+             for sc, traj in zip(per_seed, trajectories) for s in cfg.strategies]
+    results = fanout.run_all(calls, fanout.concurrency(cfg, len(calls)), on_result)
+    for seed in seed_list:
+        group = [r for r in results if r.seed == seed]
+        # learning-speed thresholds are relative to the best target accuracy *any* strategy reached (same seed)
+        T = len(group[0].task_names) - 1
+        best = {st: max(r.best_target_acc(st) for r in group) for st in range(1, T + 1)}
+        for r in group:
             r.compute_metrics(best)
             log_strategy_artifacts(cfg, r, uri)
-        out = CompareResult(cfg.name, results, traj, parent, uri, exp_id)
-        _log_parent_summary(out, uri)
-        tracking.flush_buffered(uri)  # metric points an MLflow outage kept on disk
-        c.set_terminated(parent, "FINISHED")
-        return out
-    except BaseException as e:
-        tracking.client(uri).set_terminated(parent, tracking.end_status(e))
-        raise
+    return CompareResult(cfg.name, results, trajectories[0], target.parent_run_id, uri, target.experiment_id,
+                         seeds=seed_list)
+
+
+SEED_TABLES_FILE = "seeds.json"
+
+
+def seed_aggregate_metrics(out: CompareResult) -> dict[str, float]:
+    """The parent run's aggregates over seeds: `<label>/<summary metric>/mean` and `/sd` (MLflow names and scales, as
+    each child run's summary metrics) and `<label>/n`."""
+    metrics: dict[str, float] = {}
+    for label in out.labels():
+        runs = [summary_metrics(r.metrics) for r in out.runs(label)]
+        metrics[f"{label}/n"] = float(len(runs))
+        for name in runs[0]:
+            mean, sd = mean_sd([m.get(name, math.nan) for m in runs])
+            metrics[f"{label}/{name}/mean"] = mean
+            if not math.isnan(sd):
+                metrics[f"{label}/{name}/sd"] = sd
+    return {k: v for k, v in metrics.items() if not math.isnan(v)}
+
+
+def _write_seed_tables(out: CompareResult, folder: Path) -> str:
+    """seeds.json: every seed's record and the per-strategy mean/sd/n (what the table shows, and more)."""
+    Path(folder, SEED_TABLES_FILE).write_text(json.dumps(
+        {"seeds": out.seeds, "per_seed": out.records(), "summary": out.summary_records(), "table": out.table()},
+        indent=1, default=float))
+    return SEED_TABLES_FILE
 
 
 def _log_parent_summary(out: CompareResult, uri: str) -> None:
@@ -562,14 +621,22 @@ def _log_parent_summary(out: CompareResult, uri: str) -> None:
     c = tracking.client(uri)
     with tempfile.TemporaryDirectory() as d:
         Path(d, "comparison.txt").write_text(out.table() + "\n")
+        several = len(out.seeds) > 1
         Path(d, "comparison.json").write_text(json.dumps(
-            [{"label": r.label, "strategy": r.strategy, "metrics": r.metrics, "R": r.accuracy_matrix.tolist(),
-              "task_names": r.task_names, "mlflow_run_id": r.mlflow_run_id} for r in out.results], indent=1))
-        plots.comparison_curves({r.label: r.history for r in out.results}, Path(d, "comparison_curves.png"),
-                                f"{out.name}: strategies compared", phases={r.label: r.phase_log for r in out.results})
+            [{"label": r.run_label(several), "strategy": r.strategy, "seed": r.seed, "metrics": r.metrics,
+              "R": r.accuracy_matrix.tolist(), "task_names": r.task_names, "mlflow_run_id": r.mlflow_run_id}
+             for r in out.results], indent=1))
+        plots.comparison_curves({r.run_label(several): r.history for r in out.results},
+                                Path(d, "comparison_curves.png"), f"{out.name}: strategies compared",
+                                phases={r.run_label(several): r.phase_log for r in out.results})
         report_html.write_report(report_html.ComparisonView.of(out), Path(d, report_html.REPORT_FILE))
-        for f in ("comparison.txt", "comparison.json", "comparison_curves.png", report_html.REPORT_FILE):
+        files = ["comparison.txt", "comparison.json", "comparison_curves.png", report_html.REPORT_FILE]
+        if several:
+            files.append(_write_seed_tables(out, Path(d)))
+        for f in files:
             c.log_artifact(out.parent_run_id, str(Path(d, f)))
+    if several:
+        tracking.log_metrics(uri, out.parent_run_id, seed_aggregate_metrics(out), step=0)
     context = review.context_tags()
     review.set_tags(uri, out.parent_run_id, context)
     if out.trajectory is not None and out.trajectory.mlflow_run_id and not out.trajectory.reused:

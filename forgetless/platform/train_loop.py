@@ -24,8 +24,8 @@ from ray.train import Checkpoint
 from forgetless.backbones import TransferModel
 from forgetless.data import TaskData, build_stream
 from forgetless.data.sharding import derive_seed, shard_batches
-from forgetless import storage
-from forgetless.platform import build_locks, checkpoints, quiet, review, timing, tracking
+from forgetless import console, storage
+from forgetless.platform import build_locks, checkpoints, progress, quiet, review, timing, tracking
 from forgetless.platform.engine import (consolidated_state_dict, ensure_accelerator_env, full_state_dict, make_engine,
                                         weight_access)
 from forgetless.platform.evaluation import evaluate
@@ -58,6 +58,7 @@ class WorkerRun:
     resume_dir: str | None = None  # a local copy of the restored checkpoint, until the phase's optimizer is loaded
     commit_wait_seconds: float = 0.0  # rank 0: time spent waiting for Ray Train to commit checkpoints
     commits: int = 0  # rank 0: checkpoints written by this worker group
+    phases_in_stage: int = 1  # of the stage in training (the progress record's ETA)
     skipped_checkpoints: tuple[str, ...] = ()  # damaged checkpoints restore passed over (their folders stay)
 
     @property
@@ -84,6 +85,7 @@ def train_worker(job: WorkerJob) -> None:
         timing.add(run.state.seconds, part, value)
     with timing.timed(run.state.seconds, "tracking"):
         start_tracking(run)
+    report_progress(run)
     if run.state.finished:
         log(run, "already finished; nothing to do")
         save_checkpoint(run, {"finished": 1}, FINAL_CHECKPOINT)
@@ -99,6 +101,7 @@ def train_worker(job: WorkerJob) -> None:
     run.state.finished = True
     log(run, f"finished after {run.state.global_step} optimizer steps")
     save_checkpoint(run, {"finished": 1, "global_step": run.state.global_step}, FINAL_CHECKPOINT)
+    report_progress(run)
 
 
 def init_process_group(use_gpu: bool) -> None:
@@ -146,7 +149,8 @@ def train_stage(run: WorkerRun, stage: int) -> None:
     """Every phase of one task, then the strategy's after-task hook and the task's row of the accuracy matrix."""
     task = run.infos[stage]
     state = run.state
-    for p in range(len(run.strategy.phases(run.model, task))):
+    run.phases_in_stage = len(run.strategy.phases(run.model, task))
+    for p in range(run.phases_in_stage):
         if p < state.phase or (p == state.phase and state.phase_done):
             continue
         if p > state.phase:
@@ -190,7 +194,10 @@ def train_phase(run: WorkerRun, stage: int, p: int, phase: Phase) -> None:
                                     "stopped_early": stop, "end_step": state.global_step})
         shown = {k.removeprefix("pretrain/"): round(v, 4) for k, v in metrics.items()
                  if k.endswith(("val/source/acc", "val/target/acc", "train/loss"))}
-        log(run, f"stage {stage} phase {phase.name} epoch {epoch + 1}/{phase.epochs} step {state.global_step} {shown}")
+        if console.verbose():  # otherwise the driver shows it (platform/progress.py)
+            log(run, f"stage {stage} phase {phase.name} epoch {epoch + 1}/{phase.epochs} step {state.global_step} "
+                     f"{shown}")
+        report_progress(run, (p, phase, metrics))
         if job.checkpoints.due(epoch + 1, state.phase_done):
             save_checkpoint(run, {**metrics, "epoch": epoch + 1, "global_step": state.global_step},
                             job.checkpoints.name(stage, p, epoch + 1))
@@ -493,6 +500,24 @@ def log_metrics(run: WorkerRun, metrics: dict[str, float], step: int | None = No
         with timing.timed(run.state.seconds, "tracking"):
             tracking.log_metrics(run.job.tracking.tracking_uri, run.state.mlflow_run_id, metrics,
                                  step=run.state.global_step if step is None else step)
+
+
+def report_progress(run: WorkerRun, at: tuple[int, Phase, dict[str, float]] | None = None) -> None:
+    """Rank 0: the run's progress.json for the driver's live view (`at`: the phase index, phase and metrics of the
+    epoch just ended; None: where the run stands, at its start or end). Never stops training."""
+    if run.rank != 0:
+        return
+    state, job = run.state, run.job
+    p, phase, metrics = at if at is not None else (state.phase, None, {})
+    val = lambda task: next((v for k, v in metrics.items() if k.endswith(f"val/{task}/acc")), None)  # noqa: E731
+    record = progress.progress_record(
+        job.display_name, state.stage, job.stages, phase.name if phase else ("done" if state.finished else "-"), p,
+        run.phases_in_stage, state.epoch, phase.epochs if phase else state.epoch, state.global_step, val("target"),
+        val("source"), finished=state.finished)
+    try:
+        progress.write_progress(storage.join(storage.normalize(job.config.storage), job.run_name), record)
+    except Exception as e:  # noqa: BLE001 - a progress line is not worth a run
+        warn(run, f"could not write progress.json: {str(e).splitlines()[0][:200]}")
 
 
 def log(run: WorkerRun, msg: str) -> None:

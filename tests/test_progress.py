@@ -1,0 +1,60 @@
+"""The driver's progress view: the record a run's rank 0 writes, its one-line rendering, and the board reading
+progress.json files from run folders (the end-to-end path, workers writing them, runs in every e2e test; the demo's
+console in the README shows it)."""
+import io
+import time
+
+import pytest
+
+from forgetless.platform import progress
+
+
+def test_done_fraction_counts_stages_and_phases_equally():
+    # stage 2 of stages [1, 2], phase 1 of 2, epoch 2 of 4: (1 + (1 + 0.5) / 2) / 2
+    r = progress.progress_record("ft", 2, [1, 2], "all", 1, 2, 2, 4, 40, 0.9, 0.8)
+    assert r["done"] == pytest.approx(0.875)
+    assert r["stage_position"] == 2 and r["stages"] == 2
+    assert progress.progress_record("ft", 1, [1], "done", 0, 1, 3, 3, 9, None, None, finished=True)["done"] == 1.0
+
+
+def test_line_shows_phase_epoch_accuracies_and_eta():
+    r = progress.progress_record("finetune", 1, [1], "all", 0, 1, 2, 8, 120, 0.912, 0.88)
+    line = progress.format_line("finetune", r, elapsed=10.0)
+    assert "stage 1/1 all epoch 2/8 step 120" in line
+    assert "target 91.2%" in line and "source 88.0%" in line
+    assert line.endswith("10s  ETA 30s")  # a quarter done in 10 s
+    assert "starting Ray Train workers" in progress.format_line("finetune", None, 3.0)
+    done = progress.progress_record("finetune", 1, [1], "done", 0, 1, 8, 8, 400, 0.95, 0.7, finished=True)
+    assert progress.format_line("finetune", done, 40.0).endswith("done")
+
+
+def test_board_prints_a_line_whenever_a_run_moves_on(tmp_path):
+    out = io.StringIO()
+    board = progress.ProgressBoard(stream=out, every=0.05, live=False)
+    run_a, run_b = str(tmp_path / "a"), str(tmp_path / "b")
+    with board.watch("finetune", run_a), board.watch("linear_probe", run_b):
+        for epoch in (1, 2):
+            progress.write_progress(run_a, progress.progress_record("finetune", 1, [1], "all", 0, 1, epoch, 2,
+                                                                    10 * epoch, 0.5 * epoch, 0.9))
+            time.sleep(0.3)  # several looks per epoch: one line per change, not per look
+        progress.write_progress(run_b, progress.progress_record("linear_probe", 1, [1], "head", 0, 1, 1, 2, 5, 0.4,
+                                                                0.9))
+        time.sleep(0.3)
+        progress.write_progress(run_a, progress.progress_record("finetune", 1, [1], "done", 0, 1, 2, 2, 20, 1.0,
+                                                                0.9, finished=True))
+    lines = out.getvalue().splitlines()
+    ft = [ln for ln in lines if ln.startswith("[forgetless] finetune")]
+    assert [("epoch 1/2" in ln, "epoch 2/2" in ln, ln.endswith("done")) for ln in ft] == [
+        (True, False, False), (False, True, False), (False, True, True)]
+    assert sum(ln.startswith("[forgetless] linear_probe") for ln in lines) == 1
+    assert "target 100.0%" in ft[-1]
+
+
+def test_progress_of_a_run_on_s3(s3server, monkeypatch):
+    from conftest import point_aws_env_at
+
+    point_aws_env_at(s3server, monkeypatch)
+    run_uri = f"s3://{s3server.bucket}/progress-test/run"
+    assert progress.read_progress(run_uri) is None
+    progress.write_progress(run_uri, progress.progress_record("ft", 1, [1], "all", 0, 1, 1, 2, 7, 0.5, 0.5))
+    assert progress.read_progress(run_uri)["step"] == 7

@@ -1,0 +1,47 @@
+"""A compare over two seeds on a real embedded Ray cluster (2 CPUs): 1-worker runs, so the two seeds' runs go side by
+side (fan-out), and the parent MLflow run holds the aggregates."""
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def test_two_seeds_run_side_by_side_and_aggregate(ray_session, workdir, tiny_config):
+    import forgetless
+    from mlflow.tracking import MlflowClient
+
+    cfg = tiny_config(scaling={"num_workers": 1}, train={"epochs": 1, "lr": 0.01, "batch_size": 64},
+                      pretrain={"epochs": 1, "checkpoint_every": 1, "lr": 0.01, "batch_size": 64})
+    out = forgetless.compare(cfg, seeds=[0, 1])
+
+    assert out.seeds == [0, 1]
+    assert [(r.label, r.seed) for r in out.results] == [("finetune", 0), ("finetune", 1)]
+    a, b = out.runs("finetune")
+    # each seed pre-trained its own backbone: the source accuracy before transfer differs
+    assert a.accuracy_matrix[0, 0] != b.accuracy_matrix[0, 0]
+    header, _, row = out.table().splitlines()
+    assert row.split()[:2] == ["finetune", "2"] and "±" in row
+    summary = out.summary_records()[0]
+    assert summary["n"] == 2
+    assert summary["target/final_acc/mean"] == pytest.approx((a.metrics["target/final_acc"]
+                                                              + b.metrics["target/final_acc"]) / 2)
+
+    c = MlflowClient(out.tracking_uri)
+    children = c.search_runs([out.experiment_id], f"tags.`mlflow.parentRunId` = '{out.parent_run_id}'")
+    by_name = {r.info.run_name: r for r in children}
+    assert set(by_name) == {"pretrain (seed 0)", "pretrain (seed 1)", "finetune (seed 0)", "finetune (seed 1)"}
+    # fanned out: the two seeds' finetune runs overlapped in time (the cluster fits two 1-worker runs)
+    r0, r1 = by_name["finetune (seed 0)"].info, by_name["finetune (seed 1)"].info
+    assert r0.start_time < r1.end_time and r1.start_time < r0.end_time
+    parent = c.get_run(out.parent_run_id)
+    assert parent.data.tags["forgetless.seeds"] == "0,1"
+    assert parent.data.metrics["finetune/n"] == 2
+    assert parent.data.metrics["finetune/target/final_acc_pct/mean"] == pytest.approx(
+        100 * summary["target/final_acc/mean"], abs=0.01)
+    assert "finetune/forgetting/max_pp/sd" in parent.data.metrics
+    seeds_file = Path(c.download_artifacts(out.parent_run_id, "seeds.json", str(workdir)))
+    saved = json.loads(seeds_file.read_text())
+    assert [r["seed"] for r in saved["per_seed"]] == [0, 1] and saved["summary"][0]["n"] == 2
+    assert "±" in parent.data.tags["mlflow.note.content"]
