@@ -58,3 +58,17 @@ def test_progress_of_a_run_on_s3(s3server, monkeypatch):
     assert progress.read_progress(run_uri) is None
     progress.write_progress(run_uri, progress.progress_record("ft", 1, [1], "all", 0, 1, 1, 2, 7, 0.5, 0.5))
     assert progress.read_progress(run_uri)["step"] == 7
+
+
+def test_live_view_leaves_each_finished_run_as_one_line(tmp_path):
+    out = io.StringIO()
+    board = progress.ProgressBoard(stream=out, every=0.05, live=True)  # as on a terminal (rich's live block)
+    run = str(tmp_path / "run")
+    with board.watch("finetune", run):
+        progress.write_progress(run, progress.progress_record("finetune", 1, [1], "all", 0, 1, 1, 2, 10, 0.5, 0.9))
+        time.sleep(0.3)
+        progress.write_progress(run, progress.progress_record("finetune", 1, [1], "done", 0, 1, 2, 2, 20, 0.9, 0.9,
+                                                              finished=True))
+    time.sleep(0.3)  # the board's thread ends its live block once no run is left
+    lines = [ln for ln in out.getvalue().splitlines() if ln.startswith("[forgetless] finetune")]
+    assert len(lines) == 1 and lines[0].endswith("done") and "step 20" in lines[0]

@@ -123,7 +123,7 @@ class ProgressBoard:
         line = f"[forgetless] {format_line(w.label, w.record, time.time() - w.started)}"
         view = self._live_view
         if view is not None:
-            view.console.print(line, highlight=False, markup=False)  # above the live lines
+            view.console.print(line, highlight=False, markup=False, soft_wrap=True)  # above the live lines
         else:
             print(line, file=self.stream, flush=True)
 
