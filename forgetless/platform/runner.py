@@ -513,7 +513,11 @@ def load_model(cfg: ExperimentConfig, res: StrategyResult):
 def log_model(cfg: ExperimentConfig, res: StrategyResult, uri: str, summary: dict[str, float]) -> str:
     """The trained model as a logged model named after the strategy, at the run's final step (pt2 format)."""
     model, tasks = load_model(cfg, res)
-    return model_export.log_strategy_model(uri, res.mlflow_run_id, res.label, model, tasks, res.global_step, summary)
+    description = (review.child_description(res, _strategy_doc(res.strategy))
+                   + "\n\nInput: a batch of the tasks' inputs; output: every task head's logits, concatenated "
+                     "(the model's metadata names each head's slice).")
+    return model_export.log_strategy_model(uri, res.mlflow_run_id, res.label, model, tasks, res.global_step, summary,
+                                           description)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
