@@ -1,4 +1,5 @@
-"""End-to-end: 3-target task streams under the continual strategies, on a real embedded Ray cluster (2 workers),
+"""End-to-end: 3-target task streams under the continual strategies, on a real embedded Ray cluster (1 worker per run,
+so two strategies' runs go side by side on its 2 CPUs; data-parallel sharding is covered by the 2-worker tests),
 DeepSpeed on CPU and a real MLflow store (SQLite); and the stream-level bad inputs, refused before Ray starts."""
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ STREAM = {
     "backbone": {"name": "mlp", "params": {"hidden": [32]}},
     "pretrain": {"epochs": 2, "checkpoint_every": 2, "lr": 0.01, "batch_size": 64},
     "train": {"epochs": 1, "lr": 0.02, "batch_size": 16},
-    "scaling": {"num_workers": 2},
+    "scaling": {"num_workers": 1},
     "deepspeed": {"zero_stage": 2},
     "tracking": {"log_model": False},
 }
