@@ -282,6 +282,9 @@ def partitioned_construction(ds_config: dict[str, Any]):
     (construction broadcasts and partitions collectively)."""
     # deferred: DeepSpeed picks its accelerator when first imported (ensure_accelerator_env runs first)
     import deepspeed
+    # zero.Init replaces torch's tensor constructors while it is open; torch._dynamo, which transformers' model code
+    # imports on first use, fails to import under that patch ("Signature mismatch ... tensor_pynew"): import it first.
+    import torch._dynamo  # noqa: F401
 
     try:
         # deferred: transformers is optional; the config object must stay referenced while models are built
