@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -35,7 +36,8 @@ def mapped_torch_file(uri: str) -> Iterator[Any]:
     a large state dict into ZeRO-3 partitions never holds the whole file in memory. An s3:// file is downloaded to a
     temporary file first."""
     if not is_s3(uri):
-        yield torch.load(uri, map_location="cpu", weights_only=True, mmap=True)
+        # torch's legacy (non-zip) format cannot be mapped: read whole
+        yield torch.load(uri, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(uri))
         return
     with tempfile.NamedTemporaryFile(suffix=".pt") as f:
         f.write(read_bytes(uri))
