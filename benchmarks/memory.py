@@ -178,12 +178,14 @@ def worker(args: argparse.Namespace) -> None:
         eng.load_checkpoint(str(ckpt), tag="ds")
         result["loss_after_resume"] = step(eng)
         result["resume"] = sampler.stage()
-    export(result, args, rank, model, eng, build, ds, sampler)
+    engines = [eng]  # the only reference left: export drops it, as the train loop does at the end of a phase
+    del eng
+    export(result, args, rank, model, engines, build, ds, sampler)
     result["seconds"] = time.time() - t0
     Path(args.scratch, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def export(result: dict, args, rank: int, model, eng, build, ds, sampler) -> None:
+def export(result: dict, args, rank: int, model, engines: list, build, ds, sampler) -> None:
     """The end of a run. Before: the engine is released by gathering the whole model on every rank and rebuilding
     it (as between phases), then rank 0 writes model.pt. After: the engine goes, the partitions stay; rank 0 gathers
     one parameter at a time and writes model.pt and the Hugging Face folder."""
@@ -193,12 +195,12 @@ def export(result: dict, args, rank: int, model, eng, build, ds, sampler) -> Non
 
     dest = Path(args.scratch) / "export"
     if args.mode == "after":
-        eng.destroy()
+        engines.pop().destroy()
         state = ds.streamed_state_dict(model, rank)
     else:
         full = ds.full_state_dict(model, 3)
-        eng.destroy()
-        del eng, model
+        engines.pop().destroy()
+        del model
         model = build()  # unpartitioned: a plain module on every rank
         model.load_state_dict(full)
         del full

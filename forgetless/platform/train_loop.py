@@ -382,7 +382,8 @@ def strategy_data_hook(run: WorkerRun, hook: str, stage: int) -> None:
 def release_engine(run: WorkerRun) -> None:
     """End of a phase: back to a plain model on full weights (gathered under ZeRO-3, fp32), so the next phase's
     surgery, the strategy's after-task hook and evaluation all see full weights, and the next engine starts
-    from an unpartitioned module."""
+    from an unpartitioned module. On partitions (`run.partitioned`) nothing is gathered: the engine goes, the
+    partitioned module stays."""
     if run.engine is None:
         return
     if run.partitioned:
