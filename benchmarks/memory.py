@@ -21,6 +21,7 @@ without momentum: 12). The rest of a worker's peak is the constant: Python, torc
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -39,6 +40,7 @@ SIZES = {  # Llama-style decoders (AutoModel: no LM head); params counted from t
                num_key_value_heads=16, vocab_size=32000),
 }
 STAGES = ("construction", "step", "checkpoint", "resume", "export")
+BUCKET = 20_000_000  # elements (80 MB in fp32)
 SEQ, BATCH = 16, 1  # tokens per sample, samples per step: activations stay negligible next to the model states
 OUT = Path(__file__).parent / "results" / "memory.json"
 
@@ -117,7 +119,10 @@ def worker(args: argparse.Namespace) -> None:
         torch.cuda.set_device(rank)
     device = torch.device("cuda", rank) if args.gpu else torch.device("cpu")
     sampler = PeakSampler(args.gpu)
-    spec = DeepSpeedSpec(zero_stage=3, precision=args.precision)
+    # DeepSpeed's default gradient-reduction bucket is 5e8 elements (2 GB in fp32) whatever the model: a bounded
+    # bucket (as `deepspeed.extra` sets it on a cluster) keeps that constant from hiding the model states
+    spec = DeepSpeedSpec(zero_stage=3, precision=args.precision, extra={"zero_optimization": {
+        "reduce_bucket_size": BUCKET, "stage3_prefetch_bucket_size": BUCKET}})
     optim = OptimConfig(optimizer=args.optimizer, batch_size=BATCH, lr=1e-4, momentum=0.0)
     cfg = ds.deepspeed_config(spec, BATCH, world, args.gpu)
     after = args.mode == "after"
@@ -166,6 +171,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.resume:
         eng.destroy()
         del eng, model
+        gc.collect()  # DeepSpeed's engine and optimizer are reference cycles: free them before the fresh model
         model = build()
         if after:
             ds.load_partition_state(model, checkpoints.safe_torch_load(ckpt / f"part{rank}.pt",
@@ -196,11 +202,13 @@ def export(result: dict, args, rank: int, model, engines: list, build, ds, sampl
     dest = Path(args.scratch) / "export"
     if args.mode == "after":
         engines.pop().destroy()
+        gc.collect()
         state = ds.streamed_state_dict(model, rank)
     else:
         full = ds.full_state_dict(model, 3)
         engines.pop().destroy()
         del model
+        gc.collect()
         model = build()  # unpartitioned: a plain module on every rank
         model.load_state_dict(full)
         del full
@@ -233,7 +241,12 @@ def run_config(args: argparse.Namespace, folder: Path, mode: str, workers: int) 
     t0 = time.time()
     procs = [subprocess.Popen(cmd + ["--rank", str(r)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for r in range(workers)]
-    logs = [p.communicate(timeout=args.timeout)[0] for p in procs]
+    try:
+        logs = [p.communicate(timeout=args.timeout)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        raise
     if any(p.returncode for p in procs):
         shutil.rmtree(scratch, ignore_errors=True)
         raise RuntimeError(f"{mode} with {workers} workers failed:\n" + logs[0][-3000:])
@@ -301,7 +314,11 @@ def main() -> None:
     for mode in args.modes:
         for n in args.workers:
             say(f"{mode}: {n} worker(s), {args.size} decoder")
-            rows.append(run_config(args, folder, mode, n))
+            try:
+                rows.append(run_config(args, folder, mode, n))
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                say(f"{mode} with {n} workers did not finish: {str(e)[-1500:]}")
+                continue
             say(json.dumps(rows[-1]))
     print(table(rows))
     old = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}

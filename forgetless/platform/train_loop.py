@@ -7,6 +7,7 @@ stopped. What it is told is a `WorkerJob`; what it checkpoints is a `RunState` (
 """
 from __future__ import annotations
 
+import gc
 import shutil
 import sys
 import tempfile
@@ -390,6 +391,7 @@ def release_engine(run: WorkerRun) -> None:
         # The module keeps its partitions (updated by the last step); the next phase's engine starts from them.
         run.engine.destroy()  # its hooks leave the module, so the next engine's are the only ones
         run.engine = None
+        gc.collect()  # the engine's hooks and optimizer form reference cycles: free its states now, not later
         return
     with timing.timed(run.state.seconds, "engine_init"):
         full = full_state_dict(run.model, run.zero_stage)
