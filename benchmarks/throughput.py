@@ -222,6 +222,7 @@ def main(argv=None) -> None:
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                     help="auto: bf16 on GPU, fp32 on CPU")
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--samples", type=int, default=None, help="decoder token samples (default: the size's)")
     ap.add_argument("--gradient-checkpointing", action="store_true", help="(default on for --size full)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s of one device (for MFU on CPU)")
     ap.add_argument("--out", default="benchmarks/results/throughput.json")
@@ -249,7 +250,7 @@ def main(argv=None) -> None:
         if kind == "decoder":
             data = work / f"tokens-{a.size}.npz"
             if not data.exists():
-                make_token_task(data, spec["samples"], spec["seq"], spec["vocab_size"])
+                make_token_task(data, a.samples or spec["samples"], spec["seq"], spec["vocab_size"])
             dataset, src, tgt, tokens_per_sample = str(data), [0, 1], [2, 3], spec["seq"]
         else:
             # real images (scikit-learn's digits), resized by the model's own preprocessing to its input size

@@ -32,7 +32,7 @@ from forgetless.backbones.registry import register_backbone_prefix
 from forgetless.storage import cache_root, check_model_folder, local_folder
 
 __all__ = ["HFBackbone", "build", "cache_root", "check", "check_model_folder", "local_folder", "plain_model",
-           "save_pretrained"]
+           "save_pretrained", "save_pretrained_state"]
 
 POOLINGS = ("auto", "cls", "mean", "last", "pooler")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -224,11 +224,35 @@ def save_pretrained(backbone: HFBackbone, dest: str | os.PathLike) -> Path:
     if backbone.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     model.save_pretrained(dest)
-    for f in backbone.folder.iterdir():
+    _copy_side_files(backbone.folder, dest)
+    return dest
+
+
+def save_pretrained_state(backbone: HFBackbone, state: dict[str, torch.Tensor], dest: str | os.PathLike,
+                          max_shard_size: str = "2GB") -> Path:
+    """Write a Hugging Face folder from a full state dict of `backbone.model` (names as in its `state_dict()`), without
+    a module that holds the weights: the one export of a ZeRO-3 run, whose model is partitioned. Safetensors shards
+    (with their index when there is more than one), config.json, and the source folder's tokenizer/preprocessor
+    files; `AutoModel.from_pretrained(dest)` loads it. Not for a model with PEFT layers (use `save_pretrained`)."""
+    # deferred: huggingface_hub comes with transformers (optional)
+    from huggingface_hub import save_torch_state_dict
+
+    if any("lora_" in k or ".base_layer." in k for k in state):
+        raise ValueError("save_pretrained_state: the state has PEFT (LoRA) layers; merge them first "
+                         "(save_pretrained does)")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    backbone.model.config.save_pretrained(dest)
+    save_torch_state_dict({k: v.contiguous() for k, v in state.items()}, dest, max_shard_size=max_shard_size)
+    _copy_side_files(backbone.folder, dest)
+    return dest
+
+
+def _copy_side_files(source: Path, dest: Path) -> None:
+    for f in source.iterdir():
         if f.is_file() and f.name not in ("config.json",) and not f.name.endswith((".safetensors", ".bin", ".pt",
                                                                                    ".index.json")):
             shutil.copy2(f, dest / f.name)  # tokenizer, preprocessor, generation config...
-    return dest
 
 
 register_backbone_prefix("hf:", build, check)

@@ -332,7 +332,8 @@ def pretrain_job(cfg: ExperimentConfig, target: tracking.TrackingTarget) -> Work
         config=cfg, run_name=pretrain_run_name(cfg), display_name="pretrain", mode="pretrain",
         strategy=StrategyConfig(name="source_pretrain", params={"head_only": bool(cfg.backbone.weights)}),
         optim=cfg.pretrain, num_tasks=1, stages=[0], class_incremental=False,
-        checkpoints=CheckpointPolicy(STOP_POINT_FORMAT, every_epochs=cfg.pretrain.checkpoint_every, at_start=True),
+        checkpoints=CheckpointPolicy(STOP_POINT_FORMAT, every_epochs=cfg.pretrain.checkpoint_every, at_start=True,
+                                     exports_model=True),
         tracking=target, init_weights=cfg.backbone.weights)
 
 

@@ -7,10 +7,12 @@ stopped. What it is told is a `WorkerJob`; what it checkpoints is a `RunState` (
 """
 from __future__ import annotations
 
+import gc
 import shutil
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -21,15 +23,17 @@ import torch
 import torch.distributed as dist
 from ray.train import Checkpoint
 
-from forgetless.backbones import TransferModel
+from forgetless.backbones import TransferModel, hf
+from forgetless.backbones.hf import HFBackbone
 from forgetless.data import TaskData, build_stream
 from forgetless.data.sharding import derive_seed, shard_batches
 from forgetless import console, storage
 from forgetless.platform import build_locks, checkpoints, progress, quiet, review, timing, tracking
+from forgetless.platform import engine as ds
 from forgetless.platform.engine import (consolidated_state_dict, ensure_accelerator_env, full_state_dict, make_engine,
                                         weight_access)
 from forgetless.platform.evaluation import evaluate
-from forgetless.platform.model_io import build_model, load_pretrained, load_torch_file
+from forgetless.platform.model_io import build_model, load_pretrained, load_torch_file, mapped_torch_file
 from forgetless.platform.worker_job import RunState, WorkerJob
 from forgetless.strategies import make_strategy
 from forgetless.strategies.base import Phase, PrepareContext, Strategy, TaskInfo, task_infos
@@ -37,6 +41,8 @@ from forgetless.strategies.training import set_train_mode, train_step
 
 STATE_FILE = "state.json"
 MODEL_FILE = "model.pt"
+PARTITION_FILE = "model_partition_rank{rank}.pt"  # under ZeRO-3 on partitions: each rank's slices of the weights
+HF_EXPORT_DIR = "hf"  # in the final checkpoint of an hf: backbone: the model as a Hugging Face folder
 DS_TAG = "ds"
 FINAL_CHECKPOINT = "final"  # the checkpoint of a finished run (its state.json has finished: true)
 
@@ -65,6 +71,17 @@ class WorkerRun:
     def zero_stage(self) -> int:
         return self.job.config.deepspeed.zero_stage
 
+    @property
+    def partitioned(self) -> bool:
+        """ZeRO-3 with a strategy that leaves weights to the engine: the model stays partitioned from construction to
+        the export, checkpoints hold each rank's partition, no rank ever holds the whole model (but rank 0 at an
+        export)."""
+        return keeps_partitions(self.job, self.strategy)
+
+
+def keeps_partitions(job: WorkerJob, strategy: Strategy) -> bool:
+    return job.config.deepspeed.zero_stage == 3 and strategy.works_on_partitions
+
 
 def train_worker(job: WorkerJob) -> None:
     """Entry point of every Ray Train worker: restore or start, train each stage of the job, finish."""
@@ -77,7 +94,7 @@ def train_worker(job: WorkerJob) -> None:
         run = open_run(job)
         resumed = restore(run)
         if not resumed and job.init_weights:
-            load_pretrained(run.model, load_torch_file(job.init_weights))
+            load_initial_weights(run)
     if run.state.submitted_at == job.submitted_at:  # a worker group Ray Train restarted: the first one counted it
         startup.pop("start_workers", None)
     run.state.submitted_at = job.submitted_at
@@ -123,11 +140,32 @@ def open_run(job: WorkerJob) -> WorkerRun:
     tasks = build_stream(cfg.source, cfg.targets)[: job.num_tasks]
     infos = task_infos(tasks)
     strategy = make_strategy(job.strategy.name, job.strategy.params, job.optim.epochs, job.optim.lr)
-    model = build_model(cfg, infos, strategy)
+    construction = nullcontext()
+    if keeps_partitions(job, strategy):
+        construction = ds.partitioned_construction(
+            ds.deepspeed_config(cfg.deepspeed, job.optim.batch_size, ctx.get_world_size(), job.use_gpu))
+    with construction:
+        model = build_model(cfg, infos, strategy)
     device = ray.train.torch.get_device()
     model.to(device)
     state = RunState(task_names=[t.name for t in tasks], stage=job.stages[0])
     return WorkerRun(job, ctx.get_world_rank(), ctx.get_world_size(), device, tasks, infos, strategy, model, state)
+
+
+def load_initial_weights(run: WorkerRun) -> None:
+    """The job's starting weights (the pre-trained model): on partitions, each rank copies its own slices out of the
+    memory-mapped file, so no rank reads the whole model into memory."""
+    if not run.partitioned:
+        load_pretrained(run.model, load_torch_file(run.job.init_weights))
+        return
+    with mapped_torch_file(run.job.init_weights) as state:
+        load_pretrained(run.model, state, lambda sd: ds.load_full_into_partitions(run.model, sd, run.rank))
+
+
+def forwards_outside_engine(run: WorkerRun):
+    """A context in which the model's forward works with no engine: on partitions, each layer gathers its weights
+    for its forward (every rank must run the same forwards); otherwise the weights are whole already."""
+    return ds.gathering_forward(run.model) if run.partitioned and run.engine is None else nullcontext()
 
 
 def before_training(run: WorkerRun) -> None:
@@ -264,7 +302,7 @@ def eval_point(run: WorkerRun, stage: int, train_loss: float | None, phase_name:
     Curve names say split and task (`val/target/acc`, `val/task/<name>/acc`, `train/loss`); the pre-training run's are
     under `pretrain/` so they never share a chart with the transfers'. The target of a point is the task of its stage;
     the "before" point (stage 0) of a transfer measures the first target's fresh head, where its curve starts."""
-    with timing.timed(run.state.seconds, "evaluation"):
+    with timing.timed(run.state.seconds, "evaluation"), forwards_outside_engine(run):
         res = evaluate(run.model, run.tasks, "val", stage, run.job.class_incremental, run.rank, run.world,
                        run.device)
     run.state.history.append({"step": run.state.global_step, "stage": stage, "phase": phase_name, "epoch": epoch,
@@ -291,7 +329,7 @@ def curve_prefix(run: WorkerRun) -> str:
 def record_row(run: WorkerRun, stage: int) -> dict[str, float]:
     """Row `stage` of the accuracy matrix R: test accuracy on every task of the stream, logged as
     `test/task/<name>/acc` at the step the stage ended (row 0, before any target training, at step 0)."""
-    with timing.timed(run.state.seconds, "evaluation"):
+    with timing.timed(run.state.seconds, "evaluation"), forwards_outside_engine(run):
         res = evaluate(run.model, run.tasks, "test", stage, run.job.class_incremental, run.rank, run.world,
                        run.device)
     row = [res[j][0] for j in range(len(run.tasks))]
@@ -320,7 +358,8 @@ def prepare_strategy(run: WorkerRun) -> None:
     cfg, src = run.job.config, run.tasks[0]
 
     def source_accuracy(model: TransferModel) -> float:
-        return evaluate(model, run.tasks[:1], "val", 0, False, run.rank, run.world, run.device)[0][0]
+        with forwards_outside_engine(run):
+            return evaluate(model, run.tasks[:1], "val", 0, False, run.rank, run.world, run.device)[0][0]
 
     trajectory = None
     if run.strategy.needs_trajectory:
@@ -351,8 +390,15 @@ def strategy_data_hook(run: WorkerRun, hook: str, stage: int) -> None:
 def release_engine(run: WorkerRun) -> None:
     """End of a phase: back to a plain model on full weights (gathered under ZeRO-3, fp32), so the next phase's
     surgery, the strategy's after-task hook and evaluation all see full weights, and the next engine starts
-    from an unpartitioned module."""
+    from an unpartitioned module. On partitions (`run.partitioned`) nothing is gathered: the engine goes, the
+    partitioned module stays."""
     if run.engine is None:
+        return
+    if run.partitioned:
+        # The module keeps its partitions (updated by the last step); the next phase's engine starts from them.
+        run.engine.destroy()  # its hooks leave the module, so the next engine's are the only ones
+        run.engine = None
+        gc.collect()  # the engine's hooks and optimizer form reference cycles: free its states now, not later
         return
     with timing.timed(run.state.seconds, "engine_init"):
         full = full_state_dict(run.model, run.zero_stage)
@@ -378,9 +424,8 @@ def save_checkpoint(run: WorkerRun, metrics: dict[str, float], name: str) -> Non
     with tempfile.TemporaryDirectory(prefix="forgetless-ckpt-") as d:
         if run.engine is not None and not run.state.phase_done:
             run.engine.save_checkpoint(d, tag=DS_TAG)
-        state_dict = consolidated_state_dict(run.model, run.zero_stage if run.engine else 0, run.rank)
+        write_weights(run, Path(d), final=name == FINAL_CHECKPOINT)
         if run.rank == 0:
-            torch.save(state_dict, Path(d, MODEL_FILE))
             run.state.saved_at = time.time()
             Path(d, STATE_FILE).write_text(run.state.to_json())
         files = checkpoints.gather_files(checkpoints.describe_files(d), run.world)
@@ -402,6 +447,36 @@ def save_checkpoint(run: WorkerRun, metrics: dict[str, float], name: str) -> Non
         return
     storage.write_bytes(storage.join(checkpoint_uri(run, name), checkpoints.MANIFEST_FILE),
                         checkpoints.manifest_bytes(files))
+
+
+def write_weights(run: WorkerRun, folder: Path, final: bool) -> None:
+    """The weights of a checkpoint. Whole model: `model.pt` (rank 0, gathered under ZeRO-3). On partitions: each
+    rank's own slices, and, at the end of the run or at a stop point that later runs load, the consolidated
+    `model.pt`, gathered one parameter at a time onto rank 0 (the only full copy). The final checkpoint of an hf:
+    backbone also holds the backbone as a Hugging Face folder (`hf/`)."""
+    if run.partitioned:
+        torch.save(ds.partition_state(run.model), folder / PARTITION_FILE.format(rank=run.rank))
+        export = final or run.job.checkpoints.exports_model
+        state = ds.streamed_state_dict(run.model, run.rank) if export else None
+    else:
+        state = consolidated_state_dict(run.model, run.zero_stage if run.engine else 0, run.rank)
+    if run.rank != 0 or state is None:
+        return
+    torch.save(state, folder / MODEL_FILE)
+    if final and isinstance(run.model.backbone, HFBackbone):
+        export_hf_folder(run.model.backbone, state, folder / HF_EXPORT_DIR)
+        log(run, f"exported the backbone as a Hugging Face folder ({HF_EXPORT_DIR}/ in the final checkpoint)")
+
+
+def export_hf_folder(backbone: HFBackbone, state: dict[str, torch.Tensor], dest: Path) -> None:
+    """The backbone of a consolidated TransferModel state dict as a Hugging Face folder. A model with LoRA layers
+    (whole on every rank: lora does not work on partitions) is merged first."""
+    prefix = "backbone.model."
+    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if any("lora_" in k for k in weights):
+        hf.save_pretrained(backbone, dest)
+    else:
+        hf.save_pretrained_state(backbone, weights, dest)
 
 
 def checkpoint_uri(run: WorkerRun, name: str) -> str:
@@ -430,14 +505,28 @@ def restore(run: WorkerRun) -> bool:
         if problem:
             raise RuntimeError(f"checkpoint {checkpoint_uri(run, name)} changed while it was restored: {problem}")
     run.state = RunState.from_json(Path(local, STATE_FILE).read_text())
-    run.model.load_state_dict(checkpoints.safe_torch_load(Path(local, MODEL_FILE), map_location="cpu",
-                                                          deepspeed_types=False))
+    load_weights(run, Path(local))
     run.resume_dir = local  # the DeepSpeed shards are loaded once the phase's engine exists
     run.state.resumed_from = run.state.position()
     pos = run.state.resumed_from
     log(run, f"resuming from checkpoint {name}: stage {pos['stage']} phase {pos['phase']} epoch {pos['epoch']} "
              f"step {pos['global_step']}")
     return True
+
+
+def load_weights(run: WorkerRun, folder: Path) -> None:
+    """The weights of a verified local checkpoint copy: this rank's partition (written by the same number of
+    workers), or the whole model."""
+    if not run.partitioned:
+        run.model.load_state_dict(checkpoints.safe_torch_load(folder / MODEL_FILE, map_location="cpu",
+                                                              deepspeed_types=False))
+        return
+    part = folder / PARTITION_FILE.format(rank=run.rank)
+    if not part.is_file():
+        raise RuntimeError(f"checkpoint {folder.name} has no ZeRO-3 partition for rank {run.rank} (written by fewer "
+                           f"workers, or before the model was kept partitioned); resume with the same "
+                           f"scaling.num_workers and deepspeed.zero_stage")
+    ds.load_partition_state(run.model, checkpoints.safe_torch_load(part, map_location="cpu", deepspeed_types=False))
 
 
 def pick_intact_checkpoint(run: WorkerRun) -> tuple[str | None, str | None, list[str]]:

@@ -34,6 +34,9 @@ class CheckpointPolicy:
     every_epochs: int = 1
     at_start: bool = False
     stage_end_format: str | None = None
+    # Every checkpoint carries the consolidated model.pt even when the weights are kept as ZeRO-3 partitions (the
+    # stop points of a pre-training trajectory: later runs load them).
+    exports_model: bool = False
 
     def name(self, stage: int, phase: int, epoch: int) -> str:
         return self.name_format.format(stage=stage, phase=phase, epoch=epoch)

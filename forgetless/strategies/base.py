@@ -109,6 +109,11 @@ class Strategy:
     has_per_task_parts: ClassVar[bool] = True
     # Highest ZeRO stage the strategy supports (penalties that read weights outside a module's forward need <= 2).
     max_zero_stage: ClassVar[int] = 3
+    # Do all of the strategy's hooks leave weights to the engine's forward and optimizer (no surgery in `build`, no
+    # `prepare`/`after_source`/`after_task` that reads or rewrites weights, no step hooks)? Then under ZeRO-3 the
+    # platform keeps the model partitioned from construction to the export, and no rank ever holds all of it.
+    # False: under ZeRO-3 the model is built whole and gathered between phases and at checkpoints (full weights).
+    works_on_partitions: ClassVar[bool] = False
     # Backbone names (or prefixes) the strategy supports; None = all.
     supported_backbones: ClassVar[tuple[str, ...] | None] = None
     # Does `prepare` need the source pre-training trajectory (the stop points' state dicts)? (learning transfer)

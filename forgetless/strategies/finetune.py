@@ -18,6 +18,7 @@ class Finetune(Strategy):
     paper = "standard baseline (full fine-tuning)"
     fidelity = "confirmed"
     Config = FinetuneParams
+    works_on_partitions = True  # phases only: nothing reads weights outside the engine
     has_per_task_parts = True  # per-task heads (the shared backbone still drifts)
 
     def phases(self, model, task: TaskInfo) -> list[Phase]:

@@ -12,6 +12,7 @@ class LinearProbe(Strategy):
     paper = "standard baseline (linear probing)"
     fidelity = "confirmed"
     Config = StrategyParams
+    works_on_partitions = True  # phases only: nothing reads weights outside the engine
 
     def phases(self, model, task: TaskInfo) -> list[Phase]:
         return [probe_phase(model, task, self.epochs, self.lr)]

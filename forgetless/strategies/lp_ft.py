@@ -20,6 +20,7 @@ class LpFt(Strategy):
     paper = "Kumar et al., Fine-Tuning can Distort Pretrained Features (ICLR 2022)"
     fidelity = "confirmed"
     Config = LpFtParams
+    works_on_partitions = True  # phases only: nothing reads weights outside the engine
 
     def phases(self, model, task: TaskInfo) -> list[Phase]:
         p = self.params

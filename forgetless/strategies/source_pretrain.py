@@ -23,6 +23,7 @@ class SourcePretrain(Strategy):
     paper = "standard (supervised pre-training on the source task)"
     fidelity = "confirmed"
     Config = SourcePretrainParams
+    works_on_partitions = True  # phases only: nothing reads weights outside the engine
     transfer = False
 
     def phases(self, model, task: TaskInfo) -> list[Phase]:
