@@ -60,6 +60,12 @@ SUMMARY_METRICS: dict[str, tuple[str, float, int]] = {
     "source/retention": ("source/retention_pct", 100.0, 2),
     "aulc": ("aulc_pct", 100.0, 2),
     "source/auc": ("source/auc_pct", 100.0, 2),
+    # causal-LM streams (lower is better): perplexity = exp(mean token loss), docs/language_models.md
+    "forgetting/perplexity_increase": ("forgetting/perplexity_increase", 1.0, 3),
+    "forgetting/perplexity_ratio": ("forgetting/perplexity_ratio", 1.0, 4),
+    "source/perplexity_before": ("source/perplexity_before", 1.0, 3),
+    "source/perplexity_after": ("source/perplexity_after", 1.0, 3),
+    "target/final_perplexity": ("target/final_perplexity", 1.0, 3),
     "steps_to/90": ("steps_to/90", 1.0, 1),
     "steps_to/95": ("steps_to/95", 1.0, 1),
     "trainable_params/max": ("trainable_params/max", 1.0, 0),
@@ -100,6 +106,9 @@ class StrategyResult:
     metrics: dict[str, float] = field(default_factory=dict)
     ended_at_ms: int | None = None  # when its training ended (the child run's end time), epoch milliseconds
     seconds: dict[str, float] = field(default_factory=dict)  # where the run's wall time went (platform/timing.py)
+    task_kind: str = "classification"  # data/kinds.py; causal_lm: R holds next-token accuracy
+    # L[i][j]: test mean loss on task j after stage i (per token for causal_lm; nats, lower is better), shaped like R
+    loss_matrix: np.ndarray | None = None
 
     def record(self) -> dict[str, Any]:
         """A flat dict for scripts and DataFrames: label, strategy, every metric (metric names as keys), the wall and
@@ -126,6 +135,8 @@ class StrategyResult:
         """Matrix metrics + learning speed. `reference_best[stage]` is the best target val acc any compared strategy
         reached on that stage (thresholds are 90% / 95% of it); default: this run's own best."""
         out = M.summarize(self.accuracy_matrix)
+        if self.task_kind == "causal_lm" and self.loss_matrix is not None and len(self.loss_matrix):
+            out.update(M.summarize_losses(self.loss_matrix))
         T = len(self.task_names) - 1
         for pct in (90, 95):
             steps = []
