@@ -257,9 +257,14 @@ def _check_causal_lm(cfg: ExperimentConfig) -> None:
     if cfg.backbone.params.get("output", "lm_logits") != "lm_logits":
         raise ValueError("backbone.params.output: causal_lm tasks read the decoder's next-token logits; remove it")
     cfg.backbone.params = {**cfg.backbone.params, "output": "lm_logits"}
+    folder = cfg.backbone.name[len("hf:"):]
+    if not folder.startswith("s3://"):
+        # Ray workers run in their own working directory: a relative folder must mean the driver's
+        folder = str(Path(folder).expanduser().resolve())
+        cfg.backbone.name = f"hf:{folder}"
     for t in tasks:
         if t.tokenizer is None:
-            t.tokenizer = cfg.backbone.name[len("hf:"):]
+            t.tokenizer = folder
 
 
 def _check_disjoint(tasks: list[TaskConfig]) -> None:

@@ -274,3 +274,33 @@ def test_every_applicable_strategy_trains_a_tiny_decoder_under_deepspeed(decoder
     assert res["lora"]["trainable"] < res["finetune"]["trainable"] / 3  # adapters + the vocabulary bias only
     # the ZeRO stages train the same model the same way (same data, same seeds)
     assert res["finetune_z3"]["after"]["1"][1] == pytest.approx(res["finetune"]["after"]["1"][1], abs=2e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# end to end: Ray Train, 2 CPU workers, DeepSpeed ZeRO-2, MLflow
+
+
+@pytest.mark.e2e
+def test_lm_compare_end_to_end_logs_perplexity_curves_and_the_matrix(decoder, ray_session, workdir):
+    import forgetless
+    from forgetless.platform import tracking
+
+    cfg = load_config(lm_config(decoder, ["finetune", {"name": "lora", "params": {"r": 4}}],
+                                train={"epochs": 1, "lr": 0.003, "batch_size": 8}, scaling={"num_workers": 2},
+                                deepspeed={"zero_stage": 2}, tracking={"log_model": False}))
+    out = forgetless.compare(cfg)
+    for res in out.results:
+        R, L = res.accuracy_matrix, res.loss_matrix
+        assert R.shape == L.shape == (2, 2) and res.task_kind == CAUSAL_LM
+        assert L[1, 1] < L[0, 1]  # the code corpus was learned
+        m = res.metrics
+        assert m["forgetting/perplexity_increase"] == pytest.approx(math.exp(L[1, 0]) - math.exp(L[0, 0]), rel=1e-6)
+        assert m["target/final_acc"] == pytest.approx(R[1, 1])
+        client = tracking.client(out.tracking_uri)
+        run = client.get_run(res.mlflow_run_id)
+        assert "forgetting/perplexity_increase" in run.data.metrics
+        curve = client.get_metric_history(res.mlflow_run_id, "val/task/python_code/perplexity")
+        assert len(curve) >= 2 and curve[-1].value < curve[0].value
+        assert {a.path for a in client.list_artifacts(res.mlflow_run_id)} >= {"accuracy_matrix.png",
+                                                                                "accuracy_matrix.json"}
+    assert "ppl increase" in out.table()

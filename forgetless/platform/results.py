@@ -201,14 +201,21 @@ def _fmt(v: float | None, pct: bool = False) -> str:
     return f"{100 * v:.1f}" if pct else f"{v:.0f}" if abs(v) >= 100 or float(v).is_integer() else f"{v:.2f}"
 
 
+_PERPLEXITY_COLUMNS = {"target ppl": "target/final_perplexity", "source ppl before": "source/perplexity_before",
+                       "source ppl after": "source/perplexity_after", "ppl increase": "forgetting/perplexity_increase"}
+
+
 def format_table(results: list[StrategyResult]) -> str:
+    """The comparison table; causal-LM streams add perplexity columns (accuracies are then next-token accuracies)."""
+    lm = any("forgetting/perplexity_increase" in r.metrics for r in results)
     headers = ["strategy", "target acc %", "source before %", "source after %", "forgetting %", "BWT %",
-               "steps to 90%", "trainable", "wall s"]
+               *(_PERPLEXITY_COLUMNS if lm else []), "steps to 90%", "trainable", "wall s"]
     rows = []
     for r in results:
         m = r.metrics
+        ppl = [_fmt(m.get(k)) for k in _PERPLEXITY_COLUMNS.values()] if lm else []
         rows.append([r.label, _fmt(m["target/final_acc"], True), _fmt(m["source/acc_before"], True),
-                     _fmt(m["source/acc_after"], True), _fmt(m["forgetting/max"], True), _fmt(m["bwt"], True),
+                     _fmt(m["source/acc_after"], True), _fmt(m["forgetting/max"], True), _fmt(m["bwt"], True), *ppl,
                      _fmt(m["steps_to/90"]), _fmt(m["trainable_params/max"]), f"{r.wall_seconds:.1f}"])
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
     line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
