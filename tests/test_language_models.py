@@ -161,9 +161,9 @@ def test_lm_task_blocks_come_from_disjoint_documents(decoder, tmp_path):
 
 def test_config_fills_the_lm_head_and_tokenizer_and_refuses_what_does_not_apply(decoder, tmp_path):
     cfg = load_config(lm_config(decoder, ["finetune", {"name": "lora", "params": {"r": 4}}, "l2_sp", "ewc", "lwf",
-                                          "lp_ft", "linear_probe"]))
+                                          "lp_ft", "linear_probe", "input_space"]))
     assert cfg.backbone.params["output"] == "lm_logits" and cfg.targets[0].tokenizer == str(decoder)
-    for name in ("fast", "expanse", "trajectory_transfer", "input_space"):
+    for name in ("fast", "expanse", "trajectory_transfer", "input_space_ci"):
         with pytest.raises(ConfigError, match=rf"strategies: {name} does not apply to causal_lm tasks.*finetune"):
             load_config(lm_config(decoder, [name]))
     with pytest.raises(ConfigError, match="all classification or all causal_lm"):
@@ -249,7 +249,7 @@ DS_CASES = [
     {"name": "lora", "params": {"r": 4, "target_modules": ["c_attn", "c_proj", "c_fc"]}, "zero": 3},
     {"name": "l2_sp", "params": {"alpha": 1.0}, "zero": 2}, {"name": "ewc", "params": {"ewc_lambda": 10.0}, "zero": 2},
     {"name": "lwf", "zero": 2}, {"name": "lp_ft", "params": {"probe_epochs": 1}, "zero": 3},
-    {"name": "linear_probe", "zero": 2},
+    {"name": "linear_probe", "zero": 2}, {"name": "input_space", "params": {"prompt_tokens": 4}, "zero": 3},
 ]
 
 
@@ -267,8 +267,9 @@ def test_every_applicable_strategy_trains_a_tiny_decoder_under_deepspeed(decoder
     for label, r in res.items():
         # the target's mean token loss falls under every strategy (linear_probe: the vocabulary bias alone)
         assert r["after"]["1"][1] < r["before"]["1"][1] - 1e-3, label
-    lp = res["linear_probe"]
-    assert lp["backbone_unchanged"] and lp["after"]["0"] == lp["before"]["0"]  # the source is bit-identical
+    for label in ("linear_probe", "input_space"):  # the decoder is frozen: the source's scores are bit-identical
+        assert res[label]["backbone_unchanged"] and res[label]["after"]["0"] == res[label]["before"]["0"], label
+    assert res["input_space"]["trainable"] == 4 * 32 + 300  # the soft prompt and the vocabulary bias
     for label in ("finetune", "finetune_z1", "finetune_z3", "lora", "l2_sp", "ewc", "lwf", "lp_ft"):
         assert not res[label]["backbone_unchanged"], label
     assert res["lora"]["trainable"] < res["finetune"]["trainable"] / 3  # adapters + the vocabulary bias only
@@ -304,3 +305,11 @@ def test_lm_compare_end_to_end_logs_perplexity_curves_and_the_matrix(decoder, ra
         assert {a.path for a in client.list_artifacts(res.mlflow_run_id)} >= {"accuracy_matrix.png",
                                                                                 "accuracy_matrix.json"}
     assert "ppl increase" in out.table()
+
+
+def test_a_soft_prompt_that_does_not_fit_the_context_is_refused_before_start(decoder, workdir):
+    from forgetless.platform.runner import preflight
+
+    cfg = load_config(lm_config(decoder, [{"name": "input_space", "params": {"prompt_tokens": 40}}]))
+    with pytest.raises(ConfigError, match=r"prompt_tokens \(40\) \+ block_size \(32\) exceed the model's context \(64\)"):
+        preflight(cfg)

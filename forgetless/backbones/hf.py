@@ -110,6 +110,7 @@ class HFBackbone(nn.Module):
         self.decoder = self.modality == "text" and _is_decoder(config)
         self.pooling = ("last" if self.decoder else "cls") if pooling == "auto" else pooling
         self.feature_dim = int(config.vocab_size if output == "lm_logits" else config.hidden_size)
+        self.hidden_size = int(config.hidden_size)  # width of a soft prompt's vectors (input-space tuning)
         self.gradient_checkpointing = bool(gradient_checkpointing)
         if gradient_checkpointing:
             # Non-reentrant checkpointing works with frozen inputs (embeddings of a frozen model) and with ZeRO-3.
@@ -154,7 +155,9 @@ class HFBackbone(nn.Module):
     def _dtype(self) -> torch.dtype:
         return next(p for p in self.model.parameters()).dtype
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        if prefix is not None:
+            return self.prompted_logits(x, prefix)
         if self.modality == "vision":
             out = self.model(pixel_values=self.preprocess_images(x).to(self._dtype()))
             mask = None
@@ -169,6 +172,16 @@ class HFBackbone(nn.Module):
             if self.output == "lm_logits":
                 return out.logits
         return self.pool(out, mask)
+
+    def prompted_logits(self, x: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        """Next-token logits of the ids with `prefix` (P, hidden) input vectors in front (a soft prompt), for the ids'
+        positions only. The embedding runs as a module call, so ZeRO-3 gathers its weight as in any forward."""
+        if self.output != "lm_logits":
+            raise ValueError(f"{self.spec}: a soft prompt applies to a language model's logits (output lm_logits)")
+        ids = (x if x.dim() == 2 else x[:, 0]).round().long()
+        emb = self.model.get_input_embeddings()(ids)
+        p = prefix.to(emb.dtype).unsqueeze(0).expand(len(ids), -1, -1)
+        return self.model(inputs_embeds=torch.cat([p, emb], dim=1)).logits[:, prefix.shape[0]:]
 
     def make_head(self, num_outputs: int) -> nn.Module | None:
         """A task's head (TransferModel asks): a vocabulary bias on the LM's logits; None: the default linear head."""
@@ -201,6 +214,12 @@ class VocabBias(nn.Module):
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         return logits + self.bias.to(logits.dtype)
+
+
+def context_length(spec: str) -> int | None:
+    """The longest input a model folder's decoder takes (its position table), from config.json; None if unsaid."""
+    config = json.loads((local_folder(spec) / "config.json").read_text())
+    return next((int(config[k]) for k in ("n_positions", "max_position_embeddings") if k in config), None)
 
 
 def _check_params(pooling: str, dtype: str, output: str = "features") -> None:

@@ -36,7 +36,11 @@ class TransferModel(nn.Module):
     def features(self, x: torch.Tensor, task: int) -> torch.Tensor:
         key = head_key(task)
         if key in self.input_transforms:
-            x = self.input_transforms[key](x)
+            transform = self.input_transforms[key]
+            if getattr(transform, "is_prefix", False):
+                # a soft prompt: vectors the backbone puts in front of the input's embeddings (its forward returns them)
+                return self.backbone(x, prefix=transform())
+            x = transform(x)
         return self.backbone(x)
 
     def head_features(self, feats: torch.Tensor, task: int) -> torch.Tensor:
