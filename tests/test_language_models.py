@@ -313,3 +313,20 @@ def test_a_soft_prompt_that_does_not_fit_the_context_is_refused_before_start(dec
     cfg = load_config(lm_config(decoder, [{"name": "input_space", "params": {"prompt_tokens": 40}}]))
     with pytest.raises(ConfigError, match=r"prompt_tokens \(40\) \+ block_size \(32\) exceed the model's context \(64\)"):
         preflight(cfg)
+
+
+def test_pretraining_a_decoder_from_scratch_writes_a_hugging_face_folder(tmp_path, one_intra_op_thread):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from forgetless.platform.lm_pretrain import DecoderShape, pretrain
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": d}) for d in lm.prose_documents()[:30]))
+    out = pretrain(tmp_path / "lm", steps=12, lr=3e-3, batch_size=8, corpus=str(corpus), log=lambda s: None,
+                   shape=DecoderShape(vocab_size=300, n_layer=1, n_embd=32, n_head=2, block_size=32))
+    hist = out["history"]
+    assert hist[-1]["val_loss"] < hist[0]["val_loss"] and out["parameters"] > 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "lm", local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "lm", local_files_only=True)
+    assert model.config.vocab_size == len(tok) == 300 and tok.eos_token == "<|endoftext|>"
+    assert json.loads((tmp_path / "lm" / "pretraining.json").read_text())["steps"] == 12

@@ -277,7 +277,8 @@ def save_pretrained(backbone: HFBackbone, dest: str | os.PathLike) -> Path:
     model.save_pretrained(dest)
     for f in backbone.folder.iterdir():
         if f.is_file() and f.name not in ("config.json",) and not f.name.endswith((".safetensors", ".bin", ".pt",
-                                                                                   ".index.json")):
+                                                                                   ".index.json")) \
+                and (dest / f.name).resolve() != f.resolve():  # saved over its own folder: the files are there
             shutil.copy2(f, dest / f.name)  # tokenizer, preprocessor, generation config...
     return dest
 
