@@ -111,7 +111,7 @@ def tune_runs(cfg: dict, grid: list[dict], args, tasks_file: str) -> list[dict]:
                            param_space={"point": tune.grid_search(list(range(len(grid))))},
                            tune_config=tune.TuneConfig(max_concurrent_trials=2),
                            run_config=tune.RunConfig(storage_path=str(Path(tasks_file).parent / "tune"),
-                                                     name="lora_forgetting", verbose=0))
+                                                     name=f"lora_forgetting_{time.time_ns()}", verbose=0))
         results = tuner.fit()
         out = [None] * len(grid)
         for r in results:
@@ -148,10 +148,20 @@ def mean_curve(runs: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return steps, tgt, src
 
 
-def summarize(runs: list[dict], methods_: list[str]) -> dict:
-    """Per method: final target/source loss (mean, std over seeds), forgetting = source loss increase, and the gap to
-    full fine-tuning's curve at the same target loss (interpolated along its mean curve)."""
+def full_frontier(points: list[tuple[float, float]], target_loss: float) -> float | None:
+    """The lowest source loss any full fine-tuning point (any lr, any step) has at a target loss at least as good as
+    `target_loss`; None if full fine-tuning never got there."""
+    ok = [s for t, s in points if t <= target_loss]
+    return min(ok) if ok else None
+
+
+def summarize(runs: list[dict], methods_: list[str], search: list[dict] | None = None) -> dict:
+    """Per method: final target/source loss (mean, std over seeds), forgetting = source loss increase, the gap to
+    full fine-tuning's curve at the same target loss (interpolated along its mean curve at its chosen lr), and the gap
+    to full fine-tuning's frontier (every point of every full fine-tuning run, all learning rates searched)."""
     out = {}
+    frontier = [(p["target_loss"], p["source_loss"]) for r in [*runs, *(search or [])] if r["label"] == "full"
+                for p in r.get("curve", [])]
     full = [r for r in runs if r["label"] == "full"]
     _, ft_tgt, ft_src = mean_curve(full)
     order = np.argsort(ft_tgt)
@@ -166,6 +176,8 @@ def summarize(runs: list[dict], methods_: list[str]) -> dict:
                   "target_perplexity": stats([float(np.exp(v)) for v in tgt]),
                   "source_perplexity": stats([float(np.exp(v)) for v in src]),
                   "gap_to_full_curve": float(np.mean(src) - on_ft),
+                  "gap_to_full_frontier": (None if full_frontier(frontier, float(np.mean(tgt))) is None else
+                                           float(np.mean(src) - full_frontier(frontier, float(np.mean(tgt))))),
                   "full_curve_reaches_target_loss": bool(ft_tgt.min() <= np.mean(tgt) <= ft_tgt.max())}
     return out
 
@@ -188,11 +200,13 @@ def verdict(summary: dict) -> dict:
             "learns_less": s["target_loss"]["mean"] > full["target_loss"]["mean"] + noise_t,
             "forgets_less": s["source_loss_increase"]["mean"] < full["source_loss_increase"]["mean"] - noise_f,
             "on_full_finetuning_curve": s["full_curve_reaches_target_loss"] and abs(s["gap_to_full_curve"]) <= noise_f,
+            "full_finetuning_does_better_at_equal_learning": (s["gap_to_full_frontier"] is not None
+                                                              and s["gap_to_full_frontier"] > noise_f),
         }
     return out
 
 
-def plot(runs: list[dict], methods_: list[str], path: Path) -> None:
+def plot(runs: list[dict], methods_: list[str], path: Path, search: list[dict] | None = None) -> None:
     """The learning-forgetting curve: source (prose) loss against target (code) loss over training, one line per method
     (mean over seeds; the step-0 point is the pre-trained model, shared by all), each seed's final point as a dot."""
     import matplotlib
@@ -201,6 +215,13 @@ def plot(runs: list[dict], methods_: list[str], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    chosen = {(r["label"], r["lr"]) for r in runs}
+    for r in search or []:  # the other learning rates of full fine-tuning (seed 0): its frontier
+        if r["label"] == "full" and (r["label"], r["lr"]) not in chosen and r.get("curve"):
+            ax.plot([p["target_loss"] for p in r["curve"]], [p["source_loss"] for p in r["curve"]], ":", color="C0",
+                    alpha=0.6, lw=1)
+            ax.annotate(f"full lr {r['lr']:g}", (r["curve"][-1]["target_loss"], r["curve"][-1]["source_loss"]),
+                        fontsize=7, color="C0")
     for i, m in enumerate(methods_):
         rs = [r for r in runs if r["label"] == m]
         _, tgt, src = mean_curve(rs)
@@ -221,7 +242,7 @@ def plot(runs: list[dict], methods_: list[str], path: Path) -> None:
 
 def table(summary: dict, verdicts: dict) -> str:
     lines = ["| method | lr | trainable | code loss | prose loss | prose loss increase | code ppl | prose ppl | "
-             "learns less | forgets less | on full-FT curve |", "|" + " --- |" * 11]
+             "learns less | forgets less | on full-FT curve | full FT better at equal learning |", "|" + " --- |" * 12]
     for m, s in summary.items():
         v = verdicts.get(m, {})
         f = lambda d: f"{d['mean']:.3f} ± {d['std']:.3f}"  # noqa: E731
@@ -229,7 +250,8 @@ def table(summary: dict, verdicts: dict) -> str:
         yn = lambda k: "-" if not v else ("yes" if v[k] else "no")  # noqa: E731
         lines.append(f"| {m} | {s['lr']:g} | {s['trainable']:,} | {f(s['target_loss'])} | {f(s['source_loss'])} | "
                      f"{f(s['source_loss_increase'])} | {g(s['target_perplexity'])} | {g(s['source_perplexity'])} | "
-                     f"{yn('learns_less')} | {yn('forgets_less')} | {yn('on_full_finetuning_curve')} |")
+                     f"{yn('learns_less')} | {yn('forgets_less')} | {yn('on_full_finetuning_curve')} | "
+                     f"{yn('full_finetuning_does_better_at_equal_learning')} |")
     return "\n".join(lines)
 
 
@@ -248,7 +270,20 @@ def parse_args(argv=None):
     ap.add_argument("--lora-lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--plot", default=str(PLOT))
+    ap.add_argument("--analyze", metavar="JSON", help="only recompute summary, verdict, table and plot of a results file")
     return ap.parse_args(argv)
+
+
+def analyze(report: dict, out: str, plot_path: str) -> dict:
+    """Summary, verdict, plot and table from the runs (and the lr search's curves) of a report; writes it back."""
+    labels = list(dict.fromkeys(r["label"] for r in report["runs"]))
+    report["summary"] = summarize(report["runs"], labels, report.get("lr_search"))
+    report["verdict"] = verdict(report["summary"])
+    plot(report["runs"], labels, Path(plot_path), report.get("lr_search"))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=1, default=str))
+    print(table(report["summary"], report["verdict"]))
+    return report
 
 
 def main(argv=None) -> None:
@@ -256,6 +291,9 @@ def main(argv=None) -> None:
     from forgetless.data import build_stream
 
     args = parse_args(argv)
+    if args.analyze:
+        analyze(json.loads(Path(args.analyze).read_text()), args.out, args.plot)
+        return
     if not Path(args.model, "config.json").exists():
         from forgetless.platform.lm_pretrain import pretrain
 
@@ -274,17 +312,13 @@ def main(argv=None) -> None:
             for m in ms}
     rest = [{"label": m, "method": ms[m], "lr": best[m]["lr"], "seed": s} for m in ms for s in args.seeds[1:]]
     runs = list(best.values()) + (tune_runs(cfg, rest, args, tasks_file) if rest else [])
-    summary = summarize(runs, list(ms))
-    verdicts = verdict(summary)
-    plot(runs, list(ms), Path(args.plot))
     report = {"protocol": {k: v for k, v in vars(args).items()}, "experiment": cfg,
               "pretraining": json.loads(Path(args.model, "pretraining.json").read_text())
               if Path(args.model, "pretraining.json").exists() else None,
-              "lr_search": [{"label": r["label"], "lr": r["lr"], "final": r["curve"][-1]} for r in searched],
-              "summary": summary, "verdict": verdicts, "runs": runs, "wall_seconds": time.time() - start}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1, default=str))
-    print(table(summary, verdicts))
+              "lr_search": [{"label": r["label"], "lr": r["lr"], "seed": r["seed"], "curve": r["curve"]}
+                            for r in searched],
+              "runs": runs, "wall_seconds": time.time() - start}
+    analyze(report, args.out, args.plot)
     print(f"wrote {args.out} and {args.plot} in {time.time() - start:.0f} s")
 
 
