@@ -282,6 +282,7 @@ def test_every_applicable_strategy_trains_a_tiny_decoder_under_deepspeed(decoder
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # ~3 min on 2 cores (Ray, pre-training, two strategies); the DeepSpeed test above is the fast path
 def test_lm_compare_end_to_end_logs_perplexity_curves_and_the_matrix(decoder, ray_session, workdir):
     import forgetless
     from forgetless.platform import tracking
