@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
 
 from forgetless.data.kinds import CAUSAL_LM
 from forgetless.data.lm import BUILTIN_CORPORA, TEXT_SUFFIXES, is_text_source
@@ -24,6 +24,9 @@ class TaskTransform(_Strict):
     degrees: float = Field(0.0, description="rotate: angle in degrees (2-D images only)")
     std: float = Field(0.0, ge=0.0, description="noise: std of additive Gaussian noise, in units of the input's std")
     length: int | None = Field(None, gt=0, description="resample: new flat input length (e.g. 64 to match digits)")
+
+
+_LM_ONLY = ("block_size", "max_train_blocks", "max_eval_blocks", "tokenizer", "text_field")
 
 
 class TaskConfig(_Strict):
@@ -80,6 +83,16 @@ class TaskConfig(_Strict):
         if not Path(v).expanduser().exists():
             raise ValueError(f"dataset file {v!r} does not exist")
         return v
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        # A classification task dumps as it did before causal-LM tasks existed, so its run names (hashes of the
+        # dump) and so its stored runs stay the same.
+        data = handler(self)
+        if self.kind != CAUSAL_LM and isinstance(data, dict):
+            for key in ("kind", *_LM_ONLY):
+                data.pop(key, None)
+        return data
 
     @model_validator(mode="after")
     def _kind_fields(self) -> "TaskConfig":
