@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from forgetless.backbones import available_backbones, check_backbone, is_known_backbone
+from forgetless.data.kinds import CAUSAL_LM
 from forgetless.data.spec import TaskConfig
 from forgetless.errors import ConfigError
 from forgetless.hashing import short_hash
@@ -193,6 +194,8 @@ class ExperimentConfig(_Strict):
             _check_disjoint([self.source, *self.targets])
         if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: {self.seeds} repeats a seed; list each seed once")
+        if any(t.kind == CAUSAL_LM for t in [self.source, *self.targets]):
+            _check_causal_lm(self)
         return self
 
     # -- derived values -------------------------------------------------------------------------------------------
@@ -248,6 +251,37 @@ def select_strategy(cfg: ExperimentConfig, name: str | None) -> ExperimentConfig
         except ValidationError as e:
             raise ConfigError(f"strategy: {_first_error(e)}") from None
     return cfg.with_strategies(chosen[:1])
+
+
+def _check_causal_lm(cfg: ExperimentConfig) -> None:
+    """A causal-LM stream: every task a corpus, a Hugging Face decoder with its LM head, strategies that apply.
+    Fills in what follows from the backbone: its LM output and, where a task names none, its folder's tokenizer."""
+    tasks = [cfg.source, *cfg.targets]
+    if any(t.kind != CAUSAL_LM for t in tasks):
+        raise ValueError("targets: a stream is all classification or all causal_lm tasks; give every task kind: "
+                         "causal_lm (or none)")
+    if not cfg.backbone.name.startswith("hf:"):
+        raise ValueError(f"backbone.name: causal_lm tasks need a Hugging Face decoder folder (hf:PATH), not "
+                         f"{cfg.backbone.name!r}; build one with python -m forgetless.platform.lm_pretrain")
+    if cfg.evaluation != "task_incremental":
+        raise ValueError("evaluation: causal_lm tasks are scored per corpus; set evaluation: task_incremental")
+    for s in cfg.strategies:
+        kinds = get_strategy_class(s.name).task_kinds
+        if CAUSAL_LM not in kinds:
+            usable = [n for n in available_strategies() if CAUSAL_LM in get_strategy_class(n).task_kinds]
+            raise ValueError(f"strategies: {s.name} does not apply to causal_lm tasks (it supports {list(kinds)}); "
+                             f"strategies that do: {usable}")
+    if cfg.backbone.params.get("output", "lm_logits") != "lm_logits":
+        raise ValueError("backbone.params.output: causal_lm tasks read the decoder's next-token logits; remove it")
+    cfg.backbone.params = {**cfg.backbone.params, "output": "lm_logits"}
+    folder = cfg.backbone.name[len("hf:"):]
+    if not folder.startswith("s3://"):
+        # Ray workers run in their own working directory: a relative folder must mean the driver's
+        folder = str(Path(folder).expanduser().resolve())
+        cfg.backbone.name = f"hf:{folder}"
+    for t in tasks:
+        if t.tokenizer is None:
+            t.tokenizer = folder
 
 
 def _check_disjoint(tasks: list[TaskConfig]) -> None:

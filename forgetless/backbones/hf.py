@@ -13,6 +13,11 @@ Inputs (the tensors a forgetless task holds):
 Features: one vector per input (`feature_dim` = hidden size), pooled by `pooling`: `cls` (first token: BERT/ViT style),
 `last` (last non-padding token: how GPT-2/Llama classify), `mean` (masked mean), `pooler` (the model's pooler output),
 or `auto` (last for decoders, cls otherwise).
+
+`output: lm_logits` (set by the config for causal-LM tasks): the decoder with its own language-model head
+(`AutoModelForCausalLM`, the output projection tied to the input embeddings where the model ties them), returning
+next-token logits (B, L, V) (`feature_dim` = V); each task's head is then a per-task vocabulary bias (`VocabBias`,
+zero at the start), so the pretrained model's own predictions are where every task starts.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ __all__ = ["HFBackbone", "build", "cache_root", "check", "check_model_folder", "
            "save_pretrained", "save_pretrained_state"]
 
 POOLINGS = ("auto", "cls", "mean", "last", "pooler")
+OUTPUTS = ("features", "lm_logits")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -62,13 +68,18 @@ class HFBackbone(nn.Module):
     """A Transformers `AutoModel` (no task head) that maps a batch to pooled features."""
 
     def __init__(self, spec: str, input_shape: tuple[int, ...], pooling: str = "auto",
-                 gradient_checkpointing: bool = False, dtype: str = "float32", pretrained: bool = True):
+                 gradient_checkpointing: bool = False, dtype: str = "float32", pretrained: bool = True,
+                 output: str = "features"):
         super().__init__()
         _offline_env()
         from transformers import AutoConfig  # deferred: optional, ~3 s to import (and after _offline_env)
-        from transformers.models.auto.modeling_auto import MODEL_MAPPING  # deferred: as AutoConfig
+        from transformers.models.auto.modeling_auto import (  # deferred: as AutoConfig
+            MODEL_FOR_CAUSAL_LM_MAPPING,
+            MODEL_MAPPING,
+        )
 
-        _check_params(pooling, dtype)
+        _check_params(pooling, dtype, output)
+        self.output = output
         self.spec = spec
         self.folder = local_folder(spec)
         # True: the weights come from the folder, so the platform trains only a source head on the frozen backbone
@@ -78,7 +89,7 @@ class HFBackbone(nn.Module):
         if getattr(config, "use_cache", None):
             config.use_cache = False  # no key/value cache: we never generate, and it costs memory
         kwargs: dict[str, Any] = {}
-        model_cls = MODEL_MAPPING[type(config)]
+        model_cls = (MODEL_FOR_CAUSAL_LM_MAPPING if output == "lm_logits" else MODEL_MAPPING)[type(config)]
         if pooling != "pooler" and "add_pooling_layer" in inspect.signature(model_cls.__init__).parameters:
             # An unused pooler would get no gradients (ZeRO and DDP both dislike unused trainable weights).
             kwargs["add_pooling_layer"] = False
@@ -98,7 +109,8 @@ class HFBackbone(nn.Module):
         self.modality = "vision" if self.model.main_input_name == "pixel_values" else "text"
         self.decoder = self.modality == "text" and _is_decoder(config)
         self.pooling = ("last" if self.decoder else "cls") if pooling == "auto" else pooling
-        self.feature_dim = int(config.hidden_size)
+        self.feature_dim = int(config.vocab_size if output == "lm_logits" else config.hidden_size)
+        self.hidden_size = int(config.hidden_size)  # width of a soft prompt's vectors (input-space tuning)
         self.gradient_checkpointing = bool(gradient_checkpointing)
         if gradient_checkpointing:
             # Non-reentrant checkpointing works with frozen inputs (embeddings of a frozen model) and with ZeRO-3.
@@ -143,7 +155,9 @@ class HFBackbone(nn.Module):
     def _dtype(self) -> torch.dtype:
         return next(p for p in self.model.parameters()).dtype
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        if prefix is not None:
+            return self.prompted_logits(x, prefix)
         if self.modality == "vision":
             out = self.model(pixel_values=self.preprocess_images(x).to(self._dtype()))
             mask = None
@@ -151,9 +165,27 @@ class HFBackbone(nn.Module):
             if x.dim() == 2:
                 x = x[:, None, :]
             ids = x[:, 0].round().long()
-            mask = x[:, 1].round().long() if x.shape[1] == 2 else torch.ones_like(ids)
+            # ids alone: no mask at all, so the model takes its unpadded path (no data-dependent check of the mask,
+            # which per-sample gradients under vmap, EWC's Fisher, cannot trace)
+            mask = x[:, 1].round().long() if x.shape[1] == 2 else None
             out = self.model(input_ids=ids, attention_mask=mask)
+            if self.output == "lm_logits":
+                return out.logits
         return self.pool(out, mask)
+
+    def prompted_logits(self, x: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        """Next-token logits of the ids with `prefix` (P, hidden) input vectors in front (a soft prompt), for the ids'
+        positions only. The embedding runs as a module call, so ZeRO-3 gathers its weight as in any forward."""
+        if self.output != "lm_logits":
+            raise ValueError(f"{self.spec}: a soft prompt applies to a language model's logits (output lm_logits)")
+        ids = (x if x.dim() == 2 else x[:, 0]).round().long()
+        emb = self.model.get_input_embeddings()(ids)
+        p = prefix.to(emb.dtype).unsqueeze(0).expand(len(ids), -1, -1)
+        return self.model(inputs_embeds=torch.cat([p, emb], dim=1)).logits[:, prefix.shape[0]:]
+
+    def make_head(self, num_outputs: int) -> nn.Module | None:
+        """A task's head (TransferModel asks): a vocabulary bias on the LM's logits; None: the default linear head."""
+        return VocabBias(self.feature_dim) if self.output == "lm_logits" else None
 
     def pool(self, out, mask: torch.Tensor | None) -> torch.Tensor:
         h = out.last_hidden_state
@@ -173,14 +205,33 @@ class HFBackbone(nn.Module):
         return h[torch.arange(h.shape[0], device=h.device), last]
 
 
-def _check_params(pooling: str, dtype: str) -> None:
+class VocabBias(nn.Module):
+    """A causal-LM task's own part: a bias added to every position's next-token logits, zero at the start."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits + self.bias.to(logits.dtype)
+
+
+def context_length(spec: str) -> int | None:
+    """The longest input a model folder's decoder takes (its position table), from config.json; None if unsaid."""
+    config = json.loads((local_folder(spec) / "config.json").read_text())
+    return next((int(config[k]) for k in ("n_positions", "max_position_embeddings") if k in config), None)
+
+
+def _check_params(pooling: str, dtype: str, output: str = "features") -> None:
+    if output not in OUTPUTS:
+        raise ValueError(f"output {output!r}: use one of {list(OUTPUTS)}")
     if pooling not in POOLINGS:
         raise ValueError(f"pooling {pooling!r}: use one of {list(POOLINGS)}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: use one of {list(DTYPES)}")
 
 
-_PARAMS = {"pooling", "gradient_checkpointing", "dtype", "pretrained"}
+_PARAMS = {"pooling", "gradient_checkpointing", "dtype", "pretrained", "output"}
 
 
 def check(spec: str, params: dict[str, Any]) -> None:
@@ -189,7 +240,7 @@ def check(spec: str, params: dict[str, Any]) -> None:
     unknown = set(params) - _PARAMS
     if unknown:
         raise ValueError(f"hf backbone params: unknown {sorted(unknown)}; known: {sorted(_PARAMS)}")
-    _check_params(params.get("pooling", "auto"), params.get("dtype", "float32"))
+    _check_params(params.get("pooling", "auto"), params.get("dtype", "float32"), params.get("output", "features"))
 
 
 def build(spec: str, input_shape: tuple[int, ...], **params) -> HFBackbone:
@@ -251,7 +302,8 @@ def save_pretrained_state(backbone: HFBackbone, state: dict[str, torch.Tensor], 
 def _copy_side_files(source: Path, dest: Path) -> None:
     for f in source.iterdir():
         if f.is_file() and f.name not in ("config.json",) and not f.name.endswith((".safetensors", ".bin", ".pt",
-                                                                                   ".index.json")):
+                                                                                   ".index.json")) \
+                and (dest / f.name).resolve() != f.resolve():  # saved over its own folder: the files are there
             shutil.copy2(f, dest / f.name)  # tokenizer, preprocessor, generation config...
 
 

@@ -23,7 +23,10 @@ class TransferModel(nn.Module):
         self.num_classes = list(num_classes)
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed + 7919)  # heads get the same init on every rank and on every rebuild
-        self.heads = nn.ModuleDict({head_key(i): nn.Linear(backbone.feature_dim, c) for i, c in enumerate(num_classes)})
+        # A backbone may own its heads' kind (a language model's vocabulary bias); default: a linear layer.
+        make_head = getattr(backbone, "make_head", lambda c: None)
+        self.heads = nn.ModuleDict({head_key(i): make_head(c) or nn.Linear(backbone.feature_dim, c)
+                                    for i, c in enumerate(num_classes)})
         torch.random.set_rng_state(gen_state)
         # Per-task input transforms (input-space tuning); a task without one sees its raw input.
         self.input_transforms = nn.ModuleDict()
@@ -33,7 +36,11 @@ class TransferModel(nn.Module):
     def features(self, x: torch.Tensor, task: int) -> torch.Tensor:
         key = head_key(task)
         if key in self.input_transforms:
-            x = self.input_transforms[key](x)
+            transform = self.input_transforms[key]
+            if getattr(transform, "is_prefix", False):
+                # a soft prompt: vectors the backbone puts in front of the input's embeddings (its forward returns them)
+                return self.backbone(x, prefix=transform())
+            x = transform(x)
         return self.backbone(x)
 
     def head_features(self, feats: torch.Tensor, task: int) -> torch.Tensor:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from forgetless.data import lm
+from forgetless.data.kinds import CAUSAL_LM, CLASSIFICATION
 from forgetless.data.raw import BUILTIN_DATASETS, load_raw_dataset
 from forgetless.data.spec import TaskConfig, TaskTransform
 
@@ -18,7 +20,9 @@ __all__ = ["BUILTIN_DATASETS", "TaskData", "build_stream", "build_task", "load_r
 
 @dataclass
 class TaskData:
-    """One task's splits. `y_*` are local labels 0..C-1; `classes[i]` is the dataset's class id of local label i."""
+    """One task's splits. Classification: `y_*` are local labels 0..C-1, `classes[i]` is the dataset's class id of local
+    label i. Causal LM (`kind`, data/kinds.py): `x_*` token blocks (N, 1, L), `y_*` the same ids (N, L), no classes;
+    its "classes" are the vocabulary (`vocab_size`)."""
 
     name: str
     classes: list[int]
@@ -29,10 +33,13 @@ class TaskData:
     y_val: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    kind: str = CLASSIFICATION
+    vocab_size: int | None = None
 
     @property
     def num_classes(self) -> int:
-        return len(self.classes)
+        """Outputs of the task's head: its classes, or a language model's vocabulary."""
+        return self.vocab_size if self.vocab_size is not None else len(self.classes)
 
     def split(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"x_{which}"), getattr(self, f"y_{which}")
@@ -90,8 +97,33 @@ def _stratified_split(y: np.ndarray, val: float, test: float, seed: int) -> tupl
     return tuple(np.sort(np.concatenate(p)) for p in (tr, va, te))  # type: ignore[return-value]
 
 
+def build_lm_task(cfg: TaskConfig) -> TaskData:
+    """A causal-LM task: documents split by document (seeded), tokenised with the task's tokenizer, packed in blocks."""
+    if cfg.tokenizer is None:
+        raise ValueError(f"task {cfg.display_name()!r}: a causal_lm task needs a tokenizer folder (tokenizer: PATH, "
+                         f"or an hf: backbone whose folder holds one)")
+    docs = lm.load_documents(cfg.dataset, cfg.text_field)
+    tok = lm.load_lm_tokenizer(cfg.tokenizer)
+    parts = lm.split_documents(len(docs), cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    splits = {}
+    for name, idx, limit in zip(("train", "val", "test"), parts,
+                                (cfg.max_train_blocks, cfg.max_eval_blocks, cfg.max_eval_blocks)):
+        blocks = lm.pack(lm.tokenize_documents([docs[i] for i in idx], tok), tok.eos_token_id, cfg.block_size)
+        if len(blocks) == 0:
+            raise ValueError(f"task {cfg.display_name()!r}: its {name} documents hold fewer than block_size "
+                             f"({cfg.block_size}) tokens; lower block_size or give more text")
+        splits[name] = lm.take_blocks(blocks, limit, cfg.split_seed + 1)
+    ids = {k: torch.from_numpy(v) for k, v in splits.items()}
+    return TaskData(name=cfg.display_name(), classes=[], input_shape=(1, cfg.block_size),
+                    x_train=ids["train"][:, None].float(), y_train=ids["train"],
+                    x_val=ids["val"][:, None].float(), y_val=ids["val"],
+                    x_test=ids["test"][:, None].float(), y_test=ids["test"], kind=CAUSAL_LM, vocab_size=len(tok))
+
+
 def build_task(cfg: TaskConfig, input_shape: tuple[int, ...] | None = None) -> TaskData:
     """Build a task deterministically from its config. `input_shape` reshapes inputs to match a backbone's input."""
+    if cfg.kind == CAUSAL_LM:
+        return build_lm_task(cfg)
     x, y = load_raw_dataset(cfg.dataset)
     classes = sorted(int(c) for c in np.unique(y)) if cfg.classes is None else list(cfg.classes)
     missing = [c for c in classes if not np.any(y == c)]
@@ -132,4 +164,4 @@ def build_task(cfg: TaskConfig, input_shape: tuple[int, ...] | None = None) -> T
 def build_stream(source: TaskConfig, targets: list[TaskConfig]) -> list[TaskData]:
     """Source first, then targets; every target is reshaped to the source's input shape so one backbone reads all."""
     src = build_task(source)
-    return [src] + [build_task(t, input_shape=src.input_shape) for t in targets]
+    return [src] + [build_task(t, input_shape=None if t.kind == CAUSAL_LM else src.input_shape) for t in targets]

@@ -5,16 +5,17 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from forgetless.backbones import TransferModel
 from forgetless.data import TaskData
+from forgetless.data.kinds import per_sample_scores
 
 
 @torch.no_grad()
 def evaluate(model: TransferModel, tasks: list[TaskData], split: str, stage: int, class_incremental: bool, rank: int,
              world: int, device: torch.device, batch_size: int = 256) -> dict[int, tuple[float, float]]:
-    """(accuracy, mean loss) for every task, each rank on its shard, summed over ranks.
+    """(accuracy, mean loss) for every task, each rank on its shard, summed over ranks; for a causal-LM task the
+    next-token accuracy and the mean token loss (data/kinds.py).
 
     Shards are padded to equal length (padding masked out) so that every rank runs the same forward passes; under
     ZeRO-3 each forward gathers parameters collectively, so a rank with one batch fewer would hang the others.
@@ -28,7 +29,7 @@ def evaluate(model: TransferModel, tasks: list[TaskData], split: str, stage: int
     for j, task in enumerate(tasks):
         # class-incremental: one prediction over every head seen so far, labels shifted to their global ids
         heads = list(range(max(stage, j) + 1)) if class_incremental else j
-        stats = _task_stats(model, *task.split(split), heads, offsets[j] if class_incremental else 0, rank, world,
+        stats = _task_stats(model, task.kind, *task.split(split), heads, offsets[j] if class_incremental else 0, rank, world,
                             device, batch_size)
         if world > 1:
             dist.all_reduce(stats)
@@ -37,9 +38,9 @@ def evaluate(model: TransferModel, tasks: list[TaskData], split: str, stage: int
     return out
 
 
-def _task_stats(model: TransferModel, x: torch.Tensor, y: torch.Tensor, heads: int | list[int], label_offset: int,
-                rank: int, world: int, device: torch.device, batch_size: int) -> torch.Tensor:
-    """(correct, loss sum, count) of this rank's padded shard of one task."""
+def _task_stats(model: TransferModel, kind: str, x: torch.Tensor, y: torch.Tensor, heads: int | list[int],
+                label_offset: int, rank: int, world: int, device: torch.device, batch_size: int) -> torch.Tensor:
+    """(correct, loss sum, count) of this rank's padded shard of one task (counts are tokens for causal-LM tasks)."""
     n = len(x)
     per_rank = math.ceil(n / world)
     idx = torch.arange(rank * per_rank, (rank + 1) * per_rank)
@@ -49,10 +50,8 @@ def _task_stats(model: TransferModel, x: torch.Tensor, y: torch.Tensor, heads: i
     for i in range(0, per_rank, batch_size):
         b, v = idx[i : i + batch_size], valid[i : i + batch_size].to(device)
         xb, yb = x[b].to(device), y[b].to(device) + label_offset
-        logits = model(xb, heads).float()
-        correct = logits.argmax(1) == yb
-        loss = F.cross_entropy(logits, yb, reduction="none")
+        correct, loss, count = per_sample_scores(kind, model(xb, heads), yb)
         stats[0] += correct[v].sum().item()
         stats[1] += loss[v].sum().item()
-        stats[2] += v.sum().item()
+        stats[2] += count[v].sum().item()
     return stats

@@ -6,6 +6,8 @@ Conventions (documented in the README):
   before any target training (so R[0][j] for j >= 1 is b_j: the backbone with a fresh, untrained head for task j).
 - Treating the source as task 0 makes its loss part of BWT and forgetting: with one target (T = 1),
   forgetting = R[0][0] - R[1][0] is exactly the source accuracy lost.
+- Causal-LM streams: R holds next-token accuracy (higher is better), so every metric above applies unchanged; the test
+  mean token losses form a second matrix L of the same shape (nats, lower is better), and perplexity = exp(L).
 """
 from __future__ import annotations
 
@@ -95,6 +97,40 @@ def area_under_curve(steps: Sequence[int], values: Sequence[float]) -> float:
     if len(v) == 1 or s[-1] == s[0]:
         return float(v.mean())
     return float(np.sum((v[1:] + v[:-1]) / 2.0 * np.diff(s)) / (s[-1] - s[0]))
+
+
+def perplexity(mean_token_loss: float) -> float:
+    """exp(mean token cross-entropy in nats): lower is better; 1 = always right with certainty, V = uniform guessing
+    over a V-token vocabulary. inf instead of an overflow (a diverged model)."""
+    return float(np.exp(mean_token_loss)) if mean_token_loss < 700 else float("inf")
+
+
+def perplexity_increase(L) -> float:
+    """Forgetting in perplexity: mean_{j<T} (exp L[T][j] - exp L[j][j]), how much the perplexity of every earlier corpus
+    (the source included, j = 0: the pre-trained model) rose by the end of the stream. Higher = more forgetting;
+    negative = the earlier corpora got easier. L: test mean token losses, shaped like R."""
+    m = _as_matrix(L)
+    T = m.shape[0] - 1
+    return float(np.mean([perplexity(m[T, j]) - perplexity(m[j, j]) for j in range(T)]))
+
+
+def perplexity_increase_ratio(L) -> float:
+    """The same as a factor: mean_{j<T} exp(L[T][j] - L[j][j]) (1 = unchanged, 2 = twice as perplexed)."""
+    m = _as_matrix(L)
+    T = m.shape[0] - 1
+    return float(np.mean([np.exp(m[T, j] - m[j, j]) for j in range(T)]))
+
+
+def summarize_losses(L) -> dict[str, float]:
+    """Loss-matrix metrics of a causal-LM stream (lower is better for every perplexity)."""
+    m = _as_matrix(L)
+    return {
+        "forgetting/perplexity_increase": perplexity_increase(m),
+        "forgetting/perplexity_ratio": perplexity_increase_ratio(m),
+        "source/perplexity_before": perplexity(m[0, 0]),
+        "source/perplexity_after": perplexity(m[-1, 0]),
+        "target/final_perplexity": float(np.mean([perplexity(v) for v in m[-1, 1:]])),
+    }
 
 
 def summarize(R) -> dict[str, float]:

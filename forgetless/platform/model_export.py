@@ -38,7 +38,7 @@ class AllHeadsModel(nn.Module):
         self.num_tasks = num_tasks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.model(x, j) for j in range(self.num_tasks)], dim=1)
+        return torch.cat([self.model(x, j) for j in range(self.num_tasks)], dim=-1)  # classes, or a vocabulary per position
 
 
 def model_name(label: str) -> str:

@@ -60,6 +60,12 @@ SUMMARY_METRICS: dict[str, tuple[str, float, int]] = {
     "source/retention": ("source/retention_pct", 100.0, 2),
     "aulc": ("aulc_pct", 100.0, 2),
     "source/auc": ("source/auc_pct", 100.0, 2),
+    # causal-LM streams (lower is better): perplexity = exp(mean token loss), docs/language_models.md
+    "forgetting/perplexity_increase": ("forgetting/perplexity_increase", 1.0, 3),
+    "forgetting/perplexity_ratio": ("forgetting/perplexity_ratio", 1.0, 4),
+    "source/perplexity_before": ("source/perplexity_before", 1.0, 3),
+    "source/perplexity_after": ("source/perplexity_after", 1.0, 3),
+    "target/final_perplexity": ("target/final_perplexity", 1.0, 3),
     "steps_to/90": ("steps_to/90", 1.0, 1),
     "steps_to/95": ("steps_to/95", 1.0, 1),
     "trainable_params/max": ("trainable_params/max", 1.0, 0),
@@ -101,6 +107,9 @@ class StrategyResult:
     ended_at_ms: int | None = None  # when its training ended (the child run's end time), epoch milliseconds
     seconds: dict[str, float] = field(default_factory=dict)  # where the run's wall time went (platform/timing.py)
     seed: int = 0
+    task_kind: str = "classification"  # data/kinds.py; causal_lm: R holds next-token accuracy
+    # L[i][j]: test mean loss on task j after stage i (per token for causal_lm; nats, lower is better), shaped like R
+    loss_matrix: np.ndarray | None = None
 
     def record(self) -> dict[str, Any]:
         """A flat dict for scripts and DataFrames: label, strategy, seed, every metric (metric names as keys), the wall
@@ -132,6 +141,8 @@ class StrategyResult:
         """Matrix metrics + learning speed. `reference_best[stage]` is the best target val acc any compared strategy
         reached on that stage (thresholds are 90% / 95% of it); default: this run's own best."""
         out = M.summarize(self.accuracy_matrix)
+        if self.task_kind == "causal_lm" and self.loss_matrix is not None and len(self.loss_matrix):
+            out.update(M.summarize_losses(self.loss_matrix))
         T = len(self.task_names) - 1
         for pct in (90, 95):
             steps = []
@@ -244,21 +255,34 @@ TABLE_COLUMNS = [("target acc %", "target/final_acc", True), ("source before %",
                  ("source after %", "source/acc_after", True), ("forgetting %", "forgetting/max", True),
                  ("BWT %", "bwt", True), ("steps to 90%", "steps_to/90", False),
                  ("trainable", "trainable_params/max", False)]
+# causal-LM streams add perplexity columns after BWT (their accuracies are next-token accuracies)
+PERPLEXITY_COLUMNS = [("target ppl", "target/final_perplexity", False),
+                      ("source ppl before", "source/perplexity_before", False),
+                      ("source ppl after", "source/perplexity_after", False),
+                      ("ppl increase", "forgetting/perplexity_increase", False)]
+
+
+def table_columns(results: list[StrategyResult]) -> list[tuple[str, str, bool]]:
+    lm = any("forgetting/perplexity_increase" in r.metrics for r in results)
+    return TABLE_COLUMNS[:5] + (PERPLEXITY_COLUMNS if lm else []) + TABLE_COLUMNS[5:]
 
 
 def format_table(results: list[StrategyResult]) -> str:
-    headers = ["strategy"] + [h for h, _, _ in TABLE_COLUMNS] + ["wall s"]
-    rows = [[r.label] + [_fmt(r.metrics[key], pct) for _, key, pct in TABLE_COLUMNS] + [f"{r.wall_seconds:.1f}"]
+    """The comparison table; causal-LM streams add perplexity columns (accuracies are then next-token accuracies)."""
+    columns = table_columns(results)
+    headers = ["strategy"] + [h for h, _, _ in columns] + ["wall s"]
+    rows = [[r.label] + [_fmt(r.metrics.get(key), pct) for _, key, pct in columns] + [f"{r.wall_seconds:.1f}"]
             for r in results]
     return _align(headers, rows)
 
 
 def format_seed_table(results: list[StrategyResult]) -> str:
     """One row per strategy: every column as mean ± sd over its seeds, and n."""
-    headers = ["strategy", "n"] + [h for h, _, _ in TABLE_COLUMNS] + ["wall s"]
+    columns = table_columns(results)
+    headers = ["strategy", "n"] + [h for h, _, _ in columns] + ["wall s"]
     rows = []
     for row in aggregate_records([r.record() for r in results]):
-        cells = [_fmt_mean_sd(row.get(f"{key}/mean"), row.get(f"{key}/sd"), pct) for _, key, pct in TABLE_COLUMNS]
+        cells = [_fmt_mean_sd(row.get(f"{key}/mean"), row.get(f"{key}/sd"), pct) for _, key, pct in columns]
         rows.append([row["label"], str(row["n"])] + cells
                     + [_fmt_mean_sd(row["wall_seconds/mean"], row["wall_seconds/sd"], False)])
     return _align(headers, rows)

@@ -452,6 +452,8 @@ def _strategy_result(cfg: ExperimentConfig, strategy: StrategyConfig, state: Run
         checkpoint_uri=checkpoint_uri, evaluation=cfg.evaluation,
         tags=cls.identity_tags(), ended_at_ms=int(time.time() * 1000),  # called as the Ray Train run returns
         seconds=dict(state.seconds), seed=cfg.seed,
+        task_kind=cfg.source.kind,
+        loss_matrix=np.asarray(state.L, dtype=float) if len(state.L) == len(state.R) else None,
     )
 
 

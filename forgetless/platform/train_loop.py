@@ -26,6 +26,7 @@ from ray.train import Checkpoint
 from forgetless.backbones import TransferModel, hf
 from forgetless.backbones.hf import HFBackbone
 from forgetless.data import TaskData, build_stream
+from forgetless.data.kinds import CAUSAL_LM
 from forgetless.data.sharding import derive_seed, shard_batches
 from forgetless import console, storage
 from forgetless.platform import build_locks, checkpoints, progress, quiet, review, timing, tracking
@@ -33,6 +34,7 @@ from forgetless.platform import engine as ds
 from forgetless.platform.engine import (consolidated_state_dict, ensure_accelerator_env, full_state_dict, make_engine,
                                         weight_access)
 from forgetless.platform.evaluation import evaluate
+from forgetless.platform.metrics import perplexity
 from forgetless.platform.model_io import build_model, load_pretrained, load_torch_file, mapped_torch_file
 from forgetless.platform.worker_job import RunState, WorkerJob
 from forgetless.strategies import make_strategy
@@ -316,6 +318,7 @@ def eval_point(run: WorkerRun, stage: int, train_loss: float | None, phase_name:
         metrics[f"{prefix}val/target/loss"] = res[target][1]
     for j, (acc, _) in res.items():
         metrics[f"{prefix}val/task/{run.infos[j].name}/acc"] = acc
+    metrics.update(per_corpus_perplexity(run, res, "val"))
     if train_loss is not None:
         metrics[f"{prefix}train/loss"] = train_loss
     log_metrics(run, metrics)
@@ -334,7 +337,15 @@ def record_row(run: WorkerRun, stage: int) -> dict[str, float]:
                        run.device)
     row = [res[j][0] for j in range(len(run.tasks))]
     run.state.R.append(row)
-    return {f"{curve_prefix(run)}test/task/{run.infos[j].name}/acc": acc for j, acc in enumerate(row)}
+    run.state.L.append([res[j][1] for j in range(len(run.tasks))])
+    out = {f"{curve_prefix(run)}test/task/{run.infos[j].name}/acc": acc for j, acc in enumerate(row)}
+    return {**out, **per_corpus_perplexity(run, res, "test")}
+
+
+def per_corpus_perplexity(run: WorkerRun, res: dict[int, tuple[float, float]], split: str) -> dict[str, float]:
+    """`<split>/task/<name>/perplexity` of every causal-LM task (exp of its mean token loss; lower is better)."""
+    return {f"{curve_prefix(run)}{split}/task/{run.infos[j].name}/perplexity": perplexity(loss)
+            for j, (_, loss) in res.items() if run.infos[j].kind == CAUSAL_LM}
 
 
 # -- strategy hooks that need data or collectives ----------------------------------------------------------------------

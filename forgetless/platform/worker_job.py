@@ -74,7 +74,7 @@ class RunState:
     """What a run has done so far; checkpointed as state.json and restored on resume.
 
     `history` holds one record per evaluation: {step, stage, phase, epoch, acc: {task: acc}, loss: {task: loss},
-    train_loss}; `R` the accuracy matrix rows measured so far; `phase_log` one record per finished phase.
+    train_loss}; `R` the accuracy matrix rows measured so far (`L` the test losses of the same evaluations); `phase_log` one record per finished phase.
     """
 
     task_names: list[str]
@@ -88,6 +88,7 @@ class RunState:
     global_step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     R: list[list[float]] = field(default_factory=list)
+    L: list[list[float]] = field(default_factory=list)  # test mean losses, row for row with R
     mlflow_run_id: str | None = None
     train_seconds: float = 0.0
     trainable_params: dict[str, int] = field(default_factory=dict)

@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import Callable, Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, vmap
+
+from forgetless.data.kinds import CLASSIFICATION, sample_labels, task_loss
 
 
 def _safe(name: str) -> str:
@@ -65,13 +66,14 @@ def diagonal_fisher(model: nn.Module, params: list[tuple[str, nn.Parameter]],
                     logits_fn: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
                     batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]],
                     all_reduce_mean: Callable[[torch.Tensor], torch.Tensor], labels: str = "empirical",
-                    max_samples: int | None = None) -> dict[str, torch.Tensor]:
+                    max_samples: int | None = None, kind: str = CLASSIFICATION) -> dict[str, torch.Tensor]:
     """Diagonal Fisher F_i = E_x[(∂ log p(y|x) / ∂θ_i)²], from *per-sample* gradients (torch.func), averaged over this
     rank's shard and then over ranks.
 
     `logits_fn(param_overrides, x)` computes the task's logits with some parameters replaced (a functional call).
     labels: "empirical" uses the true labels; "true" samples y from the model's own predictive distribution
-    (Kirkpatrick et al.'s Fisher). The model is put in eval mode (per-sample gradients need BatchNorm statistics fixed).
+    (Kirkpatrick et al.'s Fisher). `kind`: the task kind, whose loss is the log-likelihood (a causal-LM sample's is the
+    mean over its tokens). The model is put in eval mode (per-sample gradients need BatchNorm statistics fixed).
     """
     was_training = model.training
     model.eval()
@@ -80,12 +82,12 @@ def diagonal_fisher(model: nn.Module, params: list[tuple[str, nn.Parameter]],
     count = torch.zeros((), dtype=torch.float64)
 
     def sample_loss(theta: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits_fn(theta, x[None]).float(), y[None])
+        return task_loss(kind, logits_fn(theta, x[None]), y[None])
 
     per_sample_grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))
     # torch.func.grad differentiates inside; the outer no_grad only keeps the accumulated results out of any graph.
     with torch.no_grad():
-        _accumulate(batches, per_sample_grads, logits_fn, base, sums, count, labels, max_samples)
+        _accumulate(batches, per_sample_grads, logits_fn, base, sums, count, labels, max_samples, kind)
     model.train(was_training)
     # Mean over all samples of all ranks: sum and count are both averaged over ranks, so their ratio is the global mean.
     flat = torch.cat([s.flatten() for s in sums.values()] + [count.float().reshape(1)])
@@ -98,7 +100,7 @@ def diagonal_fisher(model: nn.Module, params: list[tuple[str, nn.Parameter]],
     return out
 
 
-def _accumulate(batches, per_sample_grads, logits_fn, base, sums, count, labels, max_samples) -> None:
+def _accumulate(batches, per_sample_grads, logits_fn, base, sums, count, labels, max_samples, kind) -> None:
     seen = 0
     for x, y in batches():
         if max_samples is not None and seen >= max_samples:
@@ -107,7 +109,7 @@ def _accumulate(batches, per_sample_grads, logits_fn, base, sums, count, labels,
             x, y = x[: max_samples - seen], y[: max_samples - seen]
         if labels == "true":
             with torch.no_grad():
-                y = torch.distributions.Categorical(logits=logits_fn(base, x).float()).sample()
+                y = sample_labels(kind, logits_fn(base, x), y)
         g = per_sample_grads(base, x, y)
         for n in sums:
             sums[n] += g[n].float().pow(2).sum(0)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from forgetless.backbones.transfer_model import TransferModel, head_key
+from forgetless.data.kinds import CLASSIFICATION
 from forgetless.data.tasks import TaskData
 
 
@@ -34,11 +35,12 @@ class TaskInfo:
     classes: list[int]
     # Shape of one input (without the batch dimension), for strategies that build input-side modules.
     input_shape: tuple[int, ...] = ()
+    kind: str = CLASSIFICATION  # what the task predicts, so how its loss is computed (data/kinds.py)
 
     @classmethod
     def of(cls, index: int, task: TaskData) -> "TaskInfo":
         """The description of a built task (no data): what strategies see."""
-        return cls(index, task.name, task.num_classes, list(task.classes), tuple(task.input_shape))
+        return cls(index, task.name, task.num_classes, list(task.classes), tuple(task.input_shape), task.kind)
 
 
 def task_infos(tasks: list[TaskData]) -> list[TaskInfo]:
@@ -120,6 +122,8 @@ class Strategy:
     needs_trajectory: ClassVar[bool] = False
     # A strategy users list under `strategies:` to train target tasks; False for the platform's source pre-training.
     transfer: ClassVar[bool] = True
+    # Task kinds (data/kinds.py) the strategy applies to; config refuses a stream of another kind before anything starts.
+    task_kinds: ClassVar[tuple[str, ...]] = (CLASSIFICATION,)
 
     def __init__(self, params: StrategyParams, epochs: int, lr: float):
         self.params = params

@@ -14,6 +14,7 @@ from pydantic import Field
 from torch.func import functional_call
 
 from forgetless.backbones.transfer_model import head_key
+from forgetless.data.kinds import CAUSAL_LM, CLASSIFICATION
 from forgetless.strategies import register
 from forgetless.strategies._penalties import ParamStore, diagonal_fisher, named, quadratic_penalty
 from forgetless.strategies._phases import finetune_phase
@@ -57,6 +58,7 @@ class EWC(Strategy):
     name = "ewc"
     paper = "Kirkpatrick et al., Overcoming catastrophic forgetting in neural networks (PNAS 2017)"
     fidelity = "confirmed"
+    task_kinds = (CLASSIFICATION, CAUSAL_LM)  # on a language model its head is a per-task vocabulary bias
     Config = EWCParams
     has_per_task_parts = True  # per-task heads; the shared backbone is protected by the penalty
     max_zero_stage = 2  # the penalty reads backbone weights outside a module's forward
@@ -77,7 +79,7 @@ class EWC(Strategy):
         p = self.params
         params = named(model.backbone)
         f = diagonal_fisher(model, params, backbone_logits_fn(model, task.index), batches, all_reduce_mean,
-                            labels=p.fisher, max_samples=p.fisher_max_samples)
+                            labels=p.fisher, max_samples=p.fisher_max_samples, kind=task.kind)
         accumulate_fisher(model.extras[STORE], f, dict(params), p.decay)
 
     def after_source(self, model, source, batches, all_reduce_mean) -> None:

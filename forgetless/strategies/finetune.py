@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from forgetless.data.kinds import CAUSAL_LM, CLASSIFICATION
 from forgetless.strategies import register
 from forgetless.strategies._phases import finetune_phase
 from forgetless.strategies.base import Phase, Strategy, StrategyParams, TaskInfo
@@ -17,6 +18,7 @@ class Finetune(Strategy):
     name = "finetune"
     paper = "standard baseline (full fine-tuning)"
     fidelity = "confirmed"
+    task_kinds = (CLASSIFICATION, CAUSAL_LM)  # on a language model its head is a per-task vocabulary bias
     Config = FinetuneParams
     works_on_partitions = True  # phases only: nothing reads weights outside the engine
     has_per_task_parts = True  # per-task heads (the shared backbone still drifts)

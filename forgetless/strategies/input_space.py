@@ -27,6 +27,7 @@ from torch import nn
 from torch.func import functional_call
 
 from forgetless.backbones.transfer_model import head_key
+from forgetless.data.kinds import CAUSAL_LM, CLASSIFICATION
 from forgetless.strategies import register
 from forgetless.strategies._penalties import ParamStore, diagonal_fisher, named, quadratic_penalty
 from forgetless.strategies.base import ParamGroup, Phase, Strategy, StrategyParams, TaskInfo, head_params
@@ -78,6 +79,21 @@ class AdditivePrompt(nn.Module):
         return x + self.prompt
 
 
+class SoftPrompt(nn.Module):
+    """A causal-LM task's input transform: P learned vectors in front of the token embeddings (soft-prompt tuning,
+    Lester et al. 2021), small random at the start; the decoder itself never changes."""
+
+    is_prefix = True
+
+    def __init__(self, tokens: int, hidden: int):
+        super().__init__()
+        self.prompt = nn.Parameter(torch.randn(tokens, hidden) * 0.02)
+        self.last_sq_dist: torch.Tensor | None = None  # no proximity term: the prompt adds input, it changes none
+
+    def forward(self) -> torch.Tensor:
+        return self.prompt
+
+
 class InputSpaceParams(StrategyParams):
     transform: Literal["conv", "prompt"] = Field("conv", description="conv: x + δ(x) by a small conv net; "
                                                                      "prompt: x + a learned tensor")
@@ -87,9 +103,14 @@ class InputSpaceParams(StrategyParams):
     beta: float = Field(0.001, ge=0.0, le=100.0, description="β of the proximity penalty β·‖T(x) − x‖² (typ. 0-0.1)")
     transform_lr_scale: float = Field(1.0, gt=0.0, le=100.0, description="transform lr = scale x lr (typ. 0.1-10)")
     head_lr_scale: float = Field(1.0, gt=0.0, le=100.0, description="head lr = scale x lr (typ. 1-10)")
+    prompt_tokens: int = Field(8, ge=1, le=1024, description="causal_lm: soft-prompt vectors in front of every block "
+                                                              "(block_size + prompt_tokens must fit the model's context)")
 
 
-def make_transform(p: InputSpaceParams, input_shape: tuple[int, ...]) -> nn.Module:
+def make_transform(p: InputSpaceParams, input_shape: tuple[int, ...], model=None,
+                   kind: str = CLASSIFICATION) -> nn.Module:
+    if kind == CAUSAL_LM:  # token ids: tune the input space of the embeddings instead, a soft prompt
+        return SoftPrompt(p.prompt_tokens, model.backbone.hidden_size)
     if p.transform == "prompt":
         return AdditivePrompt(input_shape)
     if p.kernel_size % 2 == 0:
@@ -111,13 +132,24 @@ class InputSpace(Strategy):
     Config = InputSpaceParams
     has_per_task_parts = True
     max_zero_stage = 3  # nothing reads weights outside a forward
+    task_kinds = (CLASSIFICATION, CAUSAL_LM)  # on a language model: soft-prompt tuning (SoftPrompt)
 
     def build(self, model, tasks: list[TaskInfo]) -> None:
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(1234)  # the same transforms on every rank and on every rebuild
         for t in tasks[1:]:
-            model.input_transforms[head_key(t.index)] = make_transform(self.params, t.input_shape)
+            model.input_transforms[head_key(t.index)] = make_transform(self.params, t.input_shape, model, t.kind)
         torch.random.set_rng_state(gen_state)
+
+    def check(self, cfg, tasks: list, load_weights) -> None:
+        from forgetless.backbones.hf import context_length  # deferred: only causal-LM streams read a model folder
+
+        blocks = [t.input_shape[-1] for t in tasks if t.kind == CAUSAL_LM]
+        if blocks:
+            ctx = context_length(cfg.backbone.name[len("hf:"):])
+            if ctx is not None and max(blocks) + self.params.prompt_tokens > ctx:
+                raise ValueError(f"prompt_tokens ({self.params.prompt_tokens}) + block_size ({max(blocks)}) exceed the "
+                                 f"model's context ({ctx}); lower block_size or prompt_tokens")
 
     def phases(self, model, task: TaskInfo) -> list[Phase]:
         p = self.params

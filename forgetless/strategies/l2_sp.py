@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from forgetless.data.kinds import CAUSAL_LM, CLASSIFICATION
 from forgetless.strategies import register
 from forgetless.strategies._penalties import ParamStore, named, quadratic_penalty
 from forgetless.strategies._phases import finetune_phase
@@ -31,6 +32,7 @@ class L2SP(Strategy):
     name = "l2_sp"
     paper = "Li, Grandvalet & Davoine, Explicit Inductive Bias for Transfer Learning with CNNs (ICML 2018)"
     fidelity = "confirmed"
+    task_kinds = (CLASSIFICATION, CAUSAL_LM)  # on a language model its head is a per-task vocabulary bias
     Config = L2SPParams
     has_per_task_parts = True  # per-task heads (the shared backbone still drifts, only more slowly)
     max_zero_stage = 2  # the penalty reads backbone weights outside a module's forward

@@ -19,6 +19,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from forgetless.data.kinds import CAUSAL_LM, CLASSIFICATION
 from forgetless.strategies import register
 from forgetless.strategies.base import ParamGroup, Phase, Strategy, StrategyParams, TaskInfo, head_params
 
@@ -96,6 +97,7 @@ class Lora(Strategy):
     name = "lora"
     paper = "Hu et al., LoRA: Low-Rank Adaptation of Large Language Models (ICLR 2022), via Hugging Face PEFT"
     fidelity = "confirmed"
+    task_kinds = (CLASSIFICATION, CAUSAL_LM)  # on a language model its head is a per-task vocabulary bias
     Config = LoraParams
     has_per_task_parts = True  # per-task heads; the merged backbone is shared
     max_zero_stage = 3

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from forgetless.data.kinds import CAUSAL_LM, CLASSIFICATION
 from forgetless.strategies import register
 from forgetless.strategies._phases import finetune_phase, probe_phase
 from forgetless.strategies.base import Phase, Strategy, StrategyParams, TaskInfo
@@ -19,6 +20,7 @@ class LpFt(Strategy):
     name = "lp_ft"
     paper = "Kumar et al., Fine-Tuning can Distort Pretrained Features (ICLR 2022)"
     fidelity = "confirmed"
+    task_kinds = (CLASSIFICATION, CAUSAL_LM)  # on a language model its head is a per-task vocabulary bias
     Config = LpFtParams
     works_on_partitions = True  # phases only: nothing reads weights outside the engine
 

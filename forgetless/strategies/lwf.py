@@ -20,6 +20,7 @@ from pydantic import Field
 from torch import nn
 
 from forgetless.backbones.transfer_model import head_key
+from forgetless.data.kinds import CAUSAL_LM, CLASSIFICATION
 from forgetless.strategies import register
 from forgetless.strategies._phases import finetune_phase, probe_phase
 from forgetless.strategies.base import Phase, Strategy, StrategyParams, TaskInfo
@@ -35,9 +36,10 @@ class LwFParams(StrategyParams):
 
 
 def distillation_loss(new_logits: torch.Tensor, old_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Cross-entropy between the old model's softened distribution and the new one's (mean over the batch)."""
-    target = F.softmax(old_logits.float() / temperature, dim=1)
-    return -(target * F.log_softmax(new_logits.float() / temperature, dim=1)).sum(1).mean()
+    """Cross-entropy between the old model's softened distribution and the new one's, over the last axis (classes, or a
+    language model's vocabulary at every position: distillation on token logits), mean over everything else."""
+    target = F.softmax(old_logits.float() / temperature, dim=-1)
+    return -(target * F.log_softmax(new_logits.float() / temperature, dim=-1)).sum(-1).mean()
 
 
 @register
@@ -45,6 +47,7 @@ class LwF(Strategy):
     name = "lwf"
     paper = "Li & Hoiem, Learning without Forgetting (ECCV 2016, TPAMI 2017)"
     fidelity = "confirmed"
+    task_kinds = (CLASSIFICATION, CAUSAL_LM)  # on a language model its head is a per-task vocabulary bias
     Config = LwFParams
     has_per_task_parts = True  # per-task heads
     max_zero_stage = 2  # the frozen copy and the old heads run outside the engine's forward

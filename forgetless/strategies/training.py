@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from forgetless.backbones.transfer_model import TransferModel
+from forgetless.data.kinds import task_loss
 from forgetless.strategies.base import Phase, Strategy, TaskInfo
 
 
@@ -56,7 +56,8 @@ def set_train_mode(model: nn.Module, phase: Phase) -> None:
 def train_step(engine: Engine, model: TransferModel, strategy: Strategy, phase: Phase, task: TaskInfo,
                x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
                weights: WeightAccess = WeightAccess()) -> tuple[float, bool]:
-    """Forward, loss (cross-entropy + the strategy's extra terms), backward and step on one micro-batch.
+    """Forward, loss (the task kind's: cross-entropy of classes or of next tokens, + the strategy's extra terms),
+    backward and step on one micro-batch.
 
     Returns (loss, updated): under gradient accumulation the engine updates the weights only on the last micro-batch
     of each group, and only then do the phase's before/after-step hooks run.
@@ -64,7 +65,7 @@ def train_step(engine: Engine, model: TransferModel, strategy: Strategy, phase: 
     if phase.augment is not None:
         x = phase.augment(x, generator)
     logits = engine(x, task.index)
-    loss = F.cross_entropy(logits.float(), y)
+    loss = task_loss(task.kind, logits, y)
     extra = strategy.extra_loss(model, x, y, task, logits)
     if extra is not None:
         loss = loss + extra
