@@ -237,10 +237,14 @@ def _committed_epoch(stack, run: str) -> int | None:
 
 
 @pytest.mark.e2e
-def test_killed_job_resumes_from_s3_checkpoint(cluster_env, capsys, tiny_config):
+def test_killed_job_resumes_from_s3_checkpoint(cluster_env, capsys, tiny_config, monkeypatch):
     """Stop the job once Ray Train has committed the transfer run's 2nd-epoch checkpoint to S3; resubmitting the same
     config starts a job with a suffixed id that trains only the remaining epochs."""
+    from forgetless import console
     from forgetless.platform.jobs import status_of
+
+    # as `forgetless --verbose submit`: the job's log then holds every worker's per-epoch line (read below)
+    monkeypatch.setenv(console.VERBOSE_VARIABLE, "1")
 
     stack = cluster_env
     epochs = 4

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from forgetless import storage
+from forgetless import console, storage
 from forgetless.config import ExperimentConfig, load_config, select_strategy
 from forgetless.console import say
 from forgetless.errors import ConfigError
@@ -95,8 +95,11 @@ def submission_base(cfg: ExperimentConfig, command: str, extra_args: list[str]) 
 
 
 def job_env(forward_credentials: bool = True, extra: Iterable[str] = ()) -> dict[str, str]:
-    """The variables passed to the job: AWS_* and MLFLOW_* of this shell (and `extra` names)."""
+    """The variables passed to the job: AWS_* and MLFLOW_* of this shell (and `extra` names); `forgetless --verbose
+    submit` makes the job verbose too (its workers' per-epoch lines in the job's log)."""
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIXES)}
+    if console.verbose():
+        env[console.VERBOSE_VARIABLE] = "1"
     for name in extra:
         if name not in os.environ:
             raise ConfigError(f"--env {name}: not set in this shell")
