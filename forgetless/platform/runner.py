@@ -179,6 +179,9 @@ def init_ray(address: str | None, use_gpu: bool, num_cpus: int | None = None) ->
     # own setting: RAY_worker_niceness=0 in the environment of `ray start` does the same there.)
     system_config = None if address else {"worker_niceness": 0}
     if address:
+        # A driver that runs as a Ray job already has its job's variables, and Ray refuses a driver runtime env that
+        # sets one of them again (e.g. FORGETLESS_VERBOSE from `forgetless --verbose submit`): leave those out.
+        env = {k: v for k, v in env.items() if os.environ.get(k) != v}
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, logging_level="ERROR",
                  configure_logging=True)
     else:
