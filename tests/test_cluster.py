@@ -247,7 +247,7 @@ def test_killed_job_resumes_from_s3_checkpoint(cluster_env, capsys, tiny_config,
     monkeypatch.setenv(console.VERBOSE_VARIABLE, "1")
 
     stack = cluster_env
-    epochs = 4
+    epochs = 10  # enough that the stop, a few seconds after epoch 2 is committed, lands mid-run
     cfg = _write_config(stack, tiny_config, "e2e-resume", train={"epochs": epochs, "lr": 0.01, "batch_size": 32})
     run = f"e2e-run/{_transfer_run(cfg)}/"  # same storage as the first test: the pre-training is reused
     rc, out, err = _submit([cfg, "--address", stack.dashboard], capsys)
