@@ -187,5 +187,12 @@ def start_system_metrics(uri: str, run_id: str):
 
     monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, resume_logging=True,
                                    tracking_uri=uri)
+    # One sample now, at step 0: MLflow's loop logs only after a full interval and drops what it holds when the
+    # process ends, so a run shorter than the interval (a fast CPU run) would show no system metrics at all.
+    monitor.collect_metrics()
+    first = {f"system/{k}": float(v) for k, v in monitor.aggregate_metrics().items()}
+    for m in monitor.monitors:
+        m.clear_metrics()
+    tracking.log_metrics(uri, run_id, first, step=0)
     monitor.start()
     return monitor
