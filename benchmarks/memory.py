@@ -155,6 +155,21 @@ def worker(args: argparse.Namespace) -> None:
     model = build()
     result["params"] = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     result["construction"] = sampler.stage()
+    if args.part == "resume":  # a fresh process, as after a lost worker: the checkpoint the first part wrote
+        if after:
+            ds.load_partition_state(model, checkpoints.safe_torch_load(ckpt / f"part{rank}.pt",
+                                                                       deepspeed_types=False))
+        else:
+            model.load_state_dict(checkpoints.safe_torch_load(ckpt / "model.pt", map_location="cpu",
+                                                              deepspeed_types=False))
+        eng = engine(model)
+        checkpoints.install_weights_only_loader(eng)
+        eng.load_checkpoint(str(ckpt), tag="ds")
+        result["loss_after_resume"] = step(eng)
+        result["resume"] = sampler.stage()
+        result["resume_seconds"] = time.time() - t0
+        Path(args.scratch, f"rank{rank}-resume.json").write_text(json.dumps(result))
+        return
     eng = engine(model)
     result["loss"] = step(eng)
     result["step"] = sampler.stage()
@@ -168,22 +183,6 @@ def worker(args: argparse.Namespace) -> None:
         del state
     torch.distributed.barrier()
     result["checkpoint"] = sampler.stage()
-    if args.resume:
-        eng.destroy()
-        del eng, model
-        gc.collect()  # DeepSpeed's engine and optimizer are reference cycles: free them before the fresh model
-        model = build()
-        if after:
-            ds.load_partition_state(model, checkpoints.safe_torch_load(ckpt / f"part{rank}.pt",
-                                                                       deepspeed_types=False))
-        else:
-            model.load_state_dict(checkpoints.safe_torch_load(ckpt / "model.pt", map_location="cpu",
-                                                              deepspeed_types=False))
-        eng = engine(model)
-        checkpoints.install_weights_only_loader(eng)
-        eng.load_checkpoint(str(ckpt), tag="ds")
-        result["loss_after_resume"] = step(eng)
-        result["resume"] = sampler.stage()
     engines = [eng]  # the only reference left: export drops it, as the train loop does at the end of a phase
     del eng
     export(result, args, rank, model, engines, build, ds, sampler)
@@ -201,12 +200,11 @@ def export(result: dict, args, rank: int, model, engines: list, build, ds, sampl
 
     dest = Path(args.scratch) / "export"
     if args.mode == "after":
-        engines.pop().destroy()
-        gc.collect()
+        ds.destroy_engine(engines.pop())
         state = ds.streamed_state_dict(model, rank)
     else:
         full = ds.full_state_dict(model, 3)
-        engines.pop().destroy()
+        ds.destroy_engine(engines.pop())
         del model
         gc.collect()
         model = build()  # unpartitioned: a plain module on every rank
@@ -228,17 +226,33 @@ def export(result: dict, args, rank: int, model, engines: list, build, ds, sampl
 
 
 def run_config(args: argparse.Namespace, folder: Path, mode: str, workers: int) -> dict:
+    """The workers' run (construction, a step, a checkpoint, the export), then with --resume a second set of
+    fresh processes that resume from that checkpoint and take a step, as Ray Train's restarted workers do."""
     import shutil
     import tempfile
 
     scratch = Path(tempfile.mkdtemp(prefix=f"forgetless-mem-{mode}{workers}-"))
+    t0 = time.time()
+    try:
+        launch(args, folder, mode, workers, scratch, "run")
+        ranks = [json.loads((scratch / f"rank{r}.json").read_text()) for r in range(workers)]
+        if args.resume:
+            launch(args, folder, mode, workers, scratch, "resume")
+            for r, rank in enumerate(ranks):
+                resumed = json.loads((scratch / f"rank{r}-resume.json").read_text())
+                rank.update(resume=resumed["resume"], loss_after_resume=resumed["loss_after_resume"])
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return summarise(args, mode, workers, ranks, time.time() - t0)
+
+
+def launch(args: argparse.Namespace, folder: Path, mode: str, workers: int, scratch: Path, part: str) -> None:
+    """One process per rank (bounded by --timeout); raises with rank 0's log tail if any fails."""
     port = random.randint(20000, 40000)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(args.threads)}
     cmd = [sys.executable, __file__, "--worker", "--folder", str(folder), "--mode", mode, "--world", str(workers),
            "--port", str(port), "--scratch", str(scratch), "--optimizer", args.optimizer, "--precision",
-           args.precision, "--threads", str(args.threads)] + (["--gpu"] if args.gpu else []) + \
-        (["--resume"] if args.resume else [])
-    t0 = time.time()
+           args.precision, "--threads", str(args.threads), "--part", part] + (["--gpu"] if args.gpu else [])
     procs = [subprocess.Popen(cmd + ["--rank", str(r)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for r in range(workers)]
     try:
@@ -248,11 +262,7 @@ def run_config(args: argparse.Namespace, folder: Path, mode: str, workers: int) 
             p.kill()
         raise
     if any(p.returncode for p in procs):
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise RuntimeError(f"{mode} with {workers} workers failed:\n" + logs[0][-3000:])
-    ranks = [json.loads((scratch / f"rank{r}.json").read_text()) for r in range(workers)]
-    shutil.rmtree(scratch, ignore_errors=True)
-    return summarise(args, mode, workers, ranks, time.time() - t0)
+        raise RuntimeError(f"{mode} ({part}) with {workers} workers failed:\n" + logs[0][-3000:])
 
 
 def summarise(args, mode: str, workers: int, ranks: list[dict], seconds: float) -> dict:
@@ -296,14 +306,14 @@ def main() -> None:
     ap.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--gpu", action="store_true")
-    ap.add_argument("--resume", action="store_true", help="add the resume stage (a fresh model loads the checkpoint)")
+    ap.add_argument("--resume", action="store_true", help="add the resume stage (fresh processes load the checkpoint and take a step)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--out", type=Path, default=OUT)
     for hidden in ("--worker",):
         ap.add_argument(hidden, action="store_true", help=argparse.SUPPRESS)
     for name, kind in (("--rank", int), ("--world", int), ("--port", int), ("--folder", str), ("--mode", str),
-                       ("--scratch", str)):
+                       ("--scratch", str), ("--part", str)):
         ap.add_argument(name, type=kind, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:

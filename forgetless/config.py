@@ -145,6 +145,10 @@ class ExperimentConfig(_Strict):
     source: TaskConfig
     targets: list[TaskConfig] = Field(..., min_length=1)
     evaluation: Literal["task_incremental", "class_incremental"] = "task_incremental"
+    score: Literal["accuracy", "token_probability"] = Field(
+        "accuracy", description="what the accuracy matrix R (and so ACC, BWT, forgetting) holds, higher is better: "
+        "accuracy (classification accuracy; next-token accuracy for causal_lm tasks) or token_probability "
+        "(exp(-mean test loss): the geometric-mean probability of the right token or class, 1/perplexity)")
     require_disjoint_classes: bool = Field(
         False, description="refuse streams whose tasks share classes of the same dataset"
     )
@@ -222,10 +226,10 @@ class ExperimentConfig(_Strict):
         return short_hash(relevant)
 
     def transfer_key(self, strategy: StrategyConfig) -> str:
-        # not part of a run's identity: where it runs, how it is tracked and retried, how many run at once, and the
-        # other seeds of the invocation (`seed` is)
+        # not part of a run's identity: where it runs, how it is tracked and retried, how many run at once, the
+        # other seeds of the invocation (`seed` is), and which score R holds (read from the stored test results)
         relevant = self.model_dump(exclude={"strategies", "tracking", "ray_address", "storage", "search",
-                                             "fault_tolerance", "seeds"})
+                                             "fault_tolerance", "seeds", "score"})
         relevant["scaling"].pop("max_concurrent")
         relevant["strategy"] = strategy.model_dump()
         return short_hash(relevant)

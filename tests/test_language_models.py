@@ -90,6 +90,19 @@ def test_perplexity_forgetting_from_a_hand_computed_loss_matrix():
     assert s["source/perplexity_before"] == pytest.approx(10) and s["target/final_perplexity"] == pytest.approx(20)
 
 
+def test_the_matrix_holds_the_score_the_config_names(decoder, tmp_path):
+    acc, loss = [[0.5, 0.1], [0.4, 0.3]], [[math.log(2), math.log(10)], [math.log(4), math.log(5)]]
+    np.testing.assert_allclose(M.score_matrix(acc, loss, "accuracy"), acc)
+    np.testing.assert_allclose(M.score_matrix(acc, loss, "token_probability"), [[0.5, 0.1], [0.25, 0.2]])
+    assert M.summarize(M.score_matrix(acc, loss, "token_probability"))["forgetting/max"] == pytest.approx(0.25)
+    cfg = load_config(lm_config(decoder, ["finetune"], score="token_probability"))
+    # which score R holds is read from the stored test results: not part of a run's identity
+    assert cfg.transfer_key(cfg.strategies[0]) == cfg.model_copy(update={"score": "accuracy"}).transfer_key(
+        cfg.strategies[0])
+    with pytest.raises(ConfigError, match="score"):
+        load_config(lm_config(decoder, ["finetune"], score="perplexity"))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # corpora, readers, split, packing
 
@@ -306,6 +319,13 @@ def test_lm_compare_end_to_end_logs_perplexity_curves_and_the_matrix(decoder, ra
         assert {a.path for a in client.list_artifacts(res.mlflow_run_id)} >= {"accuracy_matrix.png",
                                                                                 "accuracy_matrix.json"}
     assert "ppl increase" in out.table()
+    # score: token_probability is read from the stored test results: the same runs (nothing retrained), R = exp(-L)
+    again = forgetless.compare(cfg.model_copy(update={"score": "token_probability"}))
+    for before, after in zip(out.results, again.results):
+        assert after.mlflow_run_id == before.mlflow_run_id and after.score == "token_probability"
+        np.testing.assert_allclose(after.accuracy_matrix, np.exp(-before.loss_matrix))
+        assert after.metrics["forgetting/max"] == pytest.approx(math.exp(-before.loss_matrix[0, 0])
+                                                                - math.exp(-before.loss_matrix[1, 0]))
 
 
 def test_a_soft_prompt_that_does_not_fit_the_context_is_refused_before_start(decoder, workdir):

@@ -26,6 +26,17 @@ def test_line_shows_phase_epoch_accuracies_and_eta():
     assert "starting Ray Train workers" in progress.format_line("finetune", None, 3.0)
     done = progress.progress_record("finetune", 1, [1], "done", 0, 1, 8, 8, 400, 0.95, 0.7, finished=True)
     assert progress.format_line("finetune", done, 40.0).endswith("done")
+    started = progress.progress_record("finetune", 1, [1], "-", 0, 1, 0, 0, 0, None, None)
+    assert progress.format_line("finetune", started, 5.0) == "finetune  stage 1/1 training from step 0  5s"
+
+
+def test_the_end_record_keeps_the_last_accuracies_shown():
+    last = progress.progress_record("finetune", 1, [1], "all", 0, 1, 8, 8, 400, 0.95, 0.7)
+    end = progress.progress_record("finetune", 1, [1], "done", 0, 1, 8, 8, 400, None, None, finished=True)
+    shown = progress.carry_accuracies(last, end)
+    assert shown["finished"] and (shown["target_acc"], shown["source_acc"]) == (0.95, 0.7)
+    assert "target 95.0%  source 70.0%" in progress.format_line("finetune", shown, 40.0)
+    assert progress.carry_accuracies(last, None) is last and progress.carry_accuracies(None, end) is end
 
 
 def test_board_prints_a_line_whenever_a_run_moves_on(tmp_path):

@@ -8,6 +8,7 @@ Conventions (documented in the README):
   forgetting = R[0][0] - R[1][0] is exactly the source accuracy lost.
 - Causal-LM streams: R holds next-token accuracy (higher is better), so every metric above applies unchanged; the test
   mean token losses form a second matrix L of the same shape (nats, lower is better), and perplexity = exp(L).
+  With `score: token_probability` R holds exp(-L) instead (`score_matrix`).
 """
 from __future__ import annotations
 
@@ -103,6 +104,20 @@ def perplexity(mean_token_loss: float) -> float:
     """exp(mean token cross-entropy in nats): lower is better; 1 = always right with certainty, V = uniform guessing
     over a V-token vocabulary. inf instead of an overflow (a diverged model)."""
     return float(np.exp(mean_token_loss)) if mean_token_loss < 700 else float("inf")
+
+
+SCORES = ("accuracy", "token_probability")
+
+
+def score_matrix(accuracy, losses, score: str) -> np.ndarray:
+    """The matrix R of the score a config names, from the test accuracies and mean losses (same shape):
+    `accuracy` as is; `token_probability` = exp(-loss), the geometric-mean probability the model gives the right
+    token (or class), i.e. 1/perplexity: in (0, 1], higher is better, so every R metric reads the same way."""
+    if score == "accuracy":
+        return np.asarray(accuracy, dtype=float)
+    if score == "token_probability":
+        return np.exp(-np.asarray(losses, dtype=float))
+    raise ValueError(f"score must be one of {SCORES}, got {score!r}")
 
 
 def perplexity_increase(L) -> float:

@@ -60,11 +60,22 @@ def format_line(label: str, record: dict[str, Any] | None, elapsed: float) -> st
     if record is None:
         return f"{label}  starting Ray Train workers  {elapsed:.0f}s"
     acc = lambda name, v: f"{name} {100 * v:.1f}%" if v is not None else f"{name} -"  # noqa: E731
+    if record["phase"] == "-" and not record.get("finished"):  # workers up, no epoch ended yet
+        return (f"{label}  stage {record['stage_position']}/{record['stages']} training from step {record['step']}  "
+                f"{elapsed:.0f}s")
     done = record.get("done") or 0.0
     eta = "done" if record.get("finished") else (f"ETA {elapsed * (1 - done) / done:.0f}s" if done > 0 else "ETA -")
     return (f"{label}  stage {record['stage_position']}/{record['stages']} {record['phase']} epoch "
             f"{record['epoch']}/{record['epochs']} step {record['step']}  {acc('target', record['target_acc'])}  "
             f"{acc('source', record['source_acc'])}  {elapsed:.0f}s  {eta}")
+
+
+def carry_accuracies(shown: dict[str, Any] | None, new: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The record to show: the new one (or the one shown while none can be read), keeping the accuracies last seen
+    where the new one has none (a run's start and end records carry no evaluation of their own)."""
+    if new is None or shown is None:
+        return new or shown
+    return {**new, **{k: shown[k] for k in ("target_acc", "source_acc") if new.get(k) is None}}
 
 
 class ProgressBoard:
@@ -110,7 +121,7 @@ class ProgressBoard:
 
     def _refresh(self, runs: list[_Watched]) -> None:
         for w in runs:
-            w.record = read_progress(w.run_uri) or w.record
+            w.record = carry_accuracies(w.record, read_progress(w.run_uri))
         if self.live:
             self._show_live()
         else:

@@ -108,6 +108,7 @@ class StrategyResult:
     seconds: dict[str, float] = field(default_factory=dict)  # where the run's wall time went (platform/timing.py)
     seed: int = 0
     task_kind: str = "classification"  # data/kinds.py; causal_lm: R holds next-token accuracy
+    score: str = "accuracy"  # what R holds (ExperimentConfig.score): accuracy or token_probability = exp(-test loss)
     # L[i][j]: test mean loss on task j after stage i (per token for causal_lm; nats, lower is better), shaped like R
     loss_matrix: np.ndarray | None = None
 

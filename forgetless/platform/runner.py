@@ -36,6 +36,7 @@ from forgetless.data import build_stream
 from forgetless.hashing import short_hash
 from forgetless.platform import (build_locks, checkpoints, fanout, model_export, plots, progress, reaper, report_html,
                                  review, timing, tracking, watchdog)
+from forgetless.platform import metrics as M
 from forgetless.platform.engine import check_deepspeed_extra
 from forgetless.platform.model_io import build_model, load_pretrained, load_torch_file
 from forgetless.platform.results import (CompareResult, StopPoint, StrategyResult, Trajectory, mean_sd,
@@ -449,13 +450,14 @@ def _strategy_result(cfg: ExperimentConfig, strategy: StrategyConfig, state: Run
     cls = get_strategy_class(strategy.name)
     return StrategyResult(
         label=strategy.display_name(), strategy=strategy.name, task_names=state.task_names,
-        accuracy_matrix=np.asarray(state.R, dtype=float), history=state.history, phase_log=state.phase_log,
+        accuracy_matrix=M.score_matrix(state.R, state.L, cfg.score),
+        history=state.history, phase_log=state.phase_log,
         trainable_params=state.trainable_params, global_step=state.global_step, wall_seconds=wall,
         train_seconds=state.train_seconds, mlflow_run_id=state.mlflow_run_id,
         checkpoint_uri=checkpoint_uri, evaluation=cfg.evaluation,
         tags=cls.identity_tags(), ended_at_ms=int(time.time() * 1000),  # called as the Ray Train run returns
         seconds=dict(state.seconds), seed=cfg.seed,
-        task_kind=cfg.source.kind,
+        task_kind=cfg.source.kind, score=cfg.score,
         loss_matrix=np.asarray(state.L, dtype=float) if len(state.L) == len(state.R) else None,
     )
 
@@ -489,10 +491,11 @@ def _log_run_artifacts(res: StrategyResult, uri: str, summary: dict[str, float])
         Path(d, "accuracy_matrix.json").write_text(json.dumps({
             "task_names": res.task_names, "rows": ["before"] + [f"after {n}" for n in res.task_names[1:]],
             "R": res.accuracy_matrix.tolist(), "evaluation": res.evaluation,
-            "convention": "R[i][j] = test accuracy on task j after stage i; task 0 = source, row 0 = before targets",
+            "convention": f"R[i][j] = test {res.score} on task j after stage i; task 0 = source, row 0 = before "
+                          "targets",
         }, indent=1))
         Path(d, "history.json").write_text(json.dumps({"history": res.history, "phases": res.phase_log}))
-        plots.accuracy_matrix_heatmap(res.accuracy_matrix, res.task_names, f"{res.label}: accuracy matrix",
+        plots.accuracy_matrix_heatmap(res.accuracy_matrix, res.task_names, f"{res.label}: {res.score} matrix",
                                       Path(d, "accuracy_matrix.png"))
         plots.learning_curves(res.history, res.task_names, f"{res.label}: learning and forgetting curves",
                               Path(d, "curves.png"), phases=res.phase_log)

@@ -6,6 +6,7 @@ pass through `redact` first.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -17,6 +18,7 @@ from typing import Any
 
 import psutil
 
+from forgetless import console
 from forgetless.console import say
 from forgetless.errors import ConfigError
 from forgetless.platform import metric_buffer
@@ -95,6 +97,10 @@ def flatten(prefix: str, obj: Any) -> dict[str, Any]:
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    if not console.verbose():
+        # its two INFO lines on a new sqlite store ("Creating initial MLflow database tables...") ask nothing of a
+        # user
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     return MlflowClient(tracking_uri=uri)
 
 

@@ -7,7 +7,6 @@ stopped. What it is told is a `WorkerJob`; what it checkpoints is a `RunState` (
 """
 from __future__ import annotations
 
-import gc
 import shutil
 import sys
 import tempfile
@@ -31,8 +30,8 @@ from forgetless.data.sharding import derive_seed, shard_batches
 from forgetless import console, storage
 from forgetless.platform import build_locks, checkpoints, progress, quiet, review, timing, tracking
 from forgetless.platform import engine as ds
-from forgetless.platform.engine import (consolidated_state_dict, ensure_accelerator_env, full_state_dict, make_engine,
-                                        weight_access)
+from forgetless.platform.engine import (consolidated_state_dict, destroy_engine, ensure_accelerator_env, full_state_dict,
+                                        make_engine, weight_access)
 from forgetless.platform.evaluation import evaluate
 from forgetless.platform.metrics import perplexity
 from forgetless.platform.model_io import build_model, load_pretrained, load_torch_file, mapped_torch_file
@@ -407,9 +406,8 @@ def release_engine(run: WorkerRun) -> None:
         return
     if run.partitioned:
         # The module keeps its partitions (updated by the last step); the next phase's engine starts from them.
-        run.engine.destroy()  # its hooks leave the module, so the next engine's are the only ones
+        destroy_engine(run.engine)
         run.engine = None
-        gc.collect()  # the engine's hooks and optimizer form reference cycles: free its states now, not later
         return
     with timing.timed(run.state.seconds, "engine_init"):
         full = full_state_dict(run.model, run.zero_stage)
