@@ -13,7 +13,9 @@ runs in that mode (forgetless.platform.engine), without Ray, so that every byte 
 samples the process's resident set size (RSS) every 5 ms and each stage reports its peak. The model is a Llama-style
 decoder with random weights from its config, saved once as a sharded safetensors folder in the cache
 ($FORGETLESS_CACHE or ~/.cache/forgetless, `bench-models/`), read back shard by shard as any `hf:` folder.
-Per-worker peak = the largest of any rank's stage peaks. Model-state bytes per worker (fp32 Adam): weights 4 +
+The resume runs in a second set of fresh processes, as Ray Train restarts lost workers (a resume inside the process
+that trained would measure that process's leftovers, not the resume). Per-worker peak = the largest of any rank's
+stage peaks. Model-state bytes per worker (fp32 Adam): weights 4 +
 fp32 partition 4 + gradients 4 + Adam moments 8 = 20 bytes per parameter under ZeRO-3, divided by the workers (SGD
 without momentum: 12). The rest of a worker's peak is the constant: Python, torch, DeepSpeed and transformers
 (measured before construction as `base_gb`) plus activations and communication buffers.
