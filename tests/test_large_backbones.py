@@ -209,6 +209,34 @@ def test_lora_merge_keeps_the_function_and_exports_a_plain_model(models, name, t
     assert torch.allclose(reloaded(x), model.backbone(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_an_unmerged_lora_update_exports_as_a_peft_adapter_folder(models, name, tmp_path):
+    from peft import PeftModel
+
+    from forgetless.platform.train_loop import HF_ADAPTER_DIR, HF_BASE_DIR, export_hf_folder
+
+    shape = (2, 32)
+    model = _tiny_transfer_model(models[name], shape, make_strategy("lora", {"r": 4}, epochs=1, lr=0.01)).eval()
+    x = torch.from_numpy(np.load(models[f"{name}_data"])["x"][:4])
+    # merged already (every lora_B zero, as after the default merge_after_task): the merged folder is the model
+    export_hf_folder(model.backbone, model.state_dict(), tmp_path / "merged" / "hf")
+    assert not (tmp_path / "merged" / HF_ADAPTER_DIR).exists()
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.add_(0.05 * torch.randn_like(p))  # as if trained with merge_after_task: false
+    export_hf_folder(model.backbone, model.state_dict(), tmp_path / "final" / "hf")
+    adapter, base = tmp_path / "final" / HF_ADAPTER_DIR, tmp_path / "final" / HF_BASE_DIR
+    assert {f.name for f in adapter.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    assert not any("lora" in k for k in AutoModel.from_pretrained(base).state_dict())
+    ids, mask = x[:, 0].long(), x[:, 1].long()
+    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(base), adapter).eval()
+    merged = AutoModel.from_pretrained(tmp_path / "final" / "hf").eval()
+    with torch.no_grad():
+        ours = model.backbone.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert torch.allclose(peft_model(input_ids=ids, attention_mask=mask).last_hidden_state, ours, atol=1e-5)
+        assert torch.allclose(merged(input_ids=ids, attention_mask=mask).last_hidden_state, ours, atol=1e-5)
+
+
 def test_timm_backbone_loads_weights_from_a_file(tmp_path):
     timm = pytest.importorskip("timm", reason="timm needs an importable torchvision")
 

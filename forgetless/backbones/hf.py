@@ -299,6 +299,32 @@ def save_pretrained_state(backbone: HFBackbone, state: dict[str, torch.Tensor], 
     return dest
 
 
+def save_lora_adapter(backbone: HFBackbone, state: dict[str, torch.Tensor], adapter_dest: str | os.PathLike,
+                      base_dest: str | os.PathLike, adapter_name: str = "default") -> bool:
+    """An unmerged LoRA update as PEFT writes it: `adapter_dest` (adapter_config.json, adapter_model.safetensors) and
+    the model it applies to, `base_dest` (a Hugging Face folder of the weights without the adapters), so that
+    `PeftModel.from_pretrained(AutoModel.from_pretrained(base_dest), adapter_dest)` is the fine-tuned backbone.
+    `state`: a full state dict of `backbone.model` with its adapters. Writes nothing and returns False when every
+    lora_B is zero (the update was merged and the adapters restarted: the merged export is the whole model)."""
+    from peft import get_peft_model_state_dict  # deferred: peft is optional
+    from safetensors.torch import save_file
+
+    if not any("lora_B" in k and torch.count_nonzero(v) for k, v in state.items()):
+        return False
+    adapter = get_peft_model_state_dict(backbone.model, state_dict=state, adapter_name=adapter_name)
+    adapter_dest, base_dest = Path(adapter_dest), Path(base_dest)
+    adapter_dest.mkdir(parents=True, exist_ok=True)
+    # PEFT's own layout: keys under the PeftModel's "base_model.model." prefix, the adapter name left out
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in adapter.items()},
+              adapter_dest / "adapter_model.safetensors")
+    config = copy.deepcopy(backbone.model.peft_config[adapter_name])
+    config.base_model_name_or_path = os.path.relpath(base_dest, adapter_dest)
+    config.save_pretrained(adapter_dest)
+    save_pretrained_state(backbone, {k.replace(".base_layer.", "."): v for k, v in state.items() if "lora_" not in k},
+                          base_dest)
+    return True
+
+
 def _copy_side_files(source: Path, dest: Path) -> None:
     for f in source.iterdir():
         if f.is_file() and f.name not in ("config.json",) and not f.name.endswith((".safetensors", ".bin", ".pt",

@@ -31,8 +31,26 @@ def private_extensions_dir() -> Path:
 
 
 def use_private_extensions_dir() -> str:
-    """Point torch's extension builds at this environment's own folder (unless the user chose one)."""
+    """Point torch's extension builds at this environment's own folder (unless the user chose one), built by this
+    environment's own ninja."""
+    use_environment_ninja()
     return os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(private_extensions_dir()))
+
+
+def use_environment_ninja() -> None:
+    """Put this environment's `ninja` (the pip package DeepSpeed depends on) first on this process's PATH.
+
+    torch runs whichever `ninja` PATH finds first, and ninja 1.11 (e.g. /usr/bin/ninja) and 1.12+ (the pip package)
+    record a build's command lines under different hashes: a process with the environment activated and one without
+    (a Ray worker started from another shell, a test run and a CLI run) each found the other's build out of date and
+    rebuilt the op, 1-2 minutes inside a worker's start, with the other workers waiting on its lock."""
+    own = Path(sys.executable).parent
+    if not (own / "ninja").is_file():
+        return
+    entries = os.environ.get("PATH", "").split(os.pathsep)
+    if entries and entries[0] == str(own):
+        return
+    os.environ["PATH"] = os.pathsep.join([str(own), *entries])
 
 
 def extensions_dir() -> Path:

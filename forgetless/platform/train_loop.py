@@ -44,6 +44,8 @@ STATE_FILE = "state.json"
 MODEL_FILE = "model.pt"
 PARTITION_FILE = "model_partition_rank{rank}.pt"  # under ZeRO-3 on partitions: each rank's slices of the weights
 HF_EXPORT_DIR = "hf"  # in the final checkpoint of an hf: backbone: the model as a Hugging Face folder
+# with an unmerged LoRA update (lora's merge_after_task: false): the PEFT adapter folder and the model it applies to
+HF_ADAPTER_DIR, HF_BASE_DIR = "hf_adapter", "hf_base"
 DS_TAG = "ds"
 FINAL_CHECKPOINT = "final"  # the checkpoint of a finished run (its state.json has finished: true)
 
@@ -479,11 +481,13 @@ def write_weights(run: WorkerRun, folder: Path, final: bool) -> None:
 
 def export_hf_folder(backbone: HFBackbone, state: dict[str, torch.Tensor], dest: Path) -> None:
     """The backbone of a consolidated TransferModel state dict as a Hugging Face folder. A model with LoRA layers
-    (whole on every rank: lora does not work on partitions) is merged first."""
+    (whole on every rank: lora does not work on partitions) is merged first; its update, when not merged already, is
+    written as a PEFT adapter folder too, with the model it applies to."""
     prefix = "backbone.model."
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if any("lora_" in k for k in weights):
         hf.save_pretrained(backbone, dest)
+        hf.save_lora_adapter(backbone, weights, dest.parent / HF_ADAPTER_DIR, dest.parent / HF_BASE_DIR)
     else:
         hf.save_pretrained_state(backbone, weights, dest)
 

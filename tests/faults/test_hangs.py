@@ -57,6 +57,20 @@ def test_a_running_build_is_waited_for_and_a_lock_that_stays_ends_the_wait(exten
         build_locks.wait_for_build_locks(timeout=2, poll=0.1)
 
 
+def test_ops_are_built_by_the_environments_own_ninja(monkeypatch, extensions_dir):
+    """Whichever shell a process starts from, torch finds this environment's ninja first: two ninja versions record
+    a build under different hashes, and each would rebuild the op the other built (1-2 minutes in a worker's start)."""
+    own = Path(sys.executable).parent
+    if not (own / "ninja").is_file():
+        pytest.skip("this environment has no ninja of its own (DeepSpeed's pip dependency)")
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", "/bin"]))  # a shell without the environment activated
+    build_locks.use_private_extensions_dir()
+    assert Path(shutil.which("ninja")) == own / "ninja"
+    path = os.environ["PATH"]
+    build_locks.use_environment_ninja()
+    assert os.environ["PATH"] == path  # once is enough: no growing PATH
+
+
 def test_the_cli_names_a_stale_lock_before_ray_starts(extensions_dir, workdir, tiny_config):
     """The real command on the embedded default: one line, exit 2, within a bound a hang would break."""
     import yaml
