@@ -113,6 +113,16 @@ class DeepSpeedSpec(_Strict):
     offload_optimizer: Literal["none", "cpu"] = "none"
     offload_param: Literal["none", "cpu"] = "none"
     extra: dict[str, Any] = Field(default_factory=dict, description="merged into the DeepSpeed config as-is")
+    partitions_only: bool = Field(
+        False, description="ZeRO-3: refuse, before anything starts, a strategy that would build or gather the whole "
+                           "model on every worker (one not `works_on_partitions`: docs/large_models.md)")
+
+    @model_validator(mode="after")
+    def _partitions_need_zero3(self) -> "DeepSpeedSpec":
+        if self.partitions_only and self.zero_stage != 3:
+            raise ValueError(f"partitions_only: only ZeRO stage 3 partitions the weights; set zero_stage: 3 (it is "
+                             f"{self.zero_stage}) or remove partitions_only")
+        return self
 
 
 class FaultToleranceSpec(_Strict):

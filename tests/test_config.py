@@ -136,6 +136,22 @@ def test_zero3_refused_for_strategy_that_cannot(tiny_config, monkeypatch):
         preflight(cfg)
 
 
+def test_partitions_only_refuses_strategies_that_need_whole_weights_before_start(tiny_config, tmp_path):
+    from forgetless.platform.runner import preflight
+
+    cfg = tiny_config(deepspeed={"zero_stage": 3, "partitions_only": True}, strategies=["finetune", "fast"])
+    with pytest.raises(ConfigError, match=r"strategies\[fast\]: fast reads or rewrites whole weights.*'finetune'"):
+        preflight(load_config(cfg))
+    preflight(load_config({**cfg, "strategies": ["finetune", "lp_ft"]}))  # both stay partitioned
+    with pytest.raises(ConfigError, match="deepspeed: partitions_only.*zero_stage: 3"):
+        load_config(tiny_config(deepspeed={"zero_stage": 2, "partitions_only": True}))
+    p = tmp_path / "c.yaml"  # the CLI: exit 2, nothing started
+    p.write_text(yaml.safe_dump(cfg))
+    out = subprocess.run([sys.executable, "-m", "forgetless.cli", "run", str(p), "--strategy", "fast"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2 and "partitions_only" in out.stderr and "starting Ray" not in out.stderr
+
+
 def test_cli_bad_config_exits_nonzero_before_ray(tmp_path, tiny_config):
     cfg = tiny_config()
     cfg["train"]["epochs"] = 0

@@ -43,7 +43,7 @@ from forgetless.platform.results import (CompareResult, StopPoint, StrategyResul
                                          summary_metrics)
 from forgetless.platform.train_loop import FINAL_CHECKPOINT, MODEL_FILE, STATE_FILE, train_worker
 from forgetless.platform.worker_job import CheckpointPolicy, RunState, StopPointRef, WorkerJob
-from forgetless.strategies import get_strategy_class, make_strategy
+from forgetless.strategies import available_strategies, get_strategy_class, make_strategy
 from forgetless.strategies.base import check_trajectory_ends, task_infos
 
 TRAJECTORY_FILE = "trajectory.json"
@@ -97,6 +97,13 @@ def _check_strategies(cfg: ExperimentConfig) -> None:
                 f"strategies[{s.display_name()}]: {s.name} supports DeepSpeed ZeRO stage <= {cls.max_zero_stage} "
                 f"(it reads weights outside a module's forward); set deepspeed.zero_stage to {cls.max_zero_stage}"
             )
+        if cfg.deepspeed.partitions_only and not cls.works_on_partitions:
+            keep = [n for n in available_strategies() if get_strategy_class(n).works_on_partitions
+                    and get_strategy_class(n).transfer]
+            raise ConfigError(
+                f"strategies[{s.display_name()}]: {s.name} reads or rewrites whole weights outside the engine, so "
+                f"under ZeRO-3 every worker would build and gather the full model, which deepspeed.partitions_only "
+                f"refuses; strategies that stay partitioned: {keep} (or set deepspeed.partitions_only: false)")
         if cls.supported_backbones is not None and not any(cfg.backbone.name.startswith(b)
                                                            for b in cls.supported_backbones):
             raise ConfigError(f"strategies[{s.display_name()}]: {s.name} does not support backbone "
