@@ -6,7 +6,7 @@ a Ray head, worker nodes, MLflow server, S3), measured A B A B.
 
 Every measured compare is the demo's three strategies (finetune, linear_probe, lp_ft) with 1 worker per run, labelled
 afresh each time (so no finished run is reused) and started from one shared pre-training (a warm-up compare does it);
-`sequential` is `--max-concurrent 1`, `fanned out` the default (as many runs as the cluster fits: one per node here).
+`sequential` is `scaling.max_concurrent: 1`, `fanned out` the default (0) (as many runs as the cluster fits: one per node here).
 The wall time is the whole `forgetless compare` process, from the outside. Results: benchmarks/results/fanout.json.
 """
 from __future__ import annotations
@@ -34,12 +34,12 @@ def compare(env: dict[str, str], work: Path, storage: str, tag: str, max_concurr
 
     cfg = yaml.safe_load((ROOT / "examples/digits_transfer.yaml").read_text())
     cfg.update(storage=storage, strategies=[{"name": s, "label": f"{s}-{tag}"} for s in STRATEGIES],
-               scaling={"num_workers": 1}, tracking={"log_model": False, "experiment": "fanout"})
+               scaling={"num_workers": 1, "max_concurrent": max_concurrent or 0},
+               tracking={"log_model": False, "experiment": "fanout"})
     (work / "fanout.yaml").write_text(yaml.safe_dump(cfg))
-    extra = ["--", "--max-concurrent", str(max_concurrent)] if max_concurrent is not None else []
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "forgetless.cli", "submit", "fanout.yaml", "--address", dashboard,
-                    "--command", "compare", "--follow", *extra], check=True, env=env, cwd=work,
+                    "--command", "compare", "--follow"], check=True, env=env, cwd=work,
                    stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
 
