@@ -53,11 +53,15 @@ def test_board_prints_a_line_whenever_a_run_moves_on(tmp_path):
         time.sleep(0.3)
         progress.write_progress(run_a, progress.progress_record("finetune", 1, [1], "done", 0, 1, 2, 2, 20, 1.0,
                                                                 0.9, finished=True))
+        # a run's end record carries no accuracies; written just before the run is unwatched (no look in between)
+        progress.write_progress(run_b, progress.progress_record("linear_probe", 1, [1], "done", 0, 1, 2, 2, 10, None,
+                                                                None, finished=True))
     lines = out.getvalue().splitlines()
     ft = [ln for ln in lines if ln.startswith("[forgetless] finetune")]
     assert [("epoch 1/2" in ln, "epoch 2/2" in ln, ln.endswith("done")) for ln in ft] == [
         (True, False, False), (False, True, False), (False, True, True)]
-    assert sum(ln.startswith("[forgetless] linear_probe") for ln in lines) == 1
+    lp = [ln for ln in lines if ln.startswith("[forgetless] linear_probe")]
+    assert len(lp) == 2 and lp[-1].endswith("done") and "target 40.0%  source 90.0%" in lp[-1]
     assert "target 100.0%" in ft[-1]
 
 

@@ -103,7 +103,7 @@ class ProgressBoard:
             with self._lock:
                 watched = self._runs.pop(label, None)
             if watched is not None:  # the last word on it: its final state, as a line that stays
-                watched.record = read_progress(watched.run_uri) or watched.record
+                watched.record = carry_accuracies(watched.record, read_progress(watched.run_uri))
                 self._print_final(watched)
 
     def _loop(self) -> None:

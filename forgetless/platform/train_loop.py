@@ -119,7 +119,7 @@ def train_worker(job: WorkerJob) -> None:
             run.state.enter_stage(stage)
         train_stage(run, stage)
     run.state.finished = True
-    log(run, f"finished after {run.state.global_step} optimizer steps")
+    detail(run, f"finished after {run.state.global_step} optimizer steps")
     save_checkpoint(run, {"finished": 1, "global_step": run.state.global_step}, FINAL_CHECKPOINT)
     report_progress(run)
 
@@ -219,8 +219,8 @@ def train_phase(run: WorkerRun, stage: int, p: int, phase: Phase) -> None:
     n_trainable = sum(getattr(prm, "ds_numel", prm.numel()) for prm in phase.trainable())
     state.trainable_params[f"{stage}/{phase.name}"] = n_trainable
     resume_optimizer(run)
-    log(run, f"stage {stage} ({run.infos[stage].name}) phase {phase.name}: {n_trainable} trainable parameters, "
-             f"{phase.epochs} epochs")
+    detail(run, f"stage {stage} ({run.infos[stage].name}) phase {phase.name}: {n_trainable} trainable parameters, "
+                f"{phase.epochs} epochs")
     # the validation losses this phase has seen, for its stop rule (resumed runs continue the list)
     val_losses = [h["loss"][str(stage)] for h in state.history if h["stage"] == stage and h["phase"] == phase.name]
     for epoch in range(state.epoch, phase.epochs):
@@ -450,8 +450,8 @@ def save_checkpoint(run: WorkerRun, metrics: dict[str, float], name: str) -> Non
     timing.add(run.state.seconds, "checkpoint_commit", time.perf_counter() - t0)
     run.commits += 1
     if name == FINAL_CHECKPOINT:
-        log(run, f"{run.commits} checkpoints written; waited {run.commit_wait_seconds:.1f} s in all for Ray Train "
-                 f"to commit them ({run.commit_wait_seconds / run.commits:.2f} s each)")
+        detail(run, f"{run.commits} checkpoints written; waited {run.commit_wait_seconds:.1f} s in all for Ray "
+                    f"Train to commit them ({run.commit_wait_seconds / run.commits:.2f} s each)")
     if not committed:
         warn(run, f"checkpoint {name} was not committed by Ray Train within {checkpoints.COMMIT_TIMEOUT_S:.0f} s; "
                   f"it gets no manifest and is not a resume point")
@@ -629,6 +629,12 @@ def log(run: WorkerRun, msg: str) -> None:
         # (the table, or --json).
         sys.stderr.write(f"[forgetless {run.job.display_name}] {msg}\n")
         sys.stderr.flush()
+
+
+def detail(run: WorkerRun, msg: str) -> None:
+    """A line only `--verbose` shows: what the driver's progress view and the table already say (phase, steps)."""
+    if console.verbose():
+        log(run, msg)
 
 
 def warn(run: WorkerRun, msg: str) -> None:
