@@ -44,6 +44,11 @@ def test_board_prints_a_line_whenever_a_run_moves_on(tmp_path):
     board = progress.ProgressBoard(stream=out, every=0.05, live=False)
     run_a, run_b = str(tmp_path / "a"), str(tmp_path / "b")
     with board.watch("finetune", run_a), board.watch("linear_probe", run_b):
+        # workers up: a fresh start prints nothing in a log (the driver said the run started), a resume its step
+        progress.write_progress(run_a, progress.progress_record("finetune", 1, [1], "-", 0, 1, 0, 0, 0, None, None))
+        progress.write_progress(run_b, progress.progress_record("linear_probe", 1, [1], "-", 0, 1, 0, 0, 3, None,
+                                                                None))
+        time.sleep(0.3)
         for epoch in (1, 2):
             progress.write_progress(run_a, progress.progress_record("finetune", 1, [1], "all", 0, 1, epoch, 2,
                                                                     10 * epoch, 0.5 * epoch, 0.9))
@@ -61,7 +66,8 @@ def test_board_prints_a_line_whenever_a_run_moves_on(tmp_path):
     assert [("epoch 1/2" in ln, "epoch 2/2" in ln, ln.endswith("done")) for ln in ft] == [
         (True, False, False), (False, True, False), (False, True, True)]
     lp = [ln for ln in lines if ln.startswith("[forgetless] linear_probe")]
-    assert len(lp) == 2 and lp[-1].endswith("done") and "target 40.0%  source 90.0%" in lp[-1]
+    assert len(lp) == 3 and "training from step 3" in lp[0]
+    assert lp[-1].endswith("done") and "target 40.0%  source 90.0%" in lp[-1]
     assert "target 100.0%" in ft[-1]
 
 

@@ -142,7 +142,9 @@ class ProgressBoard:
         for w in runs:
             r = w.record
             key = None if r is None else (r["stage"], r["phase"], r["epoch"], r["finished"])
-            if r is not None and key != w.shown:
+            # a fresh start says nothing the driver's "Ray Train run ..." line did not (a resume says its step)
+            fresh_start = r is not None and r["phase"] == "-" and not r["finished"] and not r["step"]
+            if r is not None and key != w.shown and not fresh_start:
                 w.shown = key
                 print(f"[forgetless] {format_line(w.label, r, time.time() - w.started)}", file=self.stream,
                       flush=True)
