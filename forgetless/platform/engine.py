@@ -231,14 +231,13 @@ def destroy_engine(engine) -> None:
 def release_free_memory() -> None:
     """Return freed heap memory to the system (glibc's malloc_trim; a no-op elsewhere)."""
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    if sys.platform.startswith("linux") and name:
-        try:
-            ctypes.CDLL(name).malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (musl has no malloc_trim): nothing to give back this way
-            pass
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols, libc's among them
+    except AttributeError:  # not glibc (musl has no malloc_trim): nothing to give back this way
+        pass
 
 
 def import_muon_without_compiling() -> None:

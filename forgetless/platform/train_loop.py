@@ -233,9 +233,9 @@ def train_phase(run: WorkerRun, stage: int, p: int, phase: Phase) -> None:
         if state.phase_done:
             state.phase_log.append({"stage": stage, "phase": phase.name, "epochs": epoch + 1, "steps": state.phase_step,
                                     "stopped_early": stop, "end_step": state.global_step})
-        shown = {k.removeprefix("pretrain/"): round(v, 4) for k, v in metrics.items()
-                 if k.endswith(("val/source/acc", "val/target/acc", "train/loss"))}
         if console.verbose():  # otherwise the driver shows it (platform/progress.py)
+            shown = {k.removeprefix("pretrain/"): round(v, 4) for k, v in metrics.items()
+                     if k.endswith(("val/source/acc", "val/target/acc", "train/loss"))}
             log(run, f"stage {stage} phase {phase.name} epoch {epoch + 1}/{phase.epochs} step {state.global_step} "
                      f"{shown}")
         report_progress(run, (p, phase, metrics))
