@@ -1,4 +1,7 @@
 """Tasks from real packaged data and from user files: splits, class subsets, determinism, transforms."""
+import subprocess
+import sys
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -69,3 +72,18 @@ def test_user_npz_and_parquet(tmp_path):
 def test_missing_class_is_an_error():
     with pytest.raises(ValueError, match="do not occur"):
         build_task(TaskConfig(dataset="digits", classes=[1, 42]))
+
+
+def test_digits_are_scikit_learns_digits_read_without_importing_it():
+    from sklearn.datasets import load_digits
+
+    x, y = load_raw_dataset("digits")
+    d = load_digits()
+    assert x.shape == (1797, 1, 8, 8) and x.dtype == np.float32
+    np.testing.assert_array_equal(x[:, 0], (d.images / 16.0).astype(np.float32))
+    np.testing.assert_array_equal(y, d.target)
+    # a fresh process: building a digits task must not import scikit-learn (1.5-3 s in every worker)
+    code = ("import sys; from forgetless.data import build_task; from forgetless.config import TaskConfig; "
+            "build_task(TaskConfig(dataset='digits', classes=[0, 1])); print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
