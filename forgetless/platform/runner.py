@@ -35,7 +35,7 @@ from forgetless.console import say
 from forgetless.data import build_stream
 from forgetless.hashing import short_hash
 from forgetless.platform import (build_locks, checkpoints, fanout, model_export, plots, progress, reaper, report_html,
-                                 review, timing, tracking, watchdog)
+                                 review, shared_tasks, timing, tracking, watchdog)
 from forgetless.platform import metrics as M
 from forgetless.platform.engine import check_deepspeed_extra
 from forgetless.platform.model_io import build_model, load_pretrained, load_torch_file
@@ -77,6 +77,7 @@ def preflight(cfg: ExperimentConfig) -> str:
         tasks = build_stream(cfg.source, cfg.targets)
     except (ValueError, OSError) as e:
         raise ConfigError(f"tasks: {e}") from None
+    shared_tasks.remember(cfg, tasks)  # the runs' workers read these from the object store instead of rebuilding
     _check_builtin_model(cfg, tasks, weights)
     for s in cfg.strategies:  # the strategies' own whole-experiment checks (e.g. a permutation spec exists)
         try:
@@ -294,7 +295,8 @@ def fit(cfg: ExperimentConfig, job: WorkerJob, keep_all_checkpoints: bool, callb
     `callbacks`: Ray Train UserCallbacks (a Tune trial passes one that forwards each report to Tune)."""
     # Workers run in a folder of Ray Train's own: a relative storage path means the driver's folder, so they are given
     # the absolute one (they write each checkpoint's manifest under it and restore from it).
-    job = dataclasses.replace(job, config=job.config.model_copy(update={"storage": storage.normalize(cfg.storage)}))
+    job = dataclasses.replace(job, config=job.config.model_copy(update={"storage": storage.normalize(cfg.storage)}),
+                              tasks=shared_tasks.share(job.config))
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=job,
@@ -520,7 +522,7 @@ def _strategy_doc(name: str) -> str | None:
 def load_model(cfg: ExperimentConfig, res: StrategyResult):
     """Rebuild the trained model (strategy surgery included) from the run's consolidated checkpoint."""
     s = next(s for s in cfg.strategies if s.display_name() == res.label)
-    tasks = build_stream(cfg.source, cfg.targets)
+    tasks = shared_tasks.built_stream(cfg)
     model = build_model(cfg, task_infos(tasks), make_strategy(s.name, s.params, cfg.train.epochs, cfg.train.lr))
     model.load_state_dict(load_torch_file(storage.join(res.checkpoint_uri, MODEL_FILE)))
     return model.eval(), tasks

@@ -28,7 +28,7 @@ from forgetless.data import TaskData, build_stream
 from forgetless.data.kinds import CAUSAL_LM
 from forgetless.data.sharding import derive_seed, shard_batches
 from forgetless import console, storage
-from forgetless.platform import build_locks, checkpoints, progress, quiet, review, timing, tracking
+from forgetless.platform import build_locks, checkpoints, progress, quiet, review, shared_tasks, timing, tracking
 from forgetless.platform import engine as ds
 from forgetless.platform.engine import (consolidated_state_dict, destroy_engine, ensure_accelerator_env, full_state_dict,
                                         make_engine, weight_access)
@@ -140,7 +140,8 @@ def open_run(job: WorkerJob) -> WorkerRun:
     """Build this worker's tasks, strategy and model (identical on every rank) and a fresh run state."""
     cfg = job.config
     ctx = ray.train.get_context()
-    tasks = build_stream(cfg.source, cfg.targets)[: job.num_tasks]
+    tasks = (shared_tasks.fetch(job.tasks) if job.tasks is not None else build_stream(cfg.source, cfg.targets))[
+        : job.num_tasks]
     infos = task_infos(tasks)
     strategy = make_strategy(job.strategy.name, job.strategy.params, job.optim.epochs, job.optim.lr)
     construction = nullcontext()

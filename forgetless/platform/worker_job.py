@@ -63,6 +63,7 @@ class WorkerJob:
     init_weights: str | None = None  # a state dict (path or s3://) loaded into the fresh model before training
     trajectory: list[StopPointRef] = field(default_factory=list)  # for strategies that need the stop points
     submitted_at: float | None = None  # the driver's wall clock as it submits the run (timing.PARTS start_workers)
+    tasks: Any = None  # the driver's built stream in Ray's object store (shared_tasks); None: the worker builds it
 
     @property
     def use_gpu(self) -> bool:
