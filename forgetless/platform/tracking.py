@@ -10,7 +10,9 @@ import logging
 import math
 import os
 import re
+import shutil
 import socket
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -94,6 +96,56 @@ def flatten(prefix: str, obj: Any) -> dict[str, Any]:
     return out
 
 
+def seed_new_sqlite_store(uri: str) -> None:
+    """A new SQLite store starts as a copy of an empty store already at MLflow's current schema.
+
+    MLflow creates a SQLite store by running every one of its schema migrations (alembic, ~200 scripts): about 2 s on
+    a 2-core machine, at the first run in every folder (the demo) and in every test that tracks into a fresh folder.
+    The migrated empty store is made once per MLflow version (in the temp folder, written atomically: any process may
+    make it or use it) and copied; MLflow then finds its tables and schema version in place and only adds its default
+    experiment, with this store's own artifact location. Any problem falls back to MLflow's own creation."""
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri[len("sqlite:///"):])
+    if db.exists() or not db.parent.is_dir():
+        return
+    try:
+        template = _empty_store_template()
+        tmp = db.with_name(f".{db.name}.{os.getpid()}.{time.monotonic_ns()}")
+        shutil.copyfile(template, tmp)
+        try:
+            os.link(tmp, db)  # never replaces a store another process created meanwhile
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    except Exception:  # noqa: BLE001 - an optimisation only: MLflow creates the store itself
+        return
+
+
+def _empty_store_template() -> Path:
+    import mlflow
+    import sqlalchemy
+    from mlflow.store.db.utils import _initialize_tables  # MLflow's own creation of a store's schema
+
+    template = Path(tempfile.gettempdir()) / f"forgetless-mlflow-{mlflow.__version__}-empty-store.db"
+    if template.exists():
+        return template
+    tmp = template.with_name(f".{template.name}.{os.getpid()}.{time.monotonic_ns()}")
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
+    try:
+        _initialize_tables(engine)
+    finally:
+        engine.dispose()
+    try:
+        os.link(tmp, template)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return template
+
+
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 
@@ -101,6 +153,7 @@ def client(uri: str):
         # its two INFO lines on a new sqlite store ("Creating initial MLflow database tables...") ask nothing of a
         # user
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    seed_new_sqlite_store(uri)
     return MlflowClient(tracking_uri=uri)
 
 
