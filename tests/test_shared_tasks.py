@@ -39,4 +39,6 @@ def test_the_driver_rebuilds_when_the_configs_change(tiny_config, tmp_path):
     tasks = shared_tasks.built_stream(other)
     assert tasks is not first and tasks[0].input_shape == (1, 8, 8)
     assert not torch.equal(tasks[0].x_train[:1].flatten()[:16], first[0].x_train[:1].flatten()[:16])
-    assert shared_tasks.stream_key(cfg) not in shared_tasks._BUILT  # only the latest stream is kept
+    for i in range(shared_tasks.KEEP):  # a few streams are kept, the oldest dropped first
+        shared_tasks.built_stream(load_config(tiny_config(source={"dataset": "digits", "classes": [0, 1 + i]})))
+    assert shared_tasks.stream_key(cfg) not in shared_tasks._BUILT and len(shared_tasks._BUILT) == shared_tasks.KEEP

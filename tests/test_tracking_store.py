@@ -4,8 +4,8 @@ from pathlib import Path
 from forgetless.platform import tracking
 
 
-def test_a_seeded_store_is_mlflows_own_and_an_existing_one_is_never_replaced(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_a_seeded_store_is_mlflows_own_and_an_existing_one_is_never_replaced(workdir):
+    tmp_path = workdir  # the default store ./mlflow.db (MLFLOW_TRACKING_URI unset)
     uri = tracking.resolve_tracking_uri(None)
     tracking.seed_new_sqlite_store(uri)
     assert Path("mlflow.db").is_file()

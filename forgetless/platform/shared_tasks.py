@@ -8,15 +8,19 @@ them from there; a worker given no reference (a job built by hand) still builds 
 from __future__ import annotations
 
 import json
+import threading
 
 import ray
 
 from forgetless.config import ExperimentConfig
 from forgetless.data import TaskData, build_stream
 
-# the tasks the driver built last, keyed by their configs: preflight rebuilds them at every compare/run/tune call, so a
-# data file changed between two calls of one Python session is read again
+# the streams the driver built last, keyed by their configs (a compare's runs fan out over threads: a lock, and a few
+# kept, not one). preflight rebuilds the stream at every compare/run/tune call, so a data file changed between two
+# calls of one Python session is read again.
 _BUILT: dict[str, list[TaskData]] = {}
+_LOCK = threading.Lock()
+KEEP = 4
 GET_TIMEOUT_S = 600
 
 
@@ -25,16 +29,22 @@ def stream_key(cfg: ExperimentConfig) -> str:
 
 
 def remember(cfg: ExperimentConfig, tasks: list[TaskData]) -> None:
-    _BUILT.clear()  # one stream at a time: a long Python session keeps no earlier data alive
-    _BUILT[stream_key(cfg)] = tasks
+    key = stream_key(cfg)
+    with _LOCK:
+        _BUILT.pop(key, None)
+        _BUILT[key] = tasks
+        while len(_BUILT) > KEEP:  # a long Python session keeps no more than a few streams alive
+            _BUILT.pop(next(iter(_BUILT)))
 
 
 def built_stream(cfg: ExperimentConfig) -> list[TaskData]:
-    """The stream of `cfg`: the one the driver built last if its configs are the same, else built now."""
-    key = stream_key(cfg)
-    if key not in _BUILT:
-        remember(cfg, build_stream(cfg.source, cfg.targets))
-    return _BUILT[key]
+    """The stream of `cfg`: the one the driver built for the same configs, else built now."""
+    with _LOCK:
+        tasks = _BUILT.get(stream_key(cfg))
+    if tasks is None:
+        tasks = build_stream(cfg.source, cfg.targets)
+        remember(cfg, tasks)
+    return tasks
 
 
 def share(cfg: ExperimentConfig) -> ray.ObjectRef:
