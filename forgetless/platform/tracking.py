@@ -111,16 +111,22 @@ def seed_new_sqlite_store(uri: str) -> None:
         return
     try:
         template = _empty_store_template()
-        tmp = db.with_name(f".{db.name}.{os.getpid()}.{time.monotonic_ns()}")
-        shutil.copyfile(template, tmp)
-        try:
-            os.link(tmp, db)  # never replaces a store another process created meanwhile
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
+        _put_in_place(db, lambda tmp: shutil.copyfile(template, tmp))
     except Exception:  # noqa: BLE001 - an optimisation only: MLflow creates the store itself
         return
+
+
+def _put_in_place(final: Path, write) -> None:
+    """`write(tmp)` a file next to `final`, then link it in as `final` unless another process did first (a link never
+    replaces a file; a reader never sees a half-written one)."""
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.{time.monotonic_ns()}")
+    try:
+        write(tmp)
+        os.link(tmp, final)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _empty_store_template() -> Path:
@@ -131,18 +137,15 @@ def _empty_store_template() -> Path:
     template = Path(tempfile.gettempdir()) / f"forgetless-mlflow-{mlflow.__version__}-empty-store.db"
     if template.exists():
         return template
-    tmp = template.with_name(f".{template.name}.{os.getpid()}.{time.monotonic_ns()}")
-    engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
-    try:
-        _initialize_tables(engine)
-    finally:
-        engine.dispose()
-    try:
-        os.link(tmp, template)
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink()
+
+    def migrate(tmp: Path) -> None:
+        engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
+        try:
+            _initialize_tables(engine)
+        finally:
+            engine.dispose()
+
+    _put_in_place(template, migrate)
     return template
 
 
