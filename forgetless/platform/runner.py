@@ -35,7 +35,7 @@ from forgetless.console import say
 from forgetless.data import build_stream
 from forgetless.hashing import short_hash
 from forgetless.platform import (build_locks, checkpoints, fanout, model_export, plots, progress, reaper, report_html,
-                                 review, shared_tasks, timing, tracking, watchdog)
+                                 placement_groups, review, shared_tasks, timing, tracking, watchdog)
 from forgetless.platform import metrics as M
 from forgetless.platform.engine import check_deepspeed_extra
 from forgetless.platform.model_io import build_model, load_pretrained, load_torch_file
@@ -187,6 +187,8 @@ def init_ray(address: str | None, use_gpu: bool, num_cpus: int | None = None) ->
     # training workers are the job here, so they run at normal priority. (A cluster started with `ray start` keeps its
     # own setting: RAY_worker_niceness=0 in the environment of `ray start` does the same there.)
     system_config = None if address else {"worker_niceness": 0}
+    global _EMBEDDED_CLUSTER
+    _EMBEDDED_CLUSTER = not address
     if address:
         # A driver that runs as a Ray job already has its job's variables, and Ray refuses a driver runtime env that
         # sets one of them again (e.g. FORGETLESS_VERBOSE from `forgetless --verbose submit`): leave those out.
@@ -201,6 +203,11 @@ def init_ray(address: str | None, use_gpu: bool, num_cpus: int | None = None) ->
     # parent run is marked KILLED (tracking.end_status). Only the main thread may set a handler.
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _sigterm_as_sigint)
+
+
+# Whether this process started the Ray cluster it is connected to (init_ray): then fits clean their own placement
+# groups up (placement_groups) instead of starting Ray Train's cleaner process for each run.
+_EMBEDDED_CLUSTER = False
 
 
 # Ray Train's controller collects reports (and commits checkpoints) once per health-check poll, 2 s by default; every
@@ -297,7 +304,16 @@ def fit(cfg: ExperimentConfig, job: WorkerJob, keep_all_checkpoints: bool, callb
     # the absolute one (they write each checkpoint's manifest under it and restore from it).
     job = dataclasses.replace(job, config=job.config.model_copy(update={"storage": storage.normalize(cfg.storage)}),
                               tasks=shared_tasks.share(job.config))
-    trainer = TorchTrainer(
+    if not (_EMBEDDED_CLUSTER and placement_groups.replaceable()):
+        return _trainer(TorchTrainer, cfg, job, keep_all_checkpoints, callbacks).fit()
+    with placement_groups.cleaned_by_driver() as record_file:
+        trainer_class = functools.partial(placement_groups.DriverCleanedTorchTrainer, record_file=record_file)
+        return _trainer(trainer_class, cfg, job, keep_all_checkpoints, callbacks).fit()
+
+
+def _trainer(trainer_class, cfg: ExperimentConfig, job: WorkerJob, keep_all_checkpoints: bool,
+             callbacks: list | None):
+    return trainer_class(
         train_worker,
         train_loop_config=job,
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
@@ -314,7 +330,6 @@ def fit(cfg: ExperimentConfig, job: WorkerJob, keep_all_checkpoints: bool, callb
             logging_config=LoggingConfig(log_level="INFO" if console.verbose() else "WARNING"),
         ),
     )
-    return trainer.fit()
 
 
 def _read_state(result) -> RunState:

@@ -1,0 +1,77 @@
+"""In an embedded cluster a fit starts no PlacementGroupCleaner process, and the driver removes the placement group a
+Train controller that died left behind (the one job Ray Train's cleaner did)."""
+import os
+import signal
+import sys
+import threading
+import time
+
+import pytest
+from ray import cloudpickle
+from ray.train import RunConfig, ScalingConfig
+from ray.util.state import list_actors
+
+from forgetless.platform import placement_groups, runner
+
+pytestmark = pytest.mark.e2e
+
+
+def _sleep_in_training():
+    time.sleep(120)
+
+
+# The workers cannot import this test module: its train function travels by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _alive(class_name: str):
+    return list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")], raise_on_missing_output=False)
+
+
+def _wait_for(predicate, seconds: float, what: str):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"waited {seconds:.0f} s for {what}")
+
+
+def test_a_killed_controllers_group_is_removed_by_the_driver(ray_session, tmp_path, capsys):
+    assert runner._EMBEDDED_CLUSTER and placement_groups.replaceable()
+    cpus = ray_session.cluster_resources()["CPU"]
+    outcome = {}
+
+    def fit():
+        try:
+            with placement_groups.cleaned_by_driver() as record_file:
+                outcome["record_file"] = record_file
+                placement_groups.DriverCleanedTorchTrainer(
+                    _sleep_in_training, record_file=record_file, scaling_config=ScalingConfig(num_workers=2),
+                    run_config=RunConfig(name="killed-controller", storage_path=str(tmp_path))).fit()
+        except Exception as e:  # the controller's death ends the fit with an error
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit)
+    thread.start()
+    workers = _wait_for(lambda: len(_alive("RayTrainWorker")) == 2, 180, "the two training workers")
+    assert workers
+    assert ray_session.available_resources().get("CPU", 0) == 0  # the run's group holds both CPUs
+    assert not _alive("PlacementGroupCleaner")  # no cleaner process was started for this run
+    # the controller records its group once the worker group has started
+    _wait_for(lambda: os.path.exists(outcome["record_file"]), 60, "the controller's record of its group")
+
+    controller = _alive("TrainController")[0]
+    os.kill(controller.pid, signal.SIGKILL)  # dies without removing its placement group
+    thread.join(120)
+    assert not thread.is_alive() and "error" in outcome
+
+    # Without the driver's clean-up the group would hold both CPUs for as long as the driver lives.
+    _wait_for(lambda: ray_session.available_resources().get("CPU", 0) == cpus, 60, "the CPUs to be free again")
+    assert "removed 1 placement group(s)" in capsys.readouterr().err
+    assert not os.path.exists(outcome["record_file"])
+
+
+def test_without_a_record_nothing_is_removed(tmp_path):
+    assert placement_groups.remove_recorded(str(tmp_path / "missing.txt")) == []
