@@ -35,7 +35,7 @@ from forgetless.console import say
 from forgetless.data import build_stream
 from forgetless.hashing import short_hash
 from forgetless.platform import (build_locks, checkpoints, fanout, model_export, plots, progress, reaper, report_html,
-                                 placement_groups, review, shared_tasks, timing, tracking, watchdog)
+                                 lean_trainer, review, shared_tasks, timing, tracking, watchdog)
 from forgetless.platform import metrics as M
 from forgetless.platform.engine import check_deepspeed_extra
 from forgetless.platform.model_io import build_model, load_pretrained, load_torch_file
@@ -206,7 +206,7 @@ def init_ray(address: str | None, use_gpu: bool, num_cpus: int | None = None) ->
 
 
 # Whether this process started the Ray cluster it is connected to (init_ray): then fits clean their own placement
-# groups up (placement_groups) instead of starting Ray Train's cleaner process for each run.
+# groups up (lean_trainer) instead of starting Ray Train's cleaner process for each run.
 _EMBEDDED_CLUSTER = False
 
 
@@ -304,10 +304,12 @@ def fit(cfg: ExperimentConfig, job: WorkerJob, keep_all_checkpoints: bool, callb
     # the absolute one (they write each checkpoint's manifest under it and restore from it).
     job = dataclasses.replace(job, config=job.config.model_copy(update={"storage": storage.normalize(cfg.storage)}),
                               tasks=shared_tasks.share(job.config))
-    if not (_EMBEDDED_CLUSTER and placement_groups.replaceable()):
+    if not lean_trainer.replaceable():
         return _trainer(TorchTrainer, cfg, job, keep_all_checkpoints, callbacks).fit()
-    with placement_groups.cleaned_by_driver() as record_file:
-        trainer_class = functools.partial(placement_groups.DriverCleanedTorchTrainer, record_file=record_file)
+    if not _EMBEDDED_CLUSTER:
+        return _trainer(lean_trainer.LeanTorchTrainer, cfg, job, keep_all_checkpoints, callbacks).fit()
+    with lean_trainer.cleaned_by_driver() as record_file:
+        trainer_class = functools.partial(lean_trainer.LeanTorchTrainer, record_file=record_file)
         return _trainer(trainer_class, cfg, job, keep_all_checkpoints, callbacks).fit()
 
 

@@ -1,5 +1,6 @@
-"""In an embedded cluster a fit starts no PlacementGroupCleaner process, and the driver removes the placement group a
-Train controller that died left behind (the one job Ray Train's cleaner did)."""
+"""A fit of forgetless's trainer starts no DatasetManager (it has no datasets) and, in an embedded cluster, no
+PlacementGroupCleaner: the driver removes the placement group a Train controller that died left behind (the one job
+Ray Train's cleaner did)."""
 import os
 import signal
 import sys
@@ -11,7 +12,7 @@ from ray import cloudpickle
 from ray.train import RunConfig, ScalingConfig
 from ray.util.state import list_actors
 
-from forgetless.platform import placement_groups, runner
+from forgetless.platform import lean_trainer, runner
 
 pytestmark = pytest.mark.e2e
 
@@ -39,15 +40,15 @@ def _wait_for(predicate, seconds: float, what: str):
 
 
 def test_a_killed_controllers_group_is_removed_by_the_driver(ray_session, tmp_path, capsys):
-    assert runner._EMBEDDED_CLUSTER and placement_groups.replaceable()
+    assert runner._EMBEDDED_CLUSTER and lean_trainer.replaceable()
     cpus = ray_session.cluster_resources()["CPU"]
     outcome = {}
 
     def fit():
         try:
-            with placement_groups.cleaned_by_driver() as record_file:
+            with lean_trainer.cleaned_by_driver() as record_file:
                 outcome["record_file"] = record_file
-                placement_groups.DriverCleanedTorchTrainer(
+                lean_trainer.LeanTorchTrainer(
                     _sleep_in_training, record_file=record_file, scaling_config=ScalingConfig(num_workers=2),
                     run_config=RunConfig(name="killed-controller", storage_path=str(tmp_path))).fit()
         except Exception as e:  # the controller's death ends the fit with an error
@@ -59,6 +60,7 @@ def test_a_killed_controllers_group_is_removed_by_the_driver(ray_session, tmp_pa
     assert workers
     assert ray_session.available_resources().get("CPU", 0) == 0  # the run's group holds both CPUs
     assert not _alive("PlacementGroupCleaner")  # no cleaner process was started for this run
+    assert not _alive("DatasetManager")  # nor a manager of Ray Datasets it does not have
     # the controller records its group once the worker group has started
     _wait_for(lambda: os.path.exists(outcome["record_file"]), 60, "the controller's record of its group")
 
@@ -74,4 +76,4 @@ def test_a_killed_controllers_group_is_removed_by_the_driver(ray_session, tmp_pa
 
 
 def test_without_a_record_nothing_is_removed(tmp_path):
-    assert placement_groups.remove_recorded(str(tmp_path / "missing.txt")) == []
+    assert lean_trainer.remove_recorded(str(tmp_path / "missing.txt")) == []

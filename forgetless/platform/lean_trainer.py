@@ -1,0 +1,117 @@
+"""The TorchTrainer forgetless fits with: Ray Train V2 without the helper processes forgetless has no use for.
+
+Besides the Train controller and one process per worker, every `TorchTrainer.fit()` of Ray Train V2 (2.60) starts
+helper actors, each a Python process that imports Ray Train (and Ray Data) on the driver's node. Measured on a 2-core
+machine with `benchmarks/train_floor.py` (an empty train function) and the task timeline of `ray.util.state`:
+
+- a **`DatasetManager`** that serves Ray Datasets passed as `datasets=` to the trainer. forgetless passes none (the
+  workers get their tasks through the object store, platform/shared_tasks.py), yet the actor is started for every
+  fit and the workers' `init_train_context` waits on it: ~5 s of every run's start. Without datasets its callback is
+  left out (the workers' train context then has no dataset shard provider, which only `get_dataset_shard` uses).
+- a detached **`PlacementGroupCleaner`** that watches the controller once a second and removes the run's placement
+  group if the controller dies without removing it (Ray keeps the group for as long as the job lives): ~1-4 s of
+  every run (its start competes with the workers' on 2 cores; the controller waits for it to stop at the end). Where
+  the driver is on the controller's machine and outlives the run (an embedded cluster: if the driver dies, the reaper
+  ends the whole cluster), the driver does the same job without a process: a callback in the controller records each
+  placement group it creates in a file, and after `fit()` returns or raises the driver removes any recorded group still
+  there (`cleaned_by_driver`). A cluster of your own keeps Ray Train's cleaner.
+
+This leans on Ray Train V2 internals (the trainer's list of default callbacks, the worker group's placement group
+handle); where they are not as expected (`replaceable()` is false) the trainer is left as Ray made it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import ray
+from ray.train.torch import TorchTrainer
+from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+from forgetless.console import say
+
+logger = logging.getLogger(__name__)
+
+try:  # Ray Train V2 internals (ray 2.60); without them nothing changes
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+except ImportError:  # pragma: no cover - another Ray version
+    DatasetsCallback = PlacementGroupCleanerCallback = WorkerGroupCallback = None
+
+
+def replaceable() -> bool:
+    """Whether this Ray has the internals LeanTorchTrainer changes."""
+    return (WorkerGroupCallback is not None
+            and callable(getattr(TorchTrainer, "_create_default_callbacks", None)))
+
+
+if WorkerGroupCallback is not None:
+    class RecordPlacementGroups(WorkerGroupCallback):
+        """Runs in the Train controller: appends the id of every placement group a worker group starts with to a file
+        on the controller's (= the driver's) machine. A restarted worker group gets a new group: one line each."""
+
+        def __init__(self, record_file: str):
+            self.record_file = record_file
+
+        def after_worker_group_start(self, worker_group) -> None:
+            try:
+                group = worker_group.get_worker_group_state().placement_group_handle.placement_group
+                with open(self.record_file, "a") as f:
+                    f.write(group.id.hex() + "\n")
+            except Exception as e:  # recording is best effort: the run itself must not fail for it
+                logger.warning("forgetless could not record the run's placement group (%s); if the Train controller "
+                               "dies the group may keep its CPUs until the driver exits", e)
+
+
+class LeanTorchTrainer(TorchTrainer):
+    """A TorchTrainer without the DatasetManager actor when it is given no datasets, and, given `record_file` (from
+    `cleaned_by_driver`), without the PlacementGroupCleaner actor. Use only where `replaceable()`."""
+
+    def __init__(self, *args, record_file: str | None = None, **kwargs):
+        self._record_file = record_file
+        super().__init__(*args, **kwargs)
+
+    def _create_default_callbacks(self):
+        callbacks = super()._create_default_callbacks()
+        if not self.datasets:
+            callbacks = [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+        if self._record_file:
+            callbacks = [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+            callbacks.append(RecordPlacementGroups(self._record_file))
+        return callbacks
+
+
+def remove_recorded(record_file: str) -> list[str]:
+    """Remove every placement group listed in `record_file` that still exists; returns the ids removed."""
+    if not os.path.exists(record_file):
+        return []
+    removed = []
+    for line in Path(record_file).read_text().split():
+        group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(line)))
+        if placement_group_table(group).get("state") not in (None, "REMOVED"):
+            remove_placement_group(group)
+            removed.append(line)
+    return removed
+
+
+@contextmanager
+def cleaned_by_driver():
+    """Yields the record file to give `LeanTorchTrainer`; on the way out (the fit returned or raised) every placement
+    group the run left behind is removed."""
+    folder = tempfile.mkdtemp(prefix="forgetless-placement-groups-")
+    record_file = os.path.join(folder, "groups.txt")
+    try:
+        yield record_file
+    finally:
+        try:
+            removed = remove_recorded(record_file)
+            if removed:
+                say(f"removed {len(removed)} placement group(s) the run's Train controller left behind (it ended "
+                    f"without removing them): {', '.join(removed)}")
+        finally:
+            Path(record_file).unlink(missing_ok=True)
+            os.rmdir(folder)
