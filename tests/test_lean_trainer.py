@@ -54,17 +54,22 @@ def test_a_killed_controllers_group_is_removed_by_the_driver(ray_session, tmp_pa
         except Exception as e:  # the controller's death ends the fit with an error
             outcome["error"] = e
 
+    # Actors of earlier tests may still be listed as alive for a while: this run's are the ones not there before.
+    earlier = {a.actor_id for cls in ("TrainController", "RayTrainWorker") for a in _alive(cls)}
+
+    def this_runs(class_name: str):
+        return [a for a in _alive(class_name) if a.actor_id not in earlier]
+
     thread = threading.Thread(target=fit)
     thread.start()
-    workers = _wait_for(lambda: len(_alive("RayTrainWorker")) == 2, 180, "the two training workers")
-    assert workers
+    _wait_for(lambda: len(this_runs("RayTrainWorker")) == 2, 180, "the run's two training workers")
     assert ray_session.available_resources().get("CPU", 0) == 0  # the run's group holds both CPUs
     assert not _alive("PlacementGroupCleaner")  # no cleaner process was started for this run
     assert not _alive("DatasetManager")  # nor a manager of Ray Datasets it does not have
     # the controller records its group once the worker group has started
     _wait_for(lambda: os.path.exists(outcome["record_file"]), 60, "the controller's record of its group")
 
-    controller = _alive("TrainController")[0]
+    (controller,) = _wait_for(lambda: this_runs("TrainController"), 60, "the run's Train controller")
     os.kill(controller.pid, signal.SIGKILL)  # dies without removing its placement group
     thread.join(120)
     assert not thread.is_alive() and "error" in outcome
