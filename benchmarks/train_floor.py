@@ -45,8 +45,7 @@ def one_fit(side: str, workers: int, folder: str, index: int) -> dict[str, float
     if side == "ray_default":
         TorchTrainer(_enter, **kwargs).fit()
     else:
-        with lean_trainer.cleaned_by_driver() as record_file:
-            lean_trainer.LeanTorchTrainer(_enter, record_file=record_file, **kwargs).fit()
+        lean_trainer.fit(_enter, driver_cleans=True, **kwargs)  # as runner.fit on an embedded cluster
     return {"start": float(Path(entered_file).read_text()) - t0, "total": time.time() - t0}
 
 

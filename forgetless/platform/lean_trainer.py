@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import ray
@@ -69,7 +69,8 @@ if WorkerGroupCallback is not None:
 
 class LeanTorchTrainer(TorchTrainer):
     """A TorchTrainer without the DatasetManager actor when it is given no datasets, and, given `record_file` (from
-    `cleaned_by_driver`), without the PlacementGroupCleaner actor. Use only where `replaceable()`."""
+    `cleaned_by_driver`), without the PlacementGroupCleaner actor. Where this Ray lacks the internals
+    (`replaceable()` is false) it is Ray's TorchTrainer unchanged."""
 
     def __init__(self, *args, record_file: str | None = None, **kwargs):
         self._record_file = record_file
@@ -77,12 +78,21 @@ class LeanTorchTrainer(TorchTrainer):
 
     def _create_default_callbacks(self):
         callbacks = super()._create_default_callbacks()
+        if not replaceable():
+            return callbacks
         if not self.datasets:
             callbacks = [c for c in callbacks if not isinstance(c, DatasetsCallback)]
         if self._record_file:
             callbacks = [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
             callbacks.append(RecordPlacementGroups(self._record_file))
         return callbacks
+
+
+def fit(train_fn, driver_cleans: bool, **trainer_kwargs):
+    """`LeanTorchTrainer(train_fn, **trainer_kwargs).fit()`; with `driver_cleans` (only where the driver started the
+    cluster) the driver, not a PlacementGroupCleaner process, removes what the run's controller left behind."""
+    with cleaned_by_driver() if driver_cleans else nullcontext() as record_file:
+        return LeanTorchTrainer(train_fn, record_file=record_file, **trainer_kwargs).fit()
 
 
 def remove_recorded(record_file: str) -> list[str]:

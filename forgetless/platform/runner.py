@@ -25,7 +25,6 @@ import ray
 import torch
 from ray._private.utils import get_num_cpus  # the CPU count ray.init gives an embedded cluster
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
 from forgetless import storage
 from forgetless.backbones import TransferModel, build_backbone, is_builtin_backbone
@@ -304,19 +303,8 @@ def fit(cfg: ExperimentConfig, job: WorkerJob, keep_all_checkpoints: bool, callb
     # the absolute one (they write each checkpoint's manifest under it and restore from it).
     job = dataclasses.replace(job, config=job.config.model_copy(update={"storage": storage.normalize(cfg.storage)}),
                               tasks=shared_tasks.share(job.config))
-    if not lean_trainer.replaceable():
-        return _trainer(TorchTrainer, cfg, job, keep_all_checkpoints, callbacks).fit()
-    if not _EMBEDDED_CLUSTER:
-        return _trainer(lean_trainer.LeanTorchTrainer, cfg, job, keep_all_checkpoints, callbacks).fit()
-    with lean_trainer.cleaned_by_driver() as record_file:
-        trainer_class = functools.partial(lean_trainer.LeanTorchTrainer, record_file=record_file)
-        return _trainer(trainer_class, cfg, job, keep_all_checkpoints, callbacks).fit()
-
-
-def _trainer(trainer_class, cfg: ExperimentConfig, job: WorkerJob, keep_all_checkpoints: bool,
-             callbacks: list | None):
-    return trainer_class(
-        train_worker,
+    return lean_trainer.fit(
+        train_worker, driver_cleans=_EMBEDDED_CLUSTER,
         train_loop_config=job,
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
