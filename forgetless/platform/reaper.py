@@ -2,10 +2,15 @@
 
 A driver that ends normally shuts its cluster down. A killed one cannot, and Ray's helper processes (GCS, raylet,
 dashboard, idle workers) then stay alive for minutes. So next to every embedded cluster a small watcher process runs
-(`python .../forgetless/platform/reaper.py DRIVER_PID DRIVER_START SESSION_NAME`: this file run as a script, so
+(`python .../forgetless/platform/reaper.py DRIVER_PID DRIVER_STARTED SESSION_NAME`: this file run as a script, so
 it imports psutil only, not forgetless with torch and Ray; in its own session, so a signal to the driver's process
 group does not reach it): once the driver is gone it ends every process of that Ray session (their
 command lines carry the session's name; other clusters on the machine have other names) and exits.
+
+"Gone" is told by `started_token`, which must not move while the process lives: psutil's `create_time()` is the
+process's clock ticks since boot *plus the boot time, re-read from the wall clock on every call*, so a step of the wall
+clock (NTP, a VM resumed from a snapshot) changed it and a watcher took a live driver for a dead one and ended its
+cluster mid-run (seen in CI: "GCS server received SIGTERM").
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 
@@ -20,18 +26,36 @@ POLL_S = 1.0
 GRACE_S = 5.0
 
 
+def started_token(pid: int) -> str:
+    """When process `pid` started, as a string that stays the same for its whole life and differs for a later process
+    given the same pid. On Linux: its start in clock ticks since boot (/proc/PID/stat field 22), which no change of
+    the wall clock moves. Elsewhere psutil's create_time is the kernel's own record of the start (not re-derived from
+    the boot time). Raises psutil.NoSuchProcess when there is no such process."""
+    if sys.platform.startswith("linux"):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError) as gone:
+            raise psutil.NoSuchProcess(pid) from gone
+        # the command name (field 2) is in parentheses and may hold spaces or ")": count fields after the last ")"
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] in ("Z", "X"):  # a zombie has ended; only its parent has not collected its exit status yet
+            raise psutil.NoSuchProcess(pid)
+        return "ticks:" + fields[19]
+    return f"{psutil.Process(pid).create_time():.2f}"
+
+
 def start(session_name: str) -> subprocess.Popen:
     """Watch this process: when it is gone, end the processes of Ray session `session_name`."""
-    me = psutil.Process()
-    return subprocess.Popen([sys.executable, os.path.abspath(__file__), str(me.pid),
-                             f"{me.create_time():.2f}", session_name],
+    me = os.getpid()
+    return subprocess.Popen([sys.executable, os.path.abspath(__file__), str(me), started_token(me), session_name],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, close_fds=True)
 
 
 def alive(pid: int, started: str) -> bool:
+    """Whether process `pid` is the one that `started_token` described as `started`."""
     try:
-        return f"{psutil.Process(pid).create_time():.2f}" == started
+        return started_token(pid) == started
     except psutil.NoSuchProcess:
         return False
 

@@ -18,12 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from forgetless import console
 from forgetless.console import say
 from forgetless.errors import ConfigError
-from forgetless.platform import metric_buffer
+from forgetless.platform import metric_buffer, reaper
 
 PARENT_TAG = "mlflow.parentRunId"
 RUN_KEY_TAG = "forgetless.run_key"
@@ -201,8 +199,8 @@ IDENTITY_TAGS = ("forgetless.command", "forgetless.name", "forgetless.config_has
 
 
 def driver_identity(pid: int | None = None) -> str:
-    proc = psutil.Process(pid or os.getpid())
-    return f"{socket.gethostname()}:{proc.pid}:{proc.create_time():.2f}"
+    pid = pid or os.getpid()
+    return f"{socket.gethostname()}:{pid}:{reaper.started_token(pid)}"
 
 
 def driver_alive(identity: str) -> bool | None:
@@ -212,8 +210,8 @@ def driver_alive(identity: str) -> bool | None:
     if host != socket.gethostname():
         return None
     try:
-        return f"{psutil.Process(int(pid)).create_time():.2f}" == started
-    except (psutil.NoSuchProcess, ValueError):
+        return reaper.alive(int(pid), started)
+    except ValueError:
         return False
 
 

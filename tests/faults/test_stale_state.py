@@ -76,7 +76,8 @@ def _ray_processes_of(pid: int) -> list[psutil.Process]:
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_killed_driver_leaves_nothing_stale(workdir, tiny_config):
-    cfg = tiny_config(train={"epochs": 6, "lr": 0.01, "batch_size": 64})
+    # epochs of the tiny task take ~0.5 s: enough of them that the kill lands mid-run (6 once ended before it)
+    cfg = tiny_config(train={"epochs": 30, "lr": 0.01, "batch_size": 64})
     Path("tiny.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "RAY_ADDRESS": "", "FORGETLESS_WATCH_EVERY_S": "2",
            "FORGETLESS_METRIC_BUFFER": str(workdir / "buffer")}
@@ -88,6 +89,7 @@ def test_killed_driver_leaves_nothing_stale(workdir, tiny_config):
     ray_procs = _ray_processes_of(first.pid)
     assert ray_procs, "the embedded cluster's processes should be children of the driver"
     os.kill(first.pid, signal.SIGKILL)
+    assert not any(runs.glob("tiny-finetune-*/final")), "the first invocation's run ended before the kill"
     first.wait(30)
     wait_until("every Ray process of the killed driver to end",
                lambda: not [p for p in ray_procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], 120)
