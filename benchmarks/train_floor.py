@@ -1,6 +1,10 @@
 """Ray Train's own floor on this machine: `TorchTrainer.fit()` of a train function that does nothing, on the embedded
-cluster forgetless starts, with Ray Train's PlacementGroupCleaner process (Ray's default) and without it (the driver
-cleans up: forgetless/platform/lean_trainer.py), interleaved A B A B in one cluster.
+cluster forgetless starts, interleaved A B C A B C in one cluster:
+
+- `ray_default`: Ray's TorchTrainer as it comes;
+- `lean_ray_torchconfig`: forgetless's LeanTorchTrainer (no DatasetManager, no PlacementGroupCleaner process: the
+  driver cleans up) but with Ray's TorchConfig, which makes the Train controller import torch;
+- `lean`: LeanTorchTrainer as forgetless fits with it (its controller imports no torch: platform/controller_parts.py).
 
     python benchmarks/train_floor.py --pairs 3         # writes benchmarks/results/train_floor.json
 
@@ -20,7 +24,7 @@ from pathlib import Path
 
 from ray import cloudpickle
 from ray.train import RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from forgetless.platform import lean_trainer
 from forgetless.platform.runner import init_ray
@@ -44,6 +48,8 @@ def one_fit(side: str, workers: int, folder: str, index: int) -> dict[str, float
     t0 = time.time()
     if side == "ray_default":
         TorchTrainer(_enter, **kwargs).fit()
+    elif side == "lean_ray_torchconfig":
+        lean_trainer.fit(_enter, driver_cleans=True, torch_config=TorchConfig(), **kwargs)
     else:
         lean_trainer.fit(_enter, driver_cleans=True, **kwargs)  # as runner.fit on an embedded cluster
     return {"start": float(Path(entered_file).read_text()) - t0, "total": time.time() - t0}
@@ -56,7 +62,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/train_floor.json"))
     args = ap.parse_args()
     init_ray(None, use_gpu=False)
-    sides = ("ray_default", "lean")
+    sides = ("ray_default", "lean_ray_torchconfig", "lean")
     runs = {side: [] for side in sides}
     with tempfile.TemporaryDirectory() as folder:
         one_fit("ray_default", args.workers, folder, -1)  # warm-up: the first fit of a cluster starts helper actors
@@ -68,8 +74,9 @@ def main() -> None:
     summary = {side: {part: {"min": min(r[part] for r in runs[side]),
                              "median": statistics.median(r[part] for r in runs[side])} for part in ("start", "total")}
                for side in sides}
-    ratios = [b["total"] / a["total"] for a, b in zip(runs["ray_default"], runs["lean"])]
-    summary["total ratio lean / ray_default"] = {"min": min(ratios), "median": statistics.median(ratios)}
+    for base in ("ray_default", "lean_ray_torchconfig"):
+        ratios = [b["total"] / a["total"] for a, b in zip(runs[base], runs["lean"])]
+        summary[f"total ratio lean / {base}"] = {"min": min(ratios), "median": statistics.median(ratios)}
     Path(args.out).write_text(json.dumps({"workers": args.workers, "runs": runs, "summary": summary}, indent=1))
     print(json.dumps(summary, indent=1))
 

@@ -11,31 +11,38 @@ Public API::
 """
 from __future__ import annotations
 
+import importlib
 import os
-from typing import Any, Union
-
-from typing import TYPE_CHECKING
-
-from forgetless.config import ConfigError, ExperimentConfig, load_config, select_strategy
-from forgetless.platform.results import CompareResult, StrategyResult, Trajectory
-from forgetless.search_config import SearchConfig
+from typing import TYPE_CHECKING, Any, Union
 
 if TYPE_CHECKING:
+    from forgetless.config import ExperimentConfig, load_config, select_strategy
+    from forgetless.errors import ConfigError
+    from forgetless.platform.results import CompareResult, StrategyResult, Trajectory
     from forgetless.platform.tuning import SearchResult
+    from forgetless.search_config import SearchConfig
 
-# The driver's machinery (the runner with Ray Train and the plots, Ray Tune) is imported when a driver first calls
-# run / compare / tune, not by this package's import: every Ray Train worker and the Train controller import
-# forgetless (the worker function lives in it) and would pay ~1 s each for matplotlib and Tune (benchmarks/fixed_cost.py).
+# Nothing is imported by this package's import; each public name is imported when first used (`__getattr__`). Every
+# process that imports any forgetless module imports this file first: the Ray Train workers (the worker function lives
+# in forgetless) and the Train controller (platform/controller_parts.py). The controller runs no torch and the workers
+# no Ray Tune or matplotlib: imported here, torch cost the controller ~2-5 s and Tune and the plots ~1 s per worker,
+# on every run's path to its first step (benchmarks/fixed_cost.py, benchmarks/train_floor.py).
+_LAZY = {"ConfigError": "forgetless.errors", "ExperimentConfig": "forgetless.config",
+         "load_config": "forgetless.config", "select_strategy": "forgetless.config",
+         "CompareResult": "forgetless.platform.results", "StrategyResult": "forgetless.platform.results",
+         "Trajectory": "forgetless.platform.results", "SearchConfig": "forgetless.search_config",
+         "SearchResult": "forgetless.platform.tuning"}
 
 __version__ = "0.1.0"
 
 # What every entry point accepts as a config: a YAML path, a mapping, or a loaded config.
-ConfigLike = Union[str, os.PathLike, dict[str, Any], ExperimentConfig]
+ConfigLike = Union[str, os.PathLike, "dict[str, Any]", "ExperimentConfig"]
 
 
 def run(config: ConfigLike, strategy: str | None = None, overrides: list[str] | None = None) -> StrategyResult:
     """Pre-train (or reuse the trajectory) and transfer under one strategy: the named one, or the config's only one."""
     # deferred: the driver's machinery (see above)
+    from forgetless.config import load_config, select_strategy
     from forgetless.platform.runner import execute
 
     cfg = select_strategy(load_config(config, overrides), strategy)
@@ -48,6 +55,7 @@ def compare(config: ConfigLike, overrides: list[str] | None = None, seeds: list[
     strategy (and the pre-training) per seed (table: mean ± sd); `max_concurrent` caps the runs at once (default:
     as many as the cluster fits)."""
     # deferred: the driver's machinery (see above)
+    from forgetless.config import load_config
     from forgetless.platform.runner import execute
 
     cfg = load_config(config, overrides)
@@ -67,11 +75,10 @@ def tune(config: ConfigLike, search: "dict[str, Any] | SearchConfig | None" = No
 
 
 def __getattr__(name: str) -> Any:
-    if name == "SearchResult":  # forgetless.SearchResult without importing Ray Tune at package import
-        # deferred: the driver's machinery (see above)
-        from forgetless.platform.tuning import SearchResult
-
-        return SearchResult
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # imported once
+        return value
     raise AttributeError(f"module 'forgetless' has no attribute {name!r}")
 
 

@@ -167,5 +167,9 @@ def test_interrupted_run_resumes_from_its_checkpoint(workdir, tiny_config):
     exp = c.get_experiment_by_name("forgetless")
     finetune_runs = c.search_runs([exp.experiment_id], "tags.strategy = 'finetune'")
     assert len(finetune_runs) == 1 and finetune_runs[0].info.status == "FINISHED"
+    # each metric (system/... samples included) has each step once across both invocations
+    for key in finetune_runs[0].data.metrics:
+        steps = [m.step for m in c.get_metric_history(finetune_runs[0].info.run_id, key)]
+        assert len(steps) == len(set(steps)), (key, sorted(steps))
     parents = c.search_runs([exp.experiment_id], "tags.`forgetless.command` = 'run'", order_by=["start_time ASC"])
     assert [r.info.status for r in parents] == ["KILLED", "FINISHED"]

@@ -1,12 +1,13 @@
 """A fit of forgetless's trainer starts no DatasetManager (it has no datasets) and, in an embedded cluster, no
 PlacementGroupCleaner: the driver removes the placement group a Train controller that died left behind (the one job
-Ray Train's cleaner did)."""
+Ray Train's cleaner did). Its Train controller loads no torch; its workers do, and join one process group."""
 import os
 import signal
 import sys
 import threading
 import time
 
+import psutil
 import pytest
 from ray import cloudpickle
 from ray.train import RunConfig, ScalingConfig
@@ -18,6 +19,9 @@ pytestmark = pytest.mark.e2e
 
 
 def _sleep_in_training():
+    import torch.distributed as dist
+
+    assert dist.is_initialized() and dist.get_world_size() == 2 and dist.get_backend() == "gloo"
     time.sleep(120)
 
 
@@ -27,6 +31,10 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 def _alive(class_name: str):
     return list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")], raise_on_missing_output=False)
+
+
+def _loads_torch(pid: int) -> bool:
+    return any("libtorch" in os.path.basename(m.path) for m in psutil.Process(pid).memory_maps())
 
 
 def _wait_for(predicate, seconds: float, what: str):
@@ -70,6 +78,10 @@ def test_a_killed_controllers_group_is_removed_by_the_driver(ray_session, tmp_pa
     _wait_for(lambda: os.path.exists(outcome["record_file"]), 60, "the controller's record of its group")
 
     (controller,) = _wait_for(lambda: this_runs("TrainController"), 60, "the run's Train controller")
+    # the workers have torch loaded (they set up the process group with it); the controller does not
+    workers = [w.pid for w in this_runs("RayTrainWorker")]
+    _wait_for(lambda: all(_loads_torch(pid) for pid in workers), 120, "torch in the training workers")
+    assert not _loads_torch(controller.pid), "the Train controller imported torch"
     os.kill(controller.pid, signal.SIGKILL)  # dies without removing its placement group
     thread.join(120)
     assert not thread.is_alive() and "error" in outcome

@@ -16,6 +16,10 @@ machine with `benchmarks/train_floor.py` (an empty train function) and the task 
   placement group it creates in a file, and after `fit()` returns or raises the driver removes any recorded group still
   there (`cleaned_by_driver`). A cluster of your own keeps Ray Train's cleaner.
 
+- the **torch import in the Train controller**: Ray's TorchConfig (in the trainer's backend config and two of its
+  callbacks) makes the controller import torch, ~2-5 s before it starts any worker, for a process that runs no torch.
+  `controller_parts.WorkerProcessGroupConfig` sets up the same process group with the torch steps on the workers.
+
 This leans on Ray Train V2 internals (the trainer's list of default callbacks, the worker group's placement group
 handle); where they are not as expected (`replaceable()` is false) the trainer is left as Ray made it.
 """
@@ -32,6 +36,7 @@ from ray.train.torch import TorchTrainer
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
 from forgetless.console import say
+from forgetless.platform.controller_parts import RecordPlacementGroups, WorkerProcessGroupConfig
 
 logger = logging.getLogger(__name__)
 
@@ -39,41 +44,27 @@ try:  # Ray Train V2 internals (ray 2.60); without them nothing changes
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+    from ray.train.v2._internal.util import TrainingFramework
 except ImportError:  # pragma: no cover - another Ray version
-    DatasetsCallback = PlacementGroupCleanerCallback = WorkerGroupCallback = None
+    DatasetsCallback = PlacementGroupCleanerCallback = WorkerGroupCallback = TrainingFramework = None
 
 
 def replaceable() -> bool:
     """Whether this Ray has the internals LeanTorchTrainer changes."""
-    return (WorkerGroupCallback is not None
+    return (WorkerGroupCallback is not None and TrainingFramework is not None
             and callable(getattr(TorchTrainer, "_create_default_callbacks", None)))
 
 
-if WorkerGroupCallback is not None:
-    class RecordPlacementGroups(WorkerGroupCallback):
-        """Runs in the Train controller: appends the id of every placement group a worker group starts with to a file
-        on the controller's (= the driver's) machine. A restarted worker group gets a new group: one line each."""
-
-        def __init__(self, record_file: str):
-            self.record_file = record_file
-
-        def after_worker_group_start(self, worker_group) -> None:
-            try:
-                group = worker_group.get_worker_group_state().placement_group_handle.placement_group
-                with open(self.record_file, "a") as f:
-                    f.write(group.id.hex() + "\n")
-            except Exception as e:  # recording is best effort: the run itself must not fail for it
-                logger.warning("forgetless could not record the run's placement group (%s); if the Train controller "
-                               "dies the group may keep its CPUs until the driver exits", e)
-
-
 class LeanTorchTrainer(TorchTrainer):
-    """A TorchTrainer without the DatasetManager actor when it is given no datasets, and, given `record_file` (from
+    """A TorchTrainer whose controller imports no torch (`WorkerProcessGroupConfig` unless a `torch_config` is given),
+    without the DatasetManager actor when it is given no datasets, and, given `record_file` (from
     `cleaned_by_driver`), without the PlacementGroupCleaner actor. Where this Ray lacks the internals
     (`replaceable()` is false) it is Ray's TorchTrainer unchanged."""
 
     def __init__(self, *args, record_file: str | None = None, **kwargs):
         self._record_file = record_file
+        if replaceable():
+            kwargs.setdefault("torch_config", WorkerProcessGroupConfig())
         super().__init__(*args, **kwargs)
 
     def _create_default_callbacks(self):

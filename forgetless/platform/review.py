@@ -185,14 +185,15 @@ def start_system_metrics(uri: str, run_id: str):
     # deferred: mlflow is a 2 s import that only world rank 0 needs
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+    # One sample now, at step 0: MLflow's loop logs only after a full interval and drops what it holds when the
+    # process ends, so a run shorter than the interval (a fast CPU run) would show no system metrics at all. (A resumed
+    # run has its step 0 already: tracking.log_metrics skips it.)
+    sampler = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, tracking_uri=uri)
+    sampler.collect_metrics()
+    tracking.log_metrics(uri, run_id, {f"system/{k}": float(v) for k, v in sampler.aggregate_metrics().items()},
+                         step=0)
+    # Built after that sample is in, so that its steps go on after it (built first, it logged a second step 0).
     monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, resume_logging=True,
                                    tracking_uri=uri)
-    # One sample now, at step 0: MLflow's loop logs only after a full interval and drops what it holds when the
-    # process ends, so a run shorter than the interval (a fast CPU run) would show no system metrics at all.
-    monitor.collect_metrics()
-    first = {f"system/{k}": float(v) for k, v in monitor.aggregate_metrics().items()}
-    for m in monitor.monitors:
-        m.clear_metrics()
-    tracking.log_metrics(uri, run_id, first, step=0)
     monitor.start()
     return monitor
