@@ -49,9 +49,9 @@ def one_fit(side: str, workers: int, folder: str, index: int) -> dict[str, float
     if side == "ray_default":
         TorchTrainer(_enter, **kwargs).fit()
     elif side == "lean_ray_torchconfig":
-        lean_trainer.fit(_enter, driver_cleans=True, torch_config=TorchConfig(), **kwargs)
+        lean_trainer.fit(_enter, embedded_cluster=True, torch_config=TorchConfig(), **kwargs)
     else:
-        lean_trainer.fit(_enter, driver_cleans=True, **kwargs)  # as runner.fit on an embedded cluster
+        lean_trainer.fit(_enter, embedded_cluster=True, **kwargs)  # as runner.fit on an embedded cluster
     return {"start": float(Path(entered_file).read_text()) - t0, "total": time.time() - t0}
 
 

@@ -1,6 +1,7 @@
 """A fit of forgetless's trainer starts no DatasetManager (it has no datasets) and, in an embedded cluster, no
 PlacementGroupCleaner: the driver removes the placement group a Train controller that died left behind (the one job
-Ray Train's cleaner did). Its Train controller loads no torch; its workers do, and join one process group."""
+Ray Train's cleaner did). On an embedded cluster no AutoscalingCoordinator starts either. Its Train controller loads
+no torch; its workers do, and join one process group."""
 import os
 import signal
 import sys
@@ -57,7 +58,8 @@ def test_a_killed_controllers_group_is_removed_by_the_driver(ray_session, tmp_pa
             with lean_trainer.cleaned_by_driver() as record_file:
                 outcome["record_file"] = record_file
                 lean_trainer.LeanTorchTrainer(
-                    _sleep_in_training, record_file=record_file, scaling_config=ScalingConfig(num_workers=2),
+                    _sleep_in_training, record_file=record_file, asks_autoscaler=False,
+                    scaling_config=ScalingConfig(num_workers=2),
                     run_config=RunConfig(name="killed-controller", storage_path=str(tmp_path))).fit()
         except Exception as e:  # the controller's death ends the fit with an error
             outcome["error"] = e
@@ -74,6 +76,8 @@ def test_a_killed_controllers_group_is_removed_by_the_driver(ray_session, tmp_pa
     assert ray_session.available_resources().get("CPU", 0) == 0  # the run's group holds both CPUs
     assert not _alive("PlacementGroupCleaner")  # no cleaner process was started for this run
     assert not _alive("DatasetManager")  # nor a manager of Ray Datasets it does not have
+    # nor an AutoscalingCoordinator (the test session's cluster runs every fit through lean_trainer: none ever starts)
+    assert not _alive("_AutoscalingCoordinatorActor")
     # the controller records its group once the worker group has started
     _wait_for(lambda: os.path.exists(outcome["record_file"]), 60, "the controller's record of its group")
 

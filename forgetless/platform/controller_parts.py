@@ -10,6 +10,10 @@ controller live here, and their worker-side steps import Ray's torch functions o
   torchrun variables on each worker; `torch.distributed.init_process_group` on every rank; destroyed at the end),
   with the controller's part written here and each worker's part done by Ray's own functions.
 - `RecordPlacementGroups`: see platform/lean_trainer.py.
+- `NoAutoscalerScalingPolicy`: Ray's fixed-size scaling policy without its requests to the cluster autoscaler, for an
+  embedded cluster (which has none). Ray Train sends each fit's request to an `AutoscalingCoordinator` actor, a
+  process of Ray Data's that the cluster's first fit starts and its controller waits on (up to 5 s) before it starts
+  any worker: 3-5 s of the first run of every invocation on 2 cores, and a process of ~200 MB kept for nothing.
 
 `tests/test_lean_trainer.py` checks that importing this module and unpickling its objects imports no torch.
 """
@@ -28,9 +32,10 @@ logger = logging.getLogger(__name__)
 
 try:  # Ray Train V2 internals (ray 2.60); platform/lean_trainer.py falls back to Ray's own parts without them
     from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
     from ray.train.v2._internal.util import TrainingFramework
 except ImportError:  # pragma: no cover - another Ray version
-    WorkerGroupCallback = TrainingFramework = None
+    WorkerGroupCallback = FixedScalingPolicy = TrainingFramework = None
 
 SHUTDOWN_TIMEOUT_ENV = "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S"  # Ray's own variable for the same wait
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30
@@ -132,3 +137,16 @@ if WorkerGroupCallback is not None:
                                "dies the group may keep its CPUs until the driver exits", e)
 else:  # pragma: no cover - another Ray version
     RecordPlacementGroups = None
+
+
+if FixedScalingPolicy is not None:
+    class NoAutoscalerScalingPolicy(FixedScalingPolicy):
+        """Ray's fixed-size policy (the same decisions) that asks no cluster autoscaler for resources."""
+
+        def after_controller_start(self, train_run_context) -> None:
+            pass  # Ray's sends the first request here (and creates the AutoscalingCoordinator actor)
+
+        def _maybe_send_resource_request(self) -> None:
+            pass  # Ray's re-sends the request every 20 s while the run waits or runs
+else:  # pragma: no cover - another Ray version
+    NoAutoscalerScalingPolicy = None

@@ -16,6 +16,10 @@ machine with `benchmarks/train_floor.py` (an empty train function) and the task 
   placement group it creates in a file, and after `fit()` returns or raises the driver removes any recorded group still
   there (`cleaned_by_driver`). A cluster of your own keeps Ray Train's cleaner.
 
+- the **`AutoscalingCoordinator`** (a detached actor of Ray Data's) that each fit sends its resource request to, for a
+  cluster autoscaler; the cluster's first fit starts it and its controller waits for it (up to 5 s) before it starts
+  any worker. An embedded cluster has no autoscaler: there the request is not sent and the actor never starts
+  (measured 3-5 s off the first run of every invocation).
 - the **torch import in the Train controller**: Ray's TorchConfig (in the trainer's backend config and two of its
   callbacks) makes the controller import torch, ~2-5 s before it starts any worker, for a process that runs no torch.
   `controller_parts.WorkerProcessGroupConfig` sets up the same process group with the torch steps on the workers.
@@ -36,7 +40,8 @@ from ray.train.torch import TorchTrainer
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
 from forgetless.console import say
-from forgetless.platform.controller_parts import RecordPlacementGroups, WorkerProcessGroupConfig
+from forgetless.platform.controller_parts import (FixedScalingPolicy, NoAutoscalerScalingPolicy,
+                                                    RecordPlacementGroups, WorkerProcessGroupConfig)
 
 logger = logging.getLogger(__name__)
 
@@ -51,18 +56,20 @@ except ImportError:  # pragma: no cover - another Ray version
 
 def replaceable() -> bool:
     """Whether this Ray has the internals LeanTorchTrainer changes."""
-    return (WorkerGroupCallback is not None and TrainingFramework is not None
-            and callable(getattr(TorchTrainer, "_create_default_callbacks", None)))
+    return (WorkerGroupCallback is not None and TrainingFramework is not None and NoAutoscalerScalingPolicy is not None
+            and callable(getattr(TorchTrainer, "_create_default_callbacks", None))
+            and callable(getattr(TorchTrainer, "_initialize_and_run_controller", None)))
 
 
 class LeanTorchTrainer(TorchTrainer):
     """A TorchTrainer whose controller imports no torch (`WorkerProcessGroupConfig` unless a `torch_config` is given),
-    without the DatasetManager actor when it is given no datasets, and, given `record_file` (from
-    `cleaned_by_driver`), without the PlacementGroupCleaner actor. Where this Ray lacks the internals
+    without the DatasetManager actor when it is given no datasets; given `record_file` (from `cleaned_by_driver`),
+    without the PlacementGroupCleaner actor; with `asks_autoscaler=False` (a cluster without an autoscaler), without
+    resource requests and the AutoscalingCoordinator actor they start. Where this Ray lacks the internals
     (`replaceable()` is false) it is Ray's TorchTrainer unchanged."""
 
-    def __init__(self, *args, record_file: str | None = None, **kwargs):
-        self._record_file = record_file
+    def __init__(self, *args, record_file: str | None = None, asks_autoscaler: bool = True, **kwargs):
+        self._record_file, self._asks_autoscaler = record_file, asks_autoscaler
         if replaceable():
             kwargs.setdefault("torch_config", WorkerProcessGroupConfig())
         super().__init__(*args, **kwargs)
@@ -78,12 +85,21 @@ class LeanTorchTrainer(TorchTrainer):
             callbacks.append(RecordPlacementGroups(self._record_file))
         return callbacks
 
+    def _initialize_and_run_controller(self, **controller_kwargs):
+        # Ray Train passes the scaling policy it made (`create_scaling_policy`) here, on its way to the controller
+        if (not self._asks_autoscaler and replaceable()
+                and type(controller_kwargs.get("scaling_policy")) is FixedScalingPolicy):
+            controller_kwargs["scaling_policy"] = NoAutoscalerScalingPolicy(scaling_config=self.scaling_config)
+        return super()._initialize_and_run_controller(**controller_kwargs)
 
-def fit(train_fn, driver_cleans: bool, **trainer_kwargs):
-    """`LeanTorchTrainer(train_fn, **trainer_kwargs).fit()`; with `driver_cleans` (only where the driver started the
-    cluster) the driver, not a PlacementGroupCleaner process, removes what the run's controller left behind."""
-    with cleaned_by_driver() if driver_cleans else nullcontext() as record_file:
-        return LeanTorchTrainer(train_fn, record_file=record_file, **trainer_kwargs).fit()
+
+def fit(train_fn, embedded_cluster: bool, **trainer_kwargs):
+    """`LeanTorchTrainer(train_fn, **trainer_kwargs).fit()`. On an `embedded_cluster` (the driver started it: it is
+    on this machine, outlives the run and has no autoscaler) the driver, not a PlacementGroupCleaner process, removes
+    what the run's controller left behind, and no resource requests are sent."""
+    with cleaned_by_driver() if embedded_cluster else nullcontext() as record_file:
+        return LeanTorchTrainer(train_fn, record_file=record_file, asks_autoscaler=not embedded_cluster,
+                                **trainer_kwargs).fit()
 
 
 def remove_recorded(record_file: str) -> list[str]:

@@ -304,7 +304,7 @@ def fit(cfg: ExperimentConfig, job: WorkerJob, keep_all_checkpoints: bool, callb
     job = dataclasses.replace(job, config=job.config.model_copy(update={"storage": storage.normalize(cfg.storage)}),
                               tasks=shared_tasks.share(job.config))
     return lean_trainer.fit(
-        train_worker, driver_cleans=_EMBEDDED_CLUSTER,
+        train_worker, embedded_cluster=_EMBEDDED_CLUSTER,
         train_loop_config=job,
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
