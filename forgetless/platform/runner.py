@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -560,8 +561,11 @@ def execute(cfg: ExperimentConfig, command: str, on_result: Callable[[StrategyRe
         # after Ray started (the workers wait on it too, bounded, wherever they run)
         build_locks.use_private_extensions_dir()
         build_locks.wait_for_build_locks()
-    ensure_ray(cfg)
-    check_resources(cfg)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="forgetless-open-store") as pool:
+        store_opened = pool.submit(tracking.open_store, uri)  # beside Ray's start: neither needs the other
+        ensure_ray(cfg)
+        check_resources(cfg)
+        store_opened.result()  # (a store that cannot be opened fails here as it would below)
     target = _open_parent(cfg, command, uri)
     try:
         out = _run_seeds(cfg, seed_list, target, on_result)

@@ -158,6 +158,12 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def open_store(uri: str) -> None:
+    """Import MLflow and open the tracking store (a new SQLite store is created): ~2-3 s on 2 cores that need nothing
+    of Ray, so the driver does it while its Ray cluster starts (runner.execute)."""
+    client(uri).search_experiments(max_results=1)
+
+
 def end_status(error: BaseException) -> str:
     """MLflow's status for a run ended by `error`: KILLED when a user stopped it (Ctrl-C, or SIGTERM from
     `forgetless jobs stop` / `ray job stop`, which init_ray turns into SIGINT: KeyboardInterrupt, or SystemExit from
