@@ -77,24 +77,6 @@ def tiny_config():
     return make
 
 
-@pytest.fixture(scope="session")
-def tiny_weights(tmp_path_factory) -> str:
-    """Backbone weights for TINY's backbone (seeded, untrained) as a user supplies them (`backbone.weights`): a test
-    whose subject is the transfer run (resume, faults) uses them to skip the pre-training run (one Ray Train fit)."""
-    import torch
-
-    from forgetless.backbones import build_backbone
-    from forgetless.config import load_config
-    from forgetless.data.tasks import build_task
-
-    cfg = load_config(copy.deepcopy(TINY))
-    torch.manual_seed(0)
-    backbone = build_backbone(cfg.backbone.name, build_task(cfg.source).input_shape, cfg.backbone.params)
-    path = tmp_path_factory.mktemp("tiny_weights") / "tiny_backbone.pt"
-    torch.save(backbone.state_dict(), path)
-    return str(path)
-
-
 @pytest.fixture
 def one_intra_op_thread():
     """Tiny tensors: a second intra-op thread only adds contention on a shared 2-core machine (restored after)."""

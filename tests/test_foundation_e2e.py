@@ -131,11 +131,10 @@ def _committed_transfer_epoch(runs: Path) -> int | None:
     return committed_transfer_epoch(snapshots[0].read_text()) if snapshots else None
 
 
-def test_interrupted_run_resumes_from_its_checkpoint(workdir, tiny_config, tiny_weights):
+def test_interrupted_run_resumes_from_its_checkpoint(workdir, tiny_config):
     """Stop the CLI with SIGTERM (what `ray job stop` sends; Ctrl-C takes the same path) once Ray Train has committed
     a transfer checkpoint: its MLflow parent run is marked KILLED, and re-running the same command resumes from it."""
     cfg = tiny_config(train={"epochs": 12, "lr": 0.01, "batch_size": 16})
-    cfg["backbone"]["weights"] = tiny_weights  # no pre-training run (covered by the compare test above)
     Path("c.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "forgetless.cli", "run", "c.yaml"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

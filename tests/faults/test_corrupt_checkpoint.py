@@ -9,9 +9,8 @@ from .cli_runs import epoch_of, final_state, interrupted_run, output, run_cli, r
 pytestmark = pytest.mark.e2e
 
 
-def test_truncated_checkpoint_is_skipped_and_the_previous_one_resumed(workdir, tiny_config, tiny_weights):
+def test_truncated_checkpoint_is_skipped_and_the_previous_one_resumed(workdir, tiny_config):
     cfg = tiny_config(train={"epochs": 12, "lr": 0.01, "batch_size": 16})
-    cfg["backbone"]["weights"] = tiny_weights  # no pre-training run: the subject is the transfer run's checkpoints
     newest, previous = interrupted_run(cfg, workdir)
     shard = run_dir(workdir) / newest / "model.pt"
     data = shard.read_bytes()

@@ -36,9 +36,8 @@ def plant(checkpoint: Path, marker: Path) -> Path:
     return shard
 
 
-def test_tampered_deepspeed_shard_never_runs(workdir, tiny_config, tiny_weights):
+def test_tampered_deepspeed_shard_never_runs(workdir, tiny_config):
     cfg = tiny_config(train={"epochs": 12, "lr": 0.01, "batch_size": 16})
-    cfg["backbone"]["weights"] = tiny_weights  # no pre-training run: the subject is the transfer run's checkpoints
     newest, previous = interrupted_run(cfg, workdir)
     marker = workdir / "the-pickle-ran"
     shard = plant(run_dir(workdir) / newest, marker)

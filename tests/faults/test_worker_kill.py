@@ -24,9 +24,8 @@ pytestmark = pytest.mark.e2e
 EPOCHS = 6
 
 
-def test_killed_worker_recovers_by_itself_with_the_same_accuracy_matrix(workdir, tiny_config, tiny_weights):
+def test_killed_worker_recovers_by_itself_with_the_same_accuracy_matrix(workdir, tiny_config):
     cfg = tiny_config(train={"epochs": EPOCHS, "lr": 0.01, "batch_size": 16})
-    cfg["backbone"]["weights"] = tiny_weights  # no pre-training runs: the subject is the transfer run's recovery
     reference_dir, killed_dir = workdir / "reference", workdir / "killed"
     assert run_cli(cfg, reference_dir) == 0, output(reference_dir)[-3000:]
     reference = final_state(reference_dir)
