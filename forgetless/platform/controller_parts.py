@@ -13,7 +13,7 @@ controller live here, and their worker-side steps import Ray's torch functions o
 - `NoAutoscalerScalingPolicy`: Ray's fixed-size scaling policy without its requests to the cluster autoscaler, for an
   embedded cluster (which has none). Ray Train sends each fit's request to an `AutoscalingCoordinator` actor, a
   process of Ray Data's that the cluster's first fit starts and its controller waits on (up to 5 s) before it starts
-  any worker: 3-5 s of the first run of every invocation on 2 cores, and a process of ~200 MB kept for nothing.
+  any worker: 1-4 s of the first run of every invocation on 2 cores, and a process of ~200 MB kept for nothing.
 
 `tests/test_lean_trainer.py` checks that importing this module and unpickling its objects imports no torch.
 """

@@ -19,7 +19,7 @@ machine with `benchmarks/train_floor.py` (an empty train function) and the task 
 - the **`AutoscalingCoordinator`** (a detached actor of Ray Data's) that each fit sends its resource request to, for a
   cluster autoscaler; the cluster's first fit starts it and its controller waits for it (up to 5 s) before it starts
   any worker. An embedded cluster has no autoscaler: there the request is not sent and the actor never starts
-  (measured 3-5 s off the first run of every invocation).
+  (measured 1-4 s off the first run of every invocation: benchmarks/first_fit.py).
 - the **torch import in the Train controller**: Ray's TorchConfig (in the trainer's backend config and two of its
   callbacks) makes the controller import torch, ~2-5 s before it starts any worker, for a process that runs no torch.
   `controller_parts.WorkerProcessGroupConfig` sets up the same process group with the torch steps on the workers.
