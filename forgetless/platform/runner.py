@@ -556,16 +556,7 @@ def execute(cfg: ExperimentConfig, command: str, on_result: Callable[[StrategyRe
         cfg = cfg.model_copy(update={"seeds": list(seeds)})
     seed_list = cfg.seed_list()
     uri = preflight(cfg)
-    if not ray.is_initialized() and not (cfg.ray_address or os.environ.get("RAY_ADDRESS")):
-        # an embedded run's workers build DeepSpeed's ops on this machine: a stale build lock is named now, not
-        # after Ray started (the workers wait on it too, bounded, wherever they run)
-        build_locks.use_private_extensions_dir()
-        build_locks.wait_for_build_locks()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="forgetless-open-store") as pool:
-        store_opened = pool.submit(tracking.open_store, uri)  # beside Ray's start: neither needs the other
-        ensure_ray(cfg)
-        check_resources(cfg)
-        store_opened.result()  # (a store that cannot be opened fails here as it would below)
+    _start_ray(cfg, uri)
     target = _open_parent(cfg, command, uri)
     try:
         out = _run_seeds(cfg, seed_list, target, on_result)
@@ -576,6 +567,23 @@ def execute(cfg: ExperimentConfig, command: str, on_result: Callable[[StrategyRe
     except BaseException as e:
         tracking.client(uri).set_terminated(target.parent_run_id, tracking.end_status(e))
         raise
+
+
+def _start_ray(cfg: ExperimentConfig, uri: str) -> None:
+    """Connect to the configured cluster, or start the embedded one; then check the run fits in it."""
+    if not ray.is_initialized() and not (cfg.ray_address or os.environ.get("RAY_ADDRESS")):
+        # an embedded run's workers build DeepSpeed's ops on this machine: a stale build lock is named now, not
+        # after Ray started (the workers wait on it too, bounded, wherever they run)
+        build_locks.use_private_extensions_dir()
+        build_locks.wait_for_build_locks()
+        check_embedded_resources(cfg)  # a run the machine cannot place: refused before anything starts or is written
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="forgetless-open-store") as pool:
+            store_opened = pool.submit(tracking.open_store, uri)  # beside the cluster's start: neither needs the other
+            ensure_ray(cfg)
+            store_opened.result()  # (a store that cannot be opened fails here as it would in _open_parent)
+    else:
+        ensure_ray(cfg)
+    check_resources(cfg)
 
 
 def _open_parent(cfg: ExperimentConfig, command: str, uri: str) -> tracking.TrackingTarget:
