@@ -15,7 +15,7 @@ controller live here, and their worker-side steps import Ray's torch functions o
   process of Ray Data's that the cluster's first fit starts and its controller waits on (up to 5 s) before it starts
   any worker: 1-4 s of the first run of every invocation on 2 cores, and a process of ~200 MB kept for nothing.
 
-`tests/test_lean_trainer.py` checks that importing this module and unpickling its objects imports no torch.
+`tests/test_lean_trainer.py` checks a live fit: its controller has no torch library loaded, its workers do.
 """
 from __future__ import annotations
 

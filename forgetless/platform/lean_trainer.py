@@ -48,15 +48,13 @@ logger = logging.getLogger(__name__)
 try:  # Ray Train V2 internals (ray 2.60); without them nothing changes
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
-    from ray.train.v2._internal.util import TrainingFramework
 except ImportError:  # pragma: no cover - another Ray version
-    DatasetsCallback = PlacementGroupCleanerCallback = WorkerGroupCallback = TrainingFramework = None
+    DatasetsCallback = PlacementGroupCleanerCallback = None
 
 
 def replaceable() -> bool:
-    """Whether this Ray has the internals LeanTorchTrainer changes."""
-    return (WorkerGroupCallback is not None and TrainingFramework is not None and NoAutoscalerScalingPolicy is not None
+    """Whether this Ray has the internals LeanTorchTrainer changes (controller_parts' are None without theirs)."""
+    return (DatasetsCallback is not None and NoAutoscalerScalingPolicy is not None
             and callable(getattr(TorchTrainer, "_create_default_callbacks", None))
             and callable(getattr(TorchTrainer, "_initialize_and_run_controller", None)))
 

@@ -579,7 +579,7 @@ def _start_ray(cfg: ExperimentConfig, uri: str) -> None:
         check_embedded_resources(cfg)  # a run the machine cannot place: refused before anything starts or is written
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="forgetless-open-store") as pool:
             store_opened = pool.submit(tracking.open_store, uri)  # beside the cluster's start: neither needs the other
-            ensure_ray(cfg)
+            init_ray(None, cfg.scaling.use_gpu)
             store_opened.result()  # (a store that cannot be opened fails here as it would in _open_parent)
     else:
         ensure_ray(cfg)

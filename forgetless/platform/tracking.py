@@ -160,7 +160,7 @@ def client(uri: str):
 
 def open_store(uri: str) -> None:
     """Import MLflow and open the tracking store (a new SQLite store is created): ~2-3 s on 2 cores that need nothing
-    of Ray, so the driver does it while its Ray cluster starts (runner.execute)."""
+    of Ray, so the driver does it while its embedded Ray cluster starts (runner._start_ray)."""
     client(uri).search_experiments(max_results=1)
 
 
