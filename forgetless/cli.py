@@ -9,7 +9,7 @@ import pkgutil
 import sys
 
 import forgetless.commands as commands
-from forgetless.console import VERBOSE_VARIABLE
+from forgetless.console import DASHBOARD_VARIABLE, VERBOSE_VARIABLE
 from forgetless.errors import ConfigError
 
 
@@ -23,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="also show Ray Train's per-checkpoint lines, DeepSpeed's op loading and known-harmless "
                              "library warnings from the workers (off by default)")
+    parser.add_argument("--ray-dashboard", action="store_true",
+                        help="start Ray's dashboard (and Ray's metrics) with the embedded local cluster; off by "
+                             "default, as it costs CPU a 2-core machine needs for training (same as "
+                             "FORGETLESS_RAY_DASHBOARD=1). A cluster of your own keeps its own dashboard")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for mod in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         if not mod.name.startswith("_"):
@@ -35,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.verbose:
         os.environ[VERBOSE_VARIABLE] = "1"  # read by the driver and passed on to the workers (runner.init_ray)
+    if args.ray_dashboard:
+        os.environ[DASHBOARD_VARIABLE] = "1"  # read by runner.init_ray
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:

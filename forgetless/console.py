@@ -13,5 +13,16 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_VARIABLE, "") not in ("", "0")
 
 
+# Set by `forgetless --ray-dashboard` (or by hand): an embedded cluster starts Ray's dashboard and metrics.
+DASHBOARD_VARIABLE = "FORGETLESS_RAY_DASHBOARD"
+
+
+def ray_dashboard() -> bool:
+    """Whether an embedded cluster starts Ray's dashboard (its web server and module processes) and Ray's metrics.
+    Off by default: together ~17 CPU-seconds of the demo's ~130 on 2 cores, its wall time 0.91x without them
+    (docs/performance.md); nothing reads the metrics of a cluster that lives for one run."""
+    return os.environ.get(DASHBOARD_VARIABLE, "") not in ("", "0")
+
+
 def say(msg: str) -> None:
     print(f"[forgetless] {msg}", file=sys.stderr, flush=True)

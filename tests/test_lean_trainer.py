@@ -2,6 +2,7 @@
 PlacementGroupCleaner: the driver removes the placement group a Train controller that died left behind (the one job
 Ray Train's cleaner did). On an embedded cluster no AutoscalingCoordinator starts either. Its Train controller loads
 no torch; its workers do, and join one process group."""
+import dataclasses
 import os
 import signal
 import sys
@@ -12,7 +13,7 @@ import psutil
 import pytest
 from ray import cloudpickle
 from ray.train import RunConfig, ScalingConfig
-from ray.util.state import list_actors
+from ray._private import state as gcs_state
 
 from forgetless.platform import lean_trainer, runner
 
@@ -30,8 +31,16 @@ def _sleep_in_training():
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-def _alive(class_name: str):
-    return list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")], raise_on_missing_output=False)
+@dataclasses.dataclass
+class Actor:
+    actor_id: str
+    pid: int
+
+
+def _alive(class_name: str) -> list[Actor]:
+    # The GCS's actor table (Ray's state API needs the dashboard, which an embedded cluster starts only when asked)
+    return [Actor(a["ActorID"], a["Pid"]) for a in gcs_state.actors().values()
+            if a["ActorClassName"] == class_name and a["State"] == "ALIVE"]
 
 
 def _loads_torch(pid: int) -> bool:

@@ -234,12 +234,20 @@ def _init_embedded_ray(env: dict[str, str], num_cpus: int | None, system_config:
            # Ray Train starts a preemption-watcher actor (one more process) for every worker group; nothing drains the
            # node of an embedded cluster, so it would only cost a process start per run (a value the user set wins)
            PREEMPTION_WATCHER_VARIABLE: os.environ.get(PREEMPTION_WATCHER_VARIABLE, "0")}
+    dashboard = console.ray_dashboard()
+    if not dashboard:
+        # Nothing reads an embedded cluster's Ray metrics (no Prometheus scrapes a cluster that lives for one run);
+        # collecting them kept the dashboard agent busy ingesting every process's histograms (docs/performance.md)
+        system_config = {**system_config, "enable_metrics_collection": False}
     os.environ[GCS_PORT_VARIABLE] = str(gcs_port)  # read by ray.init when it starts the GCS
     try:
-        ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, log_to_driver=True, logging_level="ERROR",
-                 configure_logging=True, _system_config=system_config)
+        context = ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, log_to_driver=True,
+                           logging_level="ERROR", configure_logging=True, _system_config=system_config,
+                           include_dashboard=dashboard)
     finally:
         os.environ.pop(GCS_PORT_VARIABLE, None)
+    if dashboard:
+        say(f"Ray dashboard: http://{context.dashboard_url}")
     actual = ray.get_runtime_context().gcs_address
     if actual != env["RAY_ADDRESS"]:
         say(f"the embedded Ray cluster is at {actual}, not {env['RAY_ADDRESS']} as its workers were told; another Ray "
