@@ -56,11 +56,10 @@ def heads_metadata(tasks: Sequence[Any]) -> dict[str, Any]:
                        offsets[j + 1]], "classes": list(t.classes)} for j, t in enumerate(tasks)]}
 
 
-def log_strategy_model(uri: str, run_id: str, label: str, model: nn.Module, tasks: Sequence[Any], step: int,
-                       summary: dict[str, float], description: str | None = None) -> str:
+def log_strategy_model(uri: str, run_id: str, label: str, model: nn.Module, tasks: Sequence[Any], step: int) -> str:
     """Log the model on the strategy's run at its final `step` (MLflow links the run's metrics of that step: the
-    last validation point and the last accuracy-matrix row) and link the step-0 summary metrics too; returns the
-    logged model's id."""
+    last validation point and the last accuracy-matrix row); returns the logged model's id. Its description and
+    summary metrics come with `describe_model`, once the comparison they belong to is known."""
     # deferred: mlflow.pytorch and mlflow.models are heavy imports that only model logging needs
     import mlflow
     import mlflow.pytorch
@@ -76,20 +75,22 @@ def log_strategy_model(uri: str, run_id: str, label: str, model: nn.Module, task
     mlflow.set_experiment(experiment_id=tracking.client(uri).get_run(run_id).info.experiment_id)
     common = dict(name=model_name(label), run_id=run_id, step=step, input_example=example,
                   signature=infer_signature(example, output), metadata=heads_metadata(tasks))
-    # the model page's Description (MLflow shows this tag there): what the model is and how it did
-    described = {NOTE_TAG: description} if description else {}
     try:
-        info = mlflow.pytorch.log_model(wrapped, serialization_format="pt2", tags={LABEL_TAG: label, **described},
+        info = mlflow.pytorch.log_model(wrapped, serialization_format="pt2", tags={LABEL_TAG: label},
                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], **common)
     except Exception as e:  # noqa: BLE001 - torch.export cannot trace every backbone (some Hugging Face models)
         say(f"{label}: torch.export could not trace the model ({str(e).splitlines()[0][:160]}); logging it in the "
             f"pickle format instead (load it only from a store you trust)")
         info = mlflow.pytorch.log_model(wrapped, serialization_format="pickle",
                                         pip_requirements=["torch", "forgetless"],
-                                        tags={LABEL_TAG: label, "forgetless.serialization": "pickle", **described},
-                                        **common)
-    link_metrics(uri, run_id, info.model_id, summary)
+                                        tags={LABEL_TAG: label, "forgetless.serialization": "pickle"}, **common)
     return info.model_id
+
+
+def describe_model(uri: str, run_id: str, model_id: str, description: str, summary: dict[str, float]) -> None:
+    """The logged model's page: its description (MLflow shows this tag there) and the run's step-0 summary metrics."""
+    tracking.client(uri).set_logged_model_tags(model_id, {NOTE_TAG: description})
+    link_metrics(uri, run_id, model_id, summary)
 
 
 NOTE_TAG = "mlflow.note.content"

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -490,16 +490,44 @@ def _strategy_result(cfg: ExperimentConfig, strategy: StrategyConfig, state: Run
 
 
 def log_strategy_artifacts(cfg: ExperimentConfig, res: StrategyResult, uri: str) -> None:
-    """The driver's part of a strategy run: summary metrics at step 0 (one bar per run in MLflow's charts), the
-    accuracy matrix and curves, the description and context, the model; then the run ends at its training's end."""
-    if res.mlflow_run_id is None:
-        return
-    summary = summary_metrics(res.metrics)
-    with timing.timed(res.seconds, "mlflow_artifacts"):
-        _log_run_artifacts(res, uri, summary)
+    """The driver's part of a strategy run (its metrics computed): `log_run_files` then `finish_run_outputs`."""
+    if res.mlflow_run_id is not None:
+        finish_run_outputs(cfg, res, uri, log_run_files(cfg, res, uri))
+
+
+@dataclasses.dataclass
+class RunFiles:
+    """What `log_run_files` logged: the logged model's id (None without one) and the seconds per timing part."""
+    model_id: str | None
+    seconds: dict[str, float]
+
+
+def log_run_files(cfg: ExperimentConfig, res: StrategyResult, uri: str) -> RunFiles:
+    """What a strategy run's MLflow run gets that depends on no other run: the accuracy matrix and curves (files and
+    plots), the context tags and the model (without its description). A compare does it in the background as each
+    run returns, while the next ones train (RunOutputs)."""
+    seconds: dict[str, float] = {}
+    with timing.timed(seconds, "mlflow_artifacts"):
+        _log_run_files(res, uri)
+    model_id = None
     if cfg.tracking.log_model and res.checkpoint_uri:
-        with timing.timed(res.seconds, "model_logging"):
-            log_model(cfg, res, uri, summary)
+        with timing.timed(seconds, "model_logging"):
+            model_id = log_model(cfg, res, uri)
+    return RunFiles(model_id, seconds)
+
+
+def finish_run_outputs(cfg: ExperimentConfig, res: StrategyResult, uri: str, files: RunFiles) -> None:
+    """What needs the comparison (res.metrics, relative to the best run): summary metrics at step 0 (one bar per run in
+    MLflow's charts) and the descriptions of the run and its model; then the run ends at its training's end."""
+    for part, value in files.seconds.items():
+        timing.add(res.seconds, part, value)
+    summary = summary_metrics(res.metrics)
+    description = review.child_description(res, _strategy_doc(res.strategy))
+    with timing.timed(res.seconds, "mlflow_artifacts"):
+        tracking.log_metrics(uri, res.mlflow_run_id, summary, step=0)
+        review.set_description(uri, res.mlflow_run_id, description)
+        if files.model_id is not None:
+            model_export.describe_model(uri, res.mlflow_run_id, files.model_id, description + MODEL_IO_NOTE, summary)
     # The run ends when its training ended, not when the last strategy's artifacts are logged; a run reused from an
     # earlier invocation keeps the end time it had.
     c = tracking.client(uri)
@@ -507,9 +535,35 @@ def log_strategy_artifacts(cfg: ExperimentConfig, res: StrategyResult, uri: str)
                      or res.ended_at_ms)
 
 
-def _log_run_artifacts(res: StrategyResult, uri: str, summary: dict[str, float]) -> None:
+MODEL_IO_NOTE = ("\n\nInput: a batch of the tasks' inputs; output: every task head's logits, concatenated (the model's "
+                 "metadata names each head's slice).")
+
+
+class RunOutputs:
+    """`log_run_files` of each finished run in one background thread, while the driver waits on later runs (its
+    torch.export and plotting took ~12 CPU-seconds after the demo's last run); `finish` waits for a run's files
+    and adds what needs the comparison."""
+
+    def __init__(self, cfg: ExperimentConfig, uri: str):
+        self._cfg, self._uri = cfg, uri
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="forgetless-run-files")
+        self._files: dict[int, Future] = {}
+
+    def run_returned(self, res: StrategyResult) -> None:
+        if res.mlflow_run_id is not None:
+            self._files[id(res)] = self._pool.submit(log_run_files, self._cfg, res, self._uri)
+
+    def finish(self, res: StrategyResult) -> None:
+        if res.mlflow_run_id is not None:
+            finish_run_outputs(self._cfg, res, self._uri, self._files.pop(id(res)).result())
+
+    def close(self) -> None:
+        """After a failure: the files already queued are still written (a run's record stays complete)."""
+        self._pool.shutdown(wait=True)
+
+
+def _log_run_files(res: StrategyResult, uri: str) -> None:
     c = tracking.client(uri)
-    tracking.log_metrics(uri, res.mlflow_run_id, summary, step=0)
     with tempfile.TemporaryDirectory() as d:
         Path(d, "accuracy_matrix.json").write_text(json.dumps({
             "task_names": res.task_names, "rows": ["before"] + [f"after {n}" for n in res.task_names[1:]],
@@ -525,7 +579,6 @@ def _log_run_artifacts(res: StrategyResult, uri: str, summary: dict[str, float])
         for f in ("accuracy_matrix.json", "accuracy_matrix.png", "history.json", "curves.png"):
             c.log_artifact(res.mlflow_run_id, str(Path(d, f)))
     review.set_tags(uri, res.mlflow_run_id, review.context_tags())
-    review.set_description(uri, res.mlflow_run_id, review.child_description(res, _strategy_doc(res.strategy)))
 
 
 def _strategy_doc(name: str) -> str | None:
@@ -542,14 +595,10 @@ def load_model(cfg: ExperimentConfig, res: StrategyResult):
     return model.eval(), tasks
 
 
-def log_model(cfg: ExperimentConfig, res: StrategyResult, uri: str, summary: dict[str, float]) -> str:
+def log_model(cfg: ExperimentConfig, res: StrategyResult, uri: str) -> str:
     """The trained model as a logged model named after the strategy, at the run's final step (pt2 format)."""
     model, tasks = load_model(cfg, res)
-    description = (review.child_description(res, _strategy_doc(res.strategy))
-                   + "\n\nInput: a batch of the tasks' inputs; output: every task head's logits, concatenated "
-                     "(the model's metadata names each head's slice).")
-    return model_export.log_strategy_model(uri, res.mlflow_run_id, res.label, model, tasks, res.global_step, summary,
-                                           description)
+    return model_export.log_strategy_model(uri, res.mlflow_run_id, res.label, model, tasks, res.global_step)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -623,15 +672,25 @@ def _run_seeds(cfg: ExperimentConfig, seed_list: list[int], target: tracking.Tra
     calls = [functools.partial(transfer, sc, s, traj.final().uri, target, trajectory=traj,
                                run_label=f"{s.display_name()} (seed {sc.seed})" if several else None)
              for sc, traj in zip(per_seed, trajectories) for s in cfg.strategies]
-    results = fanout.run_all(calls, fanout.concurrency(cfg, len(calls)), on_result)
-    for seed in seed_list:
-        group = [r for r in results if r.seed == seed]
-        # learning-speed thresholds are relative to the best target accuracy *any* strategy reached (same seed)
-        T = len(group[0].task_names) - 1
-        best = {st: max(r.best_target_acc(st) for r in group) for st in range(1, T + 1)}
-        for r in group:
-            r.compute_metrics(best)
-            log_strategy_artifacts(cfg, r, uri)
+    outputs = RunOutputs(cfg, uri)
+
+    def returned(res: StrategyResult) -> None:
+        outputs.run_returned(res)
+        if on_result:
+            on_result(res)
+
+    try:
+        results = fanout.run_all(calls, fanout.concurrency(cfg, len(calls)), returned)
+        for seed in seed_list:
+            group = [r for r in results if r.seed == seed]
+            # learning-speed thresholds are relative to the best target accuracy *any* strategy reached (same seed)
+            T = len(group[0].task_names) - 1
+            best = {st: max(r.best_target_acc(st) for r in group) for st in range(1, T + 1)}
+            for r in group:
+                r.compute_metrics(best)
+                outputs.finish(r)
+    finally:
+        outputs.close()
     return CompareResult(cfg.name, results, trajectories[0], target.parent_run_id, uri, target.experiment_id,
                          seeds=seed_list)
 
