@@ -3,10 +3,12 @@ each module defines `register(subparsers)`."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import os
 import pkgutil
 import sys
+import threading
 
 import forgetless.commands as commands
 from forgetless.console import DASHBOARD_VARIABLE, VERBOSE_VARIABLE
@@ -53,5 +55,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry(argv: list[str] | None = None) -> None:
+    """The `forgetless` executable: `main`, then the process ends without the interpreter's own teardown. That
+    teardown frees every module (torch, Ray, MLflow, DeepSpeed) one by one, ~1.6 s on a 2-core machine after the last
+    line is printed, for a process that is about to end anyway. What an exit must still do is done first: the
+    atexit handlers (Ray's shutdown of an embedded cluster, MLflow's and logging's flushes) and the streams' flush.
+    Where a thread other than the main one still runs (not a daemon), the normal exit waits for it as always."""
+    code = main(argv)
+    if any(t is not threading.main_thread() and not t.daemon for t in threading.enumerate()):
+        sys.exit(code)
+    atexit._run_exitfuncs()  # CPython's own exit step (private name, public behaviour: the handlers, in order)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
