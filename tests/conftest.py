@@ -50,6 +50,10 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
+# Every `mlflow server` a test starts: without MLflow's job runner (a huey consumer pool for GenAI evaluation jobs and
+# trace roll-ups, five more Python processes that import MLflow at the server's start); nothing of forgetless uses it.
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
 TINY = {
     "name": "tiny",
     "seed": 0,

@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import TINY
+from conftest import MLFLOW_SERVER_ENV, TINY
 
 from forgetless import cli
 from forgetless.platform import model_export, report_html, review, tracking
@@ -70,7 +70,8 @@ def mlflow_server(tmp_path_factory):
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store}/mlflow.db",
          "--artifacts-destination", str(store / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
-        stdout=open(store / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=open(store / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, **MLFLOW_SERVER_ENV})
     try:
         _wait_healthy(url, server)
         yield url

@@ -11,6 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from conftest import MLFLOW_SERVER_ENV
+
 BIN = Path(sys.executable).parent
 
 
@@ -50,7 +52,8 @@ class MlflowServer:
             [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
              "--default-artifact-root", (self.folder / "artifacts").as_uri()],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.folder)
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.folder,
+            env={**os.environ, **MLFLOW_SERVER_ENV})
         wait_until(f"the MLflow server on port {self.port} answering /health (log: {self.folder}/mlflow-server.log)",
                    self.healthy, timeout)
         return self
