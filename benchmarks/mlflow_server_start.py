@@ -38,10 +38,10 @@ def _group_cpu_seconds(pgid: int) -> float:
     total = 0.0
     for p in psutil.process_iter(["pid"]):
         try:
-            if os.getpgid(p.pid) == pgid:
+            if _same_group(p.pid, pgid):
                 t = p.cpu_times()
                 total += t.user + t.system + t.children_user + t.children_system
-        except (psutil.Error, ProcessLookupError, PermissionError):
+        except psutil.Error:
             pass
     return total
 

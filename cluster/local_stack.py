@@ -263,7 +263,7 @@ class LocalStack:
         env = _clean_env({"AWS_ENDPOINT_URL": self.s3_endpoint, "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint,
                           "AWS_ACCESS_KEY_ID": self.access_key_id, "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
                           "AWS_DEFAULT_REGION": self.region, "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
-                          # no job runner (huey consumers for MLflow's GenAI jobs; five processes forgetless never uses)
+                          # no job runner (huey consumers for MLflow's GenAI jobs; eight processes forgetless never uses)
                           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
         p = self._spawn("mlflow", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port",
                                    str(self.mlflow_port), "--workers", "1",

@@ -51,7 +51,7 @@ def workdir(tmp_path, monkeypatch):
 
 
 # Every `mlflow server` a test starts: without MLflow's job runner (a huey consumer pool for GenAI evaluation jobs and
-# trace roll-ups, five more Python processes that import MLflow at the server's start); nothing of forgetless uses it.
+# trace roll-ups, eight more Python processes that import MLflow at the server's start); nothing of forgetless uses it.
 MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 TINY = {

@@ -10,7 +10,6 @@ import sys
 import textwrap
 
 
-
 def _child(script: str, cwd, timeout_s: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout_s)
