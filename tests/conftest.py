@@ -69,6 +69,21 @@ TINY = {
 }
 
 
+# The config of the interrupted run several tests share (`interrupted_cli_run`): enough epochs to stop it mid-run.
+INTERRUPTED = {"train": {"epochs": 12, "lr": 0.01, "batch_size": 16}}
+
+
+@pytest.fixture(scope="session")
+def interrupted_cli_run(tmp_path_factory):
+    """One `forgetless run` of TINY (12 epochs) stopped by SIGTERM after Ray Train committed its 3rd transfer epoch,
+    made once per session (a CLI run with its own cluster and pre-training: ~30 s): each test that resumes or damages
+    it calls `.restore()` first, which puts the folder back as it was at the interrupt."""
+    from faults.cli_runs import interrupted_run
+
+    cfg = copy.deepcopy({**TINY, **INTERRUPTED})
+    return interrupted_run(cfg, tmp_path_factory.mktemp("interrupted") / "run")
+
+
 @pytest.fixture
 def tiny_config():
     """A factory for a small, fast digits 0-4 -> 5-9 config (a dict); keyword arguments replace top-level fields."""

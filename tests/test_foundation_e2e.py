@@ -1,18 +1,16 @@
 """End to end on a real embedded Ray cluster: 2 workers, DeepSpeed ZeRO-2 on CPU, a real SQLite MLflow store."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from conftest import committed_transfer_epoch
+from faults.cli_runs import epoch_of
+from faults.cli_runs import run_dir as run_dir_of
 
 pytestmark = pytest.mark.e2e
 
@@ -126,28 +124,15 @@ def test_zero3_run_on_a_cnn(ray_session, workdir, tiny_config):
     assert [p["steps"] for p in res.phase_log] == [p["epochs"] * micro_batches // 2 for p in res.phase_log]
 
 
-def _committed_transfer_epoch(runs: Path) -> int | None:
-    snapshots = list(runs.glob("tiny-finetune-*/checkpoint_manager_snapshot.json"))
-    return committed_transfer_epoch(snapshots[0].read_text()) if snapshots else None
-
-
-def test_interrupted_run_resumes_from_its_checkpoint(workdir, tiny_config):
-    """Stop the CLI with SIGTERM (what `ray job stop` sends; Ctrl-C takes the same path) once Ray Train has committed
-    a transfer checkpoint: its MLflow parent run is marked KILLED, and re-running the same command resumes from it."""
-    cfg = tiny_config(train={"epochs": 12, "lr": 0.01, "batch_size": 16})
-    Path("c.yaml").write_text(yaml.safe_dump(cfg))
+def test_interrupted_run_resumes_from_its_checkpoint(interrupted_cli_run, monkeypatch):
+    """The CLI stopped with SIGTERM (what `ray job stop` sends; Ctrl-C takes the same path) once Ray Train had committed
+    a transfer checkpoint (conftest's `interrupted_cli_run`): its MLflow parent run is marked KILLED, and re-running
+    the same command resumes from the newest checkpoint it completed."""
+    run_dir = run_dir_of(interrupted_cli_run.restore())
+    monkeypatch.chdir(interrupted_cli_run.folder)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cmd = [sys.executable, "-m", "forgetless.cli", "run", "c.yaml"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    runs = Path("forgetless_runs")
-    deadline = time.time() + 300
-    while time.time() < deadline and (_committed_transfer_epoch(runs) or 0) < 1:
-        time.sleep(0.2)
-    committed = _committed_transfer_epoch(runs)
-    assert committed, "no transfer checkpoint was committed"
-    first.send_signal(signal.SIGTERM)
-    first.wait(timeout=120)
-    (run_dir,) = runs.glob("tiny-finetune-*")
     assert not (run_dir / "final").exists(), "the first invocation finished before it was interrupted"
 
     second = subprocess.run(cmd + ["--json"], capture_output=True, text=True, env=env, timeout=600)
@@ -158,8 +143,9 @@ def test_interrupted_run_resumes_from_its_checkpoint(workdir, tiny_config):
     assert printed["label"] == "finetune" and len(printed["R"]) == 2
     state = json.loads((run_dir / "final" / "state.json").read_text())
     resumed = state["resumed_from"]
-    # the resume point is the committed checkpoint, or a later one committed before the abort (never the start)
-    assert resumed["stage"] == 1 and resumed["epoch"] >= committed
+    # the resume point is the newest checkpoint completed before the abort: the committed one or a later one
+    assert resumed["stage"] == 1 and resumed["epoch"] == epoch_of(interrupted_cli_run.newest)
+    assert resumed["epoch"] >= interrupted_cli_run.committed - 1  # at most the one awaiting its manifest is redone
     # every epoch is in the history exactly once up to the resume point, and training went on to the end
     assert state["epoch"] == 12 and state["finished"]
     # one MLflow child run for the strategy across both invocations (resumed, not duplicated)

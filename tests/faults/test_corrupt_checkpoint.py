@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from .cli_runs import epoch_of, final_state, interrupted_run, output, run_cli, run_dir
+from .cli_runs import epoch_of, final_state, output, run_cli, run_dir
 
 pytestmark = pytest.mark.e2e
 
 
-def test_truncated_checkpoint_is_skipped_and_the_previous_one_resumed(workdir, tiny_config):
-    cfg = tiny_config(train={"epochs": 12, "lr": 0.01, "batch_size": 16})
-    newest, previous = interrupted_run(cfg, workdir)
+def test_truncated_checkpoint_is_skipped_and_the_previous_one_resumed(interrupted_cli_run):
+    cfg, newest, previous = interrupted_cli_run.cfg, interrupted_cli_run.newest, interrupted_cli_run.previous
+    workdir = interrupted_cli_run.restore()
     shard = run_dir(workdir) / newest / "model.pt"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])

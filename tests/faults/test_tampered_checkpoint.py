@@ -11,7 +11,7 @@ import torch
 
 from forgetless.platform import checkpoints
 
-from .cli_runs import epoch_of, final_state, interrupted_run, output, run_cli, run_dir
+from .cli_runs import epoch_of, final_state, output, run_cli, run_dir
 
 pytestmark = pytest.mark.e2e
 
@@ -36,9 +36,9 @@ def plant(checkpoint: Path, marker: Path) -> Path:
     return shard
 
 
-def test_tampered_deepspeed_shard_never_runs(workdir, tiny_config):
-    cfg = tiny_config(train={"epochs": 12, "lr": 0.01, "batch_size": 16})
-    newest, previous = interrupted_run(cfg, workdir)
+def test_tampered_deepspeed_shard_never_runs(interrupted_cli_run):
+    cfg, newest, previous = interrupted_cli_run.cfg, interrupted_cli_run.newest, interrupted_cli_run.previous
+    workdir = interrupted_cli_run.restore()
     marker = workdir / "the-pickle-ran"
     shard = plant(run_dir(workdir) / newest, marker)
     # the planted file is a working exploit: loaded as DeepSpeed's own checkpoint engine loads (weights_only=False)

@@ -1,6 +1,10 @@
 """SIGKILL one Ray Train worker mid-run: the same CLI invocation recovers by itself (Ray Train restarts the worker
 group, which resumes from the checkpoint written last), exits 0, and ends with the accuracy matrix and curves of an
-uninterrupted run of the same config, having re-trained at most one epoch."""
+uninterrupted run of the same config, having re-trained at most one epoch.
+
+One `forgetless compare` runs the same strategy twice, labelled `reference` and `killed` (a label is only a name: the
+two runs start from the same pre-training with the same seeds), one after the other on the 2-CPU cluster; the worker
+is killed in the second. One CLI process, one cluster start and one pre-training instead of two of each."""
 from __future__ import annotations
 
 import signal
@@ -12,7 +16,6 @@ from .cli_runs import (
     epochs_on_disk,
     final_state,
     output,
-    run_cli,
     run_dir,
     start_cli,
     train_workers,
@@ -25,24 +28,23 @@ EPOCHS = 6
 
 
 def test_killed_worker_recovers_by_itself_with_the_same_accuracy_matrix(workdir, tiny_config):
-    cfg = tiny_config(train={"epochs": EPOCHS, "lr": 0.01, "batch_size": 16})
-    reference_dir, killed_dir = workdir / "reference", workdir / "killed"
-    assert run_cli(cfg, reference_dir) == 0, output(reference_dir)[-3000:]
-    reference = final_state(reference_dir)
-
-    proc = start_cli(cfg, killed_dir)
-    wait_for_committed_epoch(proc, killed_dir, 2)
+    cfg = tiny_config(train={"epochs": EPOCHS, "lr": 0.01, "batch_size": 16},
+                      strategies=[{"name": "finetune", "label": "reference"}, {"name": "finetune", "label": "killed"}])
+    proc = start_cli(cfg, workdir, command="compare")
+    wait_for_committed_epoch(proc, workdir, 2, label="killed")
+    reference = final_state(workdir, "reference")  # the runs go one at a time: the reference has finished
     workers = train_workers(proc.pid)
     assert len(workers) == cfg["scaling"]["num_workers"], "the run's Ray Train workers were not found"
-    written = epochs_on_disk(killed_dir, with_manifest=False)
-    manifested = epochs_on_disk(killed_dir, with_manifest=True)
-    assert not (run_dir(killed_dir) / "final").exists() and max(written) < EPOCHS, "the run ended before the kill"
+    written = epochs_on_disk(workdir, with_manifest=False, label="killed")
+    manifested = epochs_on_disk(workdir, with_manifest=True, label="killed")
+    assert not (run_dir(workdir, "killed") / "final").exists() and max(written) < EPOCHS, "the run ended before the kill"
     killed_at = time.monotonic()
     workers[-1].send_signal(signal.SIGKILL)
-    recovered_after = _wait_for_resume(proc, killed_dir, killed_at)
+    recovered_after = _wait_for_resume(proc, workdir, killed_at)
 
-    assert proc.wait(timeout=900) == 0, output(killed_dir)[-3000:]
-    state = final_state(killed_dir)
+    assert proc.wait(timeout=900) == 0, output(workdir)[-3000:]
+    assert "resuming from checkpoint" not in output(workdir).split("strategy killed:")[0]  # the reference ran through
+    state = final_state(workdir, "killed")
     assert state["finished"] and state["epoch"] == EPOCHS
     assert state["R"] == reference["R"]
     assert [h["acc"] for h in state["history"]] == [h["acc"] for h in reference["history"]]
