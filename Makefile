@@ -6,6 +6,11 @@ VENV ?= .venv
 # The CPU build of PyTorch; on a GPU machine use e.g. `make demo TORCH_SPEC=torch` (a CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
+# Test files run two at a time (pytest-xdist; each file's tests in one process, in order, so a file's shared fixtures
+# are made once). On 2 cores one file at a time left the CPUs idle 29% of the suite (waits on Ray's controller, process
+# starts, servers); two at a time 4%, and the suite took 0.7x the time (docs/performance.md). TEST_WORKERS=0: one.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: setup demo test test-all test-fast clean
 
@@ -32,13 +37,13 @@ demo: setup
 	$(BIN)/forgetless compare examples/digits_transfer.yaml
 
 test: setup
-	$(BIN)/python -m pytest -q -m "not slow" --durations=25
+	$(PYTEST) -m "not slow" --durations=25
 
 test-all: setup
-	$(BIN)/python -m pytest -q --durations=25
+	$(PYTEST) --durations=25
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not e2e"
+	$(PYTEST) -m "not e2e"
 
 clean:
 	rm -rf forgetless_runs mlruns mlflow.db

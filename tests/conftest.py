@@ -30,16 +30,25 @@ def committed_transfer_epoch(snapshot: str) -> int | None:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """A real embedded Ray cluster (2 CPUs), shared by the end-to-end tests of the session."""
+def _ray_shut_down_at_the_end():
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_session(_ray_shut_down_at_the_end):
+    """A real embedded Ray cluster (2 CPUs), shared by the end-to-end tests of the session (process): started by the
+    first module that asks for it, and again by a later one if a module shut it down in between
+    (tests/faults/test_bad_input.py needs Ray down; with pytest-xdist a process takes files in no fixed order)."""
     import ray
 
     from forgetless.platform.runner import init_ray
 
     if not ray.is_initialized():
         init_ray(None, use_gpu=False, num_cpus=2)  # as `forgetless run` starts it, with 2 CPUs
-    yield ray
-    ray.shutdown()
+    return ray
 
 
 @pytest.fixture
@@ -67,21 +76,6 @@ TINY = {
     "deepspeed": {"zero_stage": 2},
     "tracking": {"log_model": False},
 }
-
-
-# The config of the interrupted run several tests share (`interrupted_cli_run`): enough epochs to stop it mid-run.
-INTERRUPTED = {"train": {"epochs": 12, "lr": 0.01, "batch_size": 16}}
-
-
-@pytest.fixture(scope="session")
-def interrupted_cli_run(tmp_path_factory):
-    """One `forgetless run` of TINY (12 epochs) stopped by SIGTERM after Ray Train committed its 3rd transfer epoch,
-    made once per session (a CLI run with its own cluster and pre-training: ~30 s): each test that resumes or damages
-    it calls `.restore()` first, which puts the folder back as it was at the interrupt."""
-    from faults.cli_runs import interrupted_run
-
-    cfg = copy.deepcopy({**TINY, **INTERRUPTED})
-    return interrupted_run(cfg, tmp_path_factory.mktemp("interrupted") / "run")
 
 
 @pytest.fixture

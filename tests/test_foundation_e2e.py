@@ -1,16 +1,11 @@
 """End to end on a real embedded Ray cluster: 2 workers, DeepSpeed ZeRO-2 on CPU, a real SQLite MLflow store."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from faults.cli_runs import epoch_of
-from faults.cli_runs import run_dir as run_dir_of
 
 pytestmark = pytest.mark.e2e
 
@@ -122,40 +117,3 @@ def test_zero3_run_on_a_cnn(ray_session, workdir, tiny_config):
     n_train = len(build_stream(load_config(cfg).source, load_config(cfg).targets)[1].x_train)
     micro_batches = -(-(n_train // 2) // 32)
     assert [p["steps"] for p in res.phase_log] == [p["epochs"] * micro_batches // 2 for p in res.phase_log]
-
-
-def test_interrupted_run_resumes_from_its_checkpoint(interrupted_cli_run, monkeypatch):
-    """The CLI stopped with SIGTERM (what `ray job stop` sends; Ctrl-C takes the same path) once Ray Train had committed
-    a transfer checkpoint (conftest's `interrupted_cli_run`): its MLflow parent run is marked KILLED, and re-running
-    the same command resumes from the newest checkpoint it completed."""
-    run_dir = run_dir_of(interrupted_cli_run.restore())
-    monkeypatch.chdir(interrupted_cli_run.folder)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cmd = [sys.executable, "-m", "forgetless.cli", "run", "c.yaml"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    assert not (run_dir / "final").exists(), "the first invocation finished before it was interrupted"
-
-    second = subprocess.run(cmd + ["--json"], capture_output=True, text=True, env=env, timeout=600)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resuming from checkpoint" in second.stderr
-    # --json: stdout is the JSON and nothing else (the workers' progress lines and Ray's go to stderr)
-    (printed,) = json.loads(second.stdout)
-    assert printed["label"] == "finetune" and len(printed["R"]) == 2
-    state = json.loads((run_dir / "final" / "state.json").read_text())
-    resumed = state["resumed_from"]
-    # the resume point is the newest checkpoint completed before the abort: the committed one or a later one
-    assert resumed["stage"] == 1 and resumed["epoch"] == epoch_of(interrupted_cli_run.newest)
-    assert resumed["epoch"] >= interrupted_cli_run.committed - 1  # at most the one awaiting its manifest is redone
-    # every epoch is in the history exactly once up to the resume point, and training went on to the end
-    assert state["epoch"] == 12 and state["finished"]
-    # one MLflow child run for the strategy across both invocations (resumed, not duplicated)
-    c = _client()
-    exp = c.get_experiment_by_name("forgetless")
-    finetune_runs = c.search_runs([exp.experiment_id], "tags.strategy = 'finetune'")
-    assert len(finetune_runs) == 1 and finetune_runs[0].info.status == "FINISHED"
-    # each metric (system/... samples included) has each step once across both invocations
-    for key in finetune_runs[0].data.metrics:
-        steps = [m.step for m in c.get_metric_history(finetune_runs[0].info.run_id, key)]
-        assert len(steps) == len(set(steps)), (key, sorted(steps))
-    parents = c.search_runs([exp.experiment_id], "tags.`forgetless.command` = 'run'", order_by=["start_time ASC"])
-    assert [r.info.status for r in parents] == ["KILLED", "FINISHED"]

@@ -91,11 +91,13 @@ class LeanTorchTrainer(TorchTrainer):
         return super()._initialize_and_run_controller(**controller_kwargs)
 
 
-def fit(train_fn, embedded_cluster: bool, **trainer_kwargs):
-    """`LeanTorchTrainer(train_fn, **trainer_kwargs).fit()`. On an `embedded_cluster` (the driver started it: it is
-    on this machine, outlives the run and has no autoscaler) the driver, not a PlacementGroupCleaner process, removes
-    what the run's controller left behind, and no resource requests are sent."""
-    with cleaned_by_driver() if embedded_cluster else nullcontext() as record_file:
+def fit(train_fn, embedded_cluster: bool, started_it: bool | None = None, **trainer_kwargs):
+    """`LeanTorchTrainer(train_fn, **trainer_kwargs).fit()`. On an `embedded_cluster` (one driver's local cluster: no
+    autoscaler) no resource requests are sent. Where this process `started_it` (default: `embedded_cluster`), the
+    cluster ends with it, so this process, not a PlacementGroupCleaner process, removes what the run's controller
+    left behind; a process inside the cluster (a Tune trial) keeps Ray's cleaner, since it can die on its own."""
+    started_it = embedded_cluster if started_it is None else started_it
+    with cleaned_by_driver() if started_it else nullcontext() as record_file:
         return LeanTorchTrainer(train_fn, record_file=record_file, asks_autoscaler=not embedded_cluster,
                                 **trainer_kwargs).fit()
 

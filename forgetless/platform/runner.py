@@ -208,6 +208,13 @@ def init_ray(address: str | None, use_gpu: bool, num_cpus: int | None = None) ->
 # Whether this process started the Ray cluster it is connected to (init_ray): then fits clean their own placement
 # groups up (lean_trainer) instead of starting Ray Train's cleaner process for each run.
 _EMBEDDED_CLUSTER = False
+# Set in the runtime env of an embedded cluster, so its processes (a Tune trial's, which runs a fit) know it too.
+EMBEDDED_VARIABLE = "FORGETLESS_EMBEDDED_CLUSTER"
+
+
+def on_embedded_cluster() -> bool:
+    """Whether this process runs on (or started) an embedded cluster: one machine, no autoscaler to ask."""
+    return _EMBEDDED_CLUSTER or os.environ.get(EMBEDDED_VARIABLE) == "1"
 
 
 # Ray Train's controller collects reports (and commits checkpoints) once per health-check poll, 2 s by default; every
@@ -229,7 +236,7 @@ def _init_embedded_ray(env: dict[str, str], num_cpus: int | None, system_config:
     are built into this environment's own folder (build_locks). A watcher process ends the cluster's processes if
     this driver is killed (reaper)."""
     gcs_port = _free_port()
-    env = {**env, "RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{gcs_port}",
+    env = {**env, "RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{gcs_port}", EMBEDDED_VARIABLE: "1",
            "TORCH_EXTENSIONS_DIR": build_locks.use_private_extensions_dir(),
            # Ray Train starts a preemption-watcher actor (one more process) for every worker group; nothing drains the
            # node of an embedded cluster, so it would only cost a process start per run (a value the user set wins)
@@ -313,7 +320,7 @@ def fit(cfg: ExperimentConfig, job: WorkerJob, keep_all_checkpoints: bool, callb
     job = dataclasses.replace(job, config=job.config.model_copy(update={"storage": storage.normalize(cfg.storage)}),
                               tasks=shared_tasks.share(job.config))
     return lean_trainer.fit(
-        train_worker, embedded_cluster=_EMBEDDED_CLUSTER,
+        train_worker, embedded_cluster=on_embedded_cluster(), started_it=_EMBEDDED_CLUSTER,
         train_loop_config=job,
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
