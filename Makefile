@@ -6,11 +6,9 @@ VENV ?= .venv
 # The CPU build of PyTorch; on a GPU machine use e.g. `make demo TORCH_SPEC=torch` (a CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
-# Test files run two at a time (pytest-xdist; each file's tests in one process, in order, so a file's shared fixtures
-# are made once). On 2 cores one file at a time left the CPUs idle 29% of the suite (waits on Ray's controller, process
-# starts, servers); two at a time 4%, and the suite took 0.7x the time (docs/performance.md). TEST_WORKERS=0: one.
-TEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+# The end-to-end tests and the unit tests as two pytest processes side by side (tests/run_side_by_side.py): one process
+# left the two cores idle 29% of the suite (docs/performance.md).
+SIDE_BY_SIDE := $(BIN)/python tests/run_side_by_side.py -q
 
 .PHONY: setup demo test test-all test-fast clean
 
@@ -37,13 +35,13 @@ demo: setup
 	$(BIN)/forgetless compare examples/digits_transfer.yaml
 
 test: setup
-	$(PYTEST) -m "not slow" --durations=25
+	$(SIDE_BY_SIDE) -m "not slow" --durations=25
 
 test-all: setup
-	$(PYTEST) --durations=25
+	$(SIDE_BY_SIDE) --durations=25
 
 test-fast: setup
-	$(PYTEST) -m "not e2e"
+	$(BIN)/python -m pytest -q -m "not e2e"
 
 clean:
 	rm -rf forgetless_runs mlruns mlflow.db

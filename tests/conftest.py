@@ -41,7 +41,7 @@ def _ray_shut_down_at_the_end():
 def ray_session(_ray_shut_down_at_the_end):
     """A real embedded Ray cluster (2 CPUs), shared by the end-to-end tests of the session (process): started by the
     first module that asks for it, and again by a later one if a module shut it down in between
-    (tests/faults/test_bad_input.py needs Ray down; with pytest-xdist a process takes files in no fixed order)."""
+    (tests/faults/test_bad_input.py needs Ray down whatever ran before it)."""
     import ray
 
     from forgetless.platform.runner import init_ray
