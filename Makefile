@@ -19,9 +19,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip uv
 	@# torch through pip (it finds a local build where one is configured); the rest through uv, which resolves and
 	@# installs the ~200 packages in seconds where pip takes 1.5 min (uv keeps the torch installed above), compiled to
-	@# bytecode as pip does, so that no first run compiles them
+	@# bytecode as pip does, so that no first run compiles them. uv does not read pip's configuration: where only pip
+	@# can reach the packages (a private index in pip.conf), pip installs them.
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/uv pip install --python $(BIN)/python -q --compile-bytecode -e ".[test]"
+	$(BIN)/uv pip install --python $(BIN)/python -q --compile-bytecode -e ".[test]" \
+		|| (echo "uv could not install the packages; installing them with pip" && $(BIN)/pip install -q -e ".[test]")
 	@# the browser tests drive Debian's chromium (Playwright's own browser download does not work here)
 	command -v chromium >/dev/null || ! command -v apt-get >/dev/null || apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium) || true
 	touch $@
