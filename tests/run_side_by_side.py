@@ -10,6 +10,7 @@ tests (pytest-xdist) made those tests 2.5-3x slower each instead of 2x, and the 
 """
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import tempfile
@@ -20,14 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def split(argv: list[str]) -> tuple[str, list[str]]:
     """The marker expression (`-m EXPR`, default: every test) and the other pytest arguments."""
-    expr, rest, i = "", [], 0
-    while i < len(argv):
-        if argv[i] == "-m" and i + 1 < len(argv):
-            expr, i = argv[i + 1], i + 2
-        else:
-            rest.append(argv[i])
-            i += 1
-    return expr, rest
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("-m", dest="expr", default="")
+    args, rest = parser.parse_known_args(argv)
+    return args.expr, rest
 
 
 def main(argv: list[str]) -> int:
