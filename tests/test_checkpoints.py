@@ -108,7 +108,7 @@ DEEPSPEED_ROUND_TRIP = textwrap.dedent("""
 def test_deepspeed_shards_load_weights_only(tmp_path):
     """DeepSpeed's real ZeRO-0..3 shards (optimizer state included) load through the weights-only engine: the
     allow-list holds every type DeepSpeed stores. (A process of its own: DeepSpeed needs a process group.)"""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29611",
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0",
            "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
     script = tmp_path / "round_trip.py"
     script.write_text(DEEPSPEED_ROUND_TRIP)

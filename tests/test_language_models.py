@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -208,7 +207,9 @@ def test_cli_exits_2_on_a_strategy_that_does_not_apply(decoder, tmp_path):
 
 _DS_SCRIPT = r"""
 import json, os, sys, torch
-os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1",
+# MASTER_PORT=0: the one rank's store binds a port the OS picks (a fixed or random one can be taken by a test
+# process running beside this one)
+os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT="0", RANK="0", WORLD_SIZE="1",
                   LOCAL_RANK="0")
 torch.set_num_threads(1)
 import deepspeed
@@ -221,13 +222,13 @@ from forgetless.strategies import make_strategy
 from forgetless.strategies.base import task_infos
 from forgetless.strategies.training import set_train_mode, set_trainable, train_step
 deepspeed.init_distributed(dist_backend="gloo")
-cfg = load_config(json.loads(sys.argv[2]))
+cfg = load_config(json.loads(sys.argv[1]))
 tasks = build_stream(cfg.source, cfg.targets)
 infos = task_infos(tasks)
 cpu = torch.device("cpu")
 def batches(j):
     return lambda: ((tasks[j].x_train[i:i + 8], tasks[j].y_train[i:i + 8]) for i in range(0, 16, 8))
-for spec in json.loads(sys.argv[3]):
+for spec in json.loads(sys.argv[2]):
     strategy = make_strategy(spec["name"], spec.get("params", {}), 1, cfg.train.lr)
     model = build_model(cfg, infos, strategy)
     before = evaluate(model, tasks, "val", 1, False, 0, 1, cpu)
@@ -270,7 +271,7 @@ def test_every_applicable_strategy_trains_a_tiny_decoder_under_deepspeed(decoder
     cfg = lm_config(decoder, ["finetune"], train={"epochs": 1, "lr": 0.003, "batch_size": 8})
     script = tmp_path / "ds_lm.py"
     script.write_text(_DS_SCRIPT)
-    out = subprocess.run([sys.executable, str(script), str(random.randint(20000, 40000)), json.dumps(cfg),
+    out = subprocess.run([sys.executable, str(script), json.dumps(cfg),
                           json.dumps(DS_CASES)], capture_output=True, text=True, timeout=900,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert out.returncode == 0, out.stderr[-3000:]

@@ -8,7 +8,6 @@ through the platform (Ray Train, 2 workers) end to end.
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -35,12 +34,13 @@ def make_gpt2(folder: Path) -> Path:
 _RANKS_SCRIPT = r"""
 import os, sys, tempfile, torch
 from pathlib import Path
-rank, world, port, folder, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], Path(sys.argv[5])
-os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank),
+rank, world, store, folder, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], Path(sys.argv[5])
+# the ranks meet through a file, not a port: a free port picked here could be taken by a test running beside this one
+os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT="0", RANK=str(rank),
                   WORLD_SIZE=str(world), LOCAL_RANK=str(rank), HF_HUB_OFFLINE="1")
 torch.set_num_threads(1)
 import deepspeed
-deepspeed.init_distributed(dist_backend="gloo")
+deepspeed.init_distributed(dist_backend="gloo", init_method=f"file://{store}", rank=rank, world_size=world)
 from safetensors.torch import load_file
 from transformers import AutoModel
 from forgetless.backbones import TransferModel, build_backbone
@@ -131,9 +131,9 @@ def test_partitioned_build_checkpoint_resume_and_hf_export(tmp_path):
     folder = make_gpt2(tmp_path / "gpt2")
     script = tmp_path / "ranks.py"
     script.write_text(_RANKS_SCRIPT)
-    port = str(random.randint(20000, 40000))
+    store = str(tmp_path / "rendezvous")
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", port, str(folder), str(tmp_path)],
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", store, str(folder), str(tmp_path)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for r in (0, 1)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outs):
