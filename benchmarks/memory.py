@@ -26,7 +26,6 @@ import argparse
 import gc
 import json
 import os
-import random
 import subprocess
 import sys
 import time
@@ -250,7 +249,9 @@ def run_config(args: argparse.Namespace, folder: Path, mode: str, workers: int) 
 
 def launch(args: argparse.Namespace, folder: Path, mode: str, workers: int, scratch: Path, part: str) -> None:
     """One process per rank (bounded by --timeout); raises with rank 0's log tail if any fails."""
-    port = random.randint(20000, 40000)
+    from forgetless.platform.ports import free_port
+
+    port = free_port()
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(args.threads)}
     cmd = [sys.executable, __file__, "--worker", "--folder", str(folder), "--mode", mode, "--world", str(workers),
            "--port", str(port), "--scratch", str(scratch), "--optimizer", args.optimizer, "--precision",

@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,14 +23,10 @@ from pathlib import Path
 
 import psutil
 
+from forgetless.platform.ports import free_port
+
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "mlflow_server_start.json"
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _group_cpu_seconds(pgid: int) -> float:
@@ -49,7 +44,7 @@ def _group_cpu_seconds(pgid: int) -> float:
 def one_start(job_runner: bool, settle_s: float, timeout_s: float = 120) -> dict:
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true" if job_runner else "false"}
     with tempfile.TemporaryDirectory() as d:
-        port = _free_port()
+        port = free_port()
         t0 = time.perf_counter()
         proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                                  "--workers", "1", "--backend-store-uri", f"sqlite:///{d}/mlflow.db",

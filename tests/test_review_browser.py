@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from conftest import MLFLOW_SERVER_ENV, TINY
 
 from forgetless import cli
 from forgetless.platform import model_export, report_html, review, tracking
+from forgetless.platform.ports import free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -39,12 +39,6 @@ UI_TIMEOUT_MS = 60_000  # the first page load compiles MLflow's JS bundle on a b
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install -y chromium); "
                                                           "the MLflow UI cannot be driven without a browser")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_healthy(url: str, server: subprocess.Popen, limit_s: float = 120.0) -> None:
@@ -64,7 +58,7 @@ def _wait_healthy(url: str, server: subprocess.Popen, limit_s: float = 120.0) ->
 def mlflow_server(tmp_path_factory):
     """`mlflow server` on a temporary SQLite store and artifact folder, stopped (its process group) after the module."""
     store = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store}/mlflow.db",

@@ -12,7 +12,6 @@ import math
 import os
 import re
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -39,6 +38,7 @@ from forgetless.platform import (build_locks, checkpoints, fanout, model_export,
 from forgetless.platform import metrics as M
 from forgetless.platform.engine import check_deepspeed_extra
 from forgetless.platform.model_io import build_model, load_pretrained, load_torch_file
+from forgetless.platform.ports import free_port
 from forgetless.platform.results import (CompareResult, StopPoint, StrategyResult, Trajectory, mean_sd,
                                          summary_metrics)
 from forgetless.platform.train_loop import FINAL_CHECKPOINT, MODEL_FILE, STATE_FILE, train_worker
@@ -235,7 +235,7 @@ def _init_embedded_ray(env: dict[str, str], num_cpus: int | None, system_config:
     when another one runs), so the GCS port is chosen here and RAY_ADDRESS given to every worker. DeepSpeed's C++ ops
     are built into this environment's own folder (build_locks). A watcher process ends the cluster's processes if
     this driver is killed (reaper)."""
-    gcs_port = _free_port()
+    gcs_port = free_port()
     env = {**env, "RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{gcs_port}", EMBEDDED_VARIABLE: "1",
            "TORCH_EXTENSIONS_DIR": build_locks.use_private_extensions_dir(),
            # Ray Train starts a preemption-watcher actor (one more process) for every worker group; nothing drains the
@@ -265,12 +265,6 @@ def _init_embedded_ray(env: dict[str, str], num_cpus: int | None, system_config:
 
 GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"
 PREEMPTION_WATCHER_VARIABLE = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _sigterm_as_sigint(signum, frame) -> None:
