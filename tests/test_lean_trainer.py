@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -107,3 +108,66 @@ def test_a_killed_controllers_group_is_removed_by_the_driver(ray_session, tmp_pa
 
 def test_without_a_record_nothing_is_removed(tmp_path):
     assert lean_trainer.remove_recorded(str(tmp_path / "missing.txt")) == []
+
+
+def _mark_and_sleep_in_training(marker: str):
+    Path(marker).touch()
+    time.sleep(120)
+
+
+def _report_and_wait_for_the_commit():
+    """Rank 0 reports a checkpoint; every rank waits until Ray Train's controller has committed it (the call travels
+    to the controller actor, here the controller host)."""
+    import tempfile
+
+    import ray.train
+    from ray.train import Checkpoint
+
+    from forgetless.platform.checkpoints import wait_until_committed
+
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder, "weights.txt").write_text("1")
+        rank = ray.train.get_context().get_world_rank()
+        ray.train.report({"step": 1}, checkpoint=Checkpoint.from_directory(folder) if rank == 0 else None,
+                         checkpoint_dir_name="only")
+    if not wait_until_committed("only", timeout_s=60):
+        raise AssertionError("the checkpoint was not committed")
+
+
+def test_a_drivers_fits_run_their_controllers_in_one_kept_process(ray_session, tmp_path, capsys):
+    """On an embedded cluster the driver keeps its Train controller's process for the next fit; a fit whose controller
+    process dies ends with an error, its placement group is removed, and the next fit starts a new process."""
+    cpus = ray_session.cluster_resources()["CPU"]
+    config = dict(scaling_config=ScalingConfig(num_workers=2))
+    outcome = {}
+
+    marker = tmp_path / "training-entered"
+
+    def fit_that_sleeps():
+        try:
+            lean_trainer.fit(_mark_and_sleep_in_training, embedded_cluster=True, train_loop_config=str(marker),
+                             run_config=RunConfig(name="killed-host", storage_path=str(tmp_path)), **config)
+        except Exception as e:
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit_that_sleeps)
+    thread.start()
+    # the train function runs once the worker group has started (and the controller has recorded its group)
+    _wait_for(marker.exists, 180, "the run's training to start")
+    assert not _alive("TrainController")  # the controller runs in a host process, not an actor of its own
+    for host in _alive("ControllerHost"):  # the running fit's host (an idle one of an earlier test's fits is
+        os.kill(host.pid, signal.SIGKILL)  # replaced the same way when the pool finds it dead)
+    thread.join(120)
+    assert not thread.is_alive() and "error" in outcome
+    _wait_for(lambda: ray_session.available_resources().get("CPU", 0) == cpus, 60, "the CPUs to be free again")
+    assert "removed 1 placement group(s)" in capsys.readouterr().err
+
+    hosts = []
+    for name in ("first", "second"):
+        result = lean_trainer.fit(_report_and_wait_for_the_commit, embedded_cluster=True,
+                                  run_config=RunConfig(name=name, storage_path=str(tmp_path)), **config)
+        assert result.error is None and Path(result.checkpoint.path).name == "only"
+        hosts.append({a.pid for a in _alive("ControllerHost") if psutil.pid_exists(a.pid)})
+    # one new process after the kill, the same one for both fits
+    assert len(hosts[0]) == 1 and hosts[0] == hosts[1]
+    assert not _alive("TrainController")

@@ -10,6 +10,8 @@ controller live here, and their worker-side steps import Ray's torch functions o
   torchrun variables on each worker; `torch.distributed.init_process_group` on every rank; destroyed at the end),
   with the controller's part written here and each worker's part done by Ray's own functions.
 - `RecordPlacementGroups`: see platform/lean_trainer.py.
+- `ControllerHost`: an actor that runs the Train controllers of one driver's fits one after another in one process
+  (see platform/lean_trainer.py).
 - `NoAutoscalerScalingPolicy`: Ray's fixed-size scaling policy without its requests to the cluster autoscaler, for an
   embedded cluster (which has none). Ray Train sends each fit's request to an `AutoscalingCoordinator` actor, a
   process of Ray Data's that the cluster's first fit starts and its controller waits on (up to 5 s) before it starts
@@ -32,10 +34,11 @@ logger = logging.getLogger(__name__)
 
 try:  # Ray Train V2 internals (ray 2.60); platform/lean_trainer.py falls back to Ray's own parts without them
     from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+    from ray.train.v2._internal.execution.controller import TrainController
     from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
     from ray.train.v2._internal.util import TrainingFramework
 except ImportError:  # pragma: no cover - another Ray version
-    WorkerGroupCallback = FixedScalingPolicy = TrainingFramework = None
+    WorkerGroupCallback = FixedScalingPolicy = TrainingFramework = TrainController = None
 
 SHUTDOWN_TIMEOUT_ENV = "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S"  # Ray's own variable for the same wait
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30
@@ -150,3 +153,39 @@ if FixedScalingPolicy is not None:
             pass  # Ray's re-sends the request every 20 s while the run waits or runs
 else:  # pragma: no cover - another Ray version
     NoAutoscalerScalingPolicy = None
+
+
+class ControllerHost:
+    """An asyncio actor that runs Train controllers, one at a time, in a process that outlives them (lean_trainer's
+    `ControllerHosts` hands it one fit after another). A `TrainController` is otherwise an actor of its own per fit,
+    whose process start and imports come before any worker starts. The methods the driver and the workers call on the
+    controller actor (`run`, `get_result`, `abort`, `get_all_reported_checkpoints`) are here, passed on to the
+    controller of the fit now running."""
+
+    def __init__(self):
+        self._controller = None
+
+    async def ready(self) -> bool:
+        return True
+
+    async def run(self, controller_kwargs: dict):
+        if self._controller is not None:  # the pool never hands a busy host out: a second fit here is a bug
+            raise RuntimeError("this Train controller host is already running a fit")
+        self._controller = TrainController(**controller_kwargs)
+        try:
+            await self._controller.run()
+            return self._controller.get_result()
+        finally:
+            self._controller = None
+
+    async def abort(self) -> None:
+        # Ray's abort ends the actor's process (ray.actor.exit_actor): the host goes with the fit, as a controller
+        # actor would; the pool then starts a new host for the next fit
+        if self._controller is not None:
+            await self._controller.abort()
+
+    async def get_all_reported_checkpoints(self, *args, **kwargs):
+        # a worker's `ray.train.get_all_reported_checkpoints()` (forgetless waits on its checkpoint's commit with it)
+        if self._controller is None:
+            raise RuntimeError("no fit is running in this Train controller host")
+        return await self._controller.get_all_reported_checkpoints(*args, **kwargs)

@@ -24,6 +24,11 @@ machine with `benchmarks/train_floor.py` (an empty train function) and the task 
   callbacks) makes the controller import torch, ~2-5 s before it starts any worker, for a process that runs no torch.
   `controller_parts.WorkerProcessGroupConfig` sets up the same process group with the torch steps on the workers.
 
+- the **Train controller's own process**, started for every fit: its spawn, `import ray` and Ray Train's imports come
+  before any worker starts. Where the driver outlives its fits (an embedded cluster), `ControllerHosts` keeps one
+  process per concurrent fit (`controller_parts.ControllerHost`, owned by the driver, so it ends with it) and runs
+  each fit's `TrainController` in it: the process is started by the first fit and used by the ones after it.
+
 This leans on Ray Train V2 internals (the trainer's list of default callbacks, the worker group's placement group
 handle); where they are not as expected (`replaceable()` is false) the trainer is left as Ray made it.
 """
@@ -32,29 +37,35 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import ray
 from ray.train.torch import TorchTrainer
+from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
 from forgetless.console import say
-from forgetless.platform.controller_parts import (FixedScalingPolicy, NoAutoscalerScalingPolicy,
-                                                    RecordPlacementGroups, WorkerProcessGroupConfig)
+from forgetless.platform.controller_parts import (ControllerHost, FixedScalingPolicy, NoAutoscalerScalingPolicy,
+                                                    RecordPlacementGroups, TrainController, WorkerProcessGroupConfig)
 
 logger = logging.getLogger(__name__)
 
 try:  # Ray Train V2 internals (ray 2.60); without them nothing changes
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
+    from ray.train.v2._internal.constants import (DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
+                                                  get_env_vars_to_propagate)
 except ImportError:  # pragma: no cover - another Ray version
-    DatasetsCallback = PlacementGroupCleanerCallback = None
+    DatasetsCallback = PlacementGroupCleanerCallback = get_env_vars_to_propagate = None
 
 
 def replaceable() -> bool:
     """Whether this Ray has the internals LeanTorchTrainer changes (controller_parts' are None without theirs)."""
-    return (DatasetsCallback is not None and NoAutoscalerScalingPolicy is not None
+    return (DatasetsCallback is not None and NoAutoscalerScalingPolicy is not None and TrainController is not None
+            and get_env_vars_to_propagate is not None
             and callable(getattr(TorchTrainer, "_create_default_callbacks", None))
             and callable(getattr(TorchTrainer, "_initialize_and_run_controller", None)))
 
@@ -63,11 +74,14 @@ class LeanTorchTrainer(TorchTrainer):
     """A TorchTrainer whose controller imports no torch (`WorkerProcessGroupConfig` unless a `torch_config` is given),
     without the DatasetManager actor when it is given no datasets; given `record_file` (from `cleaned_by_driver`),
     without the PlacementGroupCleaner actor; with `asks_autoscaler=False` (a cluster without an autoscaler), without
-    resource requests and the AutoscalingCoordinator actor they start. Where this Ray lacks the internals
-    (`replaceable()` is false) it is Ray's TorchTrainer unchanged."""
+    resource requests and the AutoscalingCoordinator actor they start; given `controller_hosts`, its controller runs
+    in a process of that pool instead of a new one. Where this Ray lacks the internals (`replaceable()` is false)
+    it is Ray's TorchTrainer unchanged."""
 
-    def __init__(self, *args, record_file: str | None = None, asks_autoscaler: bool = True, **kwargs):
+    def __init__(self, *args, record_file: str | None = None, asks_autoscaler: bool = True,
+                 controller_hosts: "ControllerHosts | None" = None, **kwargs):
         self._record_file, self._asks_autoscaler = record_file, asks_autoscaler
+        self._controller_hosts = controller_hosts
         if replaceable():
             kwargs.setdefault("torch_config", WorkerProcessGroupConfig())
         super().__init__(*args, **kwargs)
@@ -88,18 +102,76 @@ class LeanTorchTrainer(TorchTrainer):
         if (not self._asks_autoscaler and replaceable()
                 and type(controller_kwargs.get("scaling_policy")) is FixedScalingPolicy):
             controller_kwargs["scaling_policy"] = NoAutoscalerScalingPolicy(scaling_config=self.scaling_config)
-        return super()._initialize_and_run_controller(**controller_kwargs)
+        if self._controller_hosts is None or not replaceable():
+            return super()._initialize_and_run_controller(**controller_kwargs)
+        return self._controller_hosts.run(controller_kwargs, self._register_sigint_handler)
+
+
+# How long a kept controller process may take to answer before a new one is started in its place.
+HOST_READY_TIMEOUT_S = 30.0
+
+
+class ControllerHosts:
+    """The idle `ControllerHost` actors of this driver, by cluster, node and the environment Ray Train gives a
+    controller (`get_env_vars_to_propagate`, read per fit: a host only runs fits whose controller would have had its
+    environment). A fit takes an idle host or starts one (as Ray starts a controller: no CPUs, on the driver's node)
+    and gives it back when it returns; a host whose fit raised (its process died, or the fit was aborted) is not kept.
+    Hosts are not detached: they end with the driver."""
+
+    def __init__(self):
+        self._idle: dict[tuple, list] = {}
+        self._lock = threading.Lock()
+
+    def run(self, controller_kwargs: dict, register_sigint_handler):
+        env_vars = get_env_vars_to_propagate()
+        env_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,  # as Ray's own controller gets it
+                            DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
+        key, host = self._take(env_vars)
+        if threading.current_thread() is threading.main_thread():
+            register_sigint_handler(host)  # Ctrl-C aborts the fit through the host, as through Ray's controller
+        try:
+            result = ray.get(host.run.remote(controller_kwargs))
+        except BaseException:
+            ray.kill(host)  # best effort: it may be gone already; never handed to another fit
+            raise
+        with self._lock:
+            self._idle.setdefault(key, []).append(host)
+        return result
+
+    def _take(self, env_vars: dict[str, str]):
+        context = ray.get_runtime_context()
+        node_id = context.get_node_id()
+        key = (context.gcs_address, context.get_job_id(), node_id, tuple(sorted(env_vars.items())))
+        while True:
+            with self._lock:
+                idle = self._idle.get(key, [])
+                host = idle.pop() if idle else None
+            if host is None:
+                host = ray.remote(num_cpus=0, label_selector={ray._raylet.RAY_NODE_ID_KEY: node_id},
+                                  runtime_env={"env_vars": env_vars})(ControllerHost).remote()
+                return key, host
+            try:
+                ray.get(host.ready.remote(), timeout=HOST_READY_TIMEOUT_S)
+                return key, host
+            except (RayActorError, GetTimeoutError) as e:
+                say(f"a kept Train controller process did not answer in {HOST_READY_TIMEOUT_S:.0f} s "
+                    f"({type(e).__name__}); starting a new one")
+                ray.kill(host)
+
+
+_CONTROLLER_HOSTS = ControllerHosts()  # this driver's: fits of every thread share it
 
 
 def fit(train_fn, embedded_cluster: bool, started_it: bool | None = None, **trainer_kwargs):
     """`LeanTorchTrainer(train_fn, **trainer_kwargs).fit()`. On an `embedded_cluster` (one driver's local cluster: no
     autoscaler) no resource requests are sent. Where this process `started_it` (default: `embedded_cluster`), the
     cluster ends with it, so this process, not a PlacementGroupCleaner process, removes what the run's controller
-    left behind; a process inside the cluster (a Tune trial) keeps Ray's cleaner, since it can die on its own."""
+    left behind, and the run's controller runs in a process this one keeps for its next fit; a process inside the
+    cluster (a Tune trial) keeps Ray's cleaner and a controller process per fit, since it can die on its own."""
     started_it = embedded_cluster if started_it is None else started_it
     with cleaned_by_driver() if started_it else nullcontext() as record_file:
         return LeanTorchTrainer(train_fn, record_file=record_file, asks_autoscaler=not embedded_cluster,
-                                **trainer_kwargs).fit()
+                                controller_hosts=_CONTROLLER_HOSTS if started_it else None, **trainer_kwargs).fit()
 
 
 def remove_recorded(record_file: str) -> list[str]:
