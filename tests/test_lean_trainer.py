@@ -132,6 +132,12 @@ def _report_and_wait_for_the_commit():
                          checkpoint_dir_name="only")
     if not wait_until_committed("only", timeout_s=60):
         raise AssertionError("the checkpoint was not committed")
+    # the cluster's variables reach the worker from its raylet, not as a runtime_env of its own (which would start
+    # it through Ray's setup_worker.py)
+    import ray
+
+    assert not ray.get_runtime_context().runtime_env.get("env_vars"), ray.get_runtime_context().runtime_env
+    assert os.environ["FORGETLESS_EMBEDDED_CLUSTER"] == "1" and os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
 
 
 def test_a_drivers_fits_run_their_controllers_in_one_kept_process(ray_session, tmp_path, capsys):
@@ -168,6 +174,7 @@ def test_a_drivers_fits_run_their_controllers_in_one_kept_process(ray_session, t
                                   run_config=RunConfig(name=name, storage_path=str(tmp_path)), **config)
         assert result.error is None and Path(result.checkpoint.path).name == "only"
         hosts.append({a.pid for a in _alive("ControllerHost") if psutil.pid_exists(a.pid)})
+    assert "RAY_ADDRESS" not in os.environ  # the driver's environment is its own again after the cluster's start
     # one new process after the kill, the same one for both fits
     assert len(hosts[0]) == 1 and hosts[0] == hosts[1]
     assert not _alive("TrainController")

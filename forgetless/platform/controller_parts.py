@@ -34,11 +34,13 @@ logger = logging.getLogger(__name__)
 
 try:  # Ray Train V2 internals (ray 2.60); platform/lean_trainer.py falls back to Ray's own parts without them
     from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+    from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
     from ray.train.v2._internal.execution.controller import TrainController
+    from ray.train.v2._internal.execution.worker_group import WorkerGroup
     from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
     from ray.train.v2._internal.util import TrainingFramework
 except ImportError:  # pragma: no cover - another Ray version
-    WorkerGroupCallback = FixedScalingPolicy = TrainingFramework = TrainController = None
+    WorkerGroupCallback = FixedScalingPolicy = TrainingFramework = TrainController = WorkerGroup = None
 
 SHUTDOWN_TIMEOUT_ENV = "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S"  # Ray's own variable for the same wait
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30
@@ -155,6 +157,26 @@ else:  # pragma: no cover - another Ray version
     NoAutoscalerScalingPolicy = None
 
 
+if TrainController is not None:
+    class InheritedEnvWorkerGroup(WorkerGroup):
+        """Ray's worker group, whose workers are not given again (as runtime_env variables) the Ray Train variables
+        this controller's process has with the same value: the workers inherit them, from the raylet or from this
+        process's runtime_env. A worker without a runtime_env of its own starts as a plain Ray worker process, not
+        through Ray's setup_worker.py (one more Python start and `import ray` each)."""
+
+        @staticmethod
+        def _get_worker_runtime_env(custom_runtime_env):
+            runtime_env = WorkerGroup._get_worker_runtime_env(custom_runtime_env)
+            runtime_env["env_vars"] = {k: v for k, v in runtime_env["env_vars"].items()
+                                       if not (k in ENV_VARS_TO_PROPAGATE and os.environ.get(k) == v)}
+            return runtime_env
+
+    class InheritedEnvTrainController(TrainController):
+        worker_group_cls = InheritedEnvWorkerGroup
+else:  # pragma: no cover - another Ray version
+    InheritedEnvTrainController = None
+
+
 class ControllerHost:
     """An asyncio actor that runs Train controllers, one at a time, in a process that outlives them (lean_trainer's
     `ControllerHosts` hands it one fit after another). A `TrainController` is otherwise an actor of its own per fit,
@@ -171,7 +193,7 @@ class ControllerHost:
     async def run(self, controller_kwargs: dict):
         if self._controller is not None:  # the pool never hands a busy host out: a second fit here is a bug
             raise RuntimeError("this Train controller host is already running a fit")
-        self._controller = TrainController(**controller_kwargs)
+        self._controller = InheritedEnvTrainController(**controller_kwargs)
         try:
             await self._controller.run()
             return self._controller.get_result()

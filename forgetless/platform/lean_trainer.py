@@ -47,8 +47,9 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
 from forgetless.console import say
-from forgetless.platform.controller_parts import (ControllerHost, FixedScalingPolicy, NoAutoscalerScalingPolicy,
-                                                    RecordPlacementGroups, TrainController, WorkerProcessGroupConfig)
+from forgetless.platform.controller_parts import (ControllerHost, FixedScalingPolicy, InheritedEnvTrainController,
+                                                    NoAutoscalerScalingPolicy, RecordPlacementGroups,
+                                                    WorkerProcessGroupConfig)
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +61,14 @@ try:  # Ray Train V2 internals (ray 2.60); without them nothing changes
                                                   get_env_vars_to_propagate)
 except ImportError:  # pragma: no cover - another Ray version
     DatasetsCallback = PlacementGroupCleanerCallback = get_env_vars_to_propagate = None
+    RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE = (
+        "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC", "0")
 
 
 def replaceable() -> bool:
     """Whether this Ray has the internals LeanTorchTrainer changes (controller_parts' are None without theirs)."""
-    return (DatasetsCallback is not None and NoAutoscalerScalingPolicy is not None and TrainController is not None
+    return (DatasetsCallback is not None and NoAutoscalerScalingPolicy is not None
+            and InheritedEnvTrainController is not None
             and get_env_vars_to_propagate is not None
             and callable(getattr(TorchTrainer, "_create_default_callbacks", None))
             and callable(getattr(TorchTrainer, "_initialize_and_run_controller", None)))
@@ -111,21 +115,36 @@ class LeanTorchTrainer(TorchTrainer):
 HOST_READY_TIMEOUT_S = 30.0
 
 
+# What Ray Train gives its controller's environment (as a runtime_env) unless the user set it: no warning for the
+# blocking calls the controller makes in its event loop by design.
+BLOCKING_GET_WARNING_VARIABLE = RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
+BLOCKING_GET_WARNING_DEFAULT = DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE
+
+
 class ControllerHosts:
     """The idle `ControllerHost` actors of this driver, by cluster, node and the environment Ray Train gives a
     controller (`get_env_vars_to_propagate`, read per fit: a host only runs fits whose controller would have had its
     environment). A fit takes an idle host or starts one (as Ray starts a controller: no CPUs, on the driver's node)
     and gives it back when it returns; a host whose fit raised (its process died, or the fit was aborted) is not kept.
-    Hosts are not detached: they end with the driver."""
+    Hosts are not detached: they end with the driver.
+
+    A variable every process of the cluster already has (`cluster_environment`: an embedded cluster's, inherited
+    from its raylet) is not given again as a runtime_env: a host without one starts as a plain Ray worker process,
+    and so do the processes its controller starts (they inherit the host's runtime_env;
+    controller_parts.InheritedEnvWorkerGroup leaves out what the workers inherit anyway)."""
 
     def __init__(self):
         self._idle: dict[tuple, list] = {}
+        self._cluster_env: dict[str, dict[str, str]] = {}
         self._lock = threading.Lock()
+
+    def cluster_environment(self, gcs_address: str, env: dict[str, str]) -> None:
+        """Every process of the cluster at `gcs_address` has these variables (its raylet's environment)."""
+        self._cluster_env[gcs_address] = dict(env)
 
     def run(self, controller_kwargs: dict, register_sigint_handler):
         env_vars = get_env_vars_to_propagate()
-        env_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,  # as Ray's own controller gets it
-                            DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
+        env_vars.setdefault(BLOCKING_GET_WARNING_VARIABLE, BLOCKING_GET_WARNING_DEFAULT)  # as Ray's controller
         key, host = self._take(env_vars)
         if threading.current_thread() is threading.main_thread():
             register_sigint_handler(host)  # Ctrl-C aborts the fit through the host, as through Ray's controller
@@ -140,15 +159,17 @@ class ControllerHosts:
 
     def _take(self, env_vars: dict[str, str]):
         context = ray.get_runtime_context()
-        node_id = context.get_node_id()
-        key = (context.gcs_address, context.get_job_id(), node_id, tuple(sorted(env_vars.items())))
+        node_id, cluster = context.get_node_id(), context.gcs_address
+        inherited = self._cluster_env.get(cluster, {})
+        env_vars = {k: v for k, v in env_vars.items() if inherited.get(k) != v}
+        key = (cluster, context.get_job_id(), node_id, tuple(sorted(env_vars.items())))
         while True:
             with self._lock:
                 idle = self._idle.get(key, [])
                 host = idle.pop() if idle else None
             if host is None:
                 host = ray.remote(num_cpus=0, label_selector={ray._raylet.RAY_NODE_ID_KEY: node_id},
-                                  runtime_env={"env_vars": env_vars})(ControllerHost).remote()
+                                  runtime_env={"env_vars": env_vars} if env_vars else None)(ControllerHost).remote()
                 return key, host
             try:
                 ray.get(host.ready.remote(), timeout=HOST_READY_TIMEOUT_S)
@@ -159,7 +180,7 @@ class ControllerHosts:
                 ray.kill(host)
 
 
-_CONTROLLER_HOSTS = ControllerHosts()  # this driver's: fits of every thread share it
+CONTROLLER_HOSTS = ControllerHosts()  # this driver's: fits of every thread share it
 
 
 def fit(train_fn, embedded_cluster: bool, started_it: bool | None = None, **trainer_kwargs):
@@ -171,7 +192,7 @@ def fit(train_fn, embedded_cluster: bool, started_it: bool | None = None, **trai
     started_it = embedded_cluster if started_it is None else started_it
     with cleaned_by_driver() if started_it else nullcontext() as record_file:
         return LeanTorchTrainer(train_fn, record_file=record_file, asks_autoscaler=not embedded_cluster,
-                                controller_hosts=_CONTROLLER_HOSTS if started_it else None, **trainer_kwargs).fit()
+                                controller_hosts=CONTROLLER_HOSTS if started_it else None, **trainer_kwargs).fit()
 
 
 def remove_recorded(record_file: str) -> list[str]:

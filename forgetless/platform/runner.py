@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -234,25 +235,34 @@ def _init_embedded_ray(env: dict[str, str], num_cpus: int | None, system_config:
     look a cluster up by address (RAY_ADDRESS, else any cluster on the machine: "Found multiple active Ray instances"
     when another one runs), so the GCS port is chosen here and RAY_ADDRESS given to every worker. DeepSpeed's C++ ops
     are built into this environment's own folder (build_locks). A watcher process ends the cluster's processes if
-    this driver is killed (reaper)."""
+    this driver is killed (reaper).
+
+    The cluster's variables (`env` and those above) are in this process's environment while `ray.init` starts the
+    raylet, and so in that of every worker process the raylet starts; they are not a job runtime_env. A worker
+    process with a runtime_env of its own (a job's applies to every task and actor) is started through Ray's
+    setup_worker.py: one more Python start and `import ray` before the worker's own (~0.5 s wall, ~1 CPU-s each on
+    2 cores, measured), and it is not given a process of the idle pool Ray starts beside the raylet. This process's
+    environment is restored once the cluster runs."""
     gcs_port = free_port()
     env = {**env, "RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{gcs_port}", EMBEDDED_VARIABLE: "1",
            "TORCH_EXTENSIONS_DIR": build_locks.use_private_extensions_dir(),
            # Ray Train starts a preemption-watcher actor (one more process) for every worker group; nothing drains the
            # node of an embedded cluster, so it would only cost a process start per run (a value the user set wins)
-           PREEMPTION_WATCHER_VARIABLE: os.environ.get(PREEMPTION_WATCHER_VARIABLE, "0")}
+           PREEMPTION_WATCHER_VARIABLE: os.environ.get(PREEMPTION_WATCHER_VARIABLE, "0"),
+           # what Ray Train gives its controller (the Train controller runs blocking calls in its event loop by design)
+           lean_trainer.BLOCKING_GET_WARNING_VARIABLE: os.environ.get(lean_trainer.BLOCKING_GET_WARNING_VARIABLE,
+                                                                        lean_trainer.BLOCKING_GET_WARNING_DEFAULT)}
     dashboard = console.ray_dashboard()
     if not dashboard:
         # Nothing reads an embedded cluster's Ray metrics (no Prometheus scrapes a cluster that lives for one run);
         # collecting them kept the dashboard agent busy ingesting every process's histograms (docs/performance.md)
         system_config = {**system_config, "enable_metrics_collection": False}
-    os.environ[GCS_PORT_VARIABLE] = str(gcs_port)  # read by ray.init when it starts the GCS
-    try:
-        context = ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, log_to_driver=True,
-                           logging_level="ERROR", configure_logging=True, _system_config=system_config,
-                           include_dashboard=dashboard)
-    finally:
-        os.environ.pop(GCS_PORT_VARIABLE, None)
+    with _environment({**env, GCS_PORT_VARIABLE: str(gcs_port)}):  # GCS_PORT_VARIABLE: read by ray.init
+        # address="local": a new cluster, whatever RAY_ADDRESS (set above, for the workers) or another cluster on
+        # this machine says
+        context = ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, logging_level="ERROR",
+                           configure_logging=True, _system_config=system_config, include_dashboard=dashboard)
+    lean_trainer.CONTROLLER_HOSTS.cluster_environment(ray.get_runtime_context().gcs_address, env)
     if dashboard:
         say(f"Ray dashboard: http://{context.dashboard_url}")
     actual = ray.get_runtime_context().gcs_address
@@ -261,6 +271,21 @@ def _init_embedded_ray(env: dict[str, str], num_cpus: int | None, system_config:
             f"cluster on this machine may be picked up by Ray Train's helpers")
     # (a private attribute: Ray has no public call for the session's name, which tells this cluster's processes apart)
     reaper.start(Path(ray._private.worker._global_node.get_session_dir_path()).name)
+
+
+@contextmanager
+def _environment(variables: dict[str, str]):
+    """These variables set in this process's environment inside the block, the earlier values back after it."""
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"
