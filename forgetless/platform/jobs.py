@@ -200,17 +200,9 @@ def submit(config_path: str, overrides: list[str], address: str | None, command:
 def _local_checks(cfg: ExperimentConfig, tracking_uri: str, env: dict[str, str]) -> None:
     """The job's own start-up checks, run here before submitting (same code: runner.preflight), with the environment
     the job will have."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with runner.temporary_environment(env):
         runner.preflight(cfg.model_copy(update={"tracking": cfg.tracking.model_copy(
             update={"tracking_uri": tracking_uri})}))
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 # ---------------------------------------------------------------------------------------------------------------------

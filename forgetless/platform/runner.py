@@ -257,7 +257,7 @@ def _init_embedded_ray(env: dict[str, str], num_cpus: int | None, system_config:
         # Nothing reads an embedded cluster's Ray metrics (no Prometheus scrapes a cluster that lives for one run);
         # collecting them kept the dashboard agent busy ingesting every process's histograms (docs/performance.md)
         system_config = {**system_config, "enable_metrics_collection": False}
-    with _environment({**env, GCS_PORT_VARIABLE: str(gcs_port)}):  # GCS_PORT_VARIABLE: read by ray.init
+    with temporary_environment({**env, GCS_PORT_VARIABLE: str(gcs_port)}):  # GCS_PORT_VARIABLE: read by ray.init
         # address="local": a new cluster, whatever RAY_ADDRESS (set above, for the workers) or another cluster on
         # this machine says
         context = ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, logging_level="ERROR",
@@ -274,7 +274,7 @@ def _init_embedded_ray(env: dict[str, str], num_cpus: int | None, system_config:
 
 
 @contextmanager
-def _environment(variables: dict[str, str]):
+def temporary_environment(variables: dict[str, str]):
     """These variables set in this process's environment inside the block, the earlier values back after it."""
     saved = {k: os.environ.get(k) for k in variables}
     os.environ.update(variables)

@@ -199,14 +199,8 @@ def _pending_trials_limit(concurrency: int) -> Iterator[None]:
     come up; staging only as many as can run keeps the searcher's order (a grid runs in grid order, ASHA's rungs fill
     in that order)."""
     env = {"TUNE_MAX_PENDING_TRIALS_PG": str(concurrency)}
-    previous = {k: os.environ.get(k) for k in env}
-    os.environ.update({k: v for k, v in env.items() if previous[k] is None})
-    try:
+    with runner.temporary_environment({k: v for k, v in env.items() if k not in os.environ}):  # a user's value wins
         yield
-    finally:
-        for k, v in previous.items():
-            if v is None:
-                os.environ.pop(k, None)
 
 
 def _run_name(plan: SearchPlan, params: dict[str, Any], trial_id: str) -> str:
