@@ -37,7 +37,7 @@ def one_side(side: str, driver_work_s: float) -> None:
     with tempfile.TemporaryDirectory() as folder:
         entered_file = str(Path(folder, "entered"))
         t0 = time.time()
-        with lean_trainer.cleaned_by_driver() as record_file:
+        with lean_trainer.cleaned_after_the_fit() as record_file:
             lean_trainer.LeanTorchTrainer(
                 train_floor._enter, record_file=record_file, asks_autoscaler=side == "with_requests",
                 train_loop_config={"entered_file": entered_file}, scaling_config=ScalingConfig(num_workers=2),

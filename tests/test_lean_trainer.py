@@ -65,7 +65,7 @@ def test_a_killed_controllers_group_is_removed_by_the_driver(ray_session, tmp_pa
 
     def fit():
         try:
-            with lean_trainer.cleaned_by_driver() as record_file:
+            with lean_trainer.cleaned_after_the_fit() as record_file:
                 outcome["record_file"] = record_file
                 lean_trainer.LeanTorchTrainer(
                     _sleep_in_training, record_file=record_file, asks_autoscaler=False,
@@ -89,7 +89,7 @@ def test_a_killed_controllers_group_is_removed_by_the_driver(ray_session, tmp_pa
     # nor an AutoscalingCoordinator (the test session's cluster runs every fit through lean_trainer: none ever starts)
     assert not _alive("_AutoscalingCoordinatorActor")
     # the controller records its group once the worker group has started
-    _wait_for(lambda: os.path.exists(outcome["record_file"]), 60, "the controller's record of its group")
+    _wait_for(lambda: Path(outcome["record_file"]).read_text().strip(), 60, "the controller's record of its group")
 
     (controller,) = _wait_for(lambda: this_runs("TrainController"), 60, "the run's Train controller")
     # the workers have torch loaded (they set up the process group with it); the controller does not
@@ -178,3 +178,44 @@ def test_a_drivers_fits_run_their_controllers_in_one_kept_process(ray_session, t
     # one new process after the kill, the same one for both fits
     assert len(hosts[0]) == 1 and hosts[0] == hosts[1]
     assert not _alive("TrainController")
+
+
+class _TrialProcess:
+    """Stands in for a Ray Tune trial process: a process inside the embedded cluster that runs a fit (not its driver)."""
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def fit(self, marker: str, storage: str) -> None:
+        lean_trainer.fit(_mark_and_sleep_in_training, embedded_cluster=True, started_it=False,
+                         train_loop_config=marker, scaling_config=ScalingConfig(num_workers=2),
+                         run_config=RunConfig(name="trial-killed", storage_path=storage))
+
+
+def test_the_driver_removes_the_group_of_a_fit_whose_calling_process_died(ray_session, tmp_path, capsys):
+    """A fit called from a process inside the embedded cluster (a Tune trial's) records its placement group in the
+    cluster's session folder and starts no PlacementGroupCleaner; if that process is killed mid-fit (its controller
+    dies with it), the driver removes the group."""
+    import ray
+
+    cpus = ray_session.cluster_resources()["CPU"]
+    cleaners = {a.actor_id for a in _alive("PlacementGroupCleaner")}
+    trial = ray.remote(num_cpus=0)(_TrialProcess).remote()
+    pid = ray.get(trial.pid.remote(), timeout=60)
+    marker = tmp_path / "training-entered"
+    trial.fit.remote(str(marker), str(tmp_path / "runs"))
+    _wait_for(marker.exists, 180, "the trial's training to start")
+    records = [p for p in lean_trainer.record_folder().glob(f"{pid}-*.txt") if p.read_text().strip()]
+    assert len(records) == 1  # the controller recorded its workers' group, in a file named after the trial process
+    assert {a.actor_id for a in _alive("PlacementGroupCleaner")} == cleaners  # no cleaner process for this fit
+    assert ray_session.available_resources().get("CPU", 0) == 0
+
+    os.kill(pid, signal.SIGKILL)  # the trial process dies; its controller and workers go with it, the group stays
+    _wait_for(lambda: not psutil.pid_exists(pid), 30, "the trial process to end")
+    time.sleep(2)
+    assert ray_session.available_resources().get("CPU", 0) == 0  # nothing else would ever free these CPUs
+    removed = lean_trainer.remove_groups_of_dead_processes()
+    assert len(removed) == 1 and not records[0].exists()
+    _wait_for(lambda: ray_session.available_resources().get("CPU", 0) == cpus, 60, "the CPUs to be free again")
+    assert "removed 1 placement group(s)" in capsys.readouterr().err
+    assert lean_trainer.remove_groups_of_dead_processes() == []  # nothing twice

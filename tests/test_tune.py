@@ -122,11 +122,18 @@ def test_stop_points_follow_the_pretraining_schedule(tiny_config):
 
 
 @pytest.mark.e2e
-def test_grid_search_logs_every_trial_and_picks_the_best(ray_session, workdir, tiny_config, shared_storage):
+def test_grid_search_logs_every_trial_and_picks_the_best(ray_session, workdir, tiny_config, shared_storage, capsys):
     # one worker per trial: the 2-CPU cluster runs two trials at a time (concurrency = CPUs / CPUs per trial)
     cfg = tiny_config(storage=shared_storage, scaling={"num_workers": 1},
                       search={"space": {"stop_point": [1, 2], "train.lr": [0.01, 0.0001]}})
+    cleaners = _actors_of_class("PlacementGroupCleaner")
     res = forgetless.tune(cfg)
+    console = capsys.readouterr()
+    # Tune's experiment box and results-folder lines stay off stdout; on this embedded cluster (no dashboard) the
+    # trials' fits start no PlacementGroupCleaner, which could not ask Ray's state API about their controllers
+    assert "Configuration for experiment" not in console.out and "View detailed results" not in console.out
+    assert "State API" not in console.err
+    assert _actors_of_class("PlacementGroupCleaner") == cleaners
 
     assert len(res.trials) == 4 and all(t.status == "finished" for t in res.trials)
     assert {(t.stop_point, t.params["train.lr"]) for t in res.trials} == {(1, 0.01), (1, 0.0001), (2, 0.01),
@@ -168,6 +175,13 @@ def test_grid_search_logs_every_trial_and_picks_the_best(ray_session, workdir, t
     # running the same search again is refused (it would redo finished work); --resume reloads it
     with pytest.raises(ConfigError, match="already ran"):
         forgetless.tune(cfg)
+
+
+def _actors_of_class(name: str) -> set[str]:
+    """Every actor of this class the cluster has had, alive or dead (the GCS's table)."""
+    from ray._private import state as gcs_state
+
+    return {a["ActorID"] for a in gcs_state.actors().values() if a["ActorClassName"] == name}
 
 
 @pytest.mark.e2e

@@ -10,11 +10,14 @@ machine with `benchmarks/train_floor.py` (an empty train function) and the task 
   left out (the workers' train context then has no dataset shard provider, which only `get_dataset_shard` uses).
 - a detached **`PlacementGroupCleaner`** that watches the controller once a second and removes the run's placement
   group if the controller dies without removing it (Ray keeps the group for as long as the job lives): ~1-4 s of
-  every run (its start competes with the workers' on 2 cores; the controller waits for it to stop at the end). Where
-  the driver is on the controller's machine and outlives the run (an embedded cluster: if the driver dies, the reaper
-  ends the whole cluster), the driver does the same job without a process: a callback in the controller records each
-  placement group it creates in a file, and after `fit()` returns or raises the driver removes any recorded group still
-  there (`cleaned_by_driver`). A cluster of your own keeps Ray Train's cleaner.
+  every run (its start competes with the workers' on 2 cores; the controller waits for it to stop at the end). It
+  asks Ray's state API whether the controller lives, which needs the dashboard: on an embedded cluster (no dashboard
+  unless asked) it could not tell, printed a warning a second and never cleaned anything. On an embedded cluster
+  (if the driver dies, the reaper ends the whole cluster) the job is done without a process: a callback in the
+  controller records each placement group it creates in a file of the cluster's session folder named after the
+  process that called `fit()`, which removes any recorded group still there once `fit()` returns or raises
+  (`cleaned_after_the_fit`); if that process died (a Tune trial's, killed with its controller), the driver removes
+  its groups after the trial (`remove_groups_of_dead_processes`). A cluster of your own keeps Ray Train's cleaner.
 
 - the **`AutoscalingCoordinator`** (a detached actor of Ray Data's) that each fit sends its resource request to, for a
   cluster autoscaler; the cluster's first fit starts it and its controller waits for it (up to 5 s) before it starts
@@ -76,7 +79,7 @@ def replaceable() -> bool:
 
 class LeanTorchTrainer(TorchTrainer):
     """A TorchTrainer whose controller imports no torch (`WorkerProcessGroupConfig` unless a `torch_config` is given),
-    without the DatasetManager actor when it is given no datasets; given `record_file` (from `cleaned_by_driver`),
+    without the DatasetManager actor when it is given no datasets; given `record_file` (from `cleaned_after_the_fit`),
     without the PlacementGroupCleaner actor; with `asks_autoscaler=False` (a cluster without an autoscaler), without
     resource requests and the AutoscalingCoordinator actor they start; given `controller_hosts`, its controller runs
     in a process of that pool instead of a new one. Where this Ray lacks the internals (`replaceable()` is false)
@@ -185,12 +188,14 @@ CONTROLLER_HOSTS = ControllerHosts()  # this driver's: fits of every thread shar
 
 def fit(train_fn, embedded_cluster: bool, started_it: bool | None = None, **trainer_kwargs):
     """`LeanTorchTrainer(train_fn, **trainer_kwargs).fit()`. On an `embedded_cluster` (one driver's local cluster: no
-    autoscaler) no resource requests are sent. Where this process `started_it` (default: `embedded_cluster`), the
-    cluster ends with it, so this process, not a PlacementGroupCleaner process, removes what the run's controller
-    left behind, and the run's controller runs in a process this one keeps for its next fit; a process inside the
-    cluster (a Tune trial) keeps Ray's cleaner and a controller process per fit, since it can die on its own."""
+    autoscaler) no resource requests are sent, and no PlacementGroupCleaner process is started: the calling process
+    removes what the run's controller left behind once the fit returns or raises (`cleaned_after_the_fit`), and the
+    cluster's driver removes what a calling process that died left (`remove_groups_of_dead_processes`, after each Tune
+    trial). Where this process `started_it` (default: `embedded_cluster`), the run's controller also runs in a process
+    this one keeps for its next fit; a process inside the cluster (a Tune trial) gets a controller process per fit,
+    since it can die on its own."""
     started_it = embedded_cluster if started_it is None else started_it
-    with cleaned_by_driver() if started_it else nullcontext() as record_file:
+    with cleaned_after_the_fit() if embedded_cluster else nullcontext() as record_file:
         return LeanTorchTrainer(train_fn, record_file=record_file, asks_autoscaler=not embedded_cluster,
                                 controller_hosts=CONTROLLER_HOSTS if started_it else None, **trainer_kwargs).fit()
 
@@ -208,20 +213,56 @@ def remove_recorded(record_file: str) -> list[str]:
     return removed
 
 
+def record_folder() -> Path:
+    """Where the fits on this node's cluster record their placement groups: in the cluster's session folder, which
+    every process of the cluster (the driver, a Tune trial) finds, and which is not another cluster's."""
+    # (a private attribute: Ray has no public call for the session folder)
+    folder = Path(ray._private.worker._global_node.get_session_dir_path()) / "forgetless-placement-groups"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 @contextmanager
-def cleaned_by_driver():
-    """Yields the record file to give `LeanTorchTrainer`; on the way out (the fit returned or raised) every placement
-    group the run left behind is removed."""
-    folder = tempfile.mkdtemp(prefix="forgetless-placement-groups-")
-    record_file = os.path.join(folder, "groups.txt")
+def cleaned_after_the_fit():
+    """Yields the record file to give `LeanTorchTrainer` (named after this process); on the way out (the fit returned
+    or raised) every placement group the run left behind is removed."""
+    fd, record_file = tempfile.mkstemp(prefix=f"{os.getpid()}-", suffix=".txt", dir=record_folder())
+    os.close(fd)
     try:
         yield record_file
     finally:
         try:
-            removed = remove_recorded(record_file)
-            if removed:
-                say(f"removed {len(removed)} placement group(s) the run's Train controller left behind (it ended "
-                    f"without removing them): {', '.join(removed)}")
+            _say_removed(remove_recorded(record_file), "the run's Train controller")
         finally:
             Path(record_file).unlink(missing_ok=True)
-            os.rmdir(folder)
+
+
+def remove_groups_of_dead_processes() -> list[str]:
+    """The cluster's driver: remove the placement groups recorded by fits whose calling process died during the fit
+    (a Tune trial process killed with its controller, which then never removed its workers' group); returns their
+    ids. A living process's records are its running fits' (it removes them itself)."""
+    removed = []
+    for record_file in record_folder().glob("*.txt"):
+        pid = int(record_file.name.split("-", 1)[0])
+        if _process_alive(pid):
+            continue
+        removed += remove_recorded(str(record_file))
+        record_file.unlink(missing_ok=True)
+    _say_removed(removed, "a Tune trial's Train controller (its process died)")
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process of that number
+        return True
+    return True
+
+
+def _say_removed(removed: list[str], whose: str) -> None:
+    if removed:
+        say(f"removed {len(removed)} placement group(s) {whose} left behind (it ended without removing them): "
+            f"{', '.join(removed)}")

@@ -19,10 +19,10 @@ import ray
 from ray import tune
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
-from forgetless import storage
+from forgetless import console, storage
 from forgetless.config import ConfigError, _first_error, load_config
 from forgetless.console import say
-from forgetless.platform import runner, tracking
+from forgetless.platform import lean_trainer, runner, tracking
 from forgetless.platform.results import Trajectory
 from forgetless.platform.tuning.objective import OBJECTIVE, TRIAL_EPOCH
 from forgetless.platform.tuning.plan import (
@@ -83,21 +83,27 @@ def _release_slot(slots: str, trial_id: str) -> None:
 
 
 class Progress(tune.Callback):
-    """One status line per trial that ends; frees the slot of a trial whose process died."""
+    """One status line per trial that ends; frees the slot of a trial whose process died, and on this driver's
+    embedded cluster the placement group its Train run held (lean_trainer.remove_groups_of_dead_processes)."""
 
     def __init__(self, slots: str):
         self.slots = slots  # name of the search's TrialSlots actor
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        _release_slot(self.slots, trial.trial_id)
+        self._free(trial)
         r = trial.last_result or {}
         done = "finished" if r.get("search/finished") else f"stopped early after {r.get(TRIAL_EPOCH, '?')} epochs"
         shown = ", ".join(f"{k}={v}" for k, v in trial.config.items())
         say(f"trial {trial.trial_id} ({shown}) {done}: objective {r.get(OBJECTIVE, float('nan')):.4f}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        _release_slot(self.slots, trial.trial_id)
+        self._free(trial)
         say(f"trial {trial.trial_id} failed: see {trial.local_path or trial.path}")
+
+    def _free(self, trial) -> None:
+        _release_slot(self.slots, trial.trial_id)
+        if runner.on_embedded_cluster():  # (elsewhere Ray Train's PlacementGroupCleaner does it)
+            lean_trainer.remove_groups_of_dead_processes()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -193,14 +199,23 @@ def _new_tuner(s: _Search, trainable) -> tune.Tuner:
 
 
 @contextmanager
-def _pending_trials_limit(concurrency: int) -> Iterator[None]:
-    """Read by Tune's controller when fit() starts; set only for this fit, unless the user set it. Trials reserve no
-    CPU, so Tune would stage every pending trial at once and start them in whatever order their placement groups
-    come up; staging only as many as can run keeps the searcher's order (a grid runs in grid order, ASHA's rungs fill
-    in that order)."""
+def _tune_environment(concurrency: int) -> Iterator[None]:
+    """Variables Tune reads when fit() starts; set only for this fit, unless the user set them.
+
+    TUNE_MAX_PENDING_TRIALS_PG: trials reserve no CPU, so Tune would stage every pending trial at once and start them
+    in whatever order their placement groups come up; staging only as many as can run keeps the searcher's order (a
+    grid runs in grid order, ASHA's rungs fill in that order).
+    RAY_AIR_NEW_OUTPUT=0 (unless `forgetless --verbose`): Tune's newer console output prints an experiment box, the
+    results folder and a TensorBoard hint to stdout as a search starts whatever `verbose=0` says; its older one is
+    silent at verbose=0. forgetless prints its own status lines, and stdout is for the result."""
     env = {"TUNE_MAX_PENDING_TRIALS_PG": str(concurrency)}
+    if not console.verbose():
+        env[TUNE_NEW_OUTPUT_VARIABLE] = "0"
     with runner.temporary_environment({k: v for k, v in env.items() if k not in os.environ}):  # a user's value wins
         yield
+
+
+TUNE_NEW_OUTPUT_VARIABLE = "RAY_AIR_NEW_OUTPUT"
 
 
 def _run_name(plan: SearchPlan, params: dict[str, Any], trial_id: str) -> str:
@@ -241,7 +256,7 @@ def _run(s: _Search, restore_path: str | None, t0: float) -> SearchResult:
     else:
         tuner = _new_tuner(s, trainable)
     t_tune = time.perf_counter()
-    with _pending_trials_limit(s.concurrency):
+    with _tune_environment(s.concurrency):
         grid = tuner.fit()
     tune_seconds = time.perf_counter() - t_tune
     _finalize_unfinished(grid, s.plan, s.target)
