@@ -1,8 +1,10 @@
 """Driver-side status lines: one format, on stderr (stdout is kept for tables and --json)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from typing import Iterator
 
 # Set by `forgetless --verbose` (or by hand); the driver passes it on to every Ray worker (runner.init_ray).
 VERBOSE_VARIABLE = "FORGETLESS_VERBOSE"
@@ -26,3 +28,16 @@ def ray_dashboard() -> bool:
 
 def say(msg: str) -> None:
     print(f"[forgetless] {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def stdout_kept_for_results(keep: bool) -> Iterator[None]:
+    """With `keep` (a command's --json), whatever this process prints to stdout inside the block goes to stderr: Ray
+    copies its workers' stdout lines to the driver's stdout, and Ray Tune prints there with --verbose; the caller then
+    prints its JSON alone on stdout. (sys.stdout is the process's: every thread's prints are moved.)"""
+    if not keep:
+        yield
+        return
+    sys.stdout.flush()
+    with contextlib.redirect_stdout(sys.stderr):
+        yield

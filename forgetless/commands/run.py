@@ -6,7 +6,7 @@ import json
 
 from forgetless.commands import add_config_args, add_repeat_args, repeat_overrides
 from forgetless.config import load_config, select_strategy
-from forgetless.console import say
+from forgetless.console import say, stdout_kept_for_results
 from forgetless.platform import review
 from forgetless.platform.runner import execute
 
@@ -38,12 +38,17 @@ def _print_result(out, as_json: bool) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = select_strategy(load_config(args.config, args.overrides + repeat_overrides(args)), args.strategy)
-    _print_result(execute(cfg, "run"), args.json)
+    with stdout_kept_for_results(args.json):
+        out = execute(cfg, "run")
+    _print_result(out, args.json)
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    _print_result(execute(load_config(args.config, args.overrides + repeat_overrides(args)), "compare"), args.json)
+    cfg = load_config(args.config, args.overrides + repeat_overrides(args))
+    with stdout_kept_for_results(args.json):
+        out = execute(cfg, "compare")
+    _print_result(out, args.json)
     return 0
 
 

@@ -5,7 +5,7 @@ import argparse
 import json
 
 from forgetless.commands import add_config_args
-from forgetless.console import say
+from forgetless.console import say, stdout_kept_for_results
 from forgetless.platform.tuning import SearchResult, run_search
 
 
@@ -34,7 +34,9 @@ def print_search(res: SearchResult, as_json: bool) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    print_search(run_search(args.config, resume=args.resume, overrides=args.overrides), args.json)
+    with stdout_kept_for_results(args.json):
+        res = run_search(args.config, resume=args.resume, overrides=args.overrides)
+    print_search(res, args.json)
     return 0
 
 
