@@ -205,7 +205,7 @@ def test_the_driver_removes_the_group_of_a_fit_whose_calling_process_died(ray_se
     marker = tmp_path / "training-entered"
     trial.fit.remote(str(marker), str(tmp_path / "runs"))
     _wait_for(marker.exists, 180, "the trial's training to start")
-    records = [p for p in lean_trainer.record_folder().glob(f"{pid}-*.txt") if p.read_text().strip()]
+    records = [p for p in lean_trainer.record_folder().glob(f"{pid}@*.txt") if p.read_text().strip()]
     assert len(records) == 1  # the controller recorded its workers' group, in a file named after the trial process
     assert {a.actor_id for a in _alive("PlacementGroupCleaner")} == cleaners  # no cleaner process for this fit
     assert ray_session.available_resources().get("CPU", 0) == 0

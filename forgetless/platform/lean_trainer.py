@@ -50,6 +50,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
 from forgetless.console import say
+from forgetless.platform import reaper
 from forgetless.platform.controller_parts import (ControllerHost, FixedScalingPolicy, InheritedEnvTrainController,
                                                     NoAutoscalerScalingPolicy, RecordPlacementGroups,
                                                     WorkerProcessGroupConfig)
@@ -226,7 +227,8 @@ def record_folder() -> Path:
 def cleaned_after_the_fit():
     """Yields the record file to give `LeanTorchTrainer` (named after this process); on the way out (the fit returned
     or raised) every placement group the run left behind is removed."""
-    fd, record_file = tempfile.mkstemp(prefix=f"{os.getpid()}-", suffix=".txt", dir=record_folder())
+    me = os.getpid()  # the file's name says which process (and which life of that pid) recorded it
+    fd, record_file = tempfile.mkstemp(prefix=f"{me}@{reaper.started_token(me)}@", suffix=".txt", dir=record_folder())
     os.close(fd)
     try:
         yield record_file
@@ -243,23 +245,13 @@ def remove_groups_of_dead_processes() -> list[str]:
     ids. A living process's records are its running fits' (it removes them itself)."""
     removed = []
     for record_file in record_folder().glob("*.txt"):
-        pid = int(record_file.name.split("-", 1)[0])
-        if _process_alive(pid):
+        pid, started = record_file.name.split("@")[:2]
+        if reaper.alive(int(pid), started):  # (a zombie or a later process given the same pid is not)
             continue
         removed += remove_recorded(str(record_file))
         record_file.unlink(missing_ok=True)
     _say_removed(removed, "a Tune trial's Train controller (its process died)")
     return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process of that number
-        return True
-    return True
 
 
 def _say_removed(removed: list[str], whose: str) -> None:
