@@ -31,7 +31,7 @@ $(VENV)/.installed: pyproject.toml
 # DeepSpeed's CPU C++ op, built once now into the environment's own folder ($(VENV)/torch_extensions, where runs
 # look for it) rather than by a first run's workers, under a lock that a killed build leaves behind.
 $(VENV)/.ops-built: $(VENV)/.installed
-	$(BIN)/python -c "from forgetless.platform.build_locks import build_ops; build_ops()"
+	$(BIN)/python -c "from forgetless.platform.worker.op_builds import build_ops; build_ops()"
 	touch $@
 
 demo: setup

@@ -29,8 +29,8 @@ def one_side(side: str, driver_work_s: float) -> None:
     from ray.train import RunConfig, ScalingConfig
 
     import train_floor
-    from forgetless.platform import lean_trainer
-    from forgetless.platform.runner import init_ray
+    from forgetless.platform.driver import trainer as lean_trainer
+    from forgetless.platform.driver.ray_cluster import init_ray
 
     init_ray(None, use_gpu=False)
     time.sleep(driver_work_s)

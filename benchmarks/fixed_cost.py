@@ -1,5 +1,5 @@
 """Where one strategy run's wall time goes: the demo's finetune run (examples/digits_transfer.yaml) repeated, its
-time split into the parts of forgetless/platform/timing.py, median and min over the repeats.
+time split into the parts of forgetless/platform/worker/timing.py, median and min over the repeats.
 
     python benchmarks/fixed_cost.py                      # 3 repeats, writes benchmarks/results/fixed_cost.json
     python benchmarks/fixed_cost.py --repeats 5 --label after --set train.epochs=3
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import forgetless
 from forgetless.config import StrategyConfig
-from forgetless.platform import timing
-from forgetless.platform.runner import init_ray
+from forgetless.platform.worker import timing
+from forgetless.platform.driver.ray_cluster import init_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def import_seconds() -> float:
     """What a fresh Ray Train worker process imports before the worker function runs (part of start_workers)."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import forgetless.platform.train_loop"], check=True,
+    subprocess.run([sys.executable, "-c", "import forgetless.platform.worker.train_loop"], check=True,
                    env={**os.environ, "DS_ACCELERATOR": "cpu"})
     return time.perf_counter() - t0
 
@@ -57,7 +57,7 @@ def table(runs: list[dict[str, float]], cluster_start: float, imports: float) ->
              f"| cluster start (once per driver) | {cluster_start:.1f} | {cluster_start:.1f} | ray.init of the embedded "
              f"cluster |",
              f"| (reference) imports of a worker | {imports:.1f} | {imports:.1f} | a fresh python importing "
-             f"forgetless.platform.train_loop, inside start_workers |"]
+             f"forgetless.platform.worker.train_loop, inside start_workers |"]
     for part in order:
         values = [r.get(part, 0.0) for r in runs]
         what = timing.PARTS.get(part, "")

@@ -6,7 +6,7 @@ metric over training (the learning-forgetting curve), LoRA and full fine-tuning 
 LoRA sitting at its less-learned, less-forgotten end, and higher ranks move towards full fine-tuning.
 
 Here: a GPT-2-style decoder pre-trained from scratch on the built-in English `prose` corpus
-(`python -m forgetless.platform.lm_pretrain`), fine-tuned on the built-in `python_code` corpus under full fine-tuning
+(`python -m forgetless.platform.worker.lm_pretrain`), fine-tuned on the built-in `python_code` corpus under full fine-tuning
 (`finetune`) and `lora` with ranks 8, 64, 256 (alpha = 2r, every linear layer: c_attn, c_proj, c_fc), the same number of
 steps for all. The learning rate of each method is chosen by a Ray Tune grid search on seed 0 (lowest final code
 validation loss); then every method runs the other seeds at its chosen rate. Every `--eval-every` steps the
@@ -57,10 +57,10 @@ def experiment(model: str, block: int, train_blocks: int, eval_blocks: int, batc
 def run_one(cfg_dict: dict, method: dict, lr: float, seed: int, steps: int, eval_every: int, tasks_file: str) -> dict:
     """One fine-tuning run: (step, prose val loss, code val loss) every `eval_every` steps."""
     from forgetless.config import load_config
-    from forgetless.platform.engine import make_optimizer
-    from forgetless.platform.lm_pretrain import warmup_cosine
-    from forgetless.platform.model_io import build_model
-    from forgetless.platform.evaluation import evaluate
+    from forgetless.platform.worker.engine import make_optimizer
+    from forgetless.platform.worker.lm_pretrain import warmup_cosine
+    from forgetless.platform.worker.model_io import build_model
+    from forgetless.platform.worker.evaluation import evaluate
     from forgetless.strategies import make_strategy
     from forgetless.strategies.base import task_infos
     from forgetless.strategies.training import TorchEngine, lr_scheduler, set_train_mode, set_trainable, train_step
@@ -296,7 +296,7 @@ def main(argv=None) -> None:
         analyze(json.loads(Path(args.analyze).read_text()), args.out, args.plot)
         return
     if not Path(args.model, "config.json").exists():
-        from forgetless.platform.lm_pretrain import pretrain
+        from forgetless.platform.worker.lm_pretrain import pretrain
 
         pretrain(args.model)
     cfg = experiment(args.model, args.block_size, args.train_blocks, args.eval_blocks, args.batch_size, args.steps)

@@ -9,7 +9,7 @@ gathered whole at checkpoints and exports: forgetless before issue 15, and still
     python benchmarks/memory.py --gpu --size 1b --workers 1 --precision bf16           # GPU: adds peak GPU memory
 
 Each worker is a real DeepSpeed rank (gloo on CPU, nccl on GPU) running the same engine functions the train loop
-runs in that mode (forgetless.platform.engine), without Ray, so that every byte measured is the model's: a thread
+runs in that mode (forgetless.platform.worker.engine), without Ray, so that every byte measured is the model's: a thread
 samples the process's resident set size (RSS) every 5 ms and each stage reports its peak. The model is a Llama-style
 decoder with random weights from its config, saved once as a sharded safetensors folder in the cache
 ($FORGETLESS_CACHE or ~/.cache/forgetless, `bench-models/`), read back shard by shard as any `hf:` folder.
@@ -111,8 +111,8 @@ def worker(args: argparse.Namespace) -> None:
     import transformers.models.llama.modeling_llama  # noqa: F401  (imported before any stage is measured)
     from forgetless.backbones import TransferModel, build_backbone
     from forgetless.config import DeepSpeedSpec, OptimConfig
-    from forgetless.platform import checkpoints
-    from forgetless.platform import engine as ds
+    from forgetless.platform.worker import checkpoints
+    from forgetless.platform.worker import engine as ds
 
     torch.set_num_threads(args.threads)
     deepspeed.init_distributed(dist_backend="nccl" if args.gpu else "gloo")
@@ -249,7 +249,7 @@ def run_config(args: argparse.Namespace, folder: Path, mode: str, workers: int) 
 
 def launch(args: argparse.Namespace, folder: Path, mode: str, workers: int, scratch: Path, part: str) -> None:
     """One process per rank (bounded by --timeout); raises with rank 0's log tail if any fails."""
-    from forgetless.platform.ports import free_port
+    from forgetless.platform.driver.ports import free_port
 
     port = free_port()
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(args.threads)}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from forgetless.platform.ports import free_port
+from forgetless.platform.driver.ports import free_port
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "mlflow_server_start.json"
 BIN = Path(sys.executable).parent

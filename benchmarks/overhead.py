@@ -61,8 +61,8 @@ def plain_worker(job_file: str) -> None:
 
     from forgetless.config import ExperimentConfig
     from forgetless.data import build_stream
-    from forgetless.platform.engine import deepspeed_config
-    from forgetless.platform.model_io import build_model, load_pretrained, load_torch_file
+    from forgetless.platform.worker.engine import deepspeed_config
+    from forgetless.platform.worker.model_io import build_model, load_pretrained, load_torch_file
     from forgetless.strategies import make_strategy
     from forgetless.strategies.base import task_infos
 
@@ -165,12 +165,13 @@ def main(argv=None) -> None:
 
     # Pre-train (the source head) once, so both sides start every timed job from the same stop point.
     from forgetless.config import load_config
-    from forgetless.platform import runner, tracking
+    from forgetless.platform.driver import fits, preflight
+    from forgetless.platform.tracking import mlflow_runs as tracking
 
     econf = load_config(cfg)
-    uri = runner.preflight(econf)
+    uri = preflight.preflight(econf)
     exp = tracking.ensure_experiment(uri, econf.tracking.experiment)
-    traj = runner.pretrain(econf, tracking.TrackingTarget(uri, exp, None))
+    traj = fits.pretrain(econf, tracking.TrackingTarget(uri, exp, None))
     job = {"config": econf.model_dump(mode="json"), "init_weights": traj.final().uri, "use_gpu": a.gpu,
            "out": str(work / "plain.json")}
     (work / "plain_job.json").write_text(json.dumps(job))
@@ -196,10 +197,11 @@ def main(argv=None) -> None:
 
 def run_platform_repeat(econf, init_weights: str, uri: str, exp: str, i: int):
     """The forgetless side of pair i: its own Ray Train run (the strategy labelled per pair, so no run is reused)."""
-    from forgetless.platform import runner, tracking
+    from forgetless.platform.driver import fits
+    from forgetless.platform.tracking import mlflow_runs as tracking
 
     s = econf.strategies[0].model_copy(update={"label": f"{econf.strategies[0].display_name()}-pair{i + 1}"})
-    return runner.transfer(econf.with_strategies([s]), s, init_weights, tracking.TrackingTarget(uri, exp, None))
+    return fits.transfer(econf.with_strategies([s]), s, init_weights, tracking.TrackingTarget(uri, exp, None))
 
 
 def run_plain(a, work: Path, repo: Path) -> tuple[dict, float]:

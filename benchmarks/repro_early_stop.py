@@ -100,7 +100,7 @@ def main() -> None:
                     help="only analyse the finished trials of a search already in the workdir's MLflow store")
     args = ap.parse_args()
     if args.from_mlflow:
-        from forgetless.platform.tracking import resolve_tracking_uri
+        from forgetless.platform.tracking.mlflow_runs import resolve_tracking_uri
         from forgetless.platform.tuning import load_search
 
         os.chdir(args.workdir)

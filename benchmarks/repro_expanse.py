@@ -36,8 +36,8 @@ def local_compare(cfg):
 
     from forgetless.data import build_stream
     from forgetless.data.sharding import derive_seed
-    from forgetless.platform.engine import make_optimizer
-    from forgetless.platform.model_io import build_model, load_pretrained
+    from forgetless.platform.worker.engine import make_optimizer
+    from forgetless.platform.worker.model_io import build_model, load_pretrained
     from forgetless.strategies import make_strategy
     from forgetless.strategies.base import task_infos
     from forgetless.strategies.training import TorchEngine, set_train_mode, set_trainable, train_step
@@ -104,7 +104,7 @@ def main():
                 print(seed, label, R, flush=True)
         report(args, runs, suffix="_local")
         return
-    from forgetless.platform.runner import init_ray
+    from forgetless.platform.driver.ray_cluster import init_ray
 
     init_ray(None, use_gpu=False)  # one embedded cluster for every seed, as the CLI would start; compare() reuses it
     runs = []

@@ -81,7 +81,7 @@ def collect_from_mlflow(uri: str, name: str) -> dict[str, list[dict[str, float]]
 def python_metrics(logged: dict[str, float]) -> dict[str, float]:
     """A run's summary metrics under the Python API's names and units (fractions): MLflow holds them in the units of
     the comparison table, named so (`forgetting/max_pp`, `target/final_acc_pct`, ...)."""
-    from forgetless.platform.results import SUMMARY_METRICS
+    from forgetless.platform.analysis.results import SUMMARY_METRICS
 
     return {key: logged[name] / scale for key, (name, scale, _) in SUMMARY_METRICS.items() if name in logged}
 

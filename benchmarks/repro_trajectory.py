@@ -33,8 +33,8 @@ import forgetless
 from forgetless.backbones import TransferModel, build_backbone
 from forgetless.config import PretrainConfig, TaskConfig
 from forgetless.data import build_task
-from forgetless.platform import tracking
-from forgetless.platform.runner import init_ray
+from forgetless.platform.tracking import mlflow_runs as tracking
+from forgetless.platform.driver.ray_cluster import init_ray
 from forgetless.strategies import make_strategy
 from forgetless.strategies.trajectory_transfer import local_context
 

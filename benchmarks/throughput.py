@@ -128,7 +128,7 @@ def platform_config(name: str, backbone: str, dataset: str, source_classes, targ
 def run_platform(cfg: dict):
     """(StrategyResult, seconds of the whole compare call) for a one-strategy config."""
     from forgetless.config import load_config
-    from forgetless.platform.runner import execute
+    from forgetless.platform.driver.runner import execute
 
     t0 = time.perf_counter()
     out = execute(load_config(cfg), "compare")
@@ -139,25 +139,27 @@ def pretrain_once(cfg: dict) -> str:
     """Run (or reuse) the config's pre-training and return its final stop point, to start several transfer runs
     (other worker counts, other ZeRO stages) from the same weights without pre-training each time."""
     from forgetless.config import load_config
-    from forgetless.platform import runner, tracking
+    from forgetless.platform.driver import fits, preflight
+    from forgetless.platform.tracking import mlflow_runs as tracking
 
     econf = load_config(cfg)
-    uri = runner.preflight(econf)
+    uri = preflight.preflight(econf)
     exp = tracking.ensure_experiment(uri, econf.tracking.experiment)
-    return runner.pretrain(econf, tracking.TrackingTarget(uri, exp, None)).final().uri
+    return fits.pretrain(econf, tracking.TrackingTarget(uri, exp, None)).final().uri
 
 
 def transfer_only(cfg: dict, init_weights: str):
     """One strategy's Ray Train run from the given stop point: (StrategyResult, seconds)."""
     from forgetless.config import load_config
-    from forgetless.platform import runner, tracking
+    from forgetless.platform.driver import fits, preflight, ray_cluster
+    from forgetless.platform.tracking import mlflow_runs as tracking
 
     econf = load_config(cfg)
-    uri = runner.preflight(econf)
-    runner.check_resources(econf)
+    uri = preflight.preflight(econf)
+    ray_cluster.check_resources(econf)
     exp = tracking.ensure_experiment(uri, econf.tracking.experiment)
     t0 = time.perf_counter()
-    res = runner.transfer(econf, econf.strategies[0], init_weights, tracking.TrackingTarget(uri, exp, None))
+    res = fits.transfer(econf, econf.strategies[0], init_weights, tracking.TrackingTarget(uri, exp, None))
     return res, time.perf_counter() - t0
 
 
@@ -198,10 +200,10 @@ def print_table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
 
 
 def ensure_ray(num_cpus: int | None, use_gpu: bool) -> None:
-    """A local Ray cluster started exactly as the platform starts one (forgetless.platform.runner.init_ray)."""
+    """A local Ray cluster started exactly as the platform starts one (forgetless.platform.driver.runner.init_ray)."""
     import ray
 
-    from forgetless.platform.runner import init_ray
+    from forgetless.platform.driver.ray_cluster import init_ray
 
     if not use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

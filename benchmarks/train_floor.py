@@ -4,7 +4,7 @@ cluster forgetless starts, interleaved A B C A B C in one cluster:
 - `ray_default`: Ray's TorchTrainer as it comes;
 - `lean_ray_torchconfig`: forgetless's LeanTorchTrainer (no DatasetManager, no PlacementGroupCleaner process: the
   driver cleans up) but with Ray's TorchConfig, which makes the Train controller import torch;
-- `lean`: LeanTorchTrainer as forgetless fits with it (its controller imports no torch: platform/controller_parts.py).
+- `lean`: LeanTorchTrainer as forgetless fits with it (its controller imports no torch: platform/driver/train_controller.py).
 
     python benchmarks/train_floor.py --pairs 3         # writes benchmarks/results/train_floor.json
 
@@ -26,8 +26,8 @@ from ray import cloudpickle
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from forgetless.platform import lean_trainer
-from forgetless.platform.runner import init_ray
+from forgetless.platform.driver import trainer as lean_trainer
+from forgetless.platform.driver.ray_cluster import init_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def one_fit(side: str, workers: int, folder: str, index: int) -> dict[str, float
     elif side == "lean_ray_torchconfig":
         lean_trainer.fit(_enter, embedded_cluster=True, torch_config=TorchConfig(), **kwargs)
     else:
-        lean_trainer.fit(_enter, embedded_cluster=True, **kwargs)  # as runner.fit on an embedded cluster
+        lean_trainer.fit(_enter, embedded_cluster=True, **kwargs)  # as fits.fit on an embedded cluster
     return {"start": float(Path(entered_file).read_text()) - t0, "total": time.time() - t0}
 
 

@@ -204,7 +204,7 @@ class LocalStack:
                           "RAY_raylet_start_wait_time_s": "180", "RAY_agent_register_timeout_ms": "180000",
                           # nothing to drain on a local stack: stop promptly on SIGTERM
                           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "3",
-                          # training workers at normal priority, as in forgetless's embedded cluster (runner.init_ray)
+                          # training workers at normal priority, as in forgetless's embedded cluster (ray_cluster.init_ray)
                           "RAY_worker_niceness": "0"})
         common = ["--block", "--disable-usage-stats"]
 

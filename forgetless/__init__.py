@@ -18,19 +18,19 @@ from typing import TYPE_CHECKING, Any, Union
 if TYPE_CHECKING:
     from forgetless.config import ExperimentConfig, load_config, select_strategy
     from forgetless.errors import ConfigError
-    from forgetless.platform.results import CompareResult, StrategyResult, Trajectory
+    from forgetless.platform.analysis.results import CompareResult, StrategyResult, Trajectory
     from forgetless.platform.tuning import SearchResult
     from forgetless.search_config import SearchConfig
 
 # Nothing is imported by this package's import; each public name is imported when first used (`__getattr__`). Every
 # process that imports any forgetless module imports this file first: the Ray Train workers (the worker function lives
-# in forgetless) and the Train controller (platform/controller_parts.py). The controller runs no torch and the workers
+# in forgetless) and the Train controller (platform/driver/train_controller.py). The controller runs no torch and the workers
 # no Ray Tune or matplotlib: imported here, torch cost the controller ~2-5 s and Tune and the plots ~1 s per worker,
 # on every run's path to its first step (benchmarks/fixed_cost.py, benchmarks/train_floor.py).
 _LAZY = {"ConfigError": "forgetless.errors", "ExperimentConfig": "forgetless.config",
          "load_config": "forgetless.config", "select_strategy": "forgetless.config",
-         "CompareResult": "forgetless.platform.results", "StrategyResult": "forgetless.platform.results",
-         "Trajectory": "forgetless.platform.results", "SearchConfig": "forgetless.search_config",
+         "CompareResult": "forgetless.platform.analysis.results", "StrategyResult": "forgetless.platform.analysis.results",
+         "Trajectory": "forgetless.platform.analysis.results", "SearchConfig": "forgetless.search_config",
          "SearchResult": "forgetless.platform.tuning"}
 
 __version__ = "0.1.0"
@@ -43,7 +43,7 @@ def run(config: ConfigLike, strategy: str | None = None, overrides: list[str] | 
     """Pre-train (or reuse the trajectory) and transfer under one strategy: the named one, or the config's only one."""
     # deferred: the driver's machinery (see above)
     from forgetless.config import load_config, select_strategy
-    from forgetless.platform.runner import execute
+    from forgetless.platform.driver.runner import execute
 
     cfg = select_strategy(load_config(config, overrides), strategy)
     return execute(cfg, "run").results[0]
@@ -56,7 +56,7 @@ def compare(config: ConfigLike, overrides: list[str] | None = None, seeds: list[
     as many as the cluster fits)."""
     # deferred: the driver's machinery (see above)
     from forgetless.config import load_config
-    from forgetless.platform.runner import execute
+    from forgetless.platform.driver.runner import execute
 
     cfg = load_config(config, overrides)
     if max_concurrent is not None:

@@ -40,9 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verbose:
-        os.environ[VERBOSE_VARIABLE] = "1"  # read by the driver and passed on to the workers (runner.init_ray)
+        os.environ[VERBOSE_VARIABLE] = "1"  # read by the driver and passed on to the workers (ray_cluster.init_ray)
     if args.ray_dashboard:
-        os.environ[DASHBOARD_VARIABLE] = "1"  # read by runner.init_ray
+        os.environ[DASHBOARD_VARIABLE] = "1"  # read by ray_cluster.init_ray
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:

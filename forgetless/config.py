@@ -276,7 +276,7 @@ def _check_causal_lm(cfg: ExperimentConfig) -> None:
                          "causal_lm (or none)")
     if not cfg.backbone.name.startswith("hf:"):
         raise ValueError(f"backbone.name: causal_lm tasks need a Hugging Face decoder folder (hf:PATH), not "
-                         f"{cfg.backbone.name!r}; build one with python -m forgetless.platform.lm_pretrain")
+                         f"{cfg.backbone.name!r}; build one with python -m forgetless.platform.worker.lm_pretrain")
     if cfg.evaluation != "task_incremental":
         raise ValueError("evaluation: causal_lm tasks are scored per corpus; set evaluation: task_incremental")
     for s in cfg.strategies:

@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Iterator
 
-# Set by `forgetless --verbose` (or by hand); the driver passes it on to every Ray worker (runner.init_ray).
+# Set by `forgetless --verbose` (or by hand); the driver passes it on to every Ray worker (ray_cluster.init_ray).
 VERBOSE_VARIABLE = "FORGETLESS_VERBOSE"
 
 

@@ -44,7 +44,7 @@ def ray_session(_ray_shut_down_at_the_end):
     (tests/faults/test_bad_input.py needs Ray down whatever ran before it)."""
     import ray
 
-    from forgetless.platform.runner import init_ray
+    from forgetless.platform.driver.ray_cluster import init_ray
 
     if not ray.is_initialized():
         init_ray(None, use_gpu=False, num_cpus=2)  # as `forgetless run` starts it, with 2 CPUs

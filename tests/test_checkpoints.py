@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from forgetless.platform import checkpoints
+from forgetless.platform.worker import checkpoints
 
 
 class WritesMarker:
@@ -83,7 +83,7 @@ def test_fetch_verified_names_an_unreadable_checkpoint(tmp_path):
 DEEPSPEED_ROUND_TRIP = textwrap.dedent("""
     import os, sys, tempfile
     import torch, deepspeed
-    from forgetless.platform import checkpoints
+    from forgetless.platform.worker import checkpoints
     deepspeed.init_distributed(dist_backend="gloo")
     def engine(stage):
         cfg = {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 2, "zero_optimization": {"stage": stage},

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_submission_id_is_deterministic(tiny_config):
     from forgetless.config import load_config
-    from forgetless.platform.jobs import submission_base
+    from forgetless.platform.driver.jobs import submission_base
 
     a = submission_base(load_config(tiny_config()), "compare", [])
     assert a == submission_base(load_config(tiny_config()), "compare", [])
@@ -42,7 +42,7 @@ def test_submission_id_is_deterministic(tiny_config):
 
 def test_job_env_forwards_aws_and_mlflow(monkeypatch):
     from forgetless.config import ConfigError
-    from forgetless.platform.jobs import job_env
+    from forgetless.platform.driver.jobs import job_env
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://s3.local:9000")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
@@ -150,7 +150,7 @@ def _keys(stack, prefix: str) -> list[str]:
 
 
 def _client(stack):
-    from forgetless.platform.jobs import connect
+    from forgetless.platform.driver.jobs import connect
 
     return connect(stack.dashboard)
 
@@ -165,7 +165,7 @@ def _write_config(stack, tiny_config, experiment: str, prefix: str = "e2e-run", 
 
 def _transfer_run(path: str) -> str:
     from forgetless.config import load_config
-    from forgetless.platform.runner import transfer_run_name
+    from forgetless.platform.driver.fits import transfer_run_name
 
     cfg = load_config(path)
     return transfer_run_name(cfg, cfg.strategies[0])
@@ -241,7 +241,7 @@ def test_killed_job_resumes_from_s3_checkpoint(cluster_env, capsys, tiny_config,
     """Stop the job once Ray Train has committed the transfer run's 2nd-epoch checkpoint to S3; resubmitting the same
     config starts a job with a suffixed id that trains only the remaining epochs."""
     from forgetless import console
-    from forgetless.platform.jobs import status_of
+    from forgetless.platform.driver.jobs import status_of
 
     # as `forgetless --verbose submit`: the job's log then holds every worker's per-epoch line (read below)
     monkeypatch.setenv(console.VERBOSE_VARIABLE, "1")
@@ -297,7 +297,7 @@ def test_bad_submissions_leave_nothing_behind(cluster_env, capsys, monkeypatch, 
 
     from forgetless.config import ConfigError
     from forgetless import storage
-    from forgetless.platform.jobs import submit
+    from forgetless.platform.driver.jobs import submit
 
     stack = cluster_env
     good = _write_config(stack, tiny_config, "e2e-bad", prefix="e2e-bad")
@@ -332,11 +332,11 @@ def test_bad_submissions_leave_nothing_behind(cluster_env, capsys, monkeypatch, 
 
 @pytest.mark.e2e
 def test_local_storage_is_refused_on_a_multi_node_cluster(cluster_env, capsys, tmp_path, tiny_config):
-    """The job itself refuses (runner.check_resources) before any training or MLflow run: the local folder would be
+    """The job itself refuses (ray_cluster.check_resources) before any training or MLflow run: the local folder would be
     a different disk on every node."""
     from mlflow.tracking import MlflowClient
 
-    from forgetless.platform.jobs import status_of
+    from forgetless.platform.driver.jobs import status_of
 
     stack = cluster_env
     cfg = _write_config(stack, tiny_config, "e2e-local", storage=str(tmp_path / "runs"))

@@ -119,7 +119,7 @@ def test_run_key_changes_with_config(tiny_config):
 
 
 def test_unreachable_tracking_server_is_a_config_error(tiny_config):
-    from forgetless.platform.runner import preflight
+    from forgetless.platform.driver.preflight import preflight
 
     cfg = load_config(tiny_config(tracking={"tracking_uri": "http://127.0.0.1:9"}))
     with pytest.raises(ConfigError, match="not reachable"):
@@ -127,7 +127,7 @@ def test_unreachable_tracking_server_is_a_config_error(tiny_config):
 
 
 def test_zero3_refused_for_strategy_that_cannot(tiny_config, monkeypatch):
-    from forgetless.platform.runner import preflight
+    from forgetless.platform.driver.preflight import preflight
     from forgetless.strategies import get_strategy_class
 
     monkeypatch.setattr(get_strategy_class("finetune"), "max_zero_stage", 2)
@@ -137,7 +137,7 @@ def test_zero3_refused_for_strategy_that_cannot(tiny_config, monkeypatch):
 
 
 def test_partitions_only_refuses_strategies_that_need_whole_weights_before_start(tiny_config, tmp_path):
-    from forgetless.platform.runner import preflight
+    from forgetless.platform.driver.preflight import preflight
 
     cfg = tiny_config(deepspeed={"zero_stage": 3, "partitions_only": True}, strategies=["finetune", "fast"])
     with pytest.raises(ConfigError, match=r"strategies\[fast\]: fast reads or rewrites whole weights.*'finetune'"):

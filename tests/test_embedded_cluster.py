@@ -1,4 +1,4 @@
-"""The embedded cluster a driver starts (runner.init_ray) runs without Ray's dashboard and metrics unless asked for
+"""The embedded cluster a driver starts (ray_cluster.init_ray) runs without Ray's dashboard and metrics unless asked for
 them (`forgetless --ray-dashboard`, FORGETLESS_RAY_DASHBOARD=1): then the dashboard answers at the address the driver
 prints. Both starts run in a child process, as a `forgetless` command would, one after the other."""
 from __future__ import annotations
@@ -19,7 +19,7 @@ CHILD = r"""
 import json, os, sys, urllib.error, urllib.request
 import ray
 from forgetless.console import DASHBOARD_VARIABLE
-from forgetless.platform.runner import init_ray
+from forgetless.platform.driver.ray_cluster import init_ray
 
 def started():
     node = ray._private.worker._global_node

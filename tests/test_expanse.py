@@ -12,8 +12,8 @@ from torch import nn
 import forgetless
 from forgetless.backbones import TransferModel, build_backbone
 from forgetless.config import ConfigError, load_config
-from forgetless.platform.model_io import load_pretrained, load_torch_file
-from forgetless.platform.runner import preflight
+from forgetless.platform.worker.model_io import load_pretrained, load_torch_file
+from forgetless.platform.driver.preflight import preflight
 from forgetless.strategies import make_strategy
 from forgetless.strategies.base import TaskInfo
 from forgetless.strategies.expanse import ExpandedBackbone, GrowLayer

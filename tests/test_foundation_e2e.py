@@ -33,8 +33,8 @@ def test_compare_tracks_everything_and_linear_probe_keeps_source(ray_session, wo
     assert ft.accuracy_matrix[0, 0] == lp.accuracy_matrix[0, 0]
     assert ft.accuracy_matrix[1, 1] > 0.5  # the target was learned (5 classes, chance 0.2)
     # the finetuned backbone moved, the linear probe's did not
-    from forgetless.platform.runner import load_model
-    from forgetless.platform.model_io import load_torch_file
+    from forgetless.platform.driver.run_outputs import load_model
+    from forgetless.platform.worker.model_io import load_torch_file
     from forgetless.config import load_config
 
     pre = load_torch_file(out.trajectory.final().uri)
@@ -45,7 +45,7 @@ def test_compare_tracks_everything_and_linear_probe_keeps_source(ray_session, wo
     assert not torch.equal(ft_model.state_dict()[key], pre[key])
 
     # where the run's time went: every part measured, the worker's parts within the run's wall time
-    from forgetless.platform import timing
+    from forgetless.platform.worker import timing
 
     assert set(timing.PARTS) <= set(ft.seconds), set(timing.PARTS) - set(ft.seconds)
     in_fit = sum(v for k, v in ft.seconds.items() if k not in ("read_back", "mlflow_artifacts", "model_logging"))

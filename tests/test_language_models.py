@@ -22,7 +22,7 @@ from forgetless.data.kinds import CAUSAL_LM, per_sample_scores, sample_labels, t
 from forgetless.data.spec import TaskConfig  # noqa: E402
 from forgetless.data.tasks import build_task  # noqa: E402
 from forgetless.errors import ConfigError  # noqa: E402
-from forgetless.platform import metrics as M  # noqa: E402
+from forgetless.platform.analysis import metrics as M  # noqa: E402
 
 
 def make_tiny_decoder(folder: Path, docs: int = 40, vocab: int = 300) -> Path:
@@ -215,9 +215,9 @@ torch.set_num_threads(1)
 import deepspeed
 from forgetless.config import load_config
 from forgetless.data import build_stream
-from forgetless.platform.engine import full_state_dict, make_engine, weight_access
-from forgetless.platform.evaluation import evaluate
-from forgetless.platform.model_io import build_model
+from forgetless.platform.worker.engine import full_state_dict, make_engine, weight_access
+from forgetless.platform.worker.evaluation import evaluate
+from forgetless.platform.worker.model_io import build_model
 from forgetless.strategies import make_strategy
 from forgetless.strategies.base import task_infos
 from forgetless.strategies.training import set_train_mode, set_trainable, train_step
@@ -299,7 +299,7 @@ def test_every_applicable_strategy_trains_a_tiny_decoder_under_deepspeed(decoder
 @pytest.mark.slow  # ~3 min on 2 cores (Ray, pre-training, two strategies); the DeepSpeed test above is the fast path
 def test_lm_compare_end_to_end_logs_perplexity_curves_and_the_matrix(decoder, ray_session, workdir):
     import forgetless
-    from forgetless.platform import tracking
+    from forgetless.platform.tracking import mlflow_runs as tracking
 
     cfg = load_config(lm_config(decoder, ["finetune", {"name": "lora", "params": {"r": 4}}],
                                 train={"epochs": 1, "lr": 0.003, "batch_size": 8}, scaling={"num_workers": 2},
@@ -330,7 +330,7 @@ def test_lm_compare_end_to_end_logs_perplexity_curves_and_the_matrix(decoder, ra
 
 
 def test_a_soft_prompt_that_does_not_fit_the_context_is_refused_before_start(decoder, workdir):
-    from forgetless.platform.runner import preflight
+    from forgetless.platform.driver.preflight import preflight
 
     cfg = load_config(lm_config(decoder, [{"name": "input_space", "params": {"prompt_tokens": 40}}]))
     with pytest.raises(ConfigError, match=r"prompt_tokens \(40\) \+ block_size \(32\) exceed the model's context \(64\)"):
@@ -340,7 +340,7 @@ def test_a_soft_prompt_that_does_not_fit_the_context_is_refused_before_start(dec
 def test_pretraining_a_decoder_from_scratch_writes_a_hugging_face_folder(tmp_path, one_intra_op_thread):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from forgetless.platform.lm_pretrain import DecoderShape, pretrain
+    from forgetless.platform.worker.lm_pretrain import DecoderShape, pretrain
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("\n".join(json.dumps({"text": d}) for d in lm.prose_documents()[:30]))

@@ -34,9 +34,10 @@ from forgetless.backbones import TransferModel, build_backbone  # noqa: E402
 from forgetless.backbones.hf import HFBackbone, save_pretrained  # noqa: E402
 from forgetless.config import ConfigError, load_config  # noqa: E402
 from forgetless.data.text import docstring_texts, write_text_task  # noqa: E402
-from forgetless.platform import tracking  # noqa: E402
-from forgetless.platform.model_export import logged_model_id  # noqa: E402
-from forgetless.platform.runner import load_model, preflight  # noqa: E402
+from forgetless.platform.tracking import mlflow_runs as tracking  # noqa: E402
+from forgetless.platform.tracking.model_export import logged_model_id  # noqa: E402
+from forgetless.platform.driver.preflight import preflight  # noqa: E402
+from forgetless.platform.driver.run_outputs import load_model  # noqa: E402
 from forgetless.strategies import make_strategy  # noqa: E402
 from forgetless.strategies.base import TaskInfo  # noqa: E402
 from forgetless.strategies.lora import lora_parameters, merge_and_reset  # noqa: E402
@@ -212,7 +213,7 @@ def test_lora_merge_keeps_the_function_and_exports_a_plain_model(models, name, t
 def test_an_unmerged_lora_update_exports_as_a_peft_adapter_folder(models, name, tmp_path):
     from peft import PeftModel
 
-    from forgetless.platform.train_loop import HF_ADAPTER_DIR, HF_BASE_DIR, export_hf_folder
+    from forgetless.platform.worker.train_loop import HF_ADAPTER_DIR, HF_BASE_DIR, export_hf_folder
 
     shape = (2, 32)
     model = _tiny_transfer_model(models[name], shape, make_strategy("lora", {"r": 4}, epochs=1, lr=0.01)).eval()
@@ -303,7 +304,7 @@ os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT="0"
                   LOCAL_RANK="0")
 import deepspeed
 from forgetless.config import DeepSpeedSpec, OptimConfig
-from forgetless.platform.engine import full_state_dict, make_engine
+from forgetless.platform.worker.engine import full_state_dict, make_engine
 from forgetless.strategies.base import ParamGroup, Phase
 deepspeed.init_distributed(dist_backend="gloo")
 for opt in ("adamw", "sgd"):

@@ -16,7 +16,9 @@ from ray import cloudpickle
 from ray.train import RunConfig, ScalingConfig
 from ray._private import state as gcs_state
 
-from forgetless.platform import lean_trainer, runner
+from forgetless.platform.driver import trainer as lean_trainer
+
+from forgetless.platform.driver import ray_cluster
 
 pytestmark = pytest.mark.e2e
 
@@ -59,7 +61,7 @@ def _wait_for(predicate, seconds: float, what: str):
 
 
 def test_a_killed_controllers_group_is_removed_by_the_driver(ray_session, tmp_path, capsys):
-    assert runner._EMBEDDED_CLUSTER and lean_trainer.replaceable()
+    assert ray_cluster._EMBEDDED_CLUSTER and lean_trainer.replaceable()
     cpus = ray_session.cluster_resources()["CPU"]
     outcome = {}
 
@@ -123,7 +125,7 @@ def _report_and_wait_for_the_commit():
     import ray.train
     from ray.train import Checkpoint
 
-    from forgetless.platform.checkpoints import wait_until_committed
+    from forgetless.platform.worker.checkpoints import wait_until_committed
 
     with tempfile.TemporaryDirectory() as folder:
         Path(folder, "weights.txt").write_text("1")

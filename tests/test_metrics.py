@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from forgetless.platform import metrics as M
+from forgetless.platform.analysis import metrics as M
 
 # source + 2 targets; rows: before, after t1, after t2
 R3 = [

@@ -6,33 +6,34 @@ import time
 
 import pytest
 
-from forgetless.platform import progress
+from forgetless.platform.driver import progress_board as progress
+from forgetless.platform.worker import progress_file
 
 
 def test_done_fraction_counts_stages_and_phases_equally():
     # stage 2 of stages [1, 2], phase 1 of 2, epoch 2 of 4: (1 + (1 + 0.5) / 2) / 2
-    r = progress.progress_record("ft", 2, [1, 2], "all", 1, 2, 2, 4, 40, 0.9, 0.8)
+    r = progress_file.progress_record("ft", 2, [1, 2], "all", 1, 2, 2, 4, 40, 0.9, 0.8)
     assert r["done"] == pytest.approx(0.875)
     assert r["stage_position"] == 2 and r["stages"] == 2
-    assert progress.progress_record("ft", 1, [1], "done", 0, 1, 3, 3, 9, None, None, finished=True)["done"] == 1.0
+    assert progress_file.progress_record("ft", 1, [1], "done", 0, 1, 3, 3, 9, None, None, finished=True)["done"] == 1.0
 
 
 def test_line_shows_phase_epoch_accuracies_and_eta():
-    r = progress.progress_record("finetune", 1, [1], "all", 0, 1, 2, 8, 120, 0.912, 0.88)
+    r = progress_file.progress_record("finetune", 1, [1], "all", 0, 1, 2, 8, 120, 0.912, 0.88)
     line = progress.format_line("finetune", r, elapsed=10.0)
     assert "stage 1/1 all epoch 2/8 step 120" in line
     assert "target 91.2%" in line and "source 88.0%" in line
     assert line.endswith("10s  ETA 30s")  # a quarter done in 10 s
     assert "starting Ray Train workers" in progress.format_line("finetune", None, 3.0)
-    done = progress.progress_record("finetune", 1, [1], "done", 0, 1, 8, 8, 400, 0.95, 0.7, finished=True)
+    done = progress_file.progress_record("finetune", 1, [1], "done", 0, 1, 8, 8, 400, 0.95, 0.7, finished=True)
     assert progress.format_line("finetune", done, 40.0).endswith("done")
-    started = progress.progress_record("finetune", 1, [1], "-", 0, 1, 0, 0, 0, None, None)
+    started = progress_file.progress_record("finetune", 1, [1], "-", 0, 1, 0, 0, 0, None, None)
     assert progress.format_line("finetune", started, 5.0) == "finetune  stage 1/1 training from step 0  5s"
 
 
 def test_the_end_record_keeps_the_last_accuracies_shown():
-    last = progress.progress_record("finetune", 1, [1], "all", 0, 1, 8, 8, 400, 0.95, 0.7)
-    end = progress.progress_record("finetune", 1, [1], "done", 0, 1, 8, 8, 400, None, None, finished=True)
+    last = progress_file.progress_record("finetune", 1, [1], "all", 0, 1, 8, 8, 400, 0.95, 0.7)
+    end = progress_file.progress_record("finetune", 1, [1], "done", 0, 1, 8, 8, 400, None, None, finished=True)
     shown = progress.carry_accuracies(last, end)
     assert shown["finished"] and (shown["target_acc"], shown["source_acc"]) == (0.95, 0.7)
     assert "target 95.0%  source 70.0%" in progress.format_line("finetune", shown, 40.0)
@@ -45,21 +46,21 @@ def test_board_prints_a_line_whenever_a_run_moves_on(tmp_path):
     run_a, run_b = str(tmp_path / "a"), str(tmp_path / "b")
     with board.watch("finetune", run_a), board.watch("linear_probe", run_b):
         # workers up: a fresh start prints nothing in a log (the driver said the run started), a resume its step
-        progress.write_progress(run_a, progress.progress_record("finetune", 1, [1], "-", 0, 1, 0, 0, 0, None, None))
-        progress.write_progress(run_b, progress.progress_record("linear_probe", 1, [1], "-", 0, 1, 0, 0, 3, None,
+        progress_file.write_progress(run_a, progress_file.progress_record("finetune", 1, [1], "-", 0, 1, 0, 0, 0, None, None))
+        progress_file.write_progress(run_b, progress_file.progress_record("linear_probe", 1, [1], "-", 0, 1, 0, 0, 3, None,
                                                                 None))
         time.sleep(0.3)
         for epoch in (1, 2):
-            progress.write_progress(run_a, progress.progress_record("finetune", 1, [1], "all", 0, 1, epoch, 2,
+            progress_file.write_progress(run_a, progress_file.progress_record("finetune", 1, [1], "all", 0, 1, epoch, 2,
                                                                     10 * epoch, 0.5 * epoch, 0.9))
             time.sleep(0.3)  # several looks per epoch: one line per change, not per look
-        progress.write_progress(run_b, progress.progress_record("linear_probe", 1, [1], "head", 0, 1, 1, 2, 5, 0.4,
+        progress_file.write_progress(run_b, progress_file.progress_record("linear_probe", 1, [1], "head", 0, 1, 1, 2, 5, 0.4,
                                                                 0.9))
         time.sleep(0.3)
-        progress.write_progress(run_a, progress.progress_record("finetune", 1, [1], "done", 0, 1, 2, 2, 20, 1.0,
+        progress_file.write_progress(run_a, progress_file.progress_record("finetune", 1, [1], "done", 0, 1, 2, 2, 20, 1.0,
                                                                 0.9, finished=True))
         # a run's end record carries no accuracies; written just before the run is unwatched (no look in between)
-        progress.write_progress(run_b, progress.progress_record("linear_probe", 1, [1], "done", 0, 1, 2, 2, 10, None,
+        progress_file.write_progress(run_b, progress_file.progress_record("linear_probe", 1, [1], "done", 0, 1, 2, 2, 10, None,
                                                                 None, finished=True))
     lines = out.getvalue().splitlines()
     ft = [ln for ln in lines if ln.startswith("[forgetless] finetune")]
@@ -76,9 +77,9 @@ def test_progress_of_a_run_on_s3(s3server, monkeypatch):
 
     point_aws_env_at(s3server, monkeypatch)
     run_uri = f"s3://{s3server.bucket}/progress-test/run"
-    assert progress.read_progress(run_uri) is None
-    progress.write_progress(run_uri, progress.progress_record("ft", 1, [1], "all", 0, 1, 1, 2, 7, 0.5, 0.5))
-    assert progress.read_progress(run_uri)["step"] == 7
+    assert progress_file.read_progress(run_uri) is None
+    progress_file.write_progress(run_uri, progress_file.progress_record("ft", 1, [1], "all", 0, 1, 1, 2, 7, 0.5, 0.5))
+    assert progress_file.read_progress(run_uri)["step"] == 7
 
 
 def test_live_view_leaves_each_finished_run_as_one_line(tmp_path):
@@ -86,9 +87,9 @@ def test_live_view_leaves_each_finished_run_as_one_line(tmp_path):
     board = progress.ProgressBoard(stream=out, every=0.05, live=True)  # as on a terminal (rich's live block)
     run = str(tmp_path / "run")
     with board.watch("finetune", run):
-        progress.write_progress(run, progress.progress_record("finetune", 1, [1], "all", 0, 1, 1, 2, 10, 0.5, 0.9))
+        progress_file.write_progress(run, progress_file.progress_record("finetune", 1, [1], "all", 0, 1, 1, 2, 10, 0.5, 0.9))
         time.sleep(0.3)
-        progress.write_progress(run, progress.progress_record("finetune", 1, [1], "done", 0, 1, 2, 2, 20, 0.9, 0.9,
+        progress_file.write_progress(run, progress_file.progress_record("finetune", 1, [1], "done", 0, 1, 2, 2, 20, 0.9, 0.9,
                                                               finished=True))
     time.sleep(0.3)  # the board's thread ends its live block once no run is left
     lines = [ln for ln in out.getvalue().splitlines() if ln.startswith("[forgetless] finetune")]

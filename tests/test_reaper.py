@@ -1,4 +1,4 @@
-"""The watcher next to an embedded cluster (platform/reaper.py) and the stale-run check (tracking.driver_alive) tell a
+"""The watcher next to an embedded cluster (process_lifetime.py) and the stale-run check (tracking.driver_alive) tell a
 live driver from a gone one by its start, and that must hold when the wall clock steps: psutil's create_time moves
 with the wall clock, and a CI run once had live clusters ended mid-run by their own watchers ("GCS server received
 SIGTERM"). The clock step is simulated by shifting psutil's boot time (the system clock cannot be stepped here)."""
@@ -14,7 +14,9 @@ import uuid
 import psutil
 import pytest
 
-from forgetless.platform import reaper, tracking
+from forgetless import process_lifetime as reaper
+
+from forgetless.platform.tracking import mlflow_runs as tracking
 
 LINUX_ONLY = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the clock-step case is Linux's /proc")
 

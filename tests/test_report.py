@@ -7,8 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from forgetless.platform import plots, report_html, review
-from forgetless.platform.results import CompareResult, StrategyResult, summary_metrics
+from forgetless.platform.tracking import plots
+
+from forgetless.platform.tracking import html_report as report_html
+
+from forgetless.platform.tracking import run_descriptions as review
+from forgetless.platform.analysis.results import CompareResult, StrategyResult, summary_metrics
 
 
 def _history(target: list[float], source: list[float], steps: list[int]) -> list[dict]:

@@ -25,8 +25,11 @@ import pytest
 from conftest import MLFLOW_SERVER_ENV, TINY
 
 from forgetless import cli
-from forgetless.platform import model_export, report_html, review, tracking
-from forgetless.platform.ports import free_port
+from forgetless.platform.tracking import model_export
+from forgetless.platform.tracking import html_report as report_html
+from forgetless.platform.tracking import run_descriptions as review
+from forgetless.platform.tracking import mlflow_runs as tracking
+from forgetless.platform.driver.ports import free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",

@@ -12,7 +12,7 @@ def test_two_seeds_run_side_by_side_and_aggregate(ray_session, workdir, tiny_con
     import forgetless
     from mlflow.tracking import MlflowClient
 
-    from forgetless.platform.worker_job import RunState
+    from forgetless.platform.worker.job import RunState
 
     cfg = tiny_config(scaling={"num_workers": 1}, train={"epochs": 1, "lr": 0.01, "batch_size": 64},
                       pretrain={"epochs": 1, "checkpoint_every": 1, "lr": 0.01, "batch_size": 64})

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from forgetless.config import ConfigError, load_config
-from forgetless.platform import fanout
-from forgetless.platform.results import (CompareResult, StrategyResult, aggregate_records, format_seed_table,
+from forgetless.platform.driver import parallel_runs as fanout
+from forgetless.platform.analysis.results import (CompareResult, StrategyResult, aggregate_records, format_seed_table,
                                          mean_sd)
-from forgetless.platform.runner import seed_aggregate_metrics
+from forgetless.platform.driver.runner import seed_aggregate_metrics
 
 
 def _cfg(*overrides: str):

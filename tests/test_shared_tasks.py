@@ -3,7 +3,7 @@ import numpy as np
 import torch
 
 from forgetless.config import load_config
-from forgetless.platform import shared_tasks
+from forgetless.platform.worker import shared_tasks
 
 
 def _npz_config(tiny_config, path):

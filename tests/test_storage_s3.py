@@ -20,8 +20,8 @@ from forgetless import storage
 from forgetless.backbones import build_backbone
 from forgetless.config import ConfigError, TaskConfig, load_config
 from forgetless.data.tasks import build_task
-from forgetless.platform.model_io import load_torch_file
-from forgetless.platform.runner import preflight
+from forgetless.platform.worker.model_io import load_torch_file
+from forgetless.platform.driver.preflight import preflight
 
 from conftest import point_aws_env_at
 

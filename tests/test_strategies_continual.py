@@ -14,7 +14,7 @@ import torch
 
 from forgetless.backbones import CNN2d, TransferModel
 from forgetless.config import OptimConfig
-from forgetless.platform.engine import make_optimizer
+from forgetless.platform.worker.engine import make_optimizer
 from forgetless.strategies import make_strategy
 from forgetless.strategies.base import TaskInfo
 from forgetless.strategies.fast import UpdateNormCap, plateau_rule, warmup_multipliers

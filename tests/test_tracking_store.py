@@ -1,7 +1,7 @@
 """A new SQLite MLflow store starts as a copy of a migrated empty store; MLflow uses it as its own."""
 from pathlib import Path
 
-from forgetless.platform import tracking
+from forgetless.platform.tracking import mlflow_runs as tracking
 
 
 def test_a_seeded_store_is_mlflows_own_and_an_existing_one_is_never_replaced(workdir):

@@ -13,10 +13,11 @@ import forgetless
 from forgetless.backbones import TransferModel, build_backbone, register_backbone
 from forgetless.config import ConfigError, PretrainConfig, TaskConfig, load_config
 from forgetless.data import build_task
-from forgetless.platform import tracking
-from forgetless.platform.model_io import load_torch_file
-from forgetless.platform.results import StopPoint, Trajectory
-from forgetless.platform.runner import preflight, trajectory_stop_points
+from forgetless.platform.tracking import mlflow_runs as tracking
+from forgetless.platform.worker.model_io import load_torch_file
+from forgetless.platform.analysis.results import StopPoint, Trajectory
+from forgetless.platform.driver.preflight import preflight
+from forgetless.platform.driver.fits import trajectory_stop_points
 from forgetless.strategies import make_strategy
 from forgetless.strategies import permutations as P
 from forgetless.strategies.trajectory_transfer import learning_transfer, local_context

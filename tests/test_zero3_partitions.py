@@ -46,7 +46,8 @@ from transformers import AutoModel
 from forgetless.backbones import TransferModel, build_backbone
 from forgetless.backbones.hf import save_pretrained_state
 from forgetless.config import DeepSpeedSpec, OptimConfig
-from forgetless.platform import checkpoints, engine as ds
+from forgetless.platform.worker import checkpoints
+from forgetless.platform.worker import engine as ds
 from forgetless.strategies.base import ParamGroup, Phase
 
 spec, optim = DeepSpeedSpec(zero_stage=3), OptimConfig(optimizer="adamw", batch_size=4, lr=0.01)
@@ -149,7 +150,7 @@ def test_partitioned_build_checkpoint_resume_and_hf_export(tmp_path):
 def test_zero3_finetune_run_keeps_partitions_and_exports_a_hf_folder(tmp_path, ray_session, workdir):
     import forgetless
     from forgetless.config import load_config
-    from forgetless.platform.runner import load_model
+    from forgetless.platform.driver.run_outputs import load_model
 
     folder = make_gpt2(tmp_path / "gpt2")
     rng = np.random.default_rng(0)

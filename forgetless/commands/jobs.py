@@ -6,7 +6,7 @@ import json
 
 from forgetless.console import say
 from forgetless.errors import ConfigError
-from forgetless.platform import jobs
+from forgetless.platform.driver import jobs
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:

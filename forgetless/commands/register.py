@@ -5,7 +5,8 @@ import argparse
 
 from forgetless.commands import add_tracking_uri_arg
 from forgetless.console import say
-from forgetless.platform import model_export, tracking
+from forgetless.platform.tracking import model_export
+from forgetless.platform.tracking import mlflow_runs as tracking
 
 
 def cmd_register(args: argparse.Namespace) -> int:

@@ -7,7 +7,8 @@ from pathlib import Path
 from forgetless.commands import add_tracking_uri_arg
 from forgetless.commands.tune import print_search
 from forgetless.console import say
-from forgetless.platform import report_html, tracking
+from forgetless.platform.tracking import html_report as report_html
+from forgetless.platform.tracking import mlflow_runs as tracking
 from forgetless.platform.tuning import load_search, log_search_summary
 
 

@@ -7,8 +7,8 @@ import json
 from forgetless.commands import add_config_args, add_repeat_args, repeat_overrides
 from forgetless.config import load_config, select_strategy
 from forgetless.console import say, stdout_kept_for_results
-from forgetless.platform import review
-from forgetless.platform.runner import execute
+from forgetless.platform.tracking import run_descriptions as review
+from forgetless.platform.driver.runner import execute
 
 
 def _print_result(out, as_json: bool) -> None:

@@ -5,7 +5,7 @@ import argparse
 
 from forgetless.commands import add_config_args
 from forgetless.console import say
-from forgetless.platform import jobs
+from forgetless.platform.driver import jobs
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

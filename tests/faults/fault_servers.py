@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from conftest import MLFLOW_SERVER_ENV
-from forgetless.platform.ports import free_port  # noqa: F401 (tests import it from here)
+from forgetless.platform.driver.ports import free_port  # noqa: F401 (tests import it from here)
 
 BIN = Path(sys.executable).parent
 

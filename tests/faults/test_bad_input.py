@@ -5,7 +5,7 @@ TINY): wrong types, unknown keys, out-of-range numbers, bad strategy and backbon
 --set paths, broken YAML text, binary bytes. `forgetless compare` runs in-process (`forgetless.cli.main`).
 
 Ray is never started here: before running the command, every generated input is checked to fail in the steps that
-come before Ray (load_config, runner.preflight, the embedded cluster's resource check); an input that passes them is
+come before Ray (load_config, preflight.preflight, the embedded cluster's resource check); an input that passes them is
 valid after all and is rejected as an example, so the command is only ever run on inputs it must refuse.
 """
 from __future__ import annotations
@@ -30,8 +30,9 @@ from forgetless import cli
 from forgetless.backbones.builtin import CNN1dParams, ConvParams, MLPParams
 from forgetless.backbones.resnet import ResNetParams
 from forgetless.config import ConfigError, load_config
-from forgetless.platform.engine import PLATFORM_DEEPSPEED_KEYS
-from forgetless.platform.runner import check_embedded_resources, preflight
+from forgetless.platform.worker.engine import PLATFORM_DEEPSPEED_KEYS
+from forgetless.platform.driver.ray_cluster import check_embedded_resources
+from forgetless.platform.driver.preflight import preflight
 from forgetless.strategies import available_strategies, get_strategy_class
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

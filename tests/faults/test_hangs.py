@@ -16,8 +16,10 @@ import psutil
 import pytest
 
 from forgetless.errors import ConfigError
-from forgetless.platform import build_locks, jobs, watchdog
-from forgetless.platform.watchdog import RunWatch, WallClock
+from forgetless.platform.worker import op_builds as build_locks
+from forgetless.platform.driver import jobs
+from forgetless.platform.driver import watchdog
+from forgetless.platform.driver.watchdog import RunWatch, WallClock
 
 from .fault_servers import wait_until
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import TINY
-from forgetless.platform import checkpoints
+from forgetless.platform.worker import checkpoints
 
 from .cli_runs import epoch_of, final_state, interrupted_run, output, run_cli, run_dir
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from forgetless import storage
-from forgetless.platform import checkpoints
+from forgetless.platform.worker import checkpoints
 
 from conftest import point_aws_env_at
 

@@ -15,8 +15,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from forgetless.platform import tracking
-from forgetless.platform.watchdog import WallClock
+from forgetless.platform.tracking import mlflow_runs as tracking
+from forgetless.platform.driver.watchdog import WallClock
 
 from .fault_servers import wait_until
 
@@ -25,7 +25,7 @@ PARENT_TAGS = {"forgetless.command": "compare", "forgetless.name": "tiny", "forg
 # A driver that opens its parent run and is then killed before it can end it.
 KILLED_DRIVER = """
 import os, signal, sys
-from forgetless.platform import tracking
+from forgetless.platform.tracking import mlflow_runs as tracking
 uri, exp_id = sys.argv[1], sys.argv[2]
 tags = {"forgetless.command": "compare", "forgetless.name": "tiny", "forgetless.config_hash": "0123abcd"}
 print(tracking.start_parent_run(uri, exp_id, "tiny (compare)", tags), flush=True)

@@ -8,7 +8,9 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from forgetless.platform import metric_buffer, tracking
+from forgetless.platform.tracking import metric_buffer
+
+from forgetless.platform.tracking import mlflow_runs as tracking
 
 from .fault_servers import MlflowServer
 

@@ -1,8 +1,8 @@
 """Ray Tune searches over pre-training stop points, learning rates and any searchable config field.
 
-The flow: validate the search (before Ray starts) -> pre-train the source once (`runner.pretrain` reuses an identical
+The flow: validate the search (before Ray starts) -> pre-train the source once (`fits.pretrain` reuses an identical
 trajectory) -> one Ray Tune trial per point of the space. A trial is a plain function that builds and fits a Ray Train
-`TorchTrainer` through `runner.transfer` (DeepSpeed in every worker, init weights = the trial's stop point) and forwards
+`TorchTrainer` through `fits.transfer` (DeepSpeed in every worker, init weights = the trial's stop point) and forwards
 every epoch's metrics to Tune with a `TuneReportCallback`, so ASHA can stop poor trials early.
 
 MLflow: one parent run per search (space, objective, result table, plots); each trial's rank 0 creates its child run.
@@ -14,7 +14,7 @@ One concept a module:
   trial      the slot actor, the Ray Train report callback and the trial function
   driver     run_search: scheduler, progress callback, parent run, unfinished trials
   results    TrialResult, SearchResult, load_search, the table and the summary files
-The figures are in `forgetless.platform.plots`.
+The figures are in `forgetless.platform.tracking.plots`.
 """
 from __future__ import annotations
 

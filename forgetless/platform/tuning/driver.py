@@ -22,8 +22,10 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialSch
 from forgetless import console, storage
 from forgetless.config import ConfigError, _first_error, load_config
 from forgetless.console import say
-from forgetless.platform import lean_trainer, runner, tracking
-from forgetless.platform.results import Trajectory
+from forgetless.platform.driver import trainer as lean_trainer
+from forgetless.platform.driver import fits, preflight, ray_cluster
+from forgetless.platform.tracking import mlflow_runs as tracking
+from forgetless.platform.analysis.results import Trajectory
 from forgetless.platform.tuning.objective import OBJECTIVE, TRIAL_EPOCH
 from forgetless.platform.tuning.plan import (
     SearchPlan,
@@ -102,7 +104,7 @@ class Progress(tune.Callback):
 
     def _free(self, trial) -> None:
         _release_slot(self.slots, trial.trial_id)
-        if runner.on_embedded_cluster():  # (elsewhere Ray Train's PlacementGroupCleaner does it)
+        if ray_cluster.on_embedded_cluster():  # (elsewhere Ray Train's PlacementGroupCleaner does it)
             lean_trainer.remove_groups_of_dead_processes()
 
 
@@ -144,7 +146,7 @@ def _log_search_definition(uri: str, parent: str, plan: SearchPlan) -> None:
 def _pretrain(plan: SearchPlan, target: tracking.TrackingTarget) -> Trajectory:
     """Pre-train the source once (or reuse it); log the stop points' source accuracy on the parent run."""
     uri, parent = target.tracking_uri, target.parent_run_id
-    traj = runner.pretrain(plan.cfg, target)
+    traj = fits.pretrain(plan.cfg, target)
     missing = [e for e in plan.stop_points if e not in {s.epoch for s in traj.stop_points}]
     if missing:
         raise ConfigError(f"search.space.{STOP_POINT}: the trajectory {traj.uri} has no stop point at epoch(s) "
@@ -211,7 +213,7 @@ def _tune_environment(concurrency: int) -> Iterator[None]:
     env = {"TUNE_MAX_PENDING_TRIALS_PG": str(concurrency)}
     if not console.verbose():
         env[TUNE_NEW_OUTPUT_VARIABLE] = "0"
-    with runner.temporary_environment({k: v for k, v in env.items() if k not in os.environ}):  # a user's value wins
+    with ray_cluster.temporary_environment({k: v for k, v in env.items() if k not in os.environ}):  # a user's value wins
         yield
 
 
@@ -220,7 +222,7 @@ TUNE_NEW_OUTPUT_VARIABLE = "RAY_AIR_NEW_OUTPUT"
 
 def _run_name(plan: SearchPlan, params: dict[str, Any], trial_id: str) -> str:
     cfg = trial_config(plan.cfg, params, trial_id)
-    return runner.transfer_run_name(cfg, cfg.strategies[0])
+    return fits.transfer_run_name(cfg, cfg.strategies[0])
 
 
 def _finalize_unfinished(grid, plan: SearchPlan, target: tracking.TrackingTarget) -> None:
@@ -288,15 +290,15 @@ def run_search(config, search: SearchConfig | dict | None = None, resume: bool =
     """Validate, pre-train once, run the Tune search, log the summary on the MLflow parent run."""
     cfg = load_config(config, overrides)
     plan = validate_search(cfg, _search_config(search))
-    uri = runner.preflight(plan.cfg)
+    uri = preflight.preflight(plan.cfg)
     root = storage.normalize(cfg.storage)
     tune_path = storage.join(root, plan.name)
     exists = tune.Tuner.can_restore(tune_path)
     if exists and not resume:
         raise ConfigError(f"search {plan.name} already ran (Tune experiment {tune_path}); pass --resume "
                           f"(resume=True) to finish or reload it, or delete that folder to start over")
-    runner.ensure_ray(plan.cfg)
-    runner.check_resources(plan.cfg)
+    ray_cluster.ensure_ray(plan.cfg)
+    ray_cluster.check_resources(plan.cfg)
     concurrency = max_concurrent_trials(plan.cfg, plan.search, ray.cluster_resources())
     slots, _slots_handle = start_slots(plan.name, concurrency)  # the handle keeps the actor alive until we return
     exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)

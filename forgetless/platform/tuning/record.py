@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from forgetless.platform import tracking
+from forgetless.platform.tracking import mlflow_runs as tracking
 from forgetless.platform.tuning.objective import OBJECTIVE, TRIAL_EPOCH
 
 TRIAL_TAG = "forgetless.search.trial_id"

@@ -12,8 +12,9 @@ from typing import Any
 import yaml
 
 from forgetless.config import ConfigError
-from forgetless.platform import plots, tracking
-from forgetless.platform.results import Trajectory, records_frame
+from forgetless.platform.tracking import plots
+from forgetless.platform.tracking import mlflow_runs as tracking
+from forgetless.platform.analysis.results import Trajectory, records_frame
 from forgetless.platform.tuning.record import STATUS_TAG, TRIAL_TAG, with_retries
 from forgetless.search_config import STOP_POINT
 

@@ -1,5 +1,5 @@
 """One trial, run in a Ray Tune trial actor: wait for a slot, fine-tune from the trial's stop point through
-`runner.transfer` (a Ray Train run), forward every epoch's objective to Tune, then report and log the trial's result.
+`fits.transfer` (a Ray Train run), forward every epoch's objective to Tune, then report and log the trial's result.
 """
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from forgetless.config import ExperimentConfig
-from forgetless.platform import runner, tracking
-from forgetless.platform.results import StrategyResult, Trajectory
+from forgetless.platform.driver import fits, run_outputs
+from forgetless.platform.tracking import mlflow_runs as tracking
+from forgetless.platform.analysis.results import StrategyResult, Trajectory
 from forgetless.platform.tuning.objective import OBJECTIVE, TRIAL_EPOCH, Objective, tune_metrics
 from forgetless.platform.tuning.plan import trial_config
 from forgetless.platform.tuning.record import mark_trial, with_retries
@@ -110,7 +111,7 @@ def _train_trial(params: dict[str, Any], context: dict[str, Any], trial_id: str)
     objective = Objective(context["weights"], sp.source_val_acc)
     target = tracking.TrackingTarget(**context["tracking"])
     try:
-        res = runner.transfer(cfg, cfg.strategies[0], sp.uri, target,
+        res = fits.transfer(cfg, cfg.strategies[0], sp.uri, target,
                               callbacks=[ObjectiveReport(objective, trial_id, context["slots"])])
     except Exception:
         if stop_requested(context["slots"], trial_id):
@@ -123,7 +124,7 @@ def _train_trial(params: dict[str, Any], context: dict[str, Any], trial_id: str)
     if res.mlflow_run_id:
         mark_trial(target.tracking_uri, res.mlflow_run_id, context["search_name"], trial_id, params, "finished",
                    final)
-        with_retries(runner.log_strategy_artifacts, cfg, res, target.tracking_uri)
+        with_retries(run_outputs.log_strategy_artifacts, cfg, res, target.tracking_uri)
     tune.report(final)
 
 

@@ -21,7 +21,8 @@ from typing import Any
 from forgetless import console
 from forgetless.console import say
 from forgetless.errors import ConfigError
-from forgetless.platform import metric_buffer, reaper
+from forgetless.platform.tracking import metric_buffer
+from forgetless import process_lifetime as reaper
 
 PARENT_TAG = "mlflow.parentRunId"
 RUN_KEY_TAG = "forgetless.run_key"

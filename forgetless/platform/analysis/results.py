@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from forgetless.platform import metrics as M
+from forgetless.platform.analysis import metrics as M
 
 
 @dataclass
@@ -105,7 +105,7 @@ class StrategyResult:
     tags: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     ended_at_ms: int | None = None  # when its training ended (the child run's end time), epoch milliseconds
-    seconds: dict[str, float] = field(default_factory=dict)  # where the run's wall time went (platform/timing.py)
+    seconds: dict[str, float] = field(default_factory=dict)  # where the run's wall time went (platform/worker/timing.py)
     seed: int = 0
     task_kind: str = "classification"  # data/kinds.py; causal_lm: R holds next-token accuracy
     score: str = "accuracy"  # what R holds (ExperimentConfig.score): accuracy or token_probability = exp(-test loss)

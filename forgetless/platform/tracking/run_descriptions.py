@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from forgetless.platform import tracking
-from forgetless.platform.results import CompareResult, StrategyResult
+from forgetless.platform.tracking import mlflow_runs as tracking
+from forgetless.platform.analysis.results import CompareResult, StrategyResult
 
 NOTE_TAG = "mlflow.note.content"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"

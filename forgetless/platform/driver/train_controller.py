@@ -9,9 +9,9 @@ controller live here, and their worker-side steps import Ray's torch functions o
 - `WorkerProcessGroupConfig`: Ray's TorchConfig set-up (gloo on CPUs, nccl on GPUs; MASTER_ADDR/MASTER_PORT and the
   torchrun variables on each worker; `torch.distributed.init_process_group` on every rank; destroyed at the end),
   with the controller's part written here and each worker's part done by Ray's own functions.
-- `RecordPlacementGroups`: see platform/lean_trainer.py.
+- `RecordPlacementGroups`: see platform/driver/trainer.py.
 - `ControllerHost`: an actor that runs the Train controllers of one driver's fits one after another in one process
-  (see platform/lean_trainer.py).
+  (see platform/driver/trainer.py).
 - `NoAutoscalerScalingPolicy`: Ray's fixed-size scaling policy without its requests to the cluster autoscaler, for an
   embedded cluster (which has none). Ray Train sends each fit's request to an `AutoscalingCoordinator` actor, a
   process of Ray Data's that the cluster's first fit starts and its controller waits on (up to 5 s) before it starts
@@ -32,7 +32,7 @@ from ray.train.backend import Backend, BackendConfig
 
 logger = logging.getLogger(__name__)
 
-try:  # Ray Train V2 internals (ray 2.60); platform/lean_trainer.py falls back to Ray's own parts without them
+try:  # Ray Train V2 internals (ray 2.60); platform/driver/trainer.py falls back to Ray's own parts without them
     from ray.train.v2._internal.execution.callback import WorkerGroupCallback
     from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
     from ray.train.v2._internal.execution.controller import TrainController

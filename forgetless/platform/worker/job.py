@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from forgetless.config import ExperimentConfig, OptimConfig, StrategyConfig
-from forgetless.platform.tracking import TrackingTarget
+from forgetless.platform.tracking.mlflow_runs import TrackingTarget
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ helper actors, each a Python process that imports Ray Train (and Ray Data) on th
 machine with `benchmarks/train_floor.py` (an empty train function) and the task timeline of `ray.util.state`:
 
 - a **`DatasetManager`** that serves Ray Datasets passed as `datasets=` to the trainer. forgetless passes none (the
-  workers get their tasks through the object store, platform/shared_tasks.py), yet the actor is started for every
+  workers get their tasks through the object store, platform/worker/shared_tasks.py), yet the actor is started for every
   fit and the workers' `init_train_context` waits on it: ~5 s of every run's start. Without datasets its callback is
   left out (the workers' train context then has no dataset shard provider, which only `get_dataset_shard` uses).
 - a detached **`PlacementGroupCleaner`** that watches the controller once a second and removes the run's placement
@@ -50,8 +50,8 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
 from forgetless.console import say
-from forgetless.platform import reaper
-from forgetless.platform.controller_parts import (ControllerHost, FixedScalingPolicy, InheritedEnvTrainController,
+from forgetless import process_lifetime as reaper
+from forgetless.platform.driver.train_controller import (ControllerHost, FixedScalingPolicy, InheritedEnvTrainController,
                                                     NoAutoscalerScalingPolicy, RecordPlacementGroups,
                                                     WorkerProcessGroupConfig)
 

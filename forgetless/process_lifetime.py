@@ -2,7 +2,7 @@
 
 A driver that ends normally shuts its cluster down. A killed one cannot, and Ray's helper processes (GCS, raylet,
 dashboard, idle workers) then stay alive for minutes. So next to every embedded cluster a small watcher process runs
-(`python .../forgetless/platform/reaper.py DRIVER_PID DRIVER_STARTED SESSION_NAME`: this file run as a script, so
+(`python .../forgetless/process_lifetime.py DRIVER_PID DRIVER_STARTED SESSION_NAME`: this file run as a script, so
 it imports psutil only, not forgetless with torch and Ray; in its own session, so a signal to the driver's process
 group does not reach it): once the driver is gone it ends every process of that Ray session (their
 command lines carry the session's name; other clusters on the machine have other names) and exits.

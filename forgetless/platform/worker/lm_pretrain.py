@@ -8,7 +8,7 @@ starts from a real pre-trained language model built here, with no download.
 3. it trains with the platform's own `train_step` (the task kind's next-token loss) and a torch AdamW, linear warm-up
    then cosine decay, and is saved with `backbones.hf.save_pretrained`.
 
-    python -m forgetless.platform.lm_pretrain --out models/prose-gpt2 --steps 600
+    python -m forgetless.platform.worker.lm_pretrain --out models/prose-gpt2 --steps 600
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from forgetless.backbones.transfer_model import TransferModel
 from forgetless.data.lm import load_documents, split_documents, train_tokenizer
 from forgetless.data.spec import TaskConfig
 from forgetless.data.tasks import TaskData, build_task
-from forgetless.platform.evaluation import evaluate
-from forgetless.platform.metrics import perplexity
+from forgetless.platform.worker.evaluation import evaluate
+from forgetless.platform.analysis.metrics import perplexity
 from forgetless.strategies.base import ParamGroup, Phase, Strategy, TaskInfo
 from forgetless.strategies.training import TorchEngine, lr_scheduler, set_train_mode, set_trainable, train_step
 
@@ -135,7 +135,7 @@ def pretrain(out: str | Path, steps: int = 600, lr: float = 1e-3, batch_size: in
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m forgetless.platform.lm_pretrain", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m forgetless.platform.worker.lm_pretrain", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="folder to write (a Hugging Face model folder)")
     ap.add_argument("--corpus", default="prose", help="prose | python_code | a text file or folder")
     ap.add_argument("--steps", type=int, default=600)

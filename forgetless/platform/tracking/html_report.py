@@ -19,8 +19,9 @@ import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from forgetless.errors import ConfigError
-from forgetless.platform import review, tracking
-from forgetless.platform.results import CompareResult, format_table
+from forgetless.platform.tracking import run_descriptions as review
+from forgetless.platform.tracking import mlflow_runs as tracking
+from forgetless.platform.analysis.results import CompareResult, format_table
 
 REPORT_FILE = "comparison_report.html"
 COMPARISON_FILE = "comparison.json"

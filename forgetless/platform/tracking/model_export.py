@@ -18,7 +18,7 @@ from torch import nn
 
 from forgetless.console import say
 from forgetless.errors import ConfigError
-from forgetless.platform import tracking
+from forgetless.platform.tracking import mlflow_runs as tracking
 
 INPUT_EXAMPLE_ROWS = 4  # > 1, so torch.export keeps the batch dimension dynamic
 # Registered-model tags: the forgetting and learning metrics a reviewer compares versions by (MLflow names).

@@ -25,7 +25,8 @@ from forgetless.config import ExperimentConfig, load_config, select_strategy
 from forgetless.console import say
 from forgetless.errors import ConfigError
 from forgetless.hashing import short_hash
-from forgetless.platform import runner, watchdog
+from forgetless.platform.driver import preflight, ray_cluster
+from forgetless.platform.driver import watchdog
 
 # The package folder shipped with a job (`py_modules`): this checkout's forgetless.
 PACKAGE_DIR = Path(__file__).parent.parent
@@ -198,10 +199,10 @@ def submit(config_path: str, overrides: list[str], address: str | None, command:
 
 
 def _local_checks(cfg: ExperimentConfig, tracking_uri: str, env: dict[str, str]) -> None:
-    """The job's own start-up checks, run here before submitting (same code: runner.preflight), with the environment
+    """The job's own start-up checks, run here before submitting (same code: preflight.preflight), with the environment
     the job will have."""
-    with runner.temporary_environment(env):
-        runner.preflight(cfg.model_copy(update={"tracking": cfg.tracking.model_copy(
+    with ray_cluster.temporary_environment(env):
+        preflight.preflight(cfg.model_copy(update={"tracking": cfg.tracking.model_copy(
             update={"tracking_uri": tracking_uri})}))
 
 

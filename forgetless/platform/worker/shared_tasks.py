@@ -1,7 +1,7 @@
 """A stream's tasks built once by the driver and handed to the Ray Train workers through Ray's object store.
 
 Building a stream means reading its data (local files, s3://) and, for causal-LM tasks, tokenising whole corpora: the
-driver does it anyway before anything starts (`runner.preflight`, so a bad file fails before Ray), and every worker of
+driver does it anyway before anything starts (`preflight.preflight`, so a bad file fails before Ray), and every worker of
 every run did it again. Now the driver's tasks go into the object store once per Ray Train run and the workers read
 them from there; a worker given no reference (a job built by hand) still builds its own.
 """

@@ -28,14 +28,21 @@ from forgetless.data import TaskData, build_stream
 from forgetless.data.kinds import CAUSAL_LM
 from forgetless.data.sharding import derive_seed, shard_batches
 from forgetless import console, storage
-from forgetless.platform import build_locks, checkpoints, progress, quiet, review, shared_tasks, timing, tracking
-from forgetless.platform import engine as ds
-from forgetless.platform.engine import (consolidated_state_dict, destroy_engine, ensure_accelerator_env, full_state_dict,
+from forgetless.platform.worker import op_builds as build_locks
+from forgetless.platform.worker import checkpoints
+from forgetless.platform.worker import progress_file as progress
+from forgetless.platform.worker import library_logs as quiet
+from forgetless.platform.tracking import run_descriptions as review
+from forgetless.platform.worker import shared_tasks
+from forgetless.platform.worker import timing
+from forgetless.platform.tracking import mlflow_runs as tracking
+from forgetless.platform.worker import engine as ds
+from forgetless.platform.worker.engine import (consolidated_state_dict, destroy_engine, ensure_accelerator_env, full_state_dict,
                                         make_engine, weight_access)
-from forgetless.platform.evaluation import evaluate
-from forgetless.platform.metrics import perplexity
-from forgetless.platform.model_io import build_model, load_pretrained, load_torch_file, mapped_torch_file
-from forgetless.platform.worker_job import RunState, WorkerJob
+from forgetless.platform.worker.evaluation import evaluate
+from forgetless.platform.analysis.metrics import perplexity
+from forgetless.platform.worker.model_io import build_model, load_pretrained, load_torch_file, mapped_torch_file
+from forgetless.platform.worker.job import RunState, WorkerJob
 from forgetless.strategies import make_strategy
 from forgetless.strategies.base import Phase, PrepareContext, Strategy, TaskInfo, task_infos
 from forgetless.strategies.training import set_train_mode, train_step
@@ -234,7 +241,7 @@ def train_phase(run: WorkerRun, stage: int, p: int, phase: Phase) -> None:
         if state.phase_done:
             state.phase_log.append({"stage": stage, "phase": phase.name, "epochs": epoch + 1, "steps": state.phase_step,
                                     "stopped_early": stop, "end_step": state.global_step})
-        if console.verbose():  # otherwise the driver shows it (platform/progress.py)
+        if console.verbose():  # otherwise the driver shows it (platform/driver/progress_board.py)
             shown = {k.removeprefix("pretrain/"): round(v, 4) for k, v in metrics.items()
                      if k.endswith(("val/source/acc", "val/target/acc", "train/loss"))}
             log(run, f"stage {stage} phase {phase.name} epoch {epoch + 1}/{phase.epochs} step {state.global_step} "
@@ -424,7 +431,7 @@ def save_checkpoint(run: WorkerRun, metrics: dict[str, float], name: str) -> Non
     """Every rank writes its DeepSpeed shard and reports; rank 0 adds the consolidated model and the state, and once
     Ray Train has committed the checkpoint (so every rank's files are uploaded) writes its manifest last. Waiting for
     the commit makes the checkpoint just written the resume point of a lost worker (the controller commits when it
-    next polls: every 0.2 s as forgetless starts it, runner.CONTROLLER_POLL_S), so at most the epoch in progress is
+    next polls: every 0.2 s as forgetless starts it, ray_cluster.CONTROLLER_POLL_S), so at most the epoch in progress is
     re-trained."""
     if name in run.skipped_checkpoints and name != FINAL_CHECKPOINT:
         # Ray Train still lists the damaged checkpoint under this folder name; a second checkpoint in the same folder
