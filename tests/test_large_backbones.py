@@ -213,7 +213,7 @@ def test_lora_merge_keeps_the_function_and_exports_a_plain_model(models, name, t
 def test_an_unmerged_lora_update_exports_as_a_peft_adapter_folder(models, name, tmp_path):
     from peft import PeftModel
 
-    from forgetless.platform.worker.train_loop import HF_ADAPTER_DIR, HF_BASE_DIR, export_hf_folder
+    from forgetless.platform.worker.checkpoint_io import HF_ADAPTER_DIR, HF_BASE_DIR, export_hf_folder
 
     shape = (2, 32)
     model = _tiny_transfer_model(models[name], shape, make_strategy("lora", {"r": 4}, epochs=1, lr=0.01)).eval()

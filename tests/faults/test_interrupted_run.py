@@ -93,7 +93,7 @@ def test_truncated_checkpoint_is_skipped_and_the_previous_one_resumed(interrupte
     assert f"resuming from checkpoint {previous}" in output(workdir)
     state = final_state(workdir)
     assert state["finished"] and state["epoch"] == 12 and state["resumed_from"]["epoch"] == epoch_of(previous)
-    # the damaged checkpoint's folder is not written again while Ray Train lists it (see train_loop.save_checkpoint)
+    # the damaged checkpoint's folder is not written again while Ray Train lists it (see checkpoint_io.save_checkpoint)
     assert f"not writing checkpoint {newest}" in output(workdir)
 
 

@@ -36,12 +36,8 @@ from forgetless.platform.worker.job import (
     StopPointRef,
     WorkerJob,
 )
-from forgetless.platform.worker.train_loop import (
-    FINAL_CHECKPOINT,
-    MODEL_FILE,
-    STATE_FILE,
-    train_worker,
-)
+from forgetless.platform.worker.checkpoint_io import FINAL_CHECKPOINT, MODEL_FILE, STATE_FILE
+from forgetless.platform.worker.train_loop import train_worker
 from forgetless.strategies import get_strategy_class
 from forgetless.strategies.base import check_trajectory_ends
 
@@ -75,7 +71,7 @@ def fit(cfg: ExperimentConfig, job: WorkerJob, keep_all_checkpoints: bool, callb
             **storage.ray_storage(cfg.storage),
             checkpoint_config=CheckpointConfig(num_to_keep=None if keep_all_checkpoints else 3),
             # A lost worker (preemption, OOM, node loss): Ray Train restarts the worker group, which resumes from the
-            # latest intact checkpoint (train_loop.restore).
+            # latest intact checkpoint (checkpoint_io.restore).
             failure_config=FailureConfig(max_failures=cfg.fault_tolerance.max_failures),
             callbacks=callbacks,
             # Ray Train's own INFO lines (one per checkpoint and rank) drown the progress lines; warnings still show.

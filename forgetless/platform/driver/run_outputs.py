@@ -18,7 +18,7 @@ from forgetless.platform.tracking import model_export, plots
 from forgetless.platform.tracking import run_descriptions as review
 from forgetless.platform.worker import shared_tasks, timing
 from forgetless.platform.worker.model_io import build_model, load_torch_file
-from forgetless.platform.worker.train_loop import MODEL_FILE
+from forgetless.platform.worker.checkpoint_io import MODEL_FILE
 from forgetless.strategies import get_strategy_class, make_strategy
 from forgetless.strategies.base import task_infos
 

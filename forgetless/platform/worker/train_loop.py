@@ -7,90 +7,57 @@ stopped. What it is told is a `WorkerJob`; what it checkpoints is a `RunState` (
 """
 from __future__ import annotations
 
-import shutil
-import sys
-import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint
 
-from forgetless.backbones import TransferModel, hf
-from forgetless.backbones.hf import HFBackbone
-from forgetless.data import TaskData, build_stream
+from forgetless import console
+from forgetless.backbones import TransferModel
+from forgetless.data import build_stream
 from forgetless.data.kinds import CAUSAL_LM
 from forgetless.data.sharding import derive_seed, shard_batches
-from forgetless import console, storage
-from forgetless.platform.worker import op_builds as build_locks
-from forgetless.platform.worker import checkpoints
-from forgetless.platform.worker import progress_file as progress
-from forgetless.platform.worker import library_logs as quiet
-from forgetless.platform.tracking import run_descriptions as review
-from forgetless.platform.worker import shared_tasks
-from forgetless.platform.worker import timing
-from forgetless.platform.tracking import mlflow_runs as tracking
-from forgetless.platform.worker import engine as ds
-from forgetless.platform.worker.engine import (consolidated_state_dict, destroy_engine, ensure_accelerator_env, full_state_dict,
-                                        make_engine, weight_access)
-from forgetless.platform.worker.evaluation import evaluate
 from forgetless.platform.analysis.metrics import perplexity
-from forgetless.platform.worker.model_io import build_model, load_pretrained, load_torch_file, mapped_torch_file
+from forgetless.platform.worker import engine as ds
+from forgetless.platform.worker import library_logs as quiet
+from forgetless.platform.worker import op_builds as build_locks
+from forgetless.platform.worker import shared_tasks, timing
+from forgetless.platform.worker.checkpoint_io import (
+    FINAL_CHECKPOINT,
+    restore,
+    resume_optimizer,
+    save_checkpoint,
+)
+from forgetless.platform.worker.engine import (
+    destroy_engine,
+    ensure_accelerator_env,
+    full_state_dict,
+    make_engine,
+    weight_access,
+)
+from forgetless.platform.worker.evaluation import evaluate
 from forgetless.platform.worker.job import RunState, WorkerJob
+from forgetless.platform.worker.model_io import (
+    build_model,
+    load_pretrained,
+    load_torch_file,
+    mapped_torch_file,
+)
+from forgetless.platform.worker.run_reporting import (
+    detail,
+    log,
+    log_metrics,
+    report_progress,
+    start_tracking,
+)
+from forgetless.platform.worker.worker_run import WorkerRun, keeps_partitions
 from forgetless.strategies import make_strategy
-from forgetless.strategies.base import Phase, PrepareContext, Strategy, TaskInfo, task_infos
+from forgetless.strategies.base import Phase, PrepareContext, task_infos
 from forgetless.strategies.training import set_train_mode, train_step
-
-STATE_FILE = "state.json"
-MODEL_FILE = "model.pt"
-PARTITION_FILE = "model_partition_rank{rank}.pt"  # under ZeRO-3 on partitions: each rank's slices of the weights
-HF_EXPORT_DIR = "hf"  # in the final checkpoint of an hf: backbone: the model as a Hugging Face folder
-# with an unmerged LoRA update (lora's merge_after_task: false): the PEFT adapter folder and the model it applies to
-HF_ADAPTER_DIR, HF_BASE_DIR = "hf_adapter", "hf_base"
-DS_TAG = "ds"
-FINAL_CHECKPOINT = "final"  # the checkpoint of a finished run (its state.json has finished: true)
-
-
-@dataclass
-class WorkerRun:
-    """One worker's view of the run: who it is, what it trains, and how far it got."""
-
-    job: WorkerJob
-    rank: int
-    world: int
-    device: torch.device
-    tasks: list[TaskData]
-    infos: list[TaskInfo]
-    strategy: Strategy
-    model: TransferModel
-    state: RunState
-    engine: Any = None  # the DeepSpeed engine of the running phase
-    resume_dir: str | None = None  # a local copy of the restored checkpoint, until the phase's optimizer is loaded
-    commit_wait_seconds: float = 0.0  # rank 0: time spent waiting for Ray Train to commit checkpoints
-    commits: int = 0  # rank 0: checkpoints written by this worker group
-    phases_in_stage: int = 1  # of the stage in training (the progress record's ETA)
-    skipped_checkpoints: tuple[str, ...] = ()  # damaged checkpoints restore passed over (their folders stay)
-
-    @property
-    def zero_stage(self) -> int:
-        return self.job.config.deepspeed.zero_stage
-
-    @property
-    def partitioned(self) -> bool:
-        """ZeRO-3 with a strategy that leaves weights to the engine: the model stays partitioned from construction to
-        the export, checkpoints hold each rank's partition, no rank ever holds the whole model (but rank 0 at an
-        export)."""
-        return keeps_partitions(self.job, self.strategy)
-
-
-def keeps_partitions(job: WorkerJob, strategy: Strategy) -> bool:
-    return job.config.deepspeed.zero_stage == 3 and strategy.works_on_partitions
 
 
 def train_worker(job: WorkerJob) -> None:
@@ -304,9 +271,6 @@ def last_val_loss(run: WorkerRun, stage: int) -> float:
     return run.state.history[-1]["loss"][str(stage)]
 
 
-# -- evaluation -----------------------------------------------------------------------------------------------------
-
-
 def eval_point(run: WorkerRun, stage: int, train_loss: float | None, phase_name: str, epoch: int) -> dict[str, float]:
     """Validation accuracy and loss of every task: one point of every curve, logged and kept in the history.
 
@@ -357,9 +321,6 @@ def per_corpus_perplexity(run: WorkerRun, res: dict[int, tuple[float, float]], s
             for j, (_, loss) in res.items() if run.infos[j].kind == CAUSAL_LM}
 
 
-# -- strategy hooks that need data or collectives ----------------------------------------------------------------------
-
-
 def all_reduce_mean(world: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """In-place mean of a tensor over ranks (every rank must call it)."""
 
@@ -404,9 +365,6 @@ def strategy_data_hook(run: WorkerRun, hook: str, stage: int) -> None:
     getattr(run.strategy, hook)(run.model, run.infos[stage], batches, all_reduce_mean(run.world))
 
 
-# -- engine and checkpoints -----------------------------------------------------------------------------------------
-
-
 def release_engine(run: WorkerRun) -> None:
     """End of a phase: back to a plain model on full weights (gathered under ZeRO-3, fp32), so the next phase's
     surgery, the strategy's after-task hook and evaluation all see full weights, and the next engine starts
@@ -425,227 +383,3 @@ def release_engine(run: WorkerRun) -> None:
         run.model = build_model(run.job.config, run.infos, run.strategy)
         run.model.load_state_dict(full)
         run.model.to(run.device)
-
-
-def save_checkpoint(run: WorkerRun, metrics: dict[str, float], name: str) -> None:
-    """Every rank writes its DeepSpeed shard and reports; rank 0 adds the consolidated model and the state, and once
-    Ray Train has committed the checkpoint (so every rank's files are uploaded) writes its manifest last. Waiting for
-    the commit makes the checkpoint just written the resume point of a lost worker (the controller commits when it
-    next polls: every 0.2 s as forgetless starts it, ray_cluster.CONTROLLER_POLL_S), so at most the epoch in progress is
-    re-trained."""
-    if name in run.skipped_checkpoints and name != FINAL_CHECKPOINT:
-        # Ray Train still lists the damaged checkpoint under this folder name; a second checkpoint in the same folder
-        # would be deleted twice when Ray Train rotates old checkpoints out, and its controller fails on the second.
-        log(run, f"not writing checkpoint {name}: its folder holds a damaged checkpoint that Ray Train still lists")
-        ray.train.report(metrics)
-        return
-    t_save = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="forgetless-ckpt-") as d:
-        if run.engine is not None and not run.state.phase_done:
-            run.engine.save_checkpoint(d, tag=DS_TAG)
-        write_weights(run, Path(d), final=name == FINAL_CHECKPOINT)
-        if run.rank == 0:
-            run.state.saved_at = time.time()
-            Path(d, STATE_FILE).write_text(run.state.to_json())
-        files = checkpoints.gather_files(checkpoints.describe_files(d), run.world)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d), checkpoint_dir_name=name)
-    timing.add(run.state.seconds, "checkpoint_save", time.perf_counter() - t_save)
-    if run.rank != 0:
-        return
-    t0 = time.perf_counter()
-    committed = checkpoints.wait_until_committed(name)
-    run.commit_wait_seconds += time.perf_counter() - t0
-    timing.add(run.state.seconds, "checkpoint_commit", time.perf_counter() - t0)
-    run.commits += 1
-    if name == FINAL_CHECKPOINT:
-        detail(run, f"{run.commits} checkpoints written; waited {run.commit_wait_seconds:.1f} s in all for Ray "
-                    f"Train to commit them ({run.commit_wait_seconds / run.commits:.2f} s each)")
-    if not committed:
-        warn(run, f"checkpoint {name} was not committed by Ray Train within {checkpoints.COMMIT_TIMEOUT_S:.0f} s; "
-                  f"it gets no manifest and is not a resume point")
-        return
-    storage.write_bytes(storage.join(checkpoint_uri(run, name), checkpoints.MANIFEST_FILE),
-                        checkpoints.manifest_bytes(files))
-
-
-def write_weights(run: WorkerRun, folder: Path, final: bool) -> None:
-    """The weights of a checkpoint. Whole model: `model.pt` (rank 0, gathered under ZeRO-3). On partitions: each
-    rank's own slices, and, at the end of the run or at a stop point that later runs load, the consolidated
-    `model.pt`, gathered one parameter at a time onto rank 0 (the only full copy). The final checkpoint of an hf:
-    backbone also holds the backbone as a Hugging Face folder (`hf/`)."""
-    if run.partitioned:
-        torch.save(ds.partition_state(run.model), folder / PARTITION_FILE.format(rank=run.rank))
-        export = final or run.job.checkpoints.exports_model
-        state = ds.streamed_state_dict(run.model, run.rank) if export else None
-    else:
-        state = consolidated_state_dict(run.model, run.zero_stage if run.engine else 0, run.rank)
-    if run.rank != 0 or state is None:
-        return
-    torch.save(state, folder / MODEL_FILE)
-    if final and isinstance(run.model.backbone, HFBackbone):
-        export_hf_folder(run.model.backbone, state, folder / HF_EXPORT_DIR)
-        log(run, f"exported the backbone as a Hugging Face folder ({HF_EXPORT_DIR}/ in the final checkpoint)")
-
-
-def export_hf_folder(backbone: HFBackbone, state: dict[str, torch.Tensor], dest: Path) -> None:
-    """The backbone of a consolidated TransferModel state dict as a Hugging Face folder. A model with LoRA layers
-    (whole on every rank: lora does not work on partitions) is merged first; its update, when not merged already, is
-    written as a PEFT adapter folder too, with the model it applies to."""
-    prefix = "backbone.model."
-    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    if any("lora_" in k for k in weights):
-        hf.save_pretrained(backbone, dest)
-        hf.save_lora_adapter(backbone, weights, dest.parent / HF_ADAPTER_DIR, dest.parent / HF_BASE_DIR)
-    else:
-        hf.save_pretrained_state(backbone, weights, dest)
-
-
-def checkpoint_uri(run: WorkerRun, name: str) -> str:
-    """Where Ray Train put the checkpoint folder `name` of this run (RunConfig(storage_path, name))."""
-    return storage.join(storage.normalize(run.job.config.storage), run.job.run_name, name)
-
-
-def restore(run: WorkerRun) -> bool:
-    """Load the newest intact checkpoint of this run name, if any: state and weights now, optimizer later.
-
-    World rank 0 picks it (newest committed first; one that fails its manifest is skipped with a warning naming it)
-    and tells the others, and every rank loads only from a local copy it has verified itself."""
-    if ray.train.get_checkpoint() is None:
-        return False
-    name, local, skipped = pick_intact_checkpoint(run) if run.rank == 0 else (None, None, ())
-    if run.world > 1:
-        chosen = [name, skipped]
-        dist.broadcast_object_list(chosen, src=0)
-        name, skipped = chosen
-    run.skipped_checkpoints = tuple(skipped)
-    if name is None:
-        return False
-    if local is None:
-        local = tempfile.mkdtemp(prefix="forgetless-resume-")
-        problem = checkpoints.fetch_verified(checkpoint_uri(run, name), local)
-        if problem:
-            raise RuntimeError(f"checkpoint {checkpoint_uri(run, name)} changed while it was restored: {problem}")
-    run.state = RunState.from_json(Path(local, STATE_FILE).read_text())
-    load_weights(run, Path(local))
-    run.resume_dir = local  # the DeepSpeed shards are loaded once the phase's engine exists
-    run.state.resumed_from = run.state.position()
-    pos = run.state.resumed_from
-    log(run, f"resuming from checkpoint {name}: stage {pos['stage']} phase {pos['phase']} epoch {pos['epoch']} "
-             f"step {pos['global_step']}")
-    return True
-
-
-def load_weights(run: WorkerRun, folder: Path) -> None:
-    """The weights of a verified local checkpoint copy: this rank's partition (written by the same number of
-    workers), or the whole model."""
-    if not run.partitioned:
-        run.model.load_state_dict(checkpoints.safe_torch_load(folder / MODEL_FILE, map_location="cpu",
-                                                              deepspeed_types=False))
-        return
-    part = folder / PARTITION_FILE.format(rank=run.rank)
-    if not part.is_file():
-        raise RuntimeError(f"checkpoint {folder.name} has no ZeRO-3 partition for rank {run.rank} (written by fewer "
-                           f"workers, or before the model was kept partitioned); resume with the same "
-                           f"scaling.num_workers and deepspeed.zero_stage")
-    ds.load_partition_state(run.model, checkpoints.safe_torch_load(part, map_location="cpu", deepspeed_types=False))
-
-
-def pick_intact_checkpoint(run: WorkerRun) -> tuple[str | None, str | None, list[str]]:
-    """(name, verified local copy, names skipped) of the newest committed checkpoint that passes its manifest;
-    name and copy are None if none does, and the run starts over."""
-    names = checkpoints.committed_checkpoint_names()
-    skipped: list[str] = []
-    for name in names:
-        uri = checkpoint_uri(run, name)
-        local = tempfile.mkdtemp(prefix="forgetless-resume-")
-        problem = checkpoints.fetch_verified(uri, local)
-        if problem is None:
-            return name, local, skipped
-        shutil.rmtree(local, ignore_errors=True)
-        skipped.append(name)
-        warn(run, f"checkpoint {uri} is damaged or incomplete, skipping it: {problem}")
-    warn(run, f"none of the {len(names)} checkpoints of run {run.job.run_name} is intact; starting over")
-    return None, None, skipped
-
-
-def resume_optimizer(run: WorkerRun) -> None:
-    """Optimizer (and scheduler) state of the interrupted phase; its weights were loaded by `restore`. The shards
-    are loaded weights-only: DeepSpeed's own checkpoint engine would unpickle anything a file holds."""
-    if run.resume_dir and run.state.epoch > 0 and Path(run.resume_dir, DS_TAG).exists():
-        checkpoints.install_weights_only_loader(run.engine)
-        run.engine.load_checkpoint(run.resume_dir, tag=DS_TAG)
-    if run.resume_dir:
-        shutil.rmtree(run.resume_dir, ignore_errors=True)
-    run.resume_dir = None
-
-
-# -- tracking and console (world rank 0 only) -----------------------------------------------------------------------
-
-
-def start_tracking(run: WorkerRun) -> None:
-    """Create (or, on resume, reopen) this run's MLflow child run under the invocation's parent."""
-    if run.rank != 0:
-        return
-    job = run.job
-    tags = {tracking.RUN_KEY_TAG: job.run_name, "forgetless.mode": job.mode,
-            "forgetless.evaluation": job.config.evaluation, "forgetless.run_name": job.run_name,
-            **run.strategy.tags()}
-    params = tracking.flatten("", job.config.model_dump(mode="json", exclude={"strategies"}))
-    params.update(tracking.flatten("strategy", job.strategy.model_dump(mode="json")))
-    params["ray.num_workers"] = run.world
-    known_run_id = run.state.mlflow_run_id
-    run.state.mlflow_run_id = tracking.open_child_run(job.tracking, job.run_name, job.display_name, tags, params,
-                                                      known_run_id)
-    uri, run_id = job.tracking.tracking_uri, run.state.mlflow_run_id
-    try:
-        if known_run_id is None:  # a resumed run has its datasets already
-            review.log_task_datasets(uri, run_id, run.tasks)
-        review.start_system_metrics(uri, run_id)
-    except Exception as e:  # noqa: BLE001 - what a reviewer reads must never stop training
-        log(run, f"could not log datasets or system metrics to MLflow: {str(e).splitlines()[0][:200]}")
-
-
-def log_metrics(run: WorkerRun, metrics: dict[str, float], step: int | None = None) -> None:
-    if run.rank == 0:
-        with timing.timed(run.state.seconds, "tracking"):
-            tracking.log_metrics(run.job.tracking.tracking_uri, run.state.mlflow_run_id, metrics,
-                                 step=run.state.global_step if step is None else step)
-
-
-def report_progress(run: WorkerRun, at: tuple[int, Phase, dict[str, float]] | None = None) -> None:
-    """Rank 0: the run's progress.json for the driver's live view (`at`: the phase index, phase and metrics of the
-    epoch just ended; None: where the run stands, at its start or end). Never stops training."""
-    if run.rank != 0:
-        return
-    state, job = run.state, run.job
-    p, phase, metrics = at if at is not None else (state.phase, None, {})
-    val = lambda task: next((v for k, v in metrics.items() if k.endswith(f"val/{task}/acc")), None)  # noqa: E731
-    record = progress.progress_record(
-        job.display_name, state.stage, job.stages, phase.name if phase else ("done" if state.finished else "-"), p,
-        run.phases_in_stage, state.epoch, phase.epochs if phase else state.epoch, state.global_step, val("target"),
-        val("source"), finished=state.finished)
-    try:
-        progress.write_progress(storage.join(storage.normalize(job.config.storage), job.run_name), record)
-    except Exception as e:  # noqa: BLE001 - a progress line is not worth a run
-        warn(run, f"could not write progress.json: {str(e).splitlines()[0][:200]}")
-
-
-def log(run: WorkerRun, msg: str) -> None:
-    if run.rank == 0:
-        # Not print(): Ray Train patches print on workers to both echo the line and log it, so every line would
-        # reach the driver twice. stderr, as the driver's own status lines: stdout carries only the results
-        # (the table, or --json).
-        sys.stderr.write(f"[forgetless {run.job.display_name}] {msg}\n")
-        sys.stderr.flush()
-
-
-def detail(run: WorkerRun, msg: str) -> None:
-    """A line only `--verbose` shows: what the driver's progress view and the table already say (phase, steps)."""
-    if console.verbose():
-        log(run, msg)
-
-
-def warn(run: WorkerRun, msg: str) -> None:
-    if run.rank == 0:
-        sys.stderr.write(f"[forgetless {run.job.display_name}] warning: {msg}\n")
-        sys.stderr.flush()

@@ -1,0 +1,83 @@
+"""What a worker tells the outside (world rank 0 only): its MLflow child run and metrics, the progress file the
+driver's board reads, and its console lines.
+"""
+from __future__ import annotations
+
+import sys
+
+from forgetless import console, storage
+from forgetless.platform.tracking import mlflow_runs as tracking
+from forgetless.platform.tracking import run_descriptions as review
+from forgetless.platform.worker import progress_file as progress
+from forgetless.platform.worker import timing
+from forgetless.platform.worker.worker_run import WorkerRun
+from forgetless.strategies.base import Phase
+
+
+def start_tracking(run: WorkerRun) -> None:
+    """Create (or, on resume, reopen) this run's MLflow child run under the invocation's parent."""
+    if run.rank != 0:
+        return
+    job = run.job
+    tags = {tracking.RUN_KEY_TAG: job.run_name, "forgetless.mode": job.mode,
+            "forgetless.evaluation": job.config.evaluation, "forgetless.run_name": job.run_name,
+            **run.strategy.tags()}
+    params = tracking.flatten("", job.config.model_dump(mode="json", exclude={"strategies"}))
+    params.update(tracking.flatten("strategy", job.strategy.model_dump(mode="json")))
+    params["ray.num_workers"] = run.world
+    known_run_id = run.state.mlflow_run_id
+    run.state.mlflow_run_id = tracking.open_child_run(job.tracking, job.run_name, job.display_name, tags, params,
+                                                      known_run_id)
+    uri, run_id = job.tracking.tracking_uri, run.state.mlflow_run_id
+    try:
+        if known_run_id is None:  # a resumed run has its datasets already
+            review.log_task_datasets(uri, run_id, run.tasks)
+        review.start_system_metrics(uri, run_id)
+    except Exception as e:  # noqa: BLE001 - what a reviewer reads must never stop training
+        log(run, f"could not log datasets or system metrics to MLflow: {str(e).splitlines()[0][:200]}")
+
+
+def log_metrics(run: WorkerRun, metrics: dict[str, float], step: int | None = None) -> None:
+    if run.rank == 0:
+        with timing.timed(run.state.seconds, "tracking"):
+            tracking.log_metrics(run.job.tracking.tracking_uri, run.state.mlflow_run_id, metrics,
+                                 step=run.state.global_step if step is None else step)
+
+
+def report_progress(run: WorkerRun, at: tuple[int, Phase, dict[str, float]] | None = None) -> None:
+    """Rank 0: the run's progress.json for the driver's live view (`at`: the phase index, phase and metrics of the
+    epoch just ended; None: where the run stands, at its start or end). Never stops training."""
+    if run.rank != 0:
+        return
+    state, job = run.state, run.job
+    p, phase, metrics = at if at is not None else (state.phase, None, {})
+    val = lambda task: next((v for k, v in metrics.items() if k.endswith(f"val/{task}/acc")), None)  # noqa: E731
+    record = progress.progress_record(
+        job.display_name, state.stage, job.stages, phase.name if phase else ("done" if state.finished else "-"), p,
+        run.phases_in_stage, state.epoch, phase.epochs if phase else state.epoch, state.global_step, val("target"),
+        val("source"), finished=state.finished)
+    try:
+        progress.write_progress(storage.join(storage.normalize(job.config.storage), job.run_name), record)
+    except Exception as e:  # noqa: BLE001 - a progress line is not worth a run
+        warn(run, f"could not write progress.json: {str(e).splitlines()[0][:200]}")
+
+
+def log(run: WorkerRun, msg: str) -> None:
+    if run.rank == 0:
+        # Not print(): Ray Train patches print on workers to both echo the line and log it, so every line would
+        # reach the driver twice. stderr, as the driver's own status lines: stdout carries only the results
+        # (the table, or --json).
+        sys.stderr.write(f"[forgetless {run.job.display_name}] {msg}\n")
+        sys.stderr.flush()
+
+
+def detail(run: WorkerRun, msg: str) -> None:
+    """A line only `--verbose` shows: what the driver's progress view and the table already say (phase, steps)."""
+    if console.verbose():
+        log(run, msg)
+
+
+def warn(run: WorkerRun, msg: str) -> None:
+    if run.rank == 0:
+        sys.stderr.write(f"[forgetless {run.job.display_name}] warning: {msg}\n")
+        sys.stderr.flush()
