@@ -76,6 +76,21 @@ def test_finetune_changes_backbone_but_keeps_source_head():
     assert all(torch.equal(v, before_src[k]) for k, v in model.heads["t0"].state_dict().items())
 
 
+def test_finetune_keeps_named_backbone_parameters_frozen():
+    model = _model()
+    frozen_name = next(n for n, _ in model.backbone.named_parameters())
+    s = make_strategy("finetune", {"frozen": [frozen_name]}, epochs=1, lr=0.1)
+    task = TaskInfo(1, "t", 5, [5, 6, 7, 8, 9])
+    (phase,) = s.phases(model, task)
+    before = _snapshot(model.backbone)
+    _train_phase(s, model, phase, task)
+    after = dict(model.backbone.named_parameters())
+    assert torch.equal(after[frozen_name], before[frozen_name])
+    assert any(not torch.equal(p, before[n]) for n, p in after.items() if n != frozen_name)
+    with pytest.raises(ValueError, match="no backbone parameter matches"):
+        make_strategy("finetune", {"frozen": ["*nothing*"]}, epochs=1, lr=0.1).phases(_model(), task)
+
+
 def test_lp_ft_probes_then_finetunes():
     model = _model()
     s = make_strategy("lp_ft", {"probe_epochs": 2}, epochs=3, lr=0.01)
