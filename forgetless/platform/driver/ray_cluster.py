@@ -19,6 +19,7 @@ from forgetless import console, storage
 from forgetless import process_lifetime as reaper
 from forgetless.config import ConfigError, ExperimentConfig
 from forgetless.console import say
+from forgetless.platform.driver import cluster_versions
 from forgetless.platform.driver import trainer as lean_trainer
 from forgetless.platform.driver.ports import free_port
 from forgetless.platform.worker import op_builds as build_locks
@@ -53,8 +54,9 @@ def init_ray(address: str | None, use_gpu: bool, num_cpus: int | None = None) ->
         # A driver that runs as a Ray job already has its job's variables, and Ray refuses a driver runtime env that
         # sets one of them again (e.g. FORGETLESS_VERBOSE from `forgetless --verbose submit`): leave those out.
         env = {k: v for k, v in env.items() if os.environ.get(k) != v}
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, logging_level="ERROR",
-                 configure_logging=True)
+        with cluster_versions.same_ray_version(address):  # the cluster's Ray must be this driver's (one-line refusal)
+            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, logging_level="ERROR",
+                     configure_logging=True)
     else:
         _init_embedded_ray(env, num_cpus, system_config)
     # ray.init makes SIGTERM call sys.exit. `ray job stop` / `forgetless jobs stop` send SIGTERM, and a stop should end
