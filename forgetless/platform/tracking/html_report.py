@@ -187,3 +187,32 @@ def write_report(view: ComparisonView, path: Path) -> Path:
 def format_view_table(view: ComparisonView) -> str:
     """The comparison table as `forgetless compare` prints it (format_table reads label, metrics, wall_seconds)."""
     return format_table(view.strategies)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a search's report (forgetless tune): its table, warnings and figures on one offline page
+
+SEARCH_REPORT_FILE = "search_report.html"
+
+
+def render_search_report(title: str, table_text: str, figures: dict[str, Path],
+                         notes: list[str] | None = None) -> str:
+    """One self-contained page: the search's table as text, its notes (e.g. edge-of-range warnings) and its PNG
+    figures inlined (base64), so it opens offline."""
+    import base64
+
+    imgs = "".join(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,"
+                   f"{base64.b64encode(Path(png).read_bytes()).decode()}'><figcaption>{html.escape(caption)}"
+                   f"</figcaption></figure>" for caption, png in figures.items() if Path(png).exists())
+    items = "".join(f"<li>{html.escape(n)}</li>" for n in notes or [])
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title><style>"
+            "body{font-family:sans-serif;margin:24px;max-width:1400px}pre{font-size:12px}img{max-width:100%}"
+            "</style></head><body><h1>" + html.escape(title) + "</h1>"
+            + (f"<ul id='notes'>{items}</ul>" if items else "")
+            + "<pre id='search-table'>" + html.escape(table_text) + "</pre>" + imgs + "</body></html>")
+
+
+def write_search_report(path: Path, title: str, table_text: str, figures: dict[str, Path],
+                        notes: list[str] | None = None) -> Path:
+    path.write_text(render_search_report(title, table_text, figures, notes), encoding="utf-8")
+    return path

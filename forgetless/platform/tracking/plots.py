@@ -215,3 +215,47 @@ def plot_heatmap(res: SearchView, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# a trade-off: every point, its Pareto front drawn (forgetless tune; the front itself is analysis.pareto's)
+
+
+def _axis_label(metric: str, direction: str, split: str) -> str:
+    return f"{metric} % ({split}; {'higher' if direction == 'max' else 'lower'} is better)"
+
+
+def plot_pareto_front(title: str, axes: Sequence[tuple[str, str]], points: Sequence[Sequence[float]],
+                      on_front: Sequence[bool], labels: Sequence[str], path: Path,
+                      reported: Sequence[Sequence[float] | None] | None = None,
+                      splits: tuple[str, str] = ("validation", "test")) -> Path:
+    """Every point (fractions, shown in %) on the first two of `axes` ((metric, max|min) pairs), the front's points
+    joined and labelled. `reported`: for front points, the same metrics on the report split, drawn hollow and tied
+    to the point they were chosen as (selection on `splits[0]`, report on `splits[1]`)."""
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    xy = np.array([[100 * float(p[0]), 100 * float(p[1])] for p in points], dtype=float).reshape(-1, 2)
+    front = [i for i, on in enumerate(on_front) if on]
+    others = [i for i, on in enumerate(on_front) if not on]
+    ax.scatter(xy[others, 0], xy[others, 1], color="0.6", s=28, label=f"dominated ({len(others)})", zorder=2)
+    order = sorted(front, key=lambda i: xy[i, 0])
+    ax.plot(xy[order, 0], xy[order, 1], color="tab:red", marker="o", lw=1.5, ms=7,
+            label=f"Pareto front, {splits[0]} ({len(front)})", zorder=3)
+    for i in front:
+        ax.annotate(labels[i], (xy[i, 0], xy[i, 1]), textcoords="offset points", xytext=(5, 5), fontsize=7)
+        test = (reported or [None] * len(points))[i]
+        if test is not None and all(v is not None and not math.isnan(v) for v in test[:2]):
+            tx, ty = 100 * float(test[0]), 100 * float(test[1])
+            ax.plot([xy[i, 0], tx], [xy[i, 1], ty], color="tab:blue", ls=":", lw=0.8, zorder=1)
+            ax.scatter([tx], [ty], facecolors="none", edgecolors="tab:blue", s=40, zorder=3)
+    if reported is not None:
+        ax.scatter([], [], facecolors="none", edgecolors="tab:blue", s=40, label=f"front points on {splits[1]}")
+    (mx, dx), (my, dy) = axes[0], axes[1]
+    ax.set_xlabel(_axis_label(mx, dx, splits[0]))
+    ax.set_ylabel(_axis_label(my, dy, splits[0]))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title + ("" if len(axes) == 2 else f" (first 2 of {len(axes)} objectives)"), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

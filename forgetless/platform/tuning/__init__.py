@@ -13,12 +13,15 @@ One concept a module:
   record     the MLflow tags and metrics of a search's trials, and retries for concurrent SQLite writers
   trial      the slot actor, the Ray Train report callback and the trial function
   driver     run_search: scheduler, progress callback, parent run, unfinished trials
-  results    TrialResult, SearchResult, load_search, the table and the summary files
+  front      the Pareto front of a search's trials (analysis.pareto on validation data), edge-of-range flags
+  results    TrialResult, SearchResult, ParetoFront, load_search, the table
+  summary    the files, tags and description a finished search logs on its parent run (and `report` rebuilds)
 The figures are in `forgetless.platform.tracking.plots`.
 """
 from __future__ import annotations
 
 from forgetless.platform.tuning.driver import run_search
+from forgetless.platform.tuning.front import EDGE_TAG, PARETO_TAG, edge_flags, edge_of
 from forgetless.platform.tuning.objective import OBJECTIVE, TRIAL_EPOCH, Objective
 from forgetless.platform.tuning.plan import (
     SEARCHABLE_ROOTS,
@@ -34,12 +37,13 @@ from forgetless.platform.tuning.plan import (
 )
 from forgetless.platform.tuning.record import SEARCH_TAG, STATUS_TAG, TRIAL_TAG, with_retries
 from forgetless.platform.tuning.results import (
+    ParetoFront,
     SearchResult,
     TrialResult,
     format_search_table,
     load_search,
-    log_search_summary,
 )
+from forgetless.platform.tuning.summary import log_search_summary
 
 _search_alg = search_alg  # the name tests/test_tune.py uses
 
@@ -48,6 +52,7 @@ __all__ = [
     "SEARCHABLE_ROOTS", "SearchPlan", "field_path", "max_concurrent_trials", "param_space", "planned_stop_points",
     "search_alg", "search_name", "trial_config", "validate_search",
     "SEARCH_TAG", "STATUS_TAG", "TRIAL_TAG", "with_retries",
-    "SearchResult", "TrialResult", "format_search_table", "load_search", "log_search_summary",
+    "ParetoFront", "SearchResult", "TrialResult", "format_search_table", "load_search", "log_search_summary",
+    "EDGE_TAG", "PARETO_TAG", "edge_flags", "edge_of",
     "run_search",
 ]

@@ -26,7 +26,13 @@ from forgetless.platform.driver import trainer as lean_trainer
 from forgetless.platform.driver import fits, preflight, ray_cluster
 from forgetless.platform.tracking import mlflow_runs as tracking
 from forgetless.platform.analysis.results import Trajectory
-from forgetless.platform.tuning.objective import OBJECTIVE, TRIAL_EPOCH
+from forgetless.platform.tuning.objective import (
+    OBJECTIVE,
+    SELECTION_SPLIT,
+    TRIAL_EPOCH,
+    scalar_mode,
+    scalar_weights,
+)
 from forgetless.platform.tuning.plan import (
     SearchPlan,
     max_concurrent_trials,
@@ -36,7 +42,8 @@ from forgetless.platform.tuning.plan import (
     validate_search,
 )
 from forgetless.platform.tuning.record import SEARCH_TAG, mark_trial, with_retries
-from forgetless.platform.tuning.results import SearchResult, load_search, log_search_summary
+from forgetless.platform.tuning.results import TRADE_OFF_PARAM, SearchResult, describe_trade_off, load_search
+from forgetless.platform.tuning.summary import log_search_summary
 from forgetless.platform.tuning.trial import run_trial, start_slots
 from forgetless.search_config import OBJECTIVE_METRICS, STOP_POINT, RangeSpec, SearchConfig
 
@@ -88,15 +95,17 @@ class Progress(tune.Callback):
     """One status line per trial that ends; frees the slot of a trial whose process died, and on this driver's
     embedded cluster the placement group its Train run held (lean_trainer.remove_groups_of_dead_processes)."""
 
-    def __init__(self, slots: str):
+    def __init__(self, slots: str, shown: list[str]):
         self.slots = slots  # name of the search's TrialSlots actor
+        self.shown = shown  # the result keys each trial's line shows (the objective, or a Pareto search's metrics)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._free(trial)
         r = trial.last_result or {}
         done = "finished" if r.get("search/finished") else f"stopped early after {r.get(TRIAL_EPOCH, '?')} epochs"
         shown = ", ".join(f"{k}={v}" for k, v in trial.config.items())
-        say(f"trial {trial.trial_id} ({shown}) {done}: objective {r.get(OBJECTIVE, float('nan')):.4f}")
+        values = ", ".join(f"{k} {r.get(k, float('nan')):.4f}" for k in self.shown)
+        say(f"trial {trial.trial_id} ({shown}) {done}: {values}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._free(trial)
@@ -128,6 +137,7 @@ def _log_search_definition(uri: str, parent: str, plan: SearchPlan) -> None:
     s = plan.search
     params = {"search.name": plan.name, "search.searcher": s.searcher, "search.scheduler": s.scheduler,
               "search.objective": s.describe_objective(), "search.num_samples": s.num_samples,
+              TRADE_OFF_PARAM: describe_trade_off(s.trade_off()),
               "search.strategy": plan.cfg.strategies[0].display_name(), "search.stop_points": plan.stop_points,
               **{f"search.space.{k}": (v.model_dump() if isinstance(v, RangeSpec) else v) for k, v in s.space.items()}}
     if s.scheduler == "asha":
@@ -138,7 +148,9 @@ def _log_search_definition(uri: str, parent: str, plan: SearchPlan) -> None:
     with tempfile.TemporaryDirectory() as d:
         Path(d, "search.json").write_text(json.dumps({
             "name": plan.name, "search": s.model_dump(mode="json"), "stop_points": plan.stop_points,
-            "objective": s.describe_objective(), "objective_metrics": {k: OBJECTIVE_METRICS[k] for k in s.weights()},
+            "objective": s.describe_objective(), "pareto_on": s.trade_off(),
+            "objective_metrics": {k: OBJECTIVE_METRICS[k] for k, _ in s.trade_off()} | {
+                k: OBJECTIVE_METRICS[k] for k in s.weights()},
         }, indent=1))
         with_retries(tracking.client(uri).log_artifact, parent, str(Path(d, "search.json")))
 
@@ -177,7 +189,7 @@ class _Search:
 
 def _trainable(s: _Search, traj: Trajectory):
     context = {"config": s.plan.cfg.model_copy(update={"storage": s.root}).model_dump(mode="json"),
-               "trajectory": traj.to_dict(), "tracking": s.target.to_dict(), "weights": s.plan.search.weights(),
+               "trajectory": traj.to_dict(), "tracking": s.target.to_dict(), "weights": scalar_weights(s.plan.search),
                "search_name": s.plan.name, "cwd": os.getcwd(), "slots": s.slots}
     # The trial function itself only waits on its Ray Train run, so it asks for no CPU (a CPU per trial would
     # starve the run's own workers); Tune needs some resource per trial, so it reserves a little memory. The
@@ -186,16 +198,25 @@ def _trainable(s: _Search, traj: Trajectory):
                                {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
 
 
+def _progress(s: _Search) -> Progress:
+    search = s.plan.search
+    shown = [OBJECTIVE] if search.objectives is None else [f"{SELECTION_SPLIT}/{o.metric}" for o in search.objectives]
+    return Progress(s.slots, shown)
+
+
 def _new_tuner(s: _Search, trainable) -> tune.Tuner:
     search = s.plan.search
+    # A Pareto search gives its metrics to the searcher itself (Tune's metric/mode take one metric); a grid or random
+    # search of several objectives optimises nothing, and the front is computed from MLflow afterwards.
+    metric, mode = (OBJECTIVE, scalar_mode(search)) if search.objectives is None else (None, None)
     return tune.Tuner(
         trainable, param_space=param_space(s.plan),
-        tune_config=tune.TuneConfig(metric=OBJECTIVE, mode=search.mode, search_alg=search_alg(search, s.concurrency),
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, search_alg=search_alg(search, s.concurrency),
                                     scheduler=_scheduler(s.plan, s.slots), num_samples=search.num_samples,
                                     # (a ConcurrencyLimiter for Optuna; the grid/random generator
                                     # already has its own limit)
                                     max_concurrent_trials=s.concurrency if search.searcher == "optuna" else None),
-        run_config=tune.RunConfig(name=s.plan.name, storage_path=s.root, verbose=0, callbacks=[Progress(s.slots)],
+        run_config=tune.RunConfig(name=s.plan.name, storage_path=s.root, verbose=0, callbacks=[_progress(s)],
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
 

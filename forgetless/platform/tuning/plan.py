@@ -16,6 +16,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from forgetless.config import ConfigError, ExperimentConfig, load_config, select_strategy
 from forgetless.hashing import short_hash
 from forgetless.search_config import STOP_POINT, RangeSpec, SearchConfig
+from forgetless.platform.tuning.objective import tune_metric_and_mode
 from forgetless.strategies import get_strategy_class
 
 # Fields a trial may change. Everything that shapes pre-training (source, backbone, pretrain, seed) is shared by all
@@ -111,9 +112,22 @@ def _check_field(base: ExperimentConfig, key: str) -> None:
 
 
 def _candidates(dim: list[Any] | RangeSpec) -> list[Any]:
+    """The values a trial may get that are checked before the search starts: each listed value, or a range's ends and
+    (a float range) a value with a fraction in between, so an integer field searched without `integer: true` fails
+    here and not in a trial."""
     if isinstance(dim, RangeSpec):
-        return [int(dim.low), int(dim.high)] if dim.integer else [dim.low, dim.high]
+        if dim.integer:
+            return [int(dim.low), int(dim.high)]
+        between = dim.low + 0.37 * (dim.high - dim.low)
+        return [dim.low, between if between != int(between) else between + 0.1, dim.high]
     return list(dim)
+
+
+def _value_error(key: str, dim: list[Any] | RangeSpec, value: Any, e: ConfigError) -> ConfigError:
+    hint = ""
+    if isinstance(dim, RangeSpec) and not dim.integer and "valid integer" in str(e):
+        hint = f"; {key} is an integer field: add integer: true to its range"
+    return ConfigError(f"search.space.{key}: value {value!r} is not valid: {e}{hint}")
 
 
 def _stop_points(cfg: ExperimentConfig, search: SearchConfig) -> list[int]:
@@ -141,7 +155,7 @@ def _check_space(base: ExperimentConfig, search: SearchConfig, stop_points: list
             try:
                 trial_config(base, {key: value, STOP_POINT: stop_points[0]}, "check")
             except ConfigError as e:
-                raise ConfigError(f"search.space.{key}: value {value!r} is not valid: {e}") from None
+                raise _value_error(key, d, value, e) from None
 
 
 def _check_asha(base: ExperimentConfig, search: SearchConfig) -> None:
@@ -221,14 +235,27 @@ def param_space(plan: SearchPlan) -> dict[str, Any]:
     return space
 
 
+def _optuna_sampler(search: SearchConfig):
+    # Deferred: optuna is an optional dependency (the `search` extra), needed by optuna searches only.
+    import optuna
+
+    if search.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=search.seed, population_size=search.population_size)
+    # TPE handles several objectives itself (multi-objective TPE) when the study has several directions.
+    return optuna.samplers.TPESampler(seed=search.seed)
+
+
 def search_alg(search: SearchConfig, concurrency: int):
-    """The searcher: Optuna's TPE, or Tune's grid / random generator."""
+    """The searcher: Optuna's TPE or NSGA-II (several objectives: Optuna's multi-objective study, told every
+    objective's validation value when a trial completes), or Tune's grid / random generator."""
     if search.searcher == "optuna":
-        # Deferred: optuna is an optional dependency (the `search` extra), needed by optuna searches only.
-        import optuna
         from ray.tune.search.optuna import OptunaSearch
 
         # TuneConfig.max_concurrent_trials wraps this searcher in a ConcurrencyLimiter.
-        return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=search.seed))
+        if search.objectives is not None:
+            # Several metrics are given to the searcher itself: Tune's own metric/mode take one metric only.
+            metric, mode = tune_metric_and_mode(search)
+            return OptunaSearch(metric=metric, mode=mode, sampler=_optuna_sampler(search))
+        return OptunaSearch(sampler=_optuna_sampler(search))
     # Tune ignores TuneConfig.max_concurrent_trials for a BasicVariantGenerator it is handed: set it here.
     return BasicVariantGenerator(random_state=search.seed, max_concurrent=concurrency)

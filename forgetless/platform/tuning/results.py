@@ -1,22 +1,21 @@
 """A search's results, read back from MLflow (the single record; `forgetless report` rebuilds from it too): the trials,
-the best one, the result table, and the summary files logged on the parent run."""
+the best one, the Pareto front, the edge-of-range warnings and the result table. The files and tags a search's
+summary logs are in `summary`."""
 from __future__ import annotations
 
-import json
 import math
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from forgetless.config import ConfigError
-from forgetless.platform.tracking import plots
 from forgetless.platform.tracking import mlflow_runs as tracking
 from forgetless.platform.analysis.results import Trajectory, records_frame
-from forgetless.platform.tuning.record import STATUS_TAG, TRIAL_TAG, with_retries
-from forgetless.search_config import STOP_POINT
+from forgetless.platform.tuning import front as pareto
+from forgetless.platform.tuning.objective import REPORT_SPLIT, SELECTION_SPLIT
+from forgetless.platform.tuning.record import STATUS_TAG, TRIAL_TAG
+from forgetless.search_config import DEFAULT_TRADE_OFF, STOP_POINT, metric_name
 
 
 @dataclass
@@ -35,8 +34,35 @@ class TrialResult:
 
 
 @dataclass
+class ParetoFront:
+    """The trials no other finished trial beats on every objective (on validation data), best on the first objective
+    first; each carries its test-split numbers."""
+
+    trade_off: list[tuple[str, str]]  # (metric, max|min) pairs the front is computed on
+    trials: list[TrialResult]
+
+    @property
+    def trial_ids(self) -> list[str]:
+        return [t.trial_id for t in self.trials]
+
+    def records(self) -> list[dict[str, Any]]:
+        """One record per front point: trial id, searched values, every trade-off metric on val (chosen on) and test
+        (reported), status, epochs and MLflow run id."""
+        return [{**pareto.front_record(t, self.trade_off), "status": t.status, "epochs": t.epochs,
+                 "mlflow_run_id": t.mlflow_run_id} for t in self.trials]
+
+    def to_pandas(self):
+        """`records()` as a pandas DataFrame indexed by trial id (pandas must be installed)."""
+        return records_frame(self.records(), "trial_id")
+
+    def __len__(self) -> int:
+        return len(self.trials)
+
+
+@dataclass
 class SearchResult:
-    """A finished search: every trial, the best one (best objective among the trials that trained to the end)."""
+    """A finished search: every trial, the best one (best objective among the trials that trained to the end) and the
+    Pareto front of the trials on the search's trade-off (its `objectives`, or target/acc vs source/forgetting)."""
 
     name: str
     trials: list[TrialResult]
@@ -49,9 +75,17 @@ class SearchResult:
     trajectory: Trajectory | None = None
     wall_seconds: float | None = None  # the whole call: validation, pre-training (or its reuse), trials, summary
     tune_seconds: float | None = None  # the trials alone (this invocation's Tuner.fit)
+    trade_off: list[tuple[str, str]] = field(default_factory=lambda: [tuple(p) for p in DEFAULT_TRADE_OFF])
+    multi_objective: bool = False  # a Pareto search (`search.objectives`): the trade-off is its objectives
+    space: dict[str, Any] = field(default_factory=dict)  # each searched dimension (a list, or a range as a dict)
 
     @property
     def best(self) -> TrialResult | None:
+        """Single objective: the best objective among finished trials. A Pareto search: the front point best on its
+        first objective (one end of the front; `pareto()` is the answer)."""
+        if self.multi_objective:
+            front = self.pareto().trials
+            return front[0] if front else None
         finished = [t for t in self.trials if t.status == "finished" and not math.isnan(t.objective)]
         if not finished:
             return None
@@ -67,14 +101,27 @@ class SearchResult:
         """Epochs trained over all trials: the search's compute, in units of one trial-epoch."""
         return sum(t.epochs for t in self.trials)
 
+    def pareto(self) -> ParetoFront:
+        """The non-dominated finished trials on `trade_off`, computed on validation data."""
+        return ParetoFront(list(self.trade_off), pareto.front_trials(self.trials, self.trade_off))
+
+    def edge_warnings(self) -> list[str]:
+        """A line per searched dimension where the chosen value (the best trial's, or a Pareto search's front
+        points') sits at the edge of its range: widen the range."""
+        if self.multi_objective:
+            return pareto.edge_flags(self.pareto().trials, self.space, "front points")
+        return pareto.edge_flags([self.best] if self.best else [], self.space, "the best trial")
+
     def table(self) -> str:
         return format_search_table(self)
 
     def records(self) -> list[dict[str, Any]]:
-        """One record per trial: id, status, epochs, objective (the value of `self.objective`), every searched parameter
-        and every metric."""
+        """One record per trial: id, status, epochs, objective (the value of `self.objective`), every searched parameter,
+        every metric, and whether it is on the Pareto front (`pareto`)."""
+        on_front = pareto.front_mask(self.trials, self.trade_off)
         return [{"trial_id": t.trial_id, "status": t.status, "epochs": t.epochs, "objective": t.objective,
-                 **t.params, **t.metrics, "mlflow_run_id": t.mlflow_run_id} for t in self.trials]
+                 **t.params, **t.metrics, "pareto": front, "mlflow_run_id": t.mlflow_run_id}
+                for t, front in zip(self.trials, on_front)]
 
     def to_pandas(self):
         """`records()` as a pandas DataFrame indexed by trial id (pandas must be installed)."""
@@ -102,8 +149,34 @@ def load_search(uri: str, parent_run_id: str) -> SearchResult:
                     key=lambda t: t.trial_id)
     history = c.get_metric_history(parent_run_id, "trajectory/source_acc")
     objective = params.get("search.objective", "max target/acc")
-    return SearchResult(params.get("search.name", parent.info.run_name), trials, objective.split(" ", 1)[0],
-                        objective, parent_run_id, uri, keys, {int(h.step): h.value for h in history})
+    trade_off = _trade_off(params.get(TRADE_OFF_PARAM))
+    multi = objective.startswith("pareto ")
+    mode = trade_off[0][1] if multi else objective.split(" ", 1)[0]
+    return SearchResult(params.get("search.name", parent.info.run_name), trials, mode, objective, parent_run_id, uri,
+                        keys, {int(h.step): h.value for h in history}, trade_off=trade_off, multi_objective=multi,
+                        space=_space(params, keys))
+
+
+TRADE_OFF_PARAM = "search.pareto_on"  # the parent's param naming the front's metrics, e.g. "max target/acc, min ..."
+
+
+def describe_trade_off(trade_off: list[tuple[str, str]]) -> str:
+    return ", ".join(f"{d} {m}" for m, d in trade_off)
+
+
+def _trade_off(described: str | None) -> list[tuple[str, str]]:
+    if not described:  # a search logged before fronts were marked
+        return [tuple(p) for p in DEFAULT_TRADE_OFF]
+    pairs = [part.strip().split(" ", 1) for part in described.split(",")]
+    return [(metric_name(m), d) for d, m in pairs]
+
+
+def _space(params: dict[str, str], keys: list[str]) -> dict[str, Any]:
+    """Each searched dimension as the parent run logged it; `stop_point: all` is the stop points searched."""
+    space = {k: _parse(params.get(f"search.space.{k}", "null")) for k in keys}
+    if space.get(STOP_POINT) in (None, "all"):
+        space[STOP_POINT] = _parse(params.get("search.stop_points", "null"))
+    return {k: v for k, v in space.items() if v is not None}
 
 
 def _trial_result(run, keys: list[str]) -> TrialResult:
@@ -111,10 +184,16 @@ def _trial_result(run, keys: list[str]) -> TrialResult:
     tags = run.data.tags
     p = {k[len("search."):]: _parse(v) for k, v in run.data.params.items() if k.startswith("search.")}
     m = run.data.metrics
-    metrics = {k[len("search/"):]: v for k, v in m.items() if k.startswith(("search/val/", "search/test/"))}
+    metrics = {_standard(k[len("search/"):]): v for k, v in m.items() if k.startswith(("search/val/", "search/test/"))}
     return TrialResult(tags[TRIAL_TAG], {k: p.get(k) for k in keys}, tags.get(STATUS_TAG, "unknown"),
                        int(m.get("search/trial_epochs", 0)), m.get("search/objective", float("nan")), metrics,
                        run.info.run_id)
+
+
+def _standard(key: str) -> str:
+    """`val/forgetting` (a search logged under an older name) read as `val/source/forgetting`."""
+    split, _, name = key.partition("/")
+    return f"{split}/{metric_name(name)}"
 
 
 def _parse(v: str) -> Any:
@@ -136,59 +215,47 @@ def _sort_key(v: Any) -> tuple:
     return (0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v))
 
 
-def _table_row(t: TrialResult, keys: list[str], best: TrialResult | None) -> list[str]:
+def _metric_columns(res: SearchResult) -> list[tuple[str, str]]:
+    """(header, metric key) of the value columns: the trade-off's metrics on validation (what the front is computed
+    on), then the test split's target, source and forgetting (what is reported)."""
+    chosen = [(f"{m} % ({SELECTION_SPLIT})", f"{SELECTION_SPLIT}/{m}") for m, _ in res.trade_off]
+    reported = [(f"{label} % ({REPORT_SPLIT})", f"{REPORT_SPLIT}/{m}") for label, m in
+                (("target", "target/acc"), ("source", "source/acc"), ("forgetting", "source/forgetting"))]
+    return chosen + reported
+
+
+def _table_row(t: TrialResult, keys: list[str], best: TrialResult | None, on_front: bool,
+               columns: list[tuple[str, str]]) -> list[str]:
     return [("* " if best and t.trial_id == best.trial_id else "  ") + t.trial_id,
             *[f"{t.params.get(k):g}" if isinstance(t.params.get(k), float) else str(t.params.get(k)) for k in keys],
             t.status, str(t.epochs), "-" if math.isnan(t.objective) else f"{t.objective:.4f}",
-            _pct(t.metrics.get("test/target/acc")), _pct(t.metrics.get("test/source/acc")),
-            _pct(t.metrics.get("test/forgetting"))]
+            *[_pct(t.metrics.get(key)) for _, key in columns], "P" if on_front else ""]
+
+
+def _table_footer(res: SearchResult) -> list[str]:
+    trade_off = describe_trade_off(res.trade_off)
+    if res.multi_objective:
+        lines = [f"objectives: {trade_off} (Pareto search; objective column = the first); P = on the Pareto front "
+                 f"(non-dominated on {SELECTION_SPLIT}idation data, last epoch); * = front point best on the first "
+                 f"objective; {REPORT_SPLIT} columns are reported, never used to choose"]
+    else:
+        lines = [f"objective: {res.objective} ({SELECTION_SPLIT}idation, last epoch); * = best finished trial; "
+                 f"P = on the Pareto front of {trade_off} ({SELECTION_SPLIT}idation); {REPORT_SPLIT} columns are "
+                 f"reported, never used to choose"]
+    return lines + [f"! {w}" for w in res.edge_warnings()]
 
 
 def format_search_table(res: SearchResult) -> str:
     keys = res.space_keys
-    headers = ["trial", *keys, "status", "epochs", "objective", "target % (test)", "source % (test)",
-               "forgetting % (test)"]
+    columns = _metric_columns(res)
+    headers = ["trial", *keys, "status", "epochs", "objective", *[h for h, _ in columns], "pareto"]
+    front = set(res.pareto().trial_ids)
     trials = sorted(res.trials, key=lambda t: tuple(_sort_key(t.params.get(k)) for k in keys))
     best = res.best
-    rows = [_table_row(t, keys, best) for t in trials]
+    rows = [_table_row(t, keys, best, t.trial_id in front, columns) for t in trials]
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
 
     def line(cells: list[str]) -> str:
         return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
-    foot = f"objective: {res.objective} (validation, last epoch); * = best finished trial"
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows] + [foot])
-
-
-def _write_summary(res: SearchResult, d: Path) -> list[Path]:
-    files = [d / "search_results.txt", d / "search_results.json", d / "target_vs_stop_point.png",
-             d / "stop_point_lr_heatmap.png"]
-    files[0].write_text(res.table() + "\n")
-    files[1].write_text(json.dumps({
-        "name": res.name, "objective": res.objective, "best": res.best.__dict__ if res.best else None,
-        "trial_epochs": res.trial_epochs, "source_acc_by_stop_point": res.source_acc_by_stop_point,
-        "trials": [t.__dict__ for t in res.trials]}, indent=1, default=str))
-    plots.plot_target_vs_stop_point(res, files[2])
-    plots.plot_heatmap(res, files[3])
-    return files
-
-
-def _log_summary(res: SearchResult, files: list[Path]) -> None:
-    c = tracking.client(res.tracking_uri)
-    for f in files:
-        with_retries(c.log_artifact, res.parent_run_id, str(f))
-    if res.best:
-        with_retries(tracking.log_metrics, res.tracking_uri, res.parent_run_id,
-                     {"best/objective": res.best.objective, "best/stop_point": res.best.stop_point,
-                      "search/trial_epochs": res.trial_epochs}, step=0)
-
-
-def log_search_summary(res: SearchResult, out_dir: Path | None = None, log: bool = True) -> list[Path]:
-    """The result table (text + JSON) and the two figures; written to `out_dir` and logged on the parent run."""
-    with tempfile.TemporaryDirectory() as tmp:
-        d = Path(out_dir or tmp)
-        d.mkdir(parents=True, exist_ok=True)
-        files = _write_summary(res, d)
-        if log:
-            _log_summary(res, files)
-        return files if out_dir else []
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows] + _table_footer(res))
