@@ -36,6 +36,7 @@ from forgetless.platform.driver.ray_cluster import (
 )
 from forgetless.platform.driver.run_outputs import RunOutputs
 from forgetless.platform.tracking import html_report as report_html
+from forgetless.platform.tracking import invocations
 from forgetless.platform.tracking import mlflow_runs as tracking
 from forgetless.platform.tracking import plots
 from forgetless.platform.tracking import run_descriptions as review
@@ -56,10 +57,11 @@ def execute(cfg: ExperimentConfig, command: str, on_result: Callable[[StrategyRe
         out = _run_seeds(cfg, seed_list, target, on_result)
         _log_parent_summary(out, uri)
         tracking.flush_buffered(uri)  # metric points an MLflow outage kept on disk
-        tracking.client(uri).set_terminated(target.parent_run_id, "FINISHED")
+        invocations.end_invocation(uri, target.parent_run_id, "FINISHED",
+                                   [(r.run_label(len(seed_list) > 1), r.mlflow_run_id) for r in out.results])
         return out
     except BaseException as e:
-        tracking.client(uri).set_terminated(target.parent_run_id, tracking.end_status(e))
+        invocations.end_invocation(uri, target.parent_run_id, tracking.end_status(e))
         raise
 
 
@@ -83,7 +85,8 @@ def _start_ray(cfg: ExperimentConfig, uri: str) -> None:
 def _open_parent(cfg: ExperimentConfig, command: str, uri: str) -> tracking.TrackingTarget:
     exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
     review.set_model_training_view(uri, exp_id)  # MLflow opens it in the model-training view, not the GenAI one
-    parent = tracking.start_parent_run(uri, exp_id, f"{cfg.name} ({command})", {
+    # the same command and config continues its parent run: one parent per experiment, however often it was resumed
+    parent = invocations.open_parent(uri, exp_id, f"{cfg.name} ({command})", {
         "forgetless.command": command, "forgetless.name": cfg.name,
         "forgetless.config_hash": short_hash(cfg.model_dump(mode="json")),
         "forgetless.strategies": ",".join(s.display_name() for s in cfg.strategies),
