@@ -1,7 +1,9 @@
 """A new SQLite MLflow store starts as a copy of a migrated empty store; MLflow uses it as its own."""
 from pathlib import Path
 
+from forgetless._compat import PUBLIC_PATHS_VARIABLE
 from forgetless.platform.tracking import mlflow_runs as tracking
+from forgetless.platform.tracking import mlflow_store
 
 
 def test_a_seeded_store_is_mlflows_own_and_an_existing_one_is_never_replaced(workdir):
@@ -9,7 +11,7 @@ def test_a_seeded_store_is_mlflows_own_and_an_existing_one_is_never_replaced(wor
     uri = tracking.resolve_tracking_uri(None)
     tracking.seed_new_sqlite_store(uri)
     assert Path("mlflow.db").is_file()
-    template = tracking._empty_store_template()
+    template = mlflow_store._empty_store_template()
     assert template.is_file() and template.stat().st_size == Path("mlflow.db").stat().st_size
 
     exp = tracking.ensure_experiment(uri, "seeded")  # MLflow verifies the schema version on opening
@@ -35,9 +37,18 @@ def test_without_a_template_mlflow_creates_the_store_itself(tmp_path, monkeypatc
     def broken():
         raise OSError("read-only temp folder")
 
-    monkeypatch.setattr(tracking, "_empty_store_template", broken)
+    monkeypatch.setattr(mlflow_store, "_empty_store_template", broken)
     uri = "sqlite:///" + str(tmp_path / "mlflow.db")
     tracking.seed_new_sqlite_store(uri)
     assert not (tmp_path / "mlflow.db").exists()
     exp = tracking.ensure_experiment(uri, "plain")
     assert tracking.client(uri).get_experiment(exp).name == "plain"
+
+
+def test_on_mlflows_public_path_mlflow_creates_the_store_itself(tmp_path, monkeypatch):
+    monkeypatch.setenv(PUBLIC_PATHS_VARIABLE, "1")  # no _initialize_tables (an MLflow internal): no template
+    uri = "sqlite:///" + str(tmp_path / "mlflow.db")
+    tracking.seed_new_sqlite_store(uri)
+    assert not (tmp_path / "mlflow.db").exists()
+    exp = tracking.ensure_experiment(uri, "public")
+    assert tracking.client(uri).get_experiment(exp).name == "public"

@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from forgetless.platform.tracking import metric_buffer
 
+from forgetless.platform.tracking import metric_logging
 from forgetless.platform.tracking import mlflow_runs as tracking
 
 from .fault_servers import MlflowServer
@@ -22,8 +23,8 @@ def server(tmp_path, monkeypatch):
     monkeypatch.setenv(metric_buffer.BUFFER_ENV, str(tmp_path / "buffer"))
     monkeypatch.setenv("FORGETLESS_TRACKING_RETRIES", "1")  # a short budget: the outage outlasts it at once
     monkeypatch.setenv("FORGETLESS_TRACKING_RETRY_AFTER_S", "0")  # probe the server on every call
-    monkeypatch.setattr(tracking, "_logged", {})
-    monkeypatch.setattr(tracking, "_retry_after", {})
+    monkeypatch.setattr(metric_logging, "_logged", {})
+    monkeypatch.setattr(metric_logging, "_retry_after", {})
     srv = MlflowServer(tmp_path).start()
     yield srv
     srv.stop()
@@ -54,7 +55,7 @@ def test_outage_buffers_on_disk_and_flushes_when_back_with_no_duplicates(server)
     _log_steps(server.uri, run_id, range(15, 20))  # the first answer sends the buffer first
     assert metric_buffer.count_pending(run_id) == 0
     # a resumed run re-trains epochs and logs their steps again: skipped, the history keeps one point per step
-    tracking._logged.clear()  # as in a new worker process
+    metric_logging._logged.clear()  # as in a new worker process
     _log_steps(server.uri, run_id, range(10, 20))
     assert _history(server.uri, run_id) == {k: list(range(20)) for k in KEYS}
 

@@ -181,19 +181,11 @@ def log_task_datasets(uri: str, run_id: str, tasks: Sequence[Any]) -> None:
 
 def start_system_metrics(uri: str, run_id: str):
     """Sample CPU, memory, disk, network (and GPU where present) into the run's `system/...` metrics from a daemon
-    thread of this process, until the process ends (Ray Train ends its workers when the run ends)."""
+    thread of this process, until the process ends (Ray Train ends its workers when the run ends). One sample now, at
+    step 0: MLflow's loop logs only after a full interval (a resumed run has its step 0 already: tracking.log_metrics
+    skips it). MLflow's monitor is an internal: _compat/mlflow.py."""
     # deferred: mlflow is a 2 s import that only world rank 0 needs
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    from forgetless._compat import mlflow as compat_mlflow
 
-    # One sample now, at step 0: MLflow's loop logs only after a full interval and drops what it holds when the
-    # process ends, so a run shorter than the interval (a fast CPU run) would show no system metrics at all. (A resumed
-    # run has its step 0 already: tracking.log_metrics skips it.)
-    sampler = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, tracking_uri=uri)
-    sampler.collect_metrics()
-    tracking.log_metrics(uri, run_id, {f"system/{k}": float(v) for k, v in sampler.aggregate_metrics().items()},
-                         step=0)
-    # Built after that sample is in, so that its steps go on after it (built first, it logged a second step 0).
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, resume_logging=True,
-                                   tracking_uri=uri)
-    monitor.start()
-    return monitor
+    return compat_mlflow.start_system_metrics(uri, run_id, SYSTEM_METRICS_INTERVAL_S,
+                                              lambda metrics, step: tracking.log_metrics(uri, run_id, metrics, step))
