@@ -68,6 +68,15 @@ class OptimConfig(_Strict):
     )
 
 
+class TrainConfig(OptimConfig):
+    """The transfer strategies' training (`train:`): the optimizer settings and an optional equal step budget."""
+
+    step_budget: int | None = Field(
+        None, gt=0, description="optimizer steps per target task, summed over a strategy's phases (align/probe "
+        "included): each phase ends by its own rule or when the budget is spent, the last phase runs until it is "
+        "spent; None: each phase runs its epochs")
+
+
 class PretrainConfig(OptimConfig):
     """Source pre-training from scratch; every `checkpoint_every` epochs is a stop point of the trajectory."""
 
@@ -164,13 +173,16 @@ class ExperimentConfig(_Strict):
     )
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
-    train: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     strategies: list[StrategyConfig] = Field(..., min_length=1)
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     fault_tolerance: FaultToleranceSpec = Field(default_factory=FaultToleranceSpec)
     search: SearchConfig | None = Field(None, description="Ray Tune search over stop points x lr (forgetless tune)")
+    reference_strategy: str = Field(
+        "finetune", description="the strategy label every other is compared with in paired statistics over seeds "
+        "(default finetune; when finetune is not listed, the first strategy)")
 
     @model_validator(mode="before")
     @classmethod
@@ -206,6 +218,9 @@ class ExperimentConfig(_Strict):
             )
         if self.require_disjoint_classes:
             _check_disjoint([self.source, *self.targets])
+        if "reference_strategy" in self.model_fields_set and self.reference_strategy not in labels:
+            raise ValueError(f"reference_strategy: {self.reference_strategy!r} is not a strategy label; use one of "
+                             f"{labels}")
         if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: {self.seeds} repeats a seed; list each seed once")
         if any(t.kind == CAUSAL_LM for t in [self.source, *self.targets]):
@@ -220,6 +235,12 @@ class ExperimentConfig(_Strict):
     def for_seed(self, seed: int) -> "ExperimentConfig":
         """This config as the run of one seed."""
         return self.model_copy(update={"seed": seed, "seeds": None})
+
+    def reference_label(self) -> str:
+        """The strategy paired statistics compare with: `reference_strategy`, or the first strategy when the default
+        (finetune) is not listed."""
+        labels = [s.display_name() for s in self.strategies]
+        return self.reference_strategy if self.reference_strategy in labels else labels[0]
 
     def task_names(self) -> list[str]:
         return [self.source.display_name()] + [t.display_name() for t in self.targets]
@@ -239,8 +260,10 @@ class ExperimentConfig(_Strict):
         # not part of a run's identity: where it runs, how it is tracked and retried, how many run at once, the
         # other seeds of the invocation (`seed` is), and which score R holds (read from the stored test results)
         relevant = self.model_dump(exclude={"strategies", "tracking", "ray_address", "storage", "search",
-                                             "fault_tolerance", "seeds", "score"})
+                                             "fault_tolerance", "seeds", "score", "reference_strategy"})
         relevant["scaling"].pop("max_concurrent")
+        if relevant["train"]["step_budget"] is None:  # a run without a budget keeps the identity it had before one
+            relevant["train"].pop("step_budget")
         relevant["strategy"] = strategy.model_dump()
         return short_hash(relevant)
 

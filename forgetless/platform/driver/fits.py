@@ -123,7 +123,7 @@ def transfer_job(cfg: ExperimentConfig, strategy: StrategyConfig, init_weights: 
         class_incremental=cfg.evaluation == "class_incremental",
         checkpoints=CheckpointPolicy("checkpoint_s{stage}_p{phase}_e{epoch:04d}",
                                      stage_end_format="checkpoint_s{stage}_done"),
-        tracking=target, init_weights=init_weights,
+        tracking=target, init_weights=init_weights, step_budget=cfg.train.step_budget,
         trajectory=trajectory_stop_points(cfg, strategy, trajectory) if needs_trajectory else [])
 
 

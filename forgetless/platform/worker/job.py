@@ -64,6 +64,8 @@ class WorkerJob:
     trajectory: list[StopPointRef] = field(default_factory=list)  # for strategies that need the stop points
     submitted_at: float | None = None  # the driver's wall clock as it submits the run (timing.PARTS start_workers)
     tasks: Any = None  # the driver's built stream in Ray's object store (shared_tasks); None: the worker builds it
+    # optimizer steps per trained task, summed over the strategy's phases (TrainConfig.step_budget); None: no budget
+    step_budget: int | None = None
 
     @property
     def use_gpu(self) -> bool:
@@ -87,6 +89,7 @@ class RunState:
     stage_done: bool = False
     finished: bool = False
     global_step: int = 0
+    stage_step: int = 0  # optimizer steps of the current stage, over its phases (what a step budget counts)
     history: list[dict[str, Any]] = field(default_factory=list)
     R: list[list[float]] = field(default_factory=list)
     L: list[list[float]] = field(default_factory=list)  # test mean losses, row for row with R
@@ -109,7 +112,7 @@ class RunState:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def enter_stage(self, stage: int) -> None:
-        self.stage, self.phase, self.epoch, self.phase_step = stage, 0, 0, 0
+        self.stage, self.phase, self.epoch, self.phase_step, self.stage_step = stage, 0, 0, 0, 0
         self.phase_done = self.stage_done = False
 
     def enter_phase(self, phase: int) -> None:

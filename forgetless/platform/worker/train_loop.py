@@ -47,6 +47,7 @@ from forgetless.platform.worker.model_io import (
     load_torch_file,
     mapped_torch_file,
 )
+from forgetless.platform.worker.step_budget import budget_spent, budgeted_phase, skip_phase
 from forgetless.platform.worker.run_reporting import (
     detail,
     log,
@@ -172,7 +173,10 @@ def train_stage(run: WorkerRun, stage: int) -> None:
         if p > state.phase:
             state.enter_phase(p)
         # Fresh phase objects: the model is rebuilt between phases (their parameter lists must be its own).
-        phase = run.strategy.phases(run.model, task)[p]
+        phase = budgeted_phase(run, stage, run.strategy.phases(run.model, task)[p], p == run.phases_in_stage - 1)
+        if budget_spent(run.job.step_budget, state.stage_step):
+            skip_phase(run, stage, phase)
+            continue
         train_phase(run, stage, p, phase)
         state.phase_done = True
         release_engine(run)
@@ -207,7 +211,8 @@ def train_phase(run: WorkerRun, stage: int, p: int, phase: Phase) -> None:
         state.phase_done = stop or epoch + 1 == phase.epochs
         if state.phase_done:
             state.phase_log.append({"stage": stage, "phase": phase.name, "epochs": epoch + 1, "steps": state.phase_step,
-                                    "stopped_early": stop, "end_step": state.global_step})
+                                    "stopped_early": stop, "end_step": state.global_step,
+                                    "budget_spent": budget_spent(job.step_budget, state.stage_step)})
         if console.verbose():  # otherwise the driver shows it (platform/driver/progress_board.py)
             shown = {k.removeprefix("pretrain/"): round(v, 4) for k, v in metrics.items()
                      if k.endswith(("val/source/acc", "val/target/acc", "train/loss"))}
@@ -242,6 +247,7 @@ def train_epoch(run: WorkerRun, stage: int, p: int, phase: Phase, epoch: int,
             continue
         state.global_step += 1
         state.phase_step += 1
+        state.stage_step += 1
         if every and state.phase_step % every == 0:
             eval_point(run, stage, sum(losses[-every:]) / len(losses[-every:]), phase.name, epoch)
             set_train_mode(run.model, phase)
@@ -249,6 +255,9 @@ def train_epoch(run: WorkerRun, stage: int, p: int, phase: Phase, epoch: int,
                 stop = True
                 break
         if phase.max_steps is not None and state.phase_step >= phase.max_steps:
+            stop = True
+            break
+        if budget_spent(run.job.step_budget, state.stage_step):  # the evaluation at the stop follows (train_phase)
             stop = True
             break
     elapsed = time.perf_counter() - t0
