@@ -104,11 +104,11 @@ def test_concurrency_is_capped_by_what_a_trial_needs(tiny_config):
 def test_objective_combines_metrics():
     obj = tuning.Objective({"target/acc": 1.0, "forgetting": -0.5}, source_before=0.9)
     v = obj.metrics(target_acc=0.8, source_acc=0.7)
-    assert v["forgetting"] == pytest.approx(0.2)
+    assert v["source/forgetting"] == pytest.approx(0.2)
     assert v["source/retention"] == pytest.approx(0.7 / 0.9)
     assert v["objective"] == pytest.approx(0.8 - 0.5 * 0.2)
     assert SearchConfig(objective={"target/acc": 1.0, "forgetting": -0.5}).describe_objective() == \
-        "max target/acc - 0.5*forgetting"
+        "max target/acc - 0.5*source/forgetting"
 
 
 def test_stop_points_follow_the_pretraining_schedule(tiny_config):

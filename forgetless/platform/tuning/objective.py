@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from forgetless.search_config import SearchConfig
+from forgetless.search_config import SearchConfig, metric_name
 
 OBJECTIVE = "objective"  # the scalar every trial reports (per epoch, on validation data)
 TRIAL_EPOCH = "trial_epoch"  # ASHA's time attribute: epochs this trial has trained
@@ -28,7 +28,7 @@ class Objective:
             "source/retention": source_acc / before if before else float("nan"),
             "source/forgetting": before - source_acc if before is not None else float("nan"),
         }
-        values["objective"] = sum(w * values[m] for m, w in self.weights.items())
+        values["objective"] = sum(w * values[metric_name(m)] for m, w in self.weights.items())
         return values
 
 

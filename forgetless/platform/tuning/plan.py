@@ -171,7 +171,10 @@ def validate_search(cfg: ExperimentConfig, search: SearchConfig | None = None) -
     if search is None:
         raise ConfigError("search: the config has no `search:` section; add one (see docs/tune.md) or pass "
                           "search=... to forgetless.tune")
-    base = select_strategy(cfg, search.strategy).model_copy(update={"search": None})
+    one = select_strategy(cfg, search.strategy)
+    # Trials run one strategy, so it is its own reference (a reference naming a strategy the trial lacks would make
+    # every trial's config invalid).
+    base = one.model_copy(update={"search": None, "reference_strategy": one.strategies[0].display_name()})
     stop_points = _stop_points(cfg, search)
     _check_space(base, search, stop_points)
     _check_asha(base, search)
@@ -180,7 +183,8 @@ def validate_search(cfg: ExperimentConfig, search: SearchConfig | None = None) -
 
 def search_name(base: ExperimentConfig, search: SearchConfig) -> str:
     """Deterministic: the same experiment and search give the same name (and so the same Tune experiment folder)."""
-    relevant = {"experiment": base.model_dump(mode="json", exclude={"tracking", "ray_address", "storage"}),
+    relevant = {"experiment": base.model_dump(mode="json", exclude={"tracking", "ray_address", "storage",
+                                                                   "reference_strategy"}),
                 "search": search.model_dump(mode="json")}
     return f"{base.name}-search-{short_hash(relevant)}"
 

@@ -19,6 +19,7 @@ from forgetless.platform.tuning.record import with_retries
 from forgetless.platform.tuning.results import SearchResult, describe_trade_off
 
 PARETO_FIGURE = "pareto_front.png"
+DESCRIBED_FRONT_POINTS = 30  # rows of the front in the parent's description (an MLflow tag holds 8,000 characters)
 
 
 def _pareto_figure(res: SearchResult, path: Path) -> Path:
@@ -71,10 +72,12 @@ def description(res: SearchResult) -> str:
     head = "| trial | " + " | ".join(res.space_keys) + " | " + " | ".join(
         f"{m} % ({s})" for m, _ in res.trade_off for s in (SELECTION_SPLIT, REPORT_SPLIT)) + " |"
     rows = [head, "|" + "---|" * (1 + len(res.space_keys) + 2 * len(res.trade_off))]
-    for t in front.trials:
+    for t in front.trials[:DESCRIBED_FRONT_POINTS]:
         values = [str(t.params.get(k)) for k in res.space_keys]
         numbers = [_pct(t.metrics.get(f"{s}/{m}")) for m, _ in res.trade_off for s in (SELECTION_SPLIT, REPORT_SPLIT)]
         rows.append(f"| {t.trial_id} | " + " | ".join(values + numbers) + " |")
+    if len(front) > DESCRIBED_FRONT_POINTS:
+        rows.append(f"\n... and {len(front) - DESCRIBED_FRONT_POINTS} more front points (search_results.json)")
     kind = "Pareto search" if res.multi_objective else f"objective {res.objective}"
     lines = [f"**forgetless tune** `{res.name}`: {len(res.trials)} trials, {kind}.", "",
              f"**Pareto front** on {describe_trade_off(res.trade_off)}: {len(front)} of "
