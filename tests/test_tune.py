@@ -280,3 +280,47 @@ def test_optuna_and_random_searchers_sample_the_declared_space(tiny_config):
         assert cfg.train.lr == params["train.lr"] and cfg.strategies[0].params["backbone_lr_scale"] in (0.1, 1.0)
     plan = _plan(tiny_config, space=space, searcher="random", num_samples=3)
     assert tuning._search_alg(plan.search, 2).max_concurrent == 2
+
+
+@pytest.mark.e2e
+def test_pareto_search_prints_plots_and_logs_its_front(ray_session, workdir, tiny_config, shared_storage, capsys):
+    # Optuna's NSGA-II over two objectives, three one-worker trials (two at a time on the 2-CPU cluster)
+    search = {"objectives": [{"metric": "target/acc", "direction": "max"},
+                             {"metric": "source/forgetting", "direction": "min"}],
+              "searcher": "optuna", "sampler": "nsga2", "population_size": 2, "num_samples": 3,
+              "space": {"stop_point": [1, 2], "train.lr": {"low": 1e-3, "high": 1e-1, "log": True}}}
+    cfg = tiny_config(storage=shared_storage, scaling={"num_workers": 1}, search=search)
+    res = forgetless.tune(cfg)
+
+    assert res.multi_objective and len(res.trials) == 3 and all(t.status == "finished" for t in res.trials)
+    front = res.pareto()
+    assert 1 <= len(front) <= 3
+    # the front is the non-dominated trials on their validation numbers; each point carries its test numbers
+    for t in res.trials:
+        beaten = any(o.metrics["val/target/acc"] >= t.metrics["val/target/acc"]
+                     and o.metrics["val/source/forgetting"] <= t.metrics["val/source/forgetting"]
+                     and (o.metrics["val/target/acc"], o.metrics["val/source/forgetting"])
+                     != (t.metrics["val/target/acc"], t.metrics["val/source/forgetting"]) for o in res.trials)
+        assert (t.trial_id in front.trial_ids) == (not beaten)
+    assert all(0.0 <= r["test/target/acc"] <= 1.0 for r in front.records())
+    c = _client()
+    runs = _trial_runs(res.parent_run_id)
+    assert {r.data.tags[tuning.TRIAL_TAG] for r in runs if r.data.tags[tuning.PARETO_TAG] == "true"} == \
+        set(front.trial_ids)
+    parent = c.get_run(res.parent_run_id).data
+    assert "**Pareto front** on max target/acc, min source/forgetting" in parent.tags["mlflow.note.content"]
+    assert tuning.EDGE_TAG in parent.tags
+    assert {"pareto_front.png", "search_report.html"} <= {a.path for a in c.list_artifacts(res.parent_run_id)}
+
+    from forgetless.cli import main
+
+    capsys.readouterr()
+    assert main(["report", res.parent_run_id, "--out", "rebuilt"]) == 0
+    printed = capsys.readouterr().out
+    assert "Pareto front (" in printed and all(f"  {i}: " in printed for i in front.trial_ids)
+    logged_table = Path(c.download_artifacts(res.parent_run_id, "search_results.txt")).read_text()
+    assert Path("rebuilt/search_results.txt").read_text() == logged_table
+    # --resume of a finished search trains nothing again and rebuilds the same front
+    again = forgetless.tune(cfg, resume=True)
+    assert again.parent_run_id == res.parent_run_id
+    assert again.pareto().records() == front.records()

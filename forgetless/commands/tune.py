@@ -13,13 +13,16 @@ def print_search(res: SearchResult, as_json: bool) -> None:
     if as_json:
         print(json.dumps({"name": res.name, "objective": res.objective, "best": res.best.__dict__ if res.best else None,
                           "trial_epochs": res.trial_epochs, "parent_run_id": res.parent_run_id,
+                          "pareto_front": res.pareto().records(), "edge_warnings": res.edge_warnings(),
                           "trials": [t.__dict__ for t in res.trials]}, indent=1, default=str))
         return
     print()
     print(res.table())
     print()
     b = res.best
-    if b is not None:
+    if res.multi_objective:
+        print_front(res)
+    elif b is not None:
         shown = ", ".join(f"{k}={v}" for k, v in b.params.items())
         test = b.metrics.get("test/target/acc")
         print(f"best: {shown}  (objective {b.objective:.4f}"
@@ -31,6 +34,17 @@ def print_search(res: SearchResult, as_json: bool) -> None:
           + (f", {res.wall_seconds:.0f} s" if res.wall_seconds else ""))
     say(f"MLflow parent run {res.parent_run_id} in {res.tracking_uri} (table and plots among its artifacts); "
         f"rebuild them with: forgetless report {res.parent_run_id}")
+
+
+def print_front(res: SearchResult) -> None:
+    """A Pareto search's answer: each front point, its values and its numbers (validation: chosen on; test)."""
+    front = res.pareto()
+    print(f"Pareto front ({len(front)} trials, chosen on validation; test numbers reported):")
+    for t in front.trials:
+        shown = ", ".join(f"{k}={v}" for k, v in t.params.items())
+        numbers = ", ".join(f"{m} {100 * t.metrics.get(f'val/{m}', float('nan')):.1f}% val / "
+                            f"{100 * t.metrics.get(f'test/{m}', float('nan')):.1f}% test" for m, _ in front.trade_off)
+        print(f"  {t.trial_id}: {shown}  ({numbers})")
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
