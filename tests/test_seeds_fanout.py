@@ -62,7 +62,7 @@ def test_seed_table_shows_mean_sd_and_n():
     assert "85.0 ± 7.1" in row  # target acc: mean 85 %, sd 7.07 pp
     assert "30.0 ± 14.1" in row  # forgetting: 20 and 40 %
     out = CompareResult("x", results, None, None, "sqlite:///x.db", seeds=[0, 1])
-    assert out.table() == table
+    assert out.table().startswith(table + "\nTest split: ")  # then its caption (and paired differences)
     assert [r["seed"] for r in out.records()] == [0, 1]
     assert out["finetune"].seed == 0 and len(out.runs("finetune")) == 2
 

@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 
 from forgetless.platform.analysis import metrics as M
+from forgetless.platform.analysis import paired as paired_stats
+from forgetless.platform.analysis import tradeoff
 
 
 @dataclass
@@ -174,6 +176,7 @@ class CompareResult:
     tracking_uri: str
     experiment_id: str | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
+    reference: str | None = None  # the strategy paired statistics compare with (ExperimentConfig.reference_label)
 
     def __getitem__(self, label: str) -> StrategyResult:
         """The strategy's result (its first seed's; `runs(label)` gives every seed's)."""
@@ -190,11 +193,27 @@ class CompareResult:
 
     def table(self) -> str:
         """The comparison table; with several seeds every column is mean ± sd over the seeds, with n."""
-        return format_table(self.results) if len(self.seeds) == 1 else format_seed_table(self.results)
+        if len(self.seeds) == 1:
+            return format_table(self.results) + "\n" + TABLE_CAPTION
+        return (format_seed_table(self.results) + "\n" + TABLE_CAPTION
+                + paired_section(self.results, self.reference_label()))
 
     def records(self) -> list[dict[str, Any]]:
-        """One record per strategy and seed: label, strategy, seed, every metric, times, MLflow run."""
-        return [r.record() for r in self.results]
+        """One record per strategy and seed: label, strategy, seed, every metric, times, MLflow run, and `pareto`
+        (whether the strategy is on the learning-vs-forgetting front; with several seeds, of the means)."""
+        return tradeoff.with_pareto([r.record() for r in self.results])
+
+    def reference_label(self) -> str:
+        """The strategy the paired statistics compare with: `reference`, else finetune where listed, else the first."""
+        labels = self.labels()
+        return self.reference or ("finetune" if "finetune" in labels else labels[0])
+
+    def paired(self) -> list[paired_stats.PairedDifference]:
+        """Each strategy − the reference, seed by seed, on the headline metrics (analysis/paired.py); none with one
+        seed."""
+        if len(self.seeds) < 2:
+            return []
+        return paired_stats.paired_differences(self.records(), self.reference_label())
 
     def summary_records(self) -> list[dict[str, Any]]:
         """One record per strategy over its seeds: label, strategy, n, and `<metric>/mean`, `<metric>/sd`."""
@@ -209,7 +228,7 @@ class CompareResult:
 
 
 # what aggregate_records leaves out: identifiers, not measurements
-NOT_AGGREGATED = ("label", "strategy", "seed", "mlflow_run_id", "checkpoint_uri")
+NOT_AGGREGATED = ("label", "strategy", "seed", "mlflow_run_id", "checkpoint_uri", "pareto")
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -230,6 +249,8 @@ def aggregate_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if key in NOT_AGGREGATED or not all(isinstance(r.get(key), (int, float)) for r in group):
                 continue
             row[f"{key}/mean"], row[f"{key}/sd"] = mean_sd([float(r[key]) for r in group])
+        if "pareto" in group[0]:
+            row["pareto"] = group[0]["pareto"]
         out.append(row)
     return out
 
@@ -274,11 +295,15 @@ def format_table(results: list[StrategyResult]) -> str:
     headers = ["strategy"] + [h for h, _, _ in columns] + ["wall s"]
     rows = [[r.label] + [_fmt(r.metrics.get(key), pct) for _, key, pct in columns] + [f"{r.wall_seconds:.1f}"]
             for r in results]
+    front = tradeoff.front_mask([r.metrics for r in results])
+    headers += PROTOCOL_HEADERS
+    rows = [row + [_fmt(r.metrics.get(STEPS_KEY)), tradeoff.mark(on)] for row, r, on in zip(rows, results, front)]
     return _align(headers, rows)
 
 
 def format_seed_table(results: list[StrategyResult]) -> str:
-    """One row per strategy: every column as mean ± sd over its seeds, and n."""
+    """One row per strategy: every column as mean ± sd over its seeds, and n (CompareResult.table adds the caption
+    and the paired differences)."""
     columns = table_columns(results)
     headers = ["strategy", "n"] + [h for h, _, _ in columns] + ["wall s"]
     rows = []
@@ -286,7 +311,35 @@ def format_seed_table(results: list[StrategyResult]) -> str:
         cells = [_fmt_mean_sd(row.get(f"{key}/mean"), row.get(f"{key}/sd"), pct) for _, key, pct in columns]
         rows.append([row["label"], str(row["n"])] + cells
                     + [_fmt_mean_sd(row["wall_seconds/mean"], row["wall_seconds/sd"], False)])
-    return _align(headers, rows)
+    return _align(headers + PROTOCOL_HEADERS, protocol_seed_rows(results, rows))
+
+
+# the protocol's columns after every table's own (docs/protocol.md): optimizer steps over all phases, and the front
+STEPS_KEY = "optimizer_steps"
+PROTOCOL_HEADERS = ["steps", "pareto"]
+TABLE_CAPTION = ("Test split: every accuracy (the accuracy matrix R); selections (stop rules, early stopping, "
+                 "trajectory steps) on validation data. steps: optimizer steps over all phases. "
+                 + tradeoff.CAPTION + ".")
+
+
+def protocol_seed_rows(results: list[StrategyResult], rows: list[list[str]]) -> list[list[str]]:
+    """The seed table's rows with the steps (mean, ± sd where the seeds differ) and the front of the means."""
+    records = tradeoff.with_pareto([r.record() for r in results])
+    out = []
+    for row, agg in zip(rows, aggregate_records(records)):
+        mean, sd = agg.get(f"{STEPS_KEY}/mean"), agg.get(f"{STEPS_KEY}/sd")
+        steps = _fmt(mean) if sd is None or math.isnan(sd) or sd == 0 else _fmt_mean_sd(mean, sd, False)
+        out.append(row + [steps, tradeoff.mark(agg["pareto"])])
+    return out
+
+
+def paired_section(results: list[StrategyResult], reference: str) -> str:
+    """Below the seed table: the paired differences from the reference (analysis/paired.py), or nothing with one
+    strategy."""
+    diffs = paired_stats.paired_differences([r.record() for r in results], reference)
+    if not diffs:
+        return ""
+    return "\n\n" + paired_stats.paired_caption(reference) + "\n" + paired_stats.format_paired_table(diffs)
 
 
 def _fmt_mean_sd(mean: float | None, sd: float | None, pct: bool) -> str:
