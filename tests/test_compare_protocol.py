@@ -83,3 +83,16 @@ def test_reference_strategy_from_the_config(tiny_config):
     results = [_result("finetune", s, 0.9, 0.3) for s in (0, 1)] + [_result("lwf", s, 0.7, 0.1) for s in (0, 1)]
     out = CompareResult("x", results, None, None, "sqlite:///x.db", seeds=[0, 1], reference="lwf")
     assert {d.label for d in out.paired()} == {"finetune"} and "Paired differences from lwf" in out.table()
+
+
+def test_parent_metrics_carry_the_paired_differences():
+    from forgetless.platform.driver.runner import seed_aggregate_metrics
+
+    results = [_result("finetune", 0, 0.90, 0.30), _result("lwf", 0, 0.70, 0.05),
+               _result("finetune", 1, 0.90, 0.30), _result("lwf", 1, 0.72, 0.08)]
+    out = CompareResult("x", results, None, None, "sqlite:///x.db", seeds=[0, 1], reference="finetune")
+    m = seed_aggregate_metrics(out)
+    assert m["lwf/vs_finetune/acc/diff_pp_mean"] == pytest.approx(100 * (-0.20 - 0.18) / 2)
+    assert m["lwf/vs_finetune/source/forgetting/n"] == 2
+    assert 0 < m["lwf/vs_finetune/source/forgetting/p_value"] < 1
+    assert not any(k.startswith("finetune/vs_") for k in m)  # the reference is not compared with itself

@@ -148,3 +148,16 @@ def paired_caption(reference: str) -> str:
     return (f"Paired differences from {reference} over seeds (strategy − {reference}, seed by seed; test split; "
             f"higher ACC/BWT and lower source forgetting are better; p: two-sided paired t-test; 95% CI: bootstrap "
             f"of the mean difference):")
+
+
+def paired_metrics(diffs: Sequence[PairedDifference]) -> dict[str, float]:
+    """The differences as the parent run's MLflow metrics: `<label>/vs_<reference>/<metric>/diff_pp_mean`, `.../
+    diff_pp_sd`, `.../ci95_low_pp`, `.../ci95_high_pp` (percentage points), `.../p_value` and `.../n`; undefined
+    (nan) values left out."""
+    out: dict[str, float] = {}
+    for d in diffs:
+        prefix = f"{d.label}/vs_{d.reference}/{d.metric}"
+        values = {"diff_pp_mean": 100 * d.mean, "diff_pp_sd": 100 * d.sd, "ci95_low_pp": 100 * d.ci_low,
+                  "ci95_high_pp": 100 * d.ci_high, "p_value": d.p_value, "n": float(d.n)}
+        out.update({f"{prefix}/{k}": v for k, v in values.items() if not math.isnan(v)})
+    return out

@@ -19,6 +19,7 @@ import ray
 from forgetless.config import ExperimentConfig
 from forgetless.console import say
 from forgetless.hashing import short_hash
+from forgetless.platform.analysis.paired import paired_metrics
 from forgetless.platform.analysis.results import (
     CompareResult,
     StrategyResult,
@@ -132,7 +133,7 @@ def _run_seeds(cfg: ExperimentConfig, seed_list: list[int], target: tracking.Tra
     finally:
         outputs.close()
     return CompareResult(cfg.name, results, trajectories[0], target.parent_run_id, uri, target.experiment_id,
-                         seeds=seed_list)
+                         seeds=seed_list, reference=cfg.reference_label())
 
 
 SEED_TABLES_FILE = "seeds.json"
@@ -140,7 +141,8 @@ SEED_TABLES_FILE = "seeds.json"
 
 def seed_aggregate_metrics(out: CompareResult) -> dict[str, float]:
     """The parent run's aggregates over seeds: `<label>/<summary metric>/mean` and `/sd` (MLflow names and scales, as
-    each child run's summary metrics) and `<label>/n`."""
+    each child run's summary metrics) and `<label>/n`; and each strategy's paired differences from the reference
+    (`<label>/vs_<reference>/<metric>/...`, analysis/paired.py)."""
     metrics: dict[str, float] = {}
     for label in out.labels():
         runs = [summary_metrics(r.metrics) for r in out.runs(label)]
@@ -150,13 +152,16 @@ def seed_aggregate_metrics(out: CompareResult) -> dict[str, float]:
             metrics[f"{label}/{name}/mean"] = mean
             if not math.isnan(sd):
                 metrics[f"{label}/{name}/sd"] = sd
+    metrics.update(paired_metrics(out.paired()))
     return {k: v for k, v in metrics.items() if not math.isnan(v)}
 
 
 def _write_seed_tables(out: CompareResult, folder: Path) -> str:
-    """seeds.json: every seed's record and the per-strategy mean/sd/n (what the table shows, and more)."""
+    """seeds.json: every seed's record and the per-strategy mean/sd/n (what the table shows, and more), and each
+    strategy's paired differences from the reference strategy (fractions; analysis/paired.py)."""
     Path(folder, SEED_TABLES_FILE).write_text(json.dumps(
-        {"seeds": out.seeds, "per_seed": out.records(), "summary": out.summary_records(), "table": out.table()},
+        {"seeds": out.seeds, "per_seed": out.records(), "summary": out.summary_records(),
+         "reference": out.reference_label(), "paired": [d.to_dict() for d in out.paired()], "table": out.table()},
         indent=1, default=float))
     return SEED_TABLES_FILE
 
