@@ -1,25 +1,36 @@
-"""Small-scale reproduction of "LoRA Learns Less and Forgets Less" (Biderman et al., 2024, TMLR).
+"""Small-scale reproduction of "LoRA Learns Less and Forgets Less" (Biderman et al., 2024, TMLR), under the protocol.
 
-Their claim: fine-tuning a pre-trained LM on a new domain (code, math) with LoRA reaches a worse target loss than full
-fine-tuning (learns less) but keeps more of the source-domain ability (forgets less); plotted as source vs target
-metric over training (the learning-forgetting curve), LoRA and full fine-tuning lie close to one trade-off curve,
-LoRA sitting at its less-learned, less-forgotten end, and higher ranks move towards full fine-tuning.
+Their claim: fine-tuning a pre-trained LM on a new domain (code) with LoRA reaches a worse target loss than full
+fine-tuning (learns less) and keeps more of the source-domain ability (forgets less); plotted as source vs target loss
+over training, LoRA sits at the less-learned, less-forgotten end of the trade-off.
 
 Here: a GPT-2-style decoder pre-trained from scratch on the built-in English `prose` corpus
-(`python -m forgetless.platform.worker.lm_pretrain`), fine-tuned on the built-in `python_code` corpus under full fine-tuning
-(`finetune`) and `lora` with ranks 8, 64, 256 (alpha = 2r, every linear layer: c_attn, c_proj, c_fc), the same number of
-steps for all. The learning rate of each method is chosen by a Ray Tune grid search on seed 0 (lowest final code
-validation loss); then every method runs the other seeds at its chosen rate. Every `--eval-every` steps the
-validation mean token loss on both corpora is recorded: the learning-forgetting curve.
+(`python -m forgetless.platform.worker.lm_pretrain --out models/prose-gpt2 --steps 400`: 4.24 M parameters, width
+256), fine-tuned on the built-in `python_code` corpus under
+- `full`: full fine-tuning, and two controls: `full_frozen_emb` (the token and position embeddings frozen, as LoRA
+  keeps them) and `full_wd` (AdamW weight decay 0.1);
+- `lora_r<r>` for ranks below the model width (default 8 and 64; alpha = 2r, every linear layer: c_attn, c_proj, c_fc),
+the same number of optimizer steps for all. The protocol (docs/protocol.md):
+1. **Select on validation**: each method's learning rate is the one with the lowest final code *validation* loss on a
+   selection seed of its own (`--select-seed`, not one of the reported seeds); a best rate at the edge of its grid
+   widens the grid (x3 beyond the edge) and runs again, up to `--max-widen` times per side (a rate still at the edge
+   after that is flagged in the JSON and the docs).
+2. **Report on test**: every reported seed runs at its method's selected rate; the reported numbers are the final code
+   and prose *test* losses (nats per token), forgetting = the prose test loss increase from the pre-trained model.
+3. **Paired statistics** (benchmarks/verdicts.py, from this file's JSON): each method's difference from `full` per
+   seed (same seed = same data order and initialisation of the new parts), mean ± sd, n, a paired t-test and a
+   bootstrap 95% interval.
+4. **Fronts**: every (learning rate, evaluation step) point of the selection runs, on the test split, pooled per
+   method into a Pareto front of (code loss, prose loss); each front's hypervolume against one reference point.
 
 The training is the platform's own: the config path (`load_config`, task kind causal_lm), `build_model`, the strategies'
 phases and `train_step` with a torch optimizer (`TorchEngine`), in one process per trial (no DeepSpeed: the same
-update, measured without the platform's fixed costs on a 2-core machine).
+update, measured without the platform's fixed costs on a 2-core machine). Trials run as a Ray Tune grid.
 
-    python benchmarks/lora_forgetting.py --model models/prose-gpt2 --steps 120 --seeds 0 1 2
+    python benchmarks/lora_forgetting.py --model models/prose-gpt2 --steps 100 --seeds 0 1 2
 
-Writes benchmarks/results/lora_forgetting.json and docs/img/lora_forgetting.png (or --out / --plot), prints a markdown
-table. docs/language_models.md has the commands and results for the 4.24 M and the 10.5 M decoder.
+Writes benchmarks/results/lora_forgetting_protocol.json and docs/img/lora_forgetting_protocol.png (or --out /
+--plot); `python benchmarks/verdicts.py` turns the JSON into the verdict table of docs/language_models.md.
 """
 from __future__ import annotations
 
@@ -32,13 +43,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-RESULTS = Path(__file__).parent / "results" / "lora_forgetting.json"
-PLOT = Path(__file__).parent.parent / "docs" / "img" / "lora_forgetting.png"
+RESULTS = Path(__file__).parent / "results" / "lora_forgetting_protocol.json"
+PLOT = Path(__file__).parent.parent / "docs" / "img" / "lora_forgetting_protocol.png"
 TARGETS = ["c_attn", "c_proj", "c_fc"]
+EMBEDDINGS = ["*wte*", "*wpe*"]
 
 
 def methods(ranks: list[int]) -> dict[str, dict]:
-    out = {"full": {"name": "finetune"}}
+    """label -> {strategy name, params, train overrides}."""
+    out = {"full": {"name": "finetune"},
+           "full_frozen_emb": {"name": "finetune", "params": {"frozen": EMBEDDINGS}},
+           "full_wd": {"name": "finetune", "train": {"weight_decay": 0.1}}}
     for r in ranks:
         out[f"lora_r{r}"] = {"name": "lora", "params": {"r": r, "alpha": 2.0 * r, "target_modules": TARGETS,
                                                         "merge_after_task": False}}
@@ -54,19 +69,31 @@ def experiment(model: str, block: int, train_blocks: int, eval_blocks: int, batc
             "strategies": ["finetune"], "seed": 0, "pretrain": {"epochs": 1, "checkpoint_every": 1}}
 
 
+def evaluate_point(model, tasks, step: int) -> dict:
+    """Losses (nats per token) and next-token accuracies of both corpora on the validation and the test split."""
+    from forgetless.platform.worker.evaluation import evaluate
+
+    point = {"step": step}
+    for split in ("val", "test"):
+        res = evaluate(model, tasks, split, 1, False, 0, 1, torch.device("cpu"), batch_size=32)
+        point.update({f"{split}_source_loss": res[0][1], f"{split}_target_loss": res[1][1],
+                      f"{split}_source_acc": res[0][0], f"{split}_target_acc": res[1][0]})
+    return point
+
+
 def run_one(cfg_dict: dict, method: dict, lr: float, seed: int, steps: int, eval_every: int, tasks_file: str) -> dict:
-    """One fine-tuning run: (step, prose val loss, code val loss) every `eval_every` steps."""
+    """One fine-tuning run: the losses of both corpora on both splits every `eval_every` steps."""
     from forgetless.config import load_config
     from forgetless.platform.worker.engine import make_optimizer
     from forgetless.platform.worker.lm_pretrain import warmup_cosine
     from forgetless.platform.worker.model_io import build_model
-    from forgetless.platform.worker.evaluation import evaluate
     from forgetless.strategies import make_strategy
     from forgetless.strategies.base import task_infos
     from forgetless.strategies.training import TorchEngine, lr_scheduler, set_train_mode, set_trainable, train_step
 
     torch.set_num_threads(1)
-    cfg = load_config({**cfg_dict, "seed": seed})
+    train = {**cfg_dict["train"], **method.get("train", {})}
+    cfg = load_config({**cfg_dict, "seed": seed, "train": train})
     tasks = load_tasks(tasks_file)
     infos = task_infos(tasks)
     strategy = make_strategy(method["name"], {**method.get("params", {}), **(
@@ -81,9 +108,7 @@ def run_one(cfg_dict: dict, method: dict, lr: float, seed: int, steps: int, eval
     curve, start = [], time.time()
     for step in range(steps + 1):
         if step % eval_every == 0 or step == steps:
-            res = evaluate(model, tasks, "val", 1, False, 0, 1, torch.device("cpu"), batch_size=32)
-            curve.append({"step": step, "source_loss": res[0][1], "target_loss": res[1][1],
-                          "source_acc": res[0][0], "target_acc": res[1][0]})
+            curve.append(evaluate_point(model, tasks, step))
         if step == steps:
             break
         set_train_mode(model, phase)
@@ -101,8 +126,8 @@ def tune_runs(cfg: dict, grid: list[dict], args, tasks_file: str) -> list[dict]:
     def trial(point):
         config = grid[point["point"]]
         out = run_one(cfg, config["method"], config["lr"], config["seed"], args.steps, args.eval_every, tasks_file)
-        final = out["curve"][-1]
-        tune.report({"target_loss": final["target_loss"], "source_loss": final["source_loss"],
+        end = out["curve"][-1]
+        tune.report({"val_target_loss": end["val_target_loss"], "val_source_loss": end["val_source_loss"],
                      "result": json.dumps(out)})
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -138,49 +163,53 @@ def load_tasks(path: str):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# what the runs say
+# selection on validation, with the grid widened past an edge optimum
 
 
-def mean_curve(runs: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(steps, mean target loss, mean source loss) over seeds."""
-    steps = np.array([p["step"] for p in runs[0]["curve"]])
-    tgt = np.mean([[p["target_loss"] for p in r["curve"]] for r in runs], axis=0)
-    src = np.mean([[p["source_loss"] for p in r["curve"]] for r in runs], axis=0)
-    return steps, tgt, src
+def final(run: dict, key: str) -> float:
+    return run["curve"][-1][key]
 
 
-def full_frontier(points: list[tuple[float, float]], target_loss: float) -> float | None:
-    """The lowest source loss any full fine-tuning point (any lr, any step) has at a target loss at least as good as
-    `target_loss`; None if full fine-tuning never got there."""
-    ok = [s for t, s in points if t <= target_loss]
-    return min(ok) if ok else None
+def widen(lrs: list[float], best: float) -> float | None:
+    """The next rate beyond the grid's edge where its best sits (x3 / 3), None when the best is inside."""
+    ordered = sorted(lrs)
+    if best == ordered[-1]:
+        return best * 3
+    if best == ordered[0]:
+        return best / 3
+    return None
 
 
-def summarize(runs: list[dict], methods_: list[str], search: list[dict] | None = None) -> dict:
-    """Per method: final target/source loss (mean, std over seeds), forgetting = source loss increase, the gap to
-    full fine-tuning's curve at the same target loss (interpolated along its mean curve at its chosen lr), and the gap
-    to full fine-tuning's frontier (every point of every full fine-tuning run, all learning rates searched)."""
-    out = {}
-    frontier = [(p["target_loss"], p["source_loss"]) for r in [*runs, *(search or [])] if r["label"] == "full"
-                for p in r.get("curve", [])]
-    full = [r for r in runs if r["label"] == "full"]
-    _, ft_tgt, ft_src = mean_curve(full)
-    order = np.argsort(ft_tgt)
-    for m in methods_:
-        rs = [r for r in runs if r["label"] == m]
-        tgt = [r["curve"][-1]["target_loss"] for r in rs]
-        src = [r["curve"][-1]["source_loss"] for r in rs]
-        forg = [r["curve"][-1]["source_loss"] - r["curve"][0]["source_loss"] for r in rs]
-        on_ft = float(np.interp(np.mean(tgt), ft_tgt[order], ft_src[order]))
-        out[m] = {"lr": rs[0]["lr"], "seeds": [r["seed"] for r in rs], "trainable": rs[0]["trainable"],
-                  "target_loss": stats(tgt), "source_loss": stats(src), "source_loss_increase": stats(forg),
-                  "target_perplexity": stats([float(np.exp(v)) for v in tgt]),
-                  "source_perplexity": stats([float(np.exp(v)) for v in src]),
-                  "gap_to_full_curve": float(np.mean(src) - on_ft),
-                  "gap_to_full_frontier": (None if full_frontier(frontier, float(np.mean(tgt))) is None else
-                                           float(np.mean(src) - full_frontier(frontier, float(np.mean(tgt))))),
-                  "full_curve_reaches_target_loss": bool(ft_tgt.min() <= np.mean(tgt) <= ft_tgt.max())}
-    return out
+def select_rates(cfg: dict, ms: dict, grids: dict[str, list[float]], args, tasks_file: str) -> tuple[list, dict]:
+    """Run every (method, lr) on the selection seed, widening each grid whose best validation loss is at an edge;
+    returns (all selection runs, {method: {"lr", "at_edge", "grid"}})."""
+    runs: list[dict] = []
+    pending = [{"label": m, "method": ms[m], "lr": lr, "seed": args.select_seed} for m in ms for lr in grids[m]]
+    widenings = {m: 0 for m in ms}
+    while pending:
+        runs += tune_runs(cfg, pending, args, tasks_file)
+        pending = []
+        for m in ms:
+            best = min((r for r in runs if r["label"] == m), key=lambda r: final(r, "val_target_loss"))
+            nxt = widen(grids[m], best["lr"])
+            if nxt is not None and widenings[m] < args.max_widen:
+                widenings[m] += 1
+                grids[m].append(nxt)
+                pending.append({"label": m, "method": ms[m], "lr": nxt, "seed": args.select_seed})
+    chosen = {}
+    for m in ms:
+        best = min((r for r in runs if r["label"] == m), key=lambda r: final(r, "val_target_loss"))
+        chosen[m] = {"lr": best["lr"], "grid": sorted(grids[m]), "at_edge": widen(grids[m], best["lr"]) is not None}
+    return runs, chosen
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# what the runs say (test split)
+
+
+def forgetting(run: dict, split: str = "test") -> float:
+    """The prose loss increase from the pre-trained model (step 0) to the end, in nats per token."""
+    return final(run, f"{split}_source_loss") - run["curve"][0][f"{split}_source_loss"]
 
 
 def stats(values: list[float]) -> dict:
@@ -188,102 +217,96 @@ def stats(values: list[float]) -> dict:
             "values": [float(v) for v in values]}
 
 
-def verdict(summary: dict) -> dict:
-    """The three claims, each judged against the spread over seeds (2 standard deviations)."""
-    full = summary["full"]
+def summarize(runs: list[dict], chosen: dict) -> dict:
+    """Per method, on the reported seeds at its selected rate: final code and prose test losses, forgetting."""
     out = {}
-    for m, s in summary.items():
-        if m == "full":
-            continue
-        noise_t = 2 * max(s["target_loss"]["std"], full["target_loss"]["std"], 1e-3)
-        noise_f = 2 * max(s["source_loss_increase"]["std"], full["source_loss_increase"]["std"], 1e-3)
-        out[m] = {
-            "learns_less": s["target_loss"]["mean"] > full["target_loss"]["mean"] + noise_t,
-            "forgets_less": s["source_loss_increase"]["mean"] < full["source_loss_increase"]["mean"] - noise_f,
-            "on_full_finetuning_curve": s["full_curve_reaches_target_loss"] and abs(s["gap_to_full_curve"]) <= noise_f,
-            "full_finetuning_does_better_at_equal_learning": (s["gap_to_full_frontier"] is not None
-                                                              and s["gap_to_full_frontier"] > noise_f),
-        }
+    for m, c in chosen.items():
+        rs = sorted((r for r in runs if r["label"] == m), key=lambda r: r["seed"])
+        out[m] = {"lr": c["lr"], "grid": c["grid"], "lr_at_grid_edge": c["at_edge"], "trainable": rs[0]["trainable"],
+                  "seeds": [r["seed"] for r in rs], "target_loss": stats([final(r, "test_target_loss") for r in rs]),
+                  "source_loss": stats([final(r, "test_source_loss") for r in rs]),
+                  "source_loss_increase": stats([forgetting(r) for r in rs])}
     return out
 
 
-def plot(runs: list[dict], methods_: list[str], path: Path, search: list[dict] | None = None) -> None:
-    """The learning-forgetting curve: source (prose) loss against target (code) loss over training, one line per method
-    (mean over seeds; the step-0 point is the pre-trained model, shared by all), each seed's final point as a dot."""
+def fronts(selection: list[dict]) -> dict:
+    """Per method: every (lr, step) point of its selection runs on the test split, the Pareto front of (code loss,
+    prose loss), both minimised, and the front's hypervolume against one reference point shared by all methods."""
+    from forgetless.platform.analysis.pareto import MIN, hypervolume_2d, pareto_front
+
+    objectives = [("target", MIN), ("source", MIN)]
+    points = {m: [{"lr": r["lr"], "step": p["step"], "target": p["test_target_loss"], "source": p["test_source_loss"]}
+                  for r in selection if r["label"] == m for p in r["curve"][1:]]
+              for m in dict.fromkeys(r["label"] for r in selection)}
+    every = [p for ps in points.values() for p in ps]
+    reference = {"target": max(p["target"] for p in every), "source": max(p["source"] for p in every)}
+    out = {}
+    for m, ps in points.items():
+        front = [ps[i] for i in pareto_front(ps, objectives)]
+        out[m] = {"points": ps, "front": front, "hypervolume": hypervolume_2d(ps, objectives, reference)}
+    for m, f in out.items():  # how much of this front lies beyond full fine-tuning's (no full point dominates it)
+        full_front = out["full"]["front"]
+        f["beyond_full_front"] = sum(not any(q["target"] <= p["target"] and q["source"] <= p["source"] and q != p
+                                             for q in full_front) for p in f["front"])
+    return {"reference": reference, "methods": out}
+
+
+def plot(fr: dict, summary: dict, path: Path) -> None:
+    """Every (lr, step) point of the selection runs, per method, with its front drawn (test split)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    chosen = {(r["label"], r["lr"]) for r in runs}
-    for r in search or []:  # the other learning rates of full fine-tuning (seed 0): its frontier
-        if r["label"] == "full" and (r["label"], r["lr"]) not in chosen and r.get("curve"):
-            ax.plot([p["target_loss"] for p in r["curve"]], [p["source_loss"] for p in r["curve"]], ":", color="C0",
-                    alpha=0.6, lw=1)
-            ax.annotate(f"full lr {r['lr']:g}", (r["curve"][-1]["target_loss"], r["curve"][-1]["source_loss"]),
-                        fontsize=7, color="C0")
-    for i, m in enumerate(methods_):
-        rs = [r for r in runs if r["label"] == m]
-        _, tgt, src = mean_curve(rs)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for i, (m, f) in enumerate(fr["methods"].items()):
         color = f"C{i}"
-        ax.plot(tgt, src, "-o", ms=3, color=color, label=f"{m} (lr {rs[0]['lr']:g})")
-        ax.scatter([r["curve"][-1]["target_loss"] for r in rs], [r["curve"][-1]["source_loss"] for r in rs],
-                   color=color, marker="x", s=40)
-    ax.set_xlabel("target: code validation loss (nats/token, lower = learned more)")
-    ax.set_ylabel("source: prose validation loss (higher = forgot more)")
+        ax.scatter([p["target"] for p in f["points"]], [p["source"] for p in f["points"]], s=10, alpha=0.35,
+                   color=color)
+        front = sorted(f["front"], key=lambda p: p["target"])
+        ax.plot([p["target"] for p in front], [p["source"] for p in front], "-o", ms=4, color=color,
+                label=f"{m} (selected lr {summary[m]['lr']:g})")
+    ax.set_xlabel("code test loss (nats/token; lower = learned more)")
+    ax.set_ylabel("prose test loss (higher = forgot more)")
     ax.invert_xaxis()
-    ax.set_title("Learning vs forgetting (line: mean over seeds; x: each seed's end)", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_title("Every (lr, step) point of the selection runs and each method's front", fontsize=10)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def table(summary: dict, verdicts: dict) -> str:
-    lines = ["| method | lr | trainable | code loss | prose loss | prose loss increase | code ppl | prose ppl | "
-             "learns less | forgets less | on full-FT curve | full FT better at equal learning |", "|" + " --- |" * 12]
-    for m, s in summary.items():
-        v = verdicts.get(m, {})
-        f = lambda d: f"{d['mean']:.3f} ± {d['std']:.3f}"  # noqa: E731
-        g = lambda d: f"{d['mean']:.1f} ± {d['std']:.1f}"  # noqa: E731
-        yn = lambda k: "-" if not v else ("yes" if v[k] else "no")  # noqa: E731
-        lines.append(f"| {m} | {s['lr']:g} | {s['trainable']:,} | {f(s['target_loss'])} | {f(s['source_loss'])} | "
-                     f"{f(s['source_loss_increase'])} | {g(s['target_perplexity'])} | {g(s['source_perplexity'])} | "
-                     f"{yn('learns_less')} | {yn('forgets_less')} | {yn('on_full_finetuning_curve')} | "
-                     f"{yn('full_finetuning_does_better_at_equal_learning')} |")
-    return "\n".join(lines)
-
-
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="models/prose-gpt2", help="pre-trained decoder folder (lm_pretrain builds it)")
-    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--train-blocks", type=int, default=2000, help="cap on code training blocks")
-    ap.add_argument("--eval-blocks", type=int, default=32, help="validation blocks per corpus")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--ranks", type=int, nargs="+", default=[8, 64, 256])
+    ap.add_argument("--eval-blocks", type=int, default=24, help="validation and test blocks per corpus")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the reported seeds")
+    ap.add_argument("--select-seed", type=int, default=100, help="the seed of the learning-rate selection runs")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[8, 64], help="LoRA ranks (below the model width)")
     ap.add_argument("--full-lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
-    ap.add_argument("--lora-lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
+    ap.add_argument("--lora-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
+    ap.add_argument("--max-widen", type=int, default=2, help="grid widenings per method past an edge optimum")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--plot", default=str(PLOT))
-    ap.add_argument("--analyze", metavar="JSON", help="only recompute summary, verdict, table and plot of a results file")
+    ap.add_argument("--analyze", metavar="JSON", help="only recompute the analysis and plot of a results file")
     return ap.parse_args(argv)
 
 
 def analyze(report: dict, out: str, plot_path: str) -> dict:
-    """Summary, verdict, plot and table from the runs (and the lr search's curves) of a report; writes it back."""
-    labels = list(dict.fromkeys(r["label"] for r in report["runs"]))
-    report["summary"] = summarize(report["runs"], labels, report.get("lr_search"))
-    report["verdict"] = verdict(report["summary"])
-    plot(report["runs"], labels, Path(plot_path), report.get("lr_search"))
+    """Summary (test), paired differences, verdicts, fronts and plot from a report's runs; writes it back."""
+    report["summary"] = summarize(report["runs"], report["selected"])
+    report["fronts"] = fronts(report["selection_runs"])
+    plot(report["fronts"], report["summary"], Path(plot_path))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(report, indent=1, default=str))
-    print(table(report["summary"], report["verdict"]))
+    print(json.dumps({m: {k: s[k] for k in ("lr", "lr_at_grid_edge", "target_loss", "source_loss_increase")}
+                      for m, s in report["summary"].items()}, indent=1))
     return report
 
 
@@ -296,29 +319,22 @@ def main(argv=None) -> None:
         analyze(json.loads(Path(args.analyze).read_text()), args.out, args.plot)
         return
     if not Path(args.model, "config.json").exists():
-        from forgetless.platform.worker.lm_pretrain import pretrain
-
-        pretrain(args.model)
+        raise SystemExit(f"{args.model} is not a model folder; build it with: python -m "
+                         f"forgetless.platform.worker.lm_pretrain --out {args.model} --steps 400")
     cfg = experiment(args.model, args.block_size, args.train_blocks, args.eval_blocks, args.batch_size, args.steps)
     loaded = load_config(cfg)
-    tmp = tempfile.mkdtemp(prefix="lora_forgetting_")
-    tasks_file = str(Path(tmp, "tasks.pt"))
+    tasks_file = str(Path(tempfile.mkdtemp(prefix="lora_forgetting_"), "tasks.pt"))
     save_tasks(build_stream(loaded.source, loaded.targets), tasks_file)
     ms = methods(args.ranks)
-    lrs = {m: args.full_lrs if m == "full" else args.lora_lrs for m in ms}
+    grids = {m: list(args.full_lrs if m.startswith("full") else args.lora_lrs) for m in ms}
     start = time.time()
-    search = [{"label": m, "method": ms[m], "lr": lr, "seed": args.seeds[0]} for m in ms for lr in lrs[m]]
-    searched = tune_runs(cfg, search, args, tasks_file)
-    best = {m: min((r for r in searched if r["label"] == m), key=lambda r: r["curve"][-1]["target_loss"])
-            for m in ms}
-    rest = [{"label": m, "method": ms[m], "lr": best[m]["lr"], "seed": s} for m in ms for s in args.seeds[1:]]
-    runs = list(best.values()) + (tune_runs(cfg, rest, args, tasks_file) if rest else [])
-    report = {"protocol": {k: v for k, v in vars(args).items()}, "experiment": cfg,
+    selection, chosen = select_rates(cfg, ms, grids, args, tasks_file)
+    reported = [{"label": m, "method": ms[m], "lr": chosen[m]["lr"], "seed": s} for m in ms for s in args.seeds]
+    runs = tune_runs(cfg, reported, args, tasks_file)
+    report = {"protocol": dict(vars(args)), "experiment": cfg,
               "pretraining": json.loads(Path(args.model, "pretraining.json").read_text())
               if Path(args.model, "pretraining.json").exists() else None,
-              "lr_search": [{"label": r["label"], "lr": r["lr"], "seed": r["seed"], "curve": r["curve"]}
-                            for r in searched],
-              "runs": runs, "wall_seconds": time.time() - start}
+              "selected": chosen, "selection_runs": selection, "runs": runs, "wall_seconds": time.time() - start}
     analyze(report, args.out, args.plot)
     print(f"wrote {args.out} and {args.plot} in {time.time() - start:.0f} s")
 
