@@ -83,10 +83,11 @@ def test_true_fisher_labels_of_a_language_model_are_next_tokens():
 
 def test_perplexity_forgetting_from_a_hand_computed_loss_matrix():
     L = [[math.log(10), math.log(50)], [math.log(12), math.log(20)]]  # source 10 -> 12, target 50 -> 20
-    assert M.perplexity_increase(L) == pytest.approx(2.0)
-    assert M.perplexity_increase_ratio(L) == pytest.approx(1.2)
+    assert M.loss_increase(L) == pytest.approx(math.log(1.2))  # nats: the source's cross-entropy rose by ln 1.2
     s = M.summarize_losses(L)
-    assert s["source/perplexity_before"] == pytest.approx(10) and s["target/final_perplexity"] == pytest.approx(20)
+    assert s["source/perplexity_ratio"] == pytest.approx(1.2) and s["forgetting/perplexity_ratio"] == pytest.approx(1.2)
+    assert s["source/perplexity_before"] == pytest.approx(10)
+    assert s["target/corpus_mean_perplexity"] == pytest.approx(20)
 
 
 def test_the_matrix_holds_the_score_the_config_names(decoder, tmp_path):
@@ -310,16 +311,17 @@ def test_lm_compare_end_to_end_logs_perplexity_curves_and_the_matrix(decoder, ra
         assert R.shape == L.shape == (2, 2) and res.task_kind == CAUSAL_LM
         assert L[1, 1] < L[0, 1]  # the code corpus was learned
         m = res.metrics
-        assert m["forgetting/perplexity_increase"] == pytest.approx(math.exp(L[1, 0]) - math.exp(L[0, 0]), rel=1e-6)
-        assert m["target/final_acc"] == pytest.approx(R[1, 1])
+        assert m["source/loss_increase"] == pytest.approx(L[1, 0] - L[0, 0], rel=1e-6)
+        assert m["source/perplexity_ratio"] == pytest.approx(math.exp(L[1, 0] - L[0, 0]), rel=1e-6)
+        assert m["acc"] == pytest.approx(R[1, 1])
         client = tracking.client(out.tracking_uri)
         run = client.get_run(res.mlflow_run_id)
-        assert "forgetting/perplexity_increase" in run.data.metrics
+        assert run.data.metrics["source/loss_increase"] == m["source/loss_increase"]  # full precision
         curve = client.get_metric_history(res.mlflow_run_id, "val/task/python_code/perplexity")
         assert len(curve) >= 2 and curve[-1].value < curve[0].value
         assert {a.path for a in client.list_artifacts(res.mlflow_run_id)} >= {"accuracy_matrix.png",
                                                                                 "accuracy_matrix.json"}
-    assert "ppl increase" in out.table()
+    assert "source loss increase" in out.table()
     # score: token_probability is read from the stored test results: the same runs (nothing retrained), R = exp(-L)
     again = forgetless.compare(cfg.model_copy(update={"score": "token_probability"}))
     for before, after in zip(out.results, again.results):

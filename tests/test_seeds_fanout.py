@@ -4,6 +4,7 @@ test_seeds_e2e.py."""
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 
@@ -26,8 +27,8 @@ def _result(label: str, seed: int, target: float, forgetting: float) -> Strategy
                        history=[], phase_log=[], trainable_params={}, global_step=10, wall_seconds=30.0 + seed,
                        train_seconds=1.0, mlflow_run_id=None, checkpoint_uri=None, evaluation="task_incremental",
                        seed=seed)
-    r.metrics = {"target/final_acc": target, "source/acc_before": 0.9, "source/acc_after": 0.9 - forgetting,
-                 "forgetting/max": forgetting, "bwt": -forgetting, "steps_to/90": 5.0,
+    r.metrics = {"acc": target, "source/acc_before": 0.9, "source/acc_after": 0.9 - forgetting,
+                 "forgetting/max": forgetting, "source/forgetting": forgetting, "bwt": math.nan, "steps_to/90": 5.0,
                  "trainable_params/max": 100.0, "wall_seconds": 30.0 + seed, "train_seconds": 1.0}
     return r
 
@@ -47,10 +48,10 @@ def test_aggregate_records_groups_by_label_in_order():
     assert [r["label"] for r in rows] == ["finetune", "linear_probe"]
     ft = rows[0]
     assert ft["n"] == 2
-    assert ft["target/final_acc/mean"] == pytest.approx(0.85)
+    assert ft["acc/mean"] == pytest.approx(0.85)
     assert ft["forgetting/max/sd"] == pytest.approx(math.sqrt(0.02))
     assert "seed/mean" not in ft and "mlflow_run_id/mean" not in ft  # identifiers are not averaged
-    assert rows[1]["n"] == 1 and math.isnan(rows[1]["target/final_acc/sd"])
+    assert rows[1]["n"] == 1 and math.isnan(rows[1]["acc/sd"])
 
 
 def test_seed_table_shows_mean_sd_and_n():
@@ -60,7 +61,9 @@ def test_seed_table_shows_mean_sd_and_n():
     assert "n" in header.split()
     assert row.split()[0] == "finetune" and row.split()[1] == "2"
     assert "85.0 ± 7.1" in row  # target acc: mean 85 %, sd 7.07 pp
-    assert "30.0 ± 14.1" in row  # forgetting: 20 and 40 %
+    assert "30.0 ± 14.1" in row  # the source's forgetting: 20 and 40 points
+    cells = dict(zip(re.split(r"\s{2,}", header), re.split(r"\s{2,}", row)))
+    assert cells["BWT pp"] == "-"  # undefined with one target, on every seed
     out = CompareResult("x", results, None, None, "sqlite:///x.db", seeds=[0, 1])
     assert out.table().startswith(table + "\nTest split: ")  # then its caption (and paired differences)
     assert [r["seed"] for r in out.records()] == [0, 1]
@@ -72,8 +75,9 @@ def test_parent_aggregates_use_the_child_runs_metric_names():
                         "sqlite:///x.db", seeds=[0, 1])
     agg = seed_aggregate_metrics(out)
     assert agg["finetune/n"] == 2
-    assert agg["finetune/target/final_acc_pct/mean"] == pytest.approx(85.0)
-    assert agg["finetune/forgetting/max_pp/sd"] == pytest.approx(100 * math.sqrt(0.02), abs=0.01)
+    assert agg["finetune/acc_pct/mean"] == pytest.approx(85.0)
+    assert agg["finetune/source/forgetting_pp/sd"] == pytest.approx(100 * math.sqrt(0.02))  # full precision
+    assert "finetune/bwt_pp/mean" not in agg  # undefined with one target: not logged
 
 
 def test_seeds_in_yaml_and_their_checks():

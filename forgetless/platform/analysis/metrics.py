@@ -1,14 +1,15 @@
 """Forgetting and learning-speed metrics: small pure functions over an accuracy matrix and learning curves.
 
-Conventions (documented in the README):
+Conventions (docs/metrics.md defines every metric with its formula and citation):
 - The stream is tasks 0..T where task 0 is the **source** task the backbone was pre-trained on and 1..T the targets.
-- R has shape (T+1, T+1): R[i][j] = test accuracy on task j after training stage i. Row 0 is the pre-trained backbone
+- R has shape (T+1, T+1): R[i][j] = test score on task j after training stage i. Row 0 is the pre-trained backbone
   before any target training (so R[0][j] for j >= 1 is b_j: the backbone with a fresh, untrained head for task j).
-- Treating the source as task 0 makes its loss part of BWT and forgetting: with one target (T = 1),
-  forgetting = R[0][0] - R[1][0] is exactly the source accuracy lost.
+- The standard continual-learning metrics (ACC, BWT, average incremental accuracy) average the learned tasks, the
+  targets 1..T; the source's own loss has its own metrics (`source_forgetting`, `source_retention`). Chaudhry's
+  forgetting averages every task learned before the last, the source included, and says so.
 - Causal-LM streams: R holds next-token accuracy (higher is better), so every metric above applies unchanged; the test
-  mean token losses form a second matrix L of the same shape (nats, lower is better), and perplexity = exp(L).
-  With `score: token_probability` R holds exp(-L) instead (`score_matrix`).
+  mean token losses form a second matrix L of the same shape (nats, lower is better): losses average and subtract,
+  perplexities (exp of a loss) multiply. With `score: token_probability` R holds exp(-L) instead (`score_matrix`).
 """
 from __future__ import annotations
 
@@ -25,26 +26,39 @@ def _as_matrix(R: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
 
 
 def final_accuracy(R) -> float:
-    """ACC = mean_j R[T][j] over all tasks (source included)."""
+    """ACC = mean_{j=1..T} R[T][j]: the targets' score after the last stage (A_T of Chaudhry et al. 2018, ACC of
+    Lopez-Paz & Ranzato 2017). The source is not one of the averaged tasks (`accuracy_with_source` counts it)."""
+    m = _as_matrix(R)
+    return float(m[-1, 1:].mean())
+
+
+def accuracy_with_source(R) -> float:
+    """mean_{j=0..T} R[T][j]: every column of the last row, the source counted as one more task (not the standard
+    ACC: with one target it is half source, half target)."""
     m = _as_matrix(R)
     return float(m[-1].mean())
 
 
 def average_incremental_accuracy(R) -> float:
-    """mean_i mean_{j<=i} R[i][j]: the average accuracy on the tasks seen so far, over all stages."""
+    """mean_{i=1..T} mean_{j=1..i} R[i][j]: the mean score on the targets learned so far, averaged over the stages
+    (Rebuffi et al. 2017, iCaRL's average incremental accuracy), the source not counted."""
     m = _as_matrix(R)
-    return float(np.mean([m[i, : i + 1].mean() for i in range(m.shape[0])]))
+    T = m.shape[0] - 1
+    return float(np.mean([m[i, 1 : i + 1].mean() for i in range(1, T + 1)]))
 
 
 def backward_transfer(R) -> float:
-    """BWT = mean_{j<T} (R[T][j] - R[j][j]) (Lopez-Paz & Ranzato 2017). Negative = forgetting."""
+    """BWT = mean_{j=1..T-1} (R[T][j] - R[j][j]) over the targets (Lopez-Paz & Ranzato 2017). Negative = forgetting.
+    NaN for a single target (the sum is empty): the source's loss is `source_forgetting`."""
     m = _as_matrix(R)
     T = m.shape[0] - 1
-    return float(np.mean([m[T, j] - m[j, j] for j in range(T)]))
+    vals = [m[T, j] - m[j, j] for j in range(1, T)]
+    return float(np.mean(vals)) if vals else float("nan")
 
 
 def forward_transfer(R) -> float:
-    """FWT = mean_{j>=2} (R[j-1][j] - b_j) with b_j = R[0][j] (Lopez-Paz & Ranzato 2017).
+    """FWT = mean_{j>=2} (R[j-1][j] - b_j) with b_j = R[0][j] (Lopez-Paz & Ranzato 2017; their b_j is a random
+    init, forgetless's is the pre-trained backbone with a fresh head: a probe baseline).
 
     NaN when there are fewer than two targets (the sum is empty).
     """
@@ -55,21 +69,22 @@ def forward_transfer(R) -> float:
 
 
 def forgetting_max(R) -> float:
-    """Chaudhry et al. 2018: mean_{j<T} ( max_{j<=l<T} R[l][j] - R[T][j] ), the drop from each task's best."""
+    """Forgetting (Chaudhry et al. 2018): mean_{j=0..T-1} ( max_{j<=l<T} R[l][j] - R[T][j] ), each task's drop from
+    its best score, **the source (j = 0) included** (its best over rows 0..T-1). A task's rows before it trained
+    (l < j: an untrained head) never count. With one target it is the source's drop, R[0][0] - R[1][0]."""
     m = _as_matrix(R)
     T = m.shape[0] - 1
     return float(np.mean([m[j:T, j].max() - m[T, j] for j in range(T)]))
 
 
-def forgetting_first(R) -> float:
-    """Avalanche's definition: mean_{j<T} ( R[j][j] - R[T][j] ), the drop from just after learning the task."""
+def source_forgetting(R) -> float:
+    """The source's drop from its best: max_{0<=l<T} R[l][0] - R[T][0] (Chaudhry's forgetting of task 0 alone)."""
     m = _as_matrix(R)
-    T = m.shape[0] - 1
-    return float(np.mean([m[j, j] - m[T, j] for j in range(T)]))
+    return float(m[:-1, 0].max() - m[-1, 0])
 
 
 def source_retention(R) -> float:
-    """Source accuracy after the last stage divided by before any target training."""
+    """R[T][0] / R[0][0]: the source score after the last stage as a fraction of the pre-trained model's."""
     m = _as_matrix(R)
     return float(m[-1, 0] / m[0, 0]) if m[0, 0] > 0 else float("nan")
 
@@ -120,49 +135,55 @@ def score_matrix(accuracy, losses, score: str) -> np.ndarray:
     raise ValueError(f"score must be one of {SCORES}, got {score!r}")
 
 
-def perplexity_increase(L) -> float:
-    """Forgetting in perplexity: mean_{j<T} (exp L[T][j] - exp L[j][j]), how much the perplexity of every earlier corpus
-    (the source included, j = 0: the pre-trained model) rose by the end of the stream. Higher = more forgetting;
-    negative = the earlier corpora got easier. L: test mean token losses, shaped like R."""
+def loss_increase(L) -> float:
+    """Forgetting of a causal-LM stream in nats: mean_{j=0..T-1} (L[T][j] - L[j][j]), how much each earlier corpus'
+    mean token loss rose from just after it was learned (the source, j = 0: from the pre-trained model) to the end
+    of the stream, averaged over the corpora (each corpus weighs the same), **the source included**. The change in
+    cross-entropy is PEFT's forgetting measure; positive = forgetting. L: test mean token losses, shaped like R."""
     m = _as_matrix(L)
     T = m.shape[0] - 1
-    return float(np.mean([perplexity(m[T, j]) - perplexity(m[j, j]) for j in range(T)]))
-
-
-def perplexity_increase_ratio(L) -> float:
-    """The same as a factor: mean_{j<T} exp(L[T][j] - L[j][j]) (1 = unchanged, 2 = twice as perplexed)."""
-    m = _as_matrix(L)
-    T = m.shape[0] - 1
-    return float(np.mean([np.exp(m[T, j] - m[j, j]) for j in range(T)]))
+    return float(np.mean([m[T, j] - m[j, j] for j in range(T)]))
 
 
 def summarize_losses(L) -> dict[str, float]:
-    """Loss-matrix metrics of a causal-LM stream (lower is better for every perplexity)."""
+    """Loss-matrix metrics of a causal-LM stream (nats; lower is better for every loss and perplexity). Losses are
+    averaged and subtracted; a perplexity is exp of such a loss and a perplexity ratio exp of a loss difference (never
+    an arithmetic mean or difference of perplexities). L stores one mean token loss per corpus, so an aggregate over
+    corpora is their mean, each corpus weighing the same, and named so (`corpus_mean`)."""
     m = _as_matrix(L)
+    target_loss = float(m[-1, 1:].mean())
+    forgetting = loss_increase(m)
     return {
-        "forgetting/perplexity_increase": perplexity_increase(m),
-        "forgetting/perplexity_ratio": perplexity_increase_ratio(m),
+        "source/loss_before": float(m[0, 0]),
+        "source/loss_after": float(m[-1, 0]),
+        "source/loss_increase": float(m[-1, 0] - m[0, 0]),
         "source/perplexity_before": perplexity(m[0, 0]),
         "source/perplexity_after": perplexity(m[-1, 0]),
-        "target/final_perplexity": float(np.mean([perplexity(v) for v in m[-1, 1:]])),
+        "source/perplexity_ratio": perplexity(m[-1, 0] - m[0, 0]),
+        "target/corpus_mean_loss": target_loss,
+        "target/corpus_mean_perplexity": perplexity(target_loss),
+        "forgetting/loss_increase": forgetting,
+        "forgetting/perplexity_ratio": perplexity(forgetting),
     }
 
 
 def summarize(R) -> dict[str, float]:
     """Every matrix-derived metric that measures something, as fractions (results.SUMMARY_METRICS names them in MLflow).
+    `bwt` is NaN (not logged, shown as "-") for a single target.
 
     FWT is left out: R[j-1][j] and b_j = R[0][j] are both scored by task j's head before task j trains, and every
     forgetless strategy gives a task a fresh head, so their difference is chance-level noise (`forward_transfer` stays
     for streams whose heads are shared).
     """
+    m = _as_matrix(R)
     return {
-        "acc": final_accuracy(R),
-        "avg_inc_acc": average_incremental_accuracy(R),
-        "bwt": backward_transfer(R),
-        "forgetting/max": forgetting_max(R),
-        "forgetting/first": forgetting_first(R),
-        "source/retention": source_retention(R),
-        "source/acc_before": float(_as_matrix(R)[0, 0]),
-        "source/acc_after": float(_as_matrix(R)[-1, 0]),
-        "target/final_acc": float(np.mean(_as_matrix(R)[-1, 1:])),
+        "acc": final_accuracy(m),
+        "acc_with_source": accuracy_with_source(m),
+        "avg_inc_acc": average_incremental_accuracy(m),
+        "bwt": backward_transfer(m),
+        "forgetting/max": forgetting_max(m),
+        "source/forgetting": source_forgetting(m),
+        "source/retention": source_retention(m),
+        "source/acc_before": float(m[0, 0]),
+        "source/acc_after": float(m[-1, 0]),
     }

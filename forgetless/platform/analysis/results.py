@@ -10,6 +10,9 @@ import numpy as np
 from forgetless.platform.analysis import metrics as M
 from forgetless.platform.analysis import paired as paired_stats
 from forgetless.platform.analysis import tradeoff
+# the metric names (MLflow's and the old ones) live in metric_names; results re-exports what callers import from it
+from forgetless.platform.analysis.metric_names import (  # noqa: F401 - re-exported
+    SUMMARY_METRICS, metrics_from_mlflow, read_metrics, summary_metrics)
 
 
 @dataclass
@@ -45,46 +48,6 @@ class Trajectory:
     @classmethod
     def from_dict(cls, d: dict[str, Any], reused: bool = False) -> "Trajectory":
         return cls(d["run_name"], d["uri"], [StopPoint(**s) for s in d["stop_points"]], d.get("mlflow_run_id"), reused)
-
-
-# The one-number results as MLflow metrics: logged at step 0 (MLflow draws one bar per run for a metric with a single
-# step-0 value) in the units the comparison table prints, which the names say: `_pct` percent, `_pp` percentage points.
-# StrategyResult.metrics key -> (MLflow name, scale, decimals)
-SUMMARY_METRICS: dict[str, tuple[str, float, int]] = {
-    "forgetting/max": ("forgetting/max_pp", 100.0, 2),
-    "forgetting/first": ("forgetting/first_pp", 100.0, 2),
-    "bwt": ("bwt_pp", 100.0, 2),
-    "acc": ("acc_pct", 100.0, 2),
-    "avg_inc_acc": ("avg_inc_acc_pct", 100.0, 2),
-    "target/final_acc": ("target/final_acc_pct", 100.0, 2),
-    "source/acc_before": ("source/acc_before_pct", 100.0, 2),
-    "source/acc_after": ("source/acc_after_pct", 100.0, 2),
-    "source/retention": ("source/retention_pct", 100.0, 2),
-    "aulc": ("aulc_pct", 100.0, 2),
-    "source/auc": ("source/auc_pct", 100.0, 2),
-    # causal-LM streams (lower is better): perplexity = exp(mean token loss), docs/language_models.md
-    "forgetting/perplexity_increase": ("forgetting/perplexity_increase", 1.0, 3),
-    "forgetting/perplexity_ratio": ("forgetting/perplexity_ratio", 1.0, 4),
-    "source/perplexity_before": ("source/perplexity_before", 1.0, 3),
-    "source/perplexity_after": ("source/perplexity_after", 1.0, 3),
-    "target/final_perplexity": ("target/final_perplexity", 1.0, 3),
-    "steps_to/90": ("steps_to/90", 1.0, 1),
-    "steps_to/95": ("steps_to/95", 1.0, 1),
-    "trainable_params/max": ("trainable_params/max", 1.0, 0),
-    "optimizer_steps": ("optimizer_steps", 1.0, 0),
-    "wall_seconds": ("wall_seconds", 1.0, 1),
-    "train_seconds": ("train_seconds", 1.0, 1),
-}
-
-
-def summary_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """`metrics` (fractions, StrategyResult.metrics) under their MLflow names, scaled and rounded."""
-    out = {}
-    for key, (name, scale, decimals) in SUMMARY_METRICS.items():
-        v = metrics.get(key)
-        if v is not None and not math.isnan(v):
-            out[name] = round(scale * v, decimals)
-    return out
 
 
 @dataclass
@@ -272,21 +235,28 @@ def _fmt(v: float | None, pct: bool = False) -> str:
     return f"{100 * v:.1f}" if pct else f"{v:.0f}" if abs(v) >= 100 or float(v).is_integer() else f"{v:.2f}"
 
 
-# the table's columns: header, metric key, shown as a percentage
-TABLE_COLUMNS = [("target acc %", "target/final_acc", True), ("source before %", "source/acc_before", True),
-                 ("source after %", "source/acc_after", True), ("forgetting %", "forgetting/max", True),
-                 ("BWT %", "bwt", True), ("steps to 90%", "steps_to/90", False),
+# the table's columns: header, metric key, shown as a percentage (docs/metrics.md defines each). ACC and BWT are over
+# the targets (BWT "-" with one target); the source's own loss is its own column; Chaudhry's forgetting (every task
+# before the last, the source included) only where there are several targets: with one it is the source's forgetting.
+TABLE_COLUMNS = [("ACC %", "acc", True), ("source before %", "source/acc_before", True),
+                 ("source after %", "source/acc_after", True), ("source forgetting pp", "source/forgetting", True),
+                 ("BWT pp", "bwt", True), ("steps to 90%", "steps_to/90", False),
                  ("trainable", "trainable_params/max", False)]
+SEVERAL_TARGETS_COLUMNS = [("forgetting pp", "forgetting/max", True)]
 # causal-LM streams add perplexity columns after BWT (their accuracies are next-token accuracies)
-PERPLEXITY_COLUMNS = [("target ppl", "target/final_perplexity", False),
+PERPLEXITY_COLUMNS = [("target ppl", "target/corpus_mean_perplexity", False),
                       ("source ppl before", "source/perplexity_before", False),
                       ("source ppl after", "source/perplexity_after", False),
-                      ("ppl increase", "forgetting/perplexity_increase", False)]
+                      ("source loss increase", "source/loss_increase", False)]
 
 
-def table_columns(results: list[StrategyResult]) -> list[tuple[str, str, bool]]:
-    lm = any("forgetting/perplexity_increase" in r.metrics for r in results)
-    return TABLE_COLUMNS[:5] + (PERPLEXITY_COLUMNS if lm else []) + TABLE_COLUMNS[5:]
+def table_columns(results: list) -> list[tuple[str, str, bool]]:
+    """The columns of the comparison table of `results` (StrategyResults, or anything with `metrics` and
+    `task_names`)."""
+    lm = any("source/loss_increase" in r.metrics for r in results)
+    several = any(len(getattr(r, "task_names", ())) > 2 for r in results)
+    return (TABLE_COLUMNS[:4] + (SEVERAL_TARGETS_COLUMNS if several else []) + TABLE_COLUMNS[4:5]
+            + (PERPLEXITY_COLUMNS if lm else []) + TABLE_COLUMNS[5:])
 
 
 def format_table(results: list[StrategyResult]) -> str:

@@ -58,15 +58,25 @@ def finish_run_outputs(cfg: ExperimentConfig, res: StrategyResult, uri: str, fil
     summary = summary_metrics(res.metrics)
     description = review.child_description(res, _strategy_doc(res.strategy))
     with timing.timed(res.seconds, "mlflow_artifacts"):
-        tracking.log_metrics(uri, res.mlflow_run_id, summary, step=0)
         review.set_description(uri, res.mlflow_run_id, description)
-        if files.model_id is not None:
-            model_export.describe_model(uri, res.mlflow_run_id, files.model_id, description + MODEL_IO_NOTE, summary)
+        log_summary(uri, res.mlflow_run_id, summary, files.model_id, description)
     # The run ends when its training ended, not when the last strategy's artifacts are logged; a run reused from an
     # earlier invocation keeps the end time it had.
     c = tracking.client(uri)
     c.set_terminated(res.mlflow_run_id, "FINISHED", end_time=c.get_run(res.mlflow_run_id).info.end_time
                      or res.ended_at_ms)
+
+
+def log_summary(uri: str, run_id: str, summary: dict[str, float], model_id: str | None, description: str) -> None:
+    """Each summary metric once per run, at step 0. With a logged model, the one write links it to the model:
+    MLflow records a model-linked metric on its run as well, so logging it on the run too doubled every point. A run
+    re-used from an earlier invocation keeps the summary points it has (logged by the invocation that trained it)."""
+    have = tracking.client(uri).get_run(run_id).data.metrics
+    new = {k: v for k, v in summary.items() if k not in have}
+    if model_id is None:
+        tracking.log_metrics(uri, run_id, new, step=0)
+    else:
+        model_export.describe_model(uri, run_id, model_id, description + MODEL_IO_NOTE, new)
 
 
 MODEL_IO_NOTE = ("\n\nInput: a batch of the tasks' inputs; output: every task head's logits, concatenated (the model's "

@@ -21,7 +21,7 @@ from plotly.subplots import make_subplots
 from forgetless.errors import ConfigError
 from forgetless.platform.tracking import run_descriptions as review
 from forgetless.platform.tracking import mlflow_runs as tracking
-from forgetless.platform.analysis.results import CompareResult, format_table
+from forgetless.platform.analysis.results import CompareResult, format_table, read_metrics
 
 REPORT_FILE = "comparison_report.html"
 COMPARISON_FILE = "comparison.json"
@@ -69,7 +69,9 @@ def load_comparison(uri: str, parent_run_id: str) -> ComparisonView:
         for i, row in enumerate(rows):
             hist = json.loads(Path(c.download_artifacts(row["mlflow_run_id"], HISTORY_FILE, f"{d}/{i}")).read_text())
             wall = c.get_run(row["mlflow_run_id"]).data.metrics.get("wall_seconds", math.nan)
-            views.append(StrategyView(row["label"], row["metrics"], row["R"], row["task_names"], hist["history"],
+            # a comparison logged before the standard metric definitions is read under today's (results.read_metrics)
+            views.append(StrategyView(row["label"], read_metrics(row["metrics"], row["R"]), row["R"],
+                                      row["task_names"], hist["history"],
                                       hist.get("phases", []), row["mlflow_run_id"], wall))
     name = parent.data.tags.get("forgetless.name", parent.info.run_name)
     return ComparisonView(name, views)
@@ -131,14 +133,16 @@ def heatmaps_figure(view: ComparisonView) -> go.Figure:
 
 
 def scatter_figure(view: ComparisonView) -> go.Figure:
-    """Each strategy a point: forgetting (x) vs final target accuracy (y); the best corner is top left."""
+    """Each strategy a point: the source's forgetting (x) vs ACC, the final target accuracy (y); the best corner is top
+    left."""
     fig = go.Figure()
     for s in view.strategies:
-        fig.add_trace(go.Scatter(x=[100 * s.metrics["forgetting/max"]], y=[100 * s.metrics["target/final_acc"]],
+        fig.add_trace(go.Scatter(x=[100 * s.metrics["source/forgetting"]], y=[100 * s.metrics["acc"]],
                                  mode="markers+text", text=[s.label], textposition="top center", name=s.label,
                                  marker={"size": 14}))
-    fig.update_layout(title="Learning vs forgetting (test split)", xaxis_title="forgetting (percentage points)",
-                      yaxis_title="final target accuracy (%)", height=420)
+    fig.update_layout(title="Learning vs forgetting (test split)",
+                      xaxis_title="source forgetting (percentage points)", yaxis_title="ACC: final target accuracy (%)",
+                      height=420)
     return fig
 
 
@@ -147,13 +151,13 @@ def scatter_figure(view: ComparisonView) -> go.Figure:
 
 
 def _table_html(view: ComparisonView) -> str:
-    head = ("<tr><th>strategy</th><th>target acc %</th><th>source before %</th><th>source after %</th>"
-            "<th>forgetting pp</th><th>BWT pp</th><th>steps to 90%</th></tr>")
+    head = ("<tr><th>strategy</th><th>ACC %</th><th>source before %</th><th>source after %</th>"
+            "<th>source forgetting pp</th><th>BWT pp</th><th>steps to 90%</th></tr>")
     rows = []
     for s in view.strategies:
         m = s.metrics
-        cells = [f"{100 * m[k]:.1f}" if not math.isnan(m[k]) else "-" for k in
-                 ("target/final_acc", "source/acc_before", "source/acc_after", "forgetting/max", "bwt")]
+        cells = [f"{100 * m[k]:.1f}" if not math.isnan(m.get(k, math.nan)) else "-" for k in
+                 ("acc", "source/acc_before", "source/acc_after", "source/forgetting", "bwt")]
         steps = "-" if math.isnan(m["steps_to/90"]) else f"{m['steps_to/90']:.0f}"
         rows.append("<tr><td>" + html.escape(s.label) + "</td>" + "".join(f"<td>{c}</td>" for c in cells)
                     + f"<td>{steps}</td></tr>")

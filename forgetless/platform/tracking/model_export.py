@@ -22,7 +22,7 @@ from forgetless.platform.tracking import mlflow_runs as tracking
 
 INPUT_EXAMPLE_ROWS = 4  # > 1, so torch.export keeps the batch dimension dynamic
 # Registered-model tags: the forgetting and learning metrics a reviewer compares versions by (MLflow names).
-REGISTRY_TAG_METRICS = ("forgetting/max_pp", "forgetting/first_pp", "bwt_pp", "target/final_acc_pct",
+REGISTRY_TAG_METRICS = ("forgetting/max_pp", "source/forgetting_pp", "bwt_pp", "acc_pct",
                         "source/acc_before_pct", "source/acc_after_pct", "steps_to/90")
 LABEL_TAG = "forgetless.label"
 MODEL_ID_TAG = "forgetless.model_id"

@@ -46,11 +46,11 @@ def findings(results: Sequence[StrategyResult]) -> list[str]:
     """One sentence per finding: who forgot most (and least), who reached the learning-speed threshold first, who
     ended with the best target accuracy."""
     out = []
-    most = max(results, key=lambda r: r.metrics["forgetting/max"])
-    least = min(results, key=lambda r: r.metrics["forgetting/max"])
-    out.append(f"**{most.label}** forgot most: the source fell {_pp(most.metrics['forgetting/max'])} points "
+    most = max(results, key=lambda r: r.metrics["source/forgetting"])
+    least = min(results, key=lambda r: r.metrics["source/forgetting"])
+    out.append(f"**{most.label}** forgot most: the source fell {_pp(most.metrics['source/forgetting'])} points "
                f"(from {_pp(most.metrics['source/acc_before'])}% to {_pp(most.metrics['source/acc_after'])}%)"
-               + (f"; **{least.label}** forgot least ({_pp(least.metrics['forgetting/max'])} points)."
+               + (f"; **{least.label}** forgot least ({_pp(least.metrics['source/forgetting'])} points)."
                   if least is not most else "."))
     reached = [r for r in results if not math.isnan(r.metrics["steps_to/90"])]
     if reached:
@@ -59,8 +59,8 @@ def findings(results: Sequence[StrategyResult]) -> list[str]:
                    f"strategy reached after {fastest.metrics['steps_to/90']:.0f} optimizer steps.")
     else:
         out.append("No strategy reached 90% of the best target accuracy.")
-    best = max(results, key=lambda r: r.metrics["target/final_acc"])
-    out.append(f"**{best.label}** ended with the best target accuracy: {_pp(best.metrics['target/final_acc'])}% "
+    best = max(results, key=lambda r: r.metrics["acc"])
+    out.append(f"**{best.label}** ended with the best target accuracy (ACC): {_pp(best.metrics['acc'])}% "
                f"(test split).")
     return out
 
@@ -75,21 +75,23 @@ def parent_description(out: CompareResult) -> str:
         lines += ["", f"Mean ± sd over seeds {', '.join(map(str, out.seeds))} (n runs each; per-seed runs below; "
                       f"the aggregates are the parent's metrics `<strategy>/<metric>/mean` and `.../sd`):", "",
                   "```", out.table(), "```"]
-    lines += ["", "| strategy | target acc % | source before % | source after % | forgetting pp | BWT pp | "
+    lines += ["", "| strategy | ACC % | source before % | source after % | source forgetting pp | BWT pp | "
                   "steps to 90% | wall s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in out.results:
         m = r.metrics
         label = r.run_label(several)
         name = f"[{label}]({run_path(out.experiment_id, r.mlflow_run_id)})" if r.mlflow_run_id else label
         steps = "-" if math.isnan(m["steps_to/90"]) else f"{m['steps_to/90']:.0f}"
-        lines.append(f"| {name} | {_pp(m['target/final_acc'])} | {_pp(m['source/acc_before'])} | "
-                     f"{_pp(m['source/acc_after'])} | {_pp(m['forgetting/max'])} | {_pp(m['bwt'])} | {steps} | "
-                     f"{r.wall_seconds:.0f} |")
-    lines += ["", "Accuracies are on the test split (the accuracy matrix R); *forgetting* = the source accuracy lost "
-                  "(Chaudhry et al.), *steps to 90%* = optimizer steps until the target's validation accuracy first "
-                  "reached 90% of the best any strategy reached. Charts: one bar per strategy for every summary "
-                  "metric (`forgetting/max_pp`, `steps_to/90`, ...). Curves, heatmaps and the learning-vs-forgetting "
-                  "scatter: the artifact `comparison_report.html` (opens offline)."]
+        lines.append(f"| {name} | {_pp(m['acc'])} | {_pp(m['source/acc_before'])} | "
+                     f"{_pp(m['source/acc_after'])} | {_pp(m['source/forgetting'])} | {_pp(m.get('bwt'))} | "
+                     f"{steps} | {r.wall_seconds:.0f} |")
+    lines += ["", "Accuracies are on the test split (the accuracy matrix R); *ACC* = mean target accuracy after the "
+                  "last stage, *BWT* = mean change of the earlier targets (Lopez-Paz & Ranzato 2017; - with one "
+                  "target), *source forgetting* = the source accuracy lost from its best (Chaudhry et al. 2018), "
+                  "*steps to 90%* = optimizer steps until the target's validation accuracy first "
+                  "reached 90% of the best any strategy reached (docs/metrics.md). Charts: one bar per strategy for "
+                  "every summary metric (`source/forgetting_pp`, `steps_to/90`, ...). Curves, heatmaps and the "
+                  "learning-vs-forgetting scatter: the artifact `comparison_report.html` (opens offline)."]
     return "\n".join(lines)
 
 
@@ -102,9 +104,9 @@ def child_description(r: StrategyResult, strategy_doc: str | None) -> str:
     m = r.metrics
     steps = "never reached" if math.isnan(m["steps_to/90"]) else f"{m['steps_to/90']:.0f} steps"
     return (f"**{r.label}** ({strategy_summary(strategy_doc)})\n\n"
-            f"Target accuracy {_pp(m['target/final_acc'])}% (test); source {_pp(m['source/acc_before'])}% → "
-            f"{_pp(m['source/acc_after'])}% (forgetting {_pp(m['forgetting/max'])} pp); 90% of the best target "
-            f"accuracy: {steps}; {m['optimizer_steps']:.0f} optimizer steps, {r.wall_seconds:.0f} s.")
+            f"ACC {_pp(m['acc'])}% (test); source {_pp(m['source/acc_before'])}% → "
+            f"{_pp(m['source/acc_after'])}% (source forgetting {_pp(m['source/forgetting'])} pp); 90% of the best "
+            f"target accuracy: {steps}; {m['optimizer_steps']:.0f} optimizer steps, {r.wall_seconds:.0f} s.")
 
 
 def experiment_description(name: str, experiment_id: str, parent_run_id: str) -> str:
