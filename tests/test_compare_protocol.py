@@ -96,3 +96,38 @@ def test_parent_metrics_carry_the_paired_differences():
     assert m["lwf/vs_finetune/source/forgetting/n"] == 2
     assert 0 < m["lwf/vs_finetune/source/forgetting/p_value"] < 1
     assert not any(k.startswith("finetune/vs_") for k in m)  # the reference is not compared with itself
+
+
+def test_parent_description_says_splits_steps_front_and_paired():
+    from forgetless.platform.tracking import run_descriptions as review
+
+    results = [_result("finetune", 0, 0.90, 0.30), _result("lwf", 0, 0.70, 0.05, steps=18),
+               _result("ewc", 0, 0.80, 0.35), _result("finetune", 1, 0.88, 0.32),
+               _result("lwf", 1, 0.72, 0.08, steps=18), _result("ewc", 1, 0.79, 0.36)]
+    text = review.parent_description(CompareResult("x", results, None, None, "sqlite:///x.db", seeds=[0, 1]))
+    assert "test split" in text and "validation data" in text
+    assert "Optimizer steps over all phases: finetune 20, lwf 18, ewc 20." in text
+    assert "**Pareto front** of ACC (higher) vs source forgetting (lower) on the means over seeds: **finetune**, " \
+           "**lwf** (" in text
+    paired_rows = [line for line in text.splitlines() if line.startswith("| ewc | source forgetting | 2 |")]
+    assert len(paired_rows) == 1 and "+4.5 ± 0.7" in paired_rows[0]
+    one = review.parent_description(CompareResult("x", results[:3], None, None, "sqlite:///x.db", seeds=[0]))
+    assert "Paired differences" not in one and "on the means" not in one
+    assert review.SPLIT_NOTE in review.child_description(results[0], "finetune: every parameter trains")
+
+
+def test_report_scatter_draws_the_front_through_the_means():
+    from forgetless.platform.tracking import html_report
+
+    results = [_result("finetune", 0, 0.90, 0.30), _result("lwf", 0, 0.70, 0.05), _result("ewc", 0, 0.75, 0.40),
+               _result("finetune", 1, 0.90, 0.30), _result("lwf", 1, 0.72, 0.08), _result("ewc", 1, 0.95, 0.30)]
+    view = html_report.ComparisonView.of(CompareResult("x", results, None, None, "sqlite:///x.db", seeds=[0, 1]))
+    traces = {t.name: t for t in html_report.scatter_figure(view).data}
+    front = traces["Pareto front (means over seeds)"]
+    # by increasing forgetting: lwf (6.5 pp, 71%), finetune (30 pp, 90%); ewc's mean (35, 85) is dominated
+    assert list(front.x) == pytest.approx([6.5, 30.0]) and list(front.y) == pytest.approx([71.0, 90.0])
+    assert list(traces["mean over seeds"].text) == ["finetune", "lwf", "ewc"]
+    one = html_report.ComparisonView.of(CompareResult("x", results[3:], None, None, "sqlite:///x.db", seeds=[1]))
+    traces = {t.name: t for t in html_report.scatter_figure(one).data}
+    # one seed: ewc's run (30 pp, 95%) dominates finetune's (30, 90)
+    assert list(traces["Pareto front"].x) == pytest.approx([8.0, 30.0]) and "mean over seeds" not in traces

@@ -94,7 +94,9 @@ def test_html_report_is_self_contained_and_carries_the_numbers(compared, tmp_pat
     assert heat.zmid == 0 and heat.zmin == -heat.zmax  # diverging, centred on row 0
     assert heat.z[1][0] == pytest.approx(-8.0)  # finetune's source lost 8 points
     scatter = report_html.scatter_figure(view)
-    assert [(t.x[0], t.y[0]) for t in scatter.data] == [pytest.approx((8.0, 95.0)), pytest.approx((0.0, 85.0))]
+    runs, front = scatter.data[:2], scatter.data[2]  # one point per strategy, then the Pareto front through them
+    assert [(t.x[0], t.y[0]) for t in runs] == [pytest.approx((8.0, 95.0)), pytest.approx((0.0, 85.0))]
+    assert front.name == "Pareto front" and list(front.x) == pytest.approx([0.0, 8.0])  # neither dominates
     assert not math.isnan(view.strategies[0].metrics["aulc"])
 
 

@@ -128,16 +128,22 @@ def _pp(v: float, signed: bool = True) -> str:
     return "-" if math.isnan(v) else f"{100 * v:+.1f}" if signed else f"{100 * v:.1f}"
 
 
+PAIRED_HEADERS = ["strategy", "metric", "n", "Δ pp (mean ± sd)", "95% CI (bootstrap)", "p (paired t)", "verdict"]
+
+
+def paired_row(d: PairedDifference) -> list[str]:
+    """One difference as the cells under PAIRED_HEADERS."""
+    return [d.label, METRIC_HEADERS.get(d.metric, d.metric), str(d.n),
+            _pp(d.mean) + ("" if math.isnan(d.sd) else f" ± {_pp(d.sd, signed=False)}"),
+            f"[{_pp(d.ci_low)}, {_pp(d.ci_high)}]", "-" if math.isnan(d.p_value) else f"{d.p_value:.3g}", verdict(d)]
+
+
 def format_paired_table(diffs: Sequence[PairedDifference]) -> str:
     """One row per strategy and metric: n, the mean ± sd of the per-seed differences (percentage points), the
     bootstrap 95% interval, the paired t-test p-value and the verdict."""
     if not diffs:
         return ""
-    headers = ["strategy", "metric", "n", "Δ pp (mean ± sd)", "95% CI (bootstrap)", "p (paired t)", "verdict"]
-    rows = [[d.label, METRIC_HEADERS.get(d.metric, d.metric), str(d.n),
-             _pp(d.mean) + ("" if math.isnan(d.sd) else f" ± {_pp(d.sd, signed=False)}"),
-             f"[{_pp(d.ci_low)}, {_pp(d.ci_high)}]", "-" if math.isnan(d.p_value) else f"{d.p_value:.3g}", verdict(d)]
-            for d in diffs]
+    headers, rows = PAIRED_HEADERS, [paired_row(d) for d in diffs]
     widths = [max(len(x) for x in col) for col in zip(headers, *rows)]
     line = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
                                    for i, (c, w) in enumerate(zip(cells, widths)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ import plotly.io as pio
 from plotly.subplots import make_subplots
 
 from forgetless.errors import ConfigError
+from forgetless.platform.analysis import tradeoff
 from forgetless.platform.tracking import run_descriptions as review
 from forgetless.platform.tracking import mlflow_runs as tracking
 from forgetless.platform.analysis.results import CompareResult, format_table, read_metrics
@@ -140,10 +142,37 @@ def scatter_figure(view: ComparisonView) -> go.Figure:
         fig.add_trace(go.Scatter(x=[100 * s.metrics["source/forgetting"]], y=[100 * s.metrics["acc"]],
                                  mode="markers+text", text=[s.label], textposition="top center", name=s.label,
                                  marker={"size": 14}))
+    add_front(fig, view)
     fig.update_layout(title="Learning vs forgetting (test split)",
                       xaxis_title="source forgetting (percentage points)", yaxis_title="ACC: final target accuracy (%)",
                       height=420)
     return fig
+
+
+SEED_SUFFIX = re.compile(r" \(seed -?\d+\)$")  # results.StrategyResult.run_label's suffix
+
+
+def strategy_points(view: ComparisonView) -> list[dict]:
+    """One record per run: its strategy's label (without the seed suffix), ACC and the source's forgetting."""
+    return [{"label": SEED_SUFFIX.sub("", s.label), tradeoff.LEARNING: s.metrics.get(tradeoff.LEARNING, math.nan),
+             tradeoff.FORGETTING: s.metrics.get(tradeoff.FORGETTING, math.nan)} for s in view.strategies]
+
+
+def add_front(fig: go.Figure, view: ComparisonView) -> None:
+    """The Pareto front of ACC vs source forgetting (analysis/tradeoff.py) drawn through its strategies, by increasing
+    forgetting; with several seeds it joins the strategies' means over seeds, each drawn as an open diamond."""
+    records = strategy_points(view)
+    means, front = tradeoff.label_means(records), tradeoff.label_front(records)
+    several = len(records) > len(means)
+    if several:
+        fig.add_trace(go.Scatter(x=[100 * m[tradeoff.FORGETTING] for m in means.values()],
+                                 y=[100 * m[tradeoff.LEARNING] for m in means.values()], mode="markers+text",
+                                 text=list(means), textposition="bottom center", name="mean over seeds",
+                                 marker={"size": 16, "symbol": "diamond-open", "color": "black"}))
+    on = sorted((100 * m[tradeoff.FORGETTING], 100 * m[tradeoff.LEARNING]) for lb, m in means.items() if front[lb])
+    fig.add_trace(go.Scatter(x=[x for x, _ in on], y=[y for _, y in on], mode="lines+markers",
+                             name="Pareto front" + (" (means over seeds)" if several else ""),
+                             line={"dash": "dash", "color": "black"}, marker={"size": 6, "color": "black"}))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

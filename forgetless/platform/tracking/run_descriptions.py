@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from forgetless.platform.tracking import mlflow_runs as tracking
+from forgetless.platform.analysis import paired as paired_stats
 from forgetless.platform.analysis.results import CompareResult, StrategyResult
 
 NOTE_TAG = "mlflow.note.content"
@@ -92,7 +93,31 @@ def parent_description(out: CompareResult) -> str:
                   "reached 90% of the best any strategy reached (docs/metrics.md). Charts: one bar per strategy for "
                   "every summary metric (`source/forgetting_pp`, `steps_to/90`, ...). Curves, heatmaps and the "
                   "learning-vs-forgetting scatter: the artifact `comparison_report.html` (opens offline)."]
-    return "\n".join(lines)
+    return "\n".join(lines + protocol_lines(out))
+
+
+SPLIT_NOTE = ("Selection (stop rules, early stopping, trajectory steps) on validation data; every reported "
+              "accuracy on the test split.")
+
+
+def protocol_lines(out: CompareResult) -> list[str]:
+    """The protocol's part of the parent's description (docs/protocol.md): the splits, each strategy's optimizer
+    steps, the learning-vs-forgetting front and, with several seeds, the paired differences from the reference."""
+    several = len(out.seeds) > 1
+    records = out.records()
+    front = [lb for lb in out.labels() if next(r["pareto"] for r in records if r["label"] == lb)]
+    steps = {lb: sorted({int(r.global_step) for r in out.runs(lb)}) for lb in out.labels()}
+    lines = ["", f"**Protocol.** {SPLIT_NOTE} Optimizer steps over all phases: "
+             + ", ".join(f"{lb} {'/'.join(map(str, s))}" for lb, s in steps.items()) + ".",
+             "", f"**Pareto front** of ACC (higher) vs source forgetting (lower)"
+             + (" on the means over seeds" if several else "") + ": "
+             + ", ".join(f"**{lb}**" for lb in front) + " (no other strategy is better on both)."]
+    diffs = out.paired()
+    if diffs:
+        lines += ["", paired_stats.paired_caption(out.reference_label()), "",
+                  "| " + " | ".join(paired_stats.PAIRED_HEADERS) + " |", "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+        lines += ["| " + " | ".join(paired_stats.paired_row(d)) + " |" for d in diffs]
+    return lines
 
 
 def strategy_summary(strategy_doc: str | None) -> str:
@@ -106,7 +131,8 @@ def child_description(r: StrategyResult, strategy_doc: str | None) -> str:
     return (f"**{r.label}** ({strategy_summary(strategy_doc)})\n\n"
             f"ACC {_pp(m['acc'])}% (test); source {_pp(m['source/acc_before'])}% → "
             f"{_pp(m['source/acc_after'])}% (source forgetting {_pp(m['source/forgetting'])} pp); 90% of the best "
-            f"target accuracy: {steps}; {m['optimizer_steps']:.0f} optimizer steps, {r.wall_seconds:.0f} s.")
+            f"target accuracy: {steps}; {m['optimizer_steps']:.0f} optimizer steps, {r.wall_seconds:.0f} s. "
+            + SPLIT_NOTE)
 
 
 def experiment_description(name: str, experiment_id: str, parent_run_id: str) -> str:
