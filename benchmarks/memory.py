@@ -113,6 +113,7 @@ def worker(args: argparse.Namespace) -> None:
     from forgetless.config import DeepSpeedSpec, OptimConfig
     from forgetless.platform.worker import checkpoints
     from forgetless.platform.worker import engine as ds
+    from forgetless.platform.worker import zero3_partitions as z3
 
     torch.set_num_threads(args.threads)
     deepspeed.init_distributed(dist_backend="nccl" if args.gpu else "gloo")
@@ -133,7 +134,7 @@ def worker(args: argparse.Namespace) -> None:
     def build():
         from contextlib import nullcontext
 
-        with ds.partitioned_construction(cfg) if after else nullcontext():
+        with z3.partitioned_construction(cfg) if after else nullcontext():
             model = TransferModel(build_backbone(f"hf:{args.folder}", (2, SEQ)), [2], seed=0)
         return model.to(device)
 
@@ -158,7 +159,7 @@ def worker(args: argparse.Namespace) -> None:
     result["construction"] = sampler.stage()
     if args.part == "resume":  # a fresh process, as after a lost worker: the checkpoint the first part wrote
         if after:
-            ds.load_partition_state(model, checkpoints.safe_torch_load(ckpt / f"part{rank}.pt",
+            z3.load_partition_state(model, checkpoints.safe_torch_load(ckpt / f"part{rank}.pt",
                                                                        deepspeed_types=False))
         else:
             model.load_state_dict(checkpoints.safe_torch_load(ckpt / "model.pt", map_location="cpu",
@@ -176,7 +177,7 @@ def worker(args: argparse.Namespace) -> None:
     result["step"] = sampler.stage()
     eng.save_checkpoint(str(ckpt), tag="ds")  # DeepSpeed's own shards: every rank, both modes
     if after:  # each rank's weight partition
-        torch.save(ds.partition_state(model), ckpt / f"part{rank}.pt")
+        torch.save(z3.partition_state(model), ckpt / f"part{rank}.pt")
     else:  # the consolidated model.pt, gathered whole on every rank under ZeRO-3 (rank 0 keeps the copy)
         state = ds.consolidated_state_dict(model, 3, rank)
         if rank == 0:

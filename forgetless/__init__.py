@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import TYPE_CHECKING, Any, Union
+import signal
+import threading
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator, Union
 
 if TYPE_CHECKING:
     from forgetless.config import ExperimentConfig, load_config, select_strategy
@@ -45,8 +48,9 @@ def run(config: ConfigLike, strategy: str | None = None, overrides: list[str] | 
     from forgetless.config import load_config, select_strategy
     from forgetless.platform.driver.runner import execute
 
-    cfg = select_strategy(load_config(config, overrides), strategy)
-    return execute(cfg, "run").results[0]
+    with _caller_state_kept():
+        cfg = select_strategy(load_config(config, overrides), strategy)
+        return execute(cfg, "run").results[0]
 
 
 def compare(config: ConfigLike, overrides: list[str] | None = None, seeds: list[int] | None = None,
@@ -58,10 +62,11 @@ def compare(config: ConfigLike, overrides: list[str] | None = None, seeds: list[
     from forgetless.config import load_config
     from forgetless.platform.driver.runner import execute
 
-    cfg = load_config(config, overrides)
-    if max_concurrent is not None:
-        cfg = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"max_concurrent": max_concurrent})})
-    return execute(cfg, "compare", seeds=seeds)
+    with _caller_state_kept():
+        cfg = load_config(config, overrides)
+        if max_concurrent is not None:
+            cfg = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"max_concurrent": max_concurrent})})
+        return execute(cfg, "compare", seeds=seeds)
 
 
 def tune(config: ConfigLike, search: "dict[str, Any] | SearchConfig | None" = None, resume: bool = False,
@@ -71,7 +76,32 @@ def tune(config: ConfigLike, search: "dict[str, Any] | SearchConfig | None" = No
     # deferred: the driver's machinery (see above)
     from forgetless.platform.tuning import run_search
 
-    return run_search(config, search, resume=resume, overrides=overrides)
+    with _caller_state_kept():
+        return run_search(config, search, resume=resume, overrides=overrides)
+
+
+@contextmanager
+def _caller_state_kept() -> Iterator[None]:
+    """The calling process as it was once an API call returns or raises: its environment (a run sets variables for
+    the libraries it drives while it runs: DeepSpeed's build folder, Hugging Face's offline mode, MLflow's output,
+    and ray.init its PYTHONBREAKPOINT hook) and its SIGINT / SIGTERM handlers (ray.init and every Ray Train fit set
+    their own). Where those are set, they are put back too (platform/driver/ray_cluster.py, trainer.handlers_kept);
+    this is the promise of the API as a whole (tests/test_side_effects.py). Ray stays initialised, as after ray.init:
+    the next call reuses the embedded cluster (docs/architecture.md, "Side effects of the Python API")."""
+    environ = dict(os.environ)
+    main = threading.current_thread() is threading.main_thread()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        yield
+    finally:
+        for key in [k for k in os.environ if k not in environ]:
+            del os.environ[key]
+        for key, value in environ.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
+        for s, handler in handlers.items():
+            if handler is not None and signal.getsignal(s) is not handler:
+                signal.signal(s, handler)
 
 
 def __getattr__(name: str) -> Any:

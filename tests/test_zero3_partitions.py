@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from forgetless._compat import PUBLIC_PATHS_VARIABLE
+
 transformers = pytest.importorskip("transformers")
 
 from transformers import AutoModel, GPT2Config, GPT2Model  # noqa: E402
@@ -48,13 +50,14 @@ from forgetless.backbones.hf import save_pretrained_state
 from forgetless.config import DeepSpeedSpec, OptimConfig
 from forgetless.platform.worker import checkpoints
 from forgetless.platform.worker import engine as ds
+from forgetless.platform.worker import zero3_partitions as z3
 from forgetless.strategies.base import ParamGroup, Phase
 
 spec, optim = DeepSpeedSpec(zero_stage=3), OptimConfig(optimizer="adamw", batch_size=4, lr=0.01)
 cfg = ds.deepspeed_config(spec, optim.batch_size, world, False)
 
 def build():
-    with ds.partitioned_construction(cfg):
+    with z3.partitioned_construction(cfg):
         return TransferModel(build_backbone(f"hf:{folder}", (2, 12)), [3], seed=0)
 
 def engine(model):
@@ -74,11 +77,11 @@ probe = torch.stack([torch.arange(24).view(2, 12).float() % 97, torch.ones(2, 12
 # 1. construction: every parameter is a partition from the start; the folder's weights are in them
 model = build()
 params = dict(model.named_parameters())
-assert all(ds.is_partitioned(p) and p.numel() == 0 for p in params.values()), "a rank holds full parameters"
+assert all(z3.is_partitioned(p) and p.numel() == 0 for p in params.values()), "a rank holds full parameters"
 local = sum(p.ds_tensor.numel() for p in params.values())
 total = sum(p.ds_numel for p in params.values())
 assert local <= total / world + len(params), (local, total)
-full = ds.streamed_state_dict(model, rank)
+full = z3.streamed_state_dict(model, rank)
 if rank == 0:
     folder_weights = load_file(str(Path(folder) / "model.safetensors"))
     assert all(torch.equal(full[f"backbone.model.{k}"], v) for k, v in folder_weights.items())
@@ -90,29 +93,29 @@ for x, y in batches[:2]:
     step(eng, x, y)
 ckpt = out / "ckpt"
 eng.save_checkpoint(str(ckpt), tag="ds")
-torch.save(ds.partition_state(model), ckpt / f"part{rank}.pt")
+torch.save(z3.partition_state(model), ckpt / f"part{rank}.pt")
 step(eng, *batches[2])
-with ds.gathering_forward(model):  # no effect while the engine's own hooks gather
+with z3.gathering_forward(model):  # no effect while the engine's own hooks gather
     reference = model(probe, 0)
 eng.destroy()
 del eng
 
 # 3. resume in a fresh partitioned model: the third step gives the same model
 resumed = build()
-ds.load_partition_state(resumed, checkpoints.safe_torch_load(ckpt / f"part{rank}.pt", deepspeed_types=False))
+z3.load_partition_state(resumed, checkpoints.safe_torch_load(ckpt / f"part{rank}.pt", deepspeed_types=False))
 eng = engine(resumed)
 checkpoints.install_weights_only_loader(eng)
 eng.load_checkpoint(str(ckpt), tag="ds")
 step(eng, *batches[2])
 eng.destroy()
 del eng
-with ds.gathering_forward(resumed):  # between phases: no engine, layer by layer
+with z3.gathering_forward(resumed):  # between phases: no engine, layer by layer
     again = resumed(probe, 0)
     hidden = resumed.backbone.model(input_ids=probe[:, 0].long()).last_hidden_state
 assert torch.allclose(again, reference, atol=1e-6), (again, reference)
 
 # 4. the one export: gathered onto rank 0 one parameter at a time, written as a Hugging Face folder
-state = ds.streamed_state_dict(resumed, rank)
+state = z3.streamed_state_dict(resumed, rank)
 if rank == 0:
     weights = {k[len("backbone.model."):]: v for k, v in state.items() if k.startswith("backbone.model.")}
     dest = save_pretrained_state(resumed.backbone, weights, out / "hf", max_shard_size="40KB")
@@ -126,14 +129,17 @@ print(f"rank {rank}: ok")
 """
 
 
-def test_partitioned_build_checkpoint_resume_and_hf_export(tmp_path):
+@pytest.mark.parametrize("public_paths", ["0", "1"], ids=["seams", "public-paths"])
+def test_partitioned_build_checkpoint_resume_and_hf_export(tmp_path, public_paths):
     """Two DeepSpeed ranks: no rank ever holds a full parameter outside a forward; a partition checkpoint resumes
-    to the same weights; the export loads in transformers with identical hidden states (torch.equal)."""
+    to the same weights; the export loads in transformers with identical hidden states (torch.equal). Also with
+    DeepSpeed's seam off (FORGETLESS_PUBLIC_PATHS=1: the partitions are read and written by gathering each
+    parameter instead of through DeepSpeed's `ds_tensor`)."""
     folder = make_gpt2(tmp_path / "gpt2")
     script = tmp_path / "ranks.py"
     script.write_text(_RANKS_SCRIPT)
     store = str(tmp_path / "rendezvous")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", PUBLIC_PATHS_VARIABLE: public_paths}
     procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", store, str(folder), str(tmp_path)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for r in (0, 1)]
     outs = [p.communicate(timeout=600)[0] for p in procs]

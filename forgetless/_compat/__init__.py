@@ -69,15 +69,20 @@ class Seam:
         return self._usable
 
     def active(self) -> bool:
-        """Whether to take the private path; the first time it is not (outside the range, a name missing), one line
-        says so (not when the user turned the seams off: that was asked for)."""
+        """Whether to take the private path; the first time in a process it is not, one line says why (switched off,
+        outside the range, a name missing) and what gets slower."""
         if public_paths():
+            self._say_once(f"{PUBLIC_PATHS_VARIABLE}=1: using {self.library} {self.version}'s public path")
             return False
         usable = self.usable()
-        if not usable and not self._said:
-            self._said = True
-            why = (f"{self.library} {self.version} is outside the range forgetless's seam was tested for "
-                   f"({self.supported})" if not self.in_range else
-                   f"{self.library} {self.version} lacks an internal forgetless's seam uses")
-            say(f"{why}: using its public path instead ({self.slower})")
+        if not usable:
+            self._say_once(f"{self.library} {self.version} is outside the range forgetless's seam was tested for "
+                           f"({self.supported}): using its public path instead" if not self.in_range else
+                           f"{self.library} {self.version} lacks an internal forgetless's seam uses: using its public "
+                           f"path instead")
         return usable
+
+    def _say_once(self, why: str) -> None:
+        if not self._said:
+            self._said = True
+            say(f"{why} ({self.slower})")

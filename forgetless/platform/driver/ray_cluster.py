@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 import ray
 import torch
-from ray._private.utils import (
-    get_num_cpus,  # the CPU count ray.init gives an embedded cluster
-)
 
 from forgetless import console, storage
+from forgetless._compat import ray_core
 from forgetless import process_lifetime as reaper
 from forgetless.config import ConfigError, ExperimentConfig
 from forgetless.console import say
@@ -49,27 +46,27 @@ def init_ray(address: str | None, use_gpu: bool, num_cpus: int | None = None) ->
     # own setting: RAY_worker_niceness=0 in the environment of `ray start` does the same there.)
     system_config = None if address else {"worker_niceness": 0}
     global _EMBEDDED_CLUSTER
-    _EMBEDDED_CLUSTER = not address
+    _EMBEDDED_CLUSTER = None
     if address:
         # A driver that runs as a Ray job already has its job's variables, and Ray refuses a driver runtime env that
         # sets one of them again (e.g. FORGETLESS_VERBOSE from `forgetless --verbose submit`): leave those out.
         env = {k: v for k, v in env.items() if os.environ.get(k) != v}
-        with cluster_versions.same_ray_version(address):  # the cluster's Ray must be this driver's (one-line refusal)
+        with cluster_versions.same_ray_version(address), lean_trainer.handlers_kept(signal.SIGTERM, signal.SIGINT):
+            # (the cluster's Ray must be this driver's: a one-line refusal)
             ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, logging_level="ERROR",
                      configure_logging=True)
     else:
-        _init_embedded_ray(env, num_cpus, system_config)
-    # ray.init makes SIGTERM call sys.exit. `ray job stop` / `forgetless jobs stop` send SIGTERM, and a stop should end
-    # the run the way Ctrl-C does: during a fit Ray Train's SIGINT handler aborts the run gracefully (its registered
-    # checkpoints kept, so the same command resumes), elsewhere Python raises KeyboardInterrupt; either way the MLflow
-    # parent run is marked KILLED (tracking.end_status). Only the main thread may set a handler.
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _sigterm_as_sigint)
+        _EMBEDDED_CLUSTER = _init_embedded_ray(env, num_cpus, system_config)
+    # ray.init sets a SIGTERM handler of its own (sys.exit): the caller's handlers are put back, so that the Python API
+    # leaves them as they were. (`forgetless` the command turns SIGTERM into SIGINT, so that `ray job stop` ends a run
+    # as Ctrl-C does: cli.py.)
 
 
-# Whether this process started the Ray cluster it is connected to (init_ray): then fits clean their own placement
-# groups up (lean_trainer) instead of starting Ray Train's cleaner process for each run.
-_EMBEDDED_CLUSTER = False
+# The GCS address of the Ray cluster this process started (init_ray), None if it started none: fits on it clean their
+# own placement groups up (lean_trainer) instead of starting Ray Train's cleaner process for each run. Kept after
+# run() / compare() / tune() return, with the cluster itself (as ray.init keeps Ray initialised): the next call in this
+# process reuses that cluster. A cluster the caller connected to afterwards (ray.shutdown, ray.init) is not it.
+_EMBEDDED_CLUSTER: str | None = None
 
 
 # Set in the runtime env of an embedded cluster, so its processes (a Tune trial's, which runs a fit) know it too.
@@ -78,12 +75,13 @@ EMBEDDED_VARIABLE = "FORGETLESS_EMBEDDED_CLUSTER"
 
 def started_embedded_cluster() -> bool:
     """Whether this process started the Ray cluster it is connected to."""
-    return _EMBEDDED_CLUSTER
+    return (_EMBEDDED_CLUSTER is not None and ray.is_initialized()
+            and ray.get_runtime_context().gcs_address == _EMBEDDED_CLUSTER)
 
 
 def on_embedded_cluster() -> bool:
     """Whether this process runs on (or started) an embedded cluster: one machine, no autoscaler to ask."""
-    return _EMBEDDED_CLUSTER or os.environ.get(EMBEDDED_VARIABLE) == "1"
+    return started_embedded_cluster() or os.environ.get(EMBEDDED_VARIABLE) == "1"
 
 
 # Ray Train's controller collects reports (and commits checkpoints) once per health-check poll, 2 s by default; every
@@ -100,7 +98,7 @@ def controller_poll_env() -> dict[str, str]:
     return {CONTROLLER_POLL_VARIABLE: os.environ.get(CONTROLLER_POLL_VARIABLE, CONTROLLER_POLL_S)}
 
 
-def _init_embedded_ray(env: dict[str, str], num_cpus: int | None, system_config: dict) -> None:
+def _init_embedded_ray(env: dict[str, str], num_cpus: int | None, system_config: dict) -> str:
     """Start an embedded cluster that everything it starts can find without guessing: Ray Train's helper actors
     look a cluster up by address (RAY_ADDRESS, else any cluster on the machine: "Found multiple active Ray instances"
     when another one runs), so the GCS port is chosen here and RAY_ADDRESS given to every worker. DeepSpeed's C++ ops
@@ -112,7 +110,7 @@ def _init_embedded_ray(env: dict[str, str], num_cpus: int | None, system_config:
     process with a runtime_env of its own (a job's applies to every task and actor) is started through Ray's
     setup_worker.py: one more Python start and `import ray` before the worker's own (~0.5 s wall, ~1 CPU-s each on
     2 cores, measured), and it is not given a process of the idle pool Ray starts beside the raylet. This process's
-    environment is restored once the cluster runs."""
+    environment is restored once the cluster runs. Returns the cluster's GCS address."""
     gcs_port = free_port()
     env = {**env, "RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{gcs_port}", EMBEDDED_VARIABLE: "1",
            "TORCH_EXTENSIONS_DIR": build_locks.use_private_extensions_dir(),
@@ -130,8 +128,9 @@ def _init_embedded_ray(env: dict[str, str], num_cpus: int | None, system_config:
     with temporary_environment({**env, GCS_PORT_VARIABLE: str(gcs_port)}):  # GCS_PORT_VARIABLE: read by ray.init
         # address="local": a new cluster, whatever RAY_ADDRESS (set above, for the workers) or another cluster on
         # this machine says
-        context = ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, logging_level="ERROR",
-                           configure_logging=True, _system_config=system_config, include_dashboard=dashboard)
+        with lean_trainer.handlers_kept(signal.SIGTERM, signal.SIGINT):  # (ray.init sets its own)
+            context = ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, logging_level="ERROR",
+                               configure_logging=True, _system_config=system_config, include_dashboard=dashboard)
     lean_trainer.CONTROLLER_HOSTS.cluster_environment(ray.get_runtime_context().gcs_address, env)
     if dashboard:
         say(f"Ray dashboard: http://{context.dashboard_url}")
@@ -139,8 +138,9 @@ def _init_embedded_ray(env: dict[str, str], num_cpus: int | None, system_config:
     if actual != env["RAY_ADDRESS"]:
         say(f"the embedded Ray cluster is at {actual}, not {env['RAY_ADDRESS']} as its workers were told; another Ray "
             f"cluster on this machine may be picked up by Ray Train's helpers")
-    # (a private attribute: Ray has no public call for the session's name, which tells this cluster's processes apart)
-    reaper.start(Path(ray._private.worker._global_node.get_session_dir_path()).name)
+    # the session's name (what ray.init returns: its session folder) tells this cluster's processes apart
+    reaper.start(Path(context.address_info["session_dir"]).name)
+    return actual
 
 
 @contextmanager
@@ -164,15 +164,11 @@ GCS_PORT_VARIABLE = "RAY_GCS_SERVER_PORT"
 PREEMPTION_WATCHER_VARIABLE = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
-def _sigterm_as_sigint(signum, frame) -> None:
-    signal.raise_signal(signal.SIGINT)
-
-
 def check_embedded_resources(cfg: ExperimentConfig) -> None:
     """Before starting an embedded cluster: it gets this machine's CPUs (Ray's own count, which honours container
     limits) and the GPUs torch sees (CUDA_VISIBLE_DEVICES honoured, as Ray does), so a run it cannot place is refused
     before Ray starts."""
-    _check_capacity(cfg, float(get_num_cpus()), float(torch.cuda.device_count()),
+    _check_capacity(cfg, ray_core.cpu_count(), float(torch.cuda.device_count()),
                     "this machine (the embedded Ray cluster)")
 
 

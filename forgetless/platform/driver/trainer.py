@@ -33,86 +33,38 @@ machine with `benchmarks/train_floor.py` (an empty train function) and the task 
   each fit's `TrainController` in it: the process is started by the first fit and used by the ones after it.
 
 This leans on Ray Train V2 internals (the trainer's list of default callbacks, the worker group's placement group
-handle); where they are not as expected (`replaceable()` is false) the trainer is left as Ray made it.
+handle, the controller's classes): they are all in the Ray Train seam (_compat/ray_train.py, _compat/ray_trainer.py).
+Where the seam is off (another Ray, or FORGETLESS_PUBLIC_PATHS=1: `replaceable()` is false) `fit` runs Ray's own
+TorchTrainer and TorchConfig, unchanged.
+
+One embedded cluster per process: `CONTROLLER_HOSTS` (this module) and the embedded cluster (ray_cluster.py) are kept
+after run() / compare() / tune() return, as ray.init keeps Ray initialised, so that the next call in the same process
+(a notebook) reuses the cluster and its controller processes; they end with the cluster (ray.shutdown, or the end of
+the process). Hosts are keyed by the cluster's address and job: a later cluster never gets an earlier one's.
 """
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import tempfile
 import threading
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import ray
-from ray.train.torch import TorchTrainer
 from ray.exceptions import GetTimeoutError, RayActorError
+from ray.train.torch import TorchTrainer
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from forgetless._compat import ray_core, ray_train
+from forgetless._compat.ray_trainer import LeanTorchTrainer, replaceable  # noqa: F401 - also used as lean_trainer.X
 from forgetless.console import say
 from forgetless import process_lifetime as reaper
-from forgetless.platform.driver.train_controller import (ControllerHost, FixedScalingPolicy, InheritedEnvTrainController,
-                                                    NoAutoscalerScalingPolicy, RecordPlacementGroups,
-                                                    WorkerProcessGroupConfig)
+from forgetless.platform.driver.train_controller import ControllerHost
 
 logger = logging.getLogger(__name__)
-
-try:  # Ray Train V2 internals (ray 2.60); without them nothing changes
-    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-    from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
-    from ray.train.v2._internal.constants import (DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
-                                                  get_env_vars_to_propagate)
-except ImportError:  # pragma: no cover - another Ray version
-    DatasetsCallback = PlacementGroupCleanerCallback = get_env_vars_to_propagate = None
-    RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE = (
-        "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC", "0")
-
-
-def replaceable() -> bool:
-    """Whether this Ray has the internals LeanTorchTrainer changes (controller_parts' are None without theirs)."""
-    return (DatasetsCallback is not None and NoAutoscalerScalingPolicy is not None
-            and InheritedEnvTrainController is not None
-            and get_env_vars_to_propagate is not None
-            and callable(getattr(TorchTrainer, "_create_default_callbacks", None))
-            and callable(getattr(TorchTrainer, "_initialize_and_run_controller", None)))
-
-
-class LeanTorchTrainer(TorchTrainer):
-    """A TorchTrainer whose controller imports no torch (`WorkerProcessGroupConfig` unless a `torch_config` is given),
-    without the DatasetManager actor when it is given no datasets; given `record_file` (from `cleaned_after_the_fit`),
-    without the PlacementGroupCleaner actor; with `asks_autoscaler=False` (a cluster without an autoscaler), without
-    resource requests and the AutoscalingCoordinator actor they start; given `controller_hosts`, its controller runs
-    in a process of that pool instead of a new one. Where this Ray lacks the internals (`replaceable()` is false)
-    it is Ray's TorchTrainer unchanged."""
-
-    def __init__(self, *args, record_file: str | None = None, asks_autoscaler: bool = True,
-                 controller_hosts: "ControllerHosts | None" = None, **kwargs):
-        self._record_file, self._asks_autoscaler = record_file, asks_autoscaler
-        self._controller_hosts = controller_hosts
-        if replaceable():
-            kwargs.setdefault("torch_config", WorkerProcessGroupConfig())
-        super().__init__(*args, **kwargs)
-
-    def _create_default_callbacks(self):
-        callbacks = super()._create_default_callbacks()
-        if not replaceable():
-            return callbacks
-        if not self.datasets:
-            callbacks = [c for c in callbacks if not isinstance(c, DatasetsCallback)]
-        if self._record_file:
-            callbacks = [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
-            callbacks.append(RecordPlacementGroups(self._record_file))
-        return callbacks
-
-    def _initialize_and_run_controller(self, **controller_kwargs):
-        # Ray Train passes the scaling policy it made (`create_scaling_policy`) here, on its way to the controller
-        if (not self._asks_autoscaler and replaceable()
-                and type(controller_kwargs.get("scaling_policy")) is FixedScalingPolicy):
-            controller_kwargs["scaling_policy"] = NoAutoscalerScalingPolicy(scaling_config=self.scaling_config)
-        if self._controller_hosts is None or not replaceable():
-            return super()._initialize_and_run_controller(**controller_kwargs)
-        return self._controller_hosts.run(controller_kwargs, self._register_sigint_handler)
 
 
 # How long a kept controller process may take to answer before a new one is started in its place.
@@ -121,13 +73,13 @@ HOST_READY_TIMEOUT_S = 30.0
 
 # What Ray Train gives its controller's environment (as a runtime_env) unless the user set it: no warning for the
 # blocking calls the controller makes in its event loop by design.
-BLOCKING_GET_WARNING_VARIABLE = RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
-BLOCKING_GET_WARNING_DEFAULT = DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE
+BLOCKING_GET_WARNING_VARIABLE = ray_train.BLOCKING_GET_WARNING_VARIABLE
+BLOCKING_GET_WARNING_DEFAULT = ray_train.BLOCKING_GET_WARNING_DEFAULT
 
 
 class ControllerHosts:
     """The idle `ControllerHost` actors of this driver, by cluster, node and the environment Ray Train gives a
-    controller (`get_env_vars_to_propagate`, read per fit: a host only runs fits whose controller would have had its
+    controller (`ray_train.controller_env_vars`, read per fit: a host only runs fits whose controller would have had its
     environment). A fit takes an idle host or starts one (as Ray starts a controller: no CPUs, on the driver's node)
     and gives it back when it returns; a host whose fit raised (its process died, or the fit was aborted) is not kept.
     Hosts are not detached: they end with the driver.
@@ -147,8 +99,7 @@ class ControllerHosts:
         self._cluster_env[gcs_address] = dict(env)
 
     def run(self, controller_kwargs: dict, register_sigint_handler):
-        env_vars = get_env_vars_to_propagate()
-        env_vars.setdefault(BLOCKING_GET_WARNING_VARIABLE, BLOCKING_GET_WARNING_DEFAULT)  # as Ray's controller
+        env_vars = ray_train.controller_env_vars()  # as Ray's controller start
         key, host = self._take(env_vars)
         if threading.current_thread() is threading.main_thread():
             register_sigint_handler(host)  # Ctrl-C aborts the fit through the host, as through Ray's controller
@@ -172,7 +123,7 @@ class ControllerHosts:
                 idle = self._idle.get(key, [])
                 host = idle.pop() if idle else None
             if host is None:
-                host = ray.remote(num_cpus=0, label_selector={ray._raylet.RAY_NODE_ID_KEY: node_id},
+                host = ray.remote(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
                                   runtime_env={"env_vars": env_vars} if env_vars else None)(ControllerHost).remote()
                 return key, host
             try:
@@ -196,9 +147,27 @@ def fit(train_fn, embedded_cluster: bool, started_it: bool | None = None, **trai
     this one keeps for its next fit; a process inside the cluster (a Tune trial) gets a controller process per fit,
     since it can die on its own."""
     started_it = embedded_cluster if started_it is None else started_it
-    with cleaned_after_the_fit() if embedded_cluster else nullcontext() as record_file:
-        return LeanTorchTrainer(train_fn, record_file=record_file, asks_autoscaler=not embedded_cluster,
-                                controller_hosts=CONTROLLER_HOSTS if started_it else None, **trainer_kwargs).fit()
+    with handlers_kept(signal.SIGINT):
+        if not replaceable():  # the Ray Train seam is off: Ray's own trainer, its controller and its helper actors
+            return TorchTrainer(train_fn, **trainer_kwargs).fit()
+        with cleaned_after_the_fit() if embedded_cluster else nullcontext() as record_file:
+            return LeanTorchTrainer(train_fn, record_file=record_file, asks_autoscaler=not embedded_cluster,
+                                    controller_hosts=CONTROLLER_HOSTS if started_it else None, **trainer_kwargs).fit()
+
+
+@contextmanager
+def handlers_kept(*signals: signal.Signals):
+    """The calling thread's handlers of `signals` as they were once the block returns or raises. Ray sets its own:
+    ray.init a SIGTERM handler (sys.exit), every fit of Ray Train a SIGINT one (Ctrl-C aborts the run gracefully),
+    and leaves them set. Only the main thread sets handlers: elsewhere nothing changes, nothing is restored."""
+    main = threading.current_thread() is threading.main_thread()
+    before = {s: signal.getsignal(s) for s in signals} if main else {}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            if handler is not None:  # (None: a handler set outside Python, which cannot be put back)
+                signal.signal(s, handler)
 
 
 def remove_recorded(record_file: str) -> list[str]:
@@ -217,8 +186,7 @@ def remove_recorded(record_file: str) -> list[str]:
 def record_folder() -> Path:
     """Where the fits on this node's cluster record their placement groups: in the cluster's session folder, which
     every process of the cluster (the driver, a Tune trial) finds, and which is not another cluster's."""
-    # (a private attribute: Ray has no public call for the session folder)
-    folder = Path(ray._private.worker._global_node.get_session_dir_path()) / "forgetless-placement-groups"
+    folder = ray_core.cluster_folder() / "forgetless-placement-groups"  # the session folder (a Ray internal)
     folder.mkdir(exist_ok=True)
     return folder
 

@@ -6,7 +6,6 @@ optimizer; on GPU: bf16 and fused optimizers.
 from __future__ import annotations
 
 import difflib
-import importlib
 import os
 import sys
 from collections.abc import KeysView
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from forgetless._compat import deepspeed as compat_deepspeed
 from forgetless.config import DeepSpeedSpec, OptimConfig
 from forgetless.strategies.base import Phase
 from forgetless.strategies.optim import make_torch_optimizer
@@ -26,6 +26,19 @@ def ensure_accelerator_env(use_gpu: bool) -> None:
     # DeepSpeed picks its accelerator at import time; it must be told before the first import.
     if not use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@contextmanager
+def accelerator_env(use_gpu: bool):
+    """`ensure_accelerator_env` inside the block only: for the driver (the Python API leaves the caller's environment
+    as it was; DeepSpeed keeps the accelerator it picked on its first import)."""
+    before = os.environ.get("DS_ACCELERATOR")
+    ensure_accelerator_env(use_gpu)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("DS_ACCELERATOR", None)
 
 
 def resolve_precision(spec: DeepSpeedSpec, use_gpu: bool) -> str:
@@ -125,10 +138,10 @@ def check_deepspeed_extra(spec: DeepSpeedSpec, use_gpu: bool) -> None:
     falls back to rank 0 of 1 without one)."""
     for key, value in spec.extra.items():
         _check_not_platform_key(key, value)
-    ensure_accelerator_env(use_gpu)
-    # deferred: DeepSpeed picks its accelerator when first imported (ensure_accelerator_env runs first), and the import
-    # takes seconds that only a config with deepspeed.extra needs
-    from deepspeed.runtime.config import DeepSpeedConfig
+    with accelerator_env(use_gpu):  # (in the driver: its environment as it was afterwards)
+        # deferred: DeepSpeed picks its accelerator when first imported, and the import takes seconds that only a
+        # config with deepspeed.extra needs
+        from deepspeed.runtime.config import DeepSpeedConfig
 
     own = deepspeed_config(spec.model_copy(update={"extra": {}}), 1, 1, use_gpu)
     known = _ReadRecorder(own)
@@ -241,29 +254,12 @@ def release_free_memory() -> None:
 
 
 def import_muon_without_compiling() -> None:
-    """Import DeepSpeed's Muon optimizer module with torch.compile as a no-op decorator.
-
-    Why: every engine with ZeRO >= 1 (and DeepSpeed's bf16 optimizer) imports that module to check whether the
-    optimizer is Muon, and its module-level @torch.compile decorators import torch's inductor: 2.8 s per worker
-    process on first use (benchmarks/fixed_cost.py, `engine_init`). forgetless builds its optimizers itself
-    (make_optimizer) and never uses Muon, so Muon's kernels may stay eager. A DeepSpeed without that module: nothing
-    to do."""
-    name = "deepspeed.runtime.zero.muon.muon_optimizer"
-    if name in sys.modules:
-        return
-    compile_fn = torch.compile
-    torch.compile = _eager_compile  # type: ignore[assignment]
-    try:
-        importlib.import_module(name)
-    except ImportError:
-        pass
-    finally:
-        torch.compile = compile_fn  # type: ignore[assignment]
-
-
-def _eager_compile(model=None, **kwargs):
-    """torch.compile's signature, compiling nothing: `@torch.compile` and `@torch.compile(...)` return the function."""
-    return model if model is not None else (lambda fn: fn)
+    """Import DeepSpeed's Muon optimizer module with torch.compile as a no-op decorator: every engine with ZeRO >= 1
+    (and DeepSpeed's bf16 optimizer) imports that module to check whether the optimizer is Muon, and its module-level
+    @torch.compile decorators import torch's inductor: 2.8 s per worker process on first use
+    (benchmarks/fixed_cost.py, `engine_init`). forgetless builds its optimizers itself (make_optimizer) and never
+    uses Muon. DeepSpeed's module layout is an internal: _compat/deepspeed.py (its public path skips this)."""
+    compat_deepspeed.import_muon_without_compiling()
 
 
 @contextmanager
@@ -290,7 +286,7 @@ def write_back_weights(module: nn.Module) -> None:
     from deepspeed.utils import safe_set_full_fp32_param
 
     for p in module.parameters():
-        if p.requires_grad and (hasattr(p, "ds_id") or getattr(p, "_hp_mapping", None) is not None):
+        if p.requires_grad and compat_deepspeed.has_master_copy(p):
             safe_set_full_fp32_param(p, p.data.detach().float().clone())
 
 
@@ -316,136 +312,8 @@ def consolidated_state_dict(module: nn.Module, zero_stage: int, rank: int) -> di
         return _cpu_fp32_copy(module) if rank == 0 else None
 
 
-# -- ZeRO-3 partitions: built, kept, saved and exported without a full copy per rank ---------------------------------
-# A parameter built under `partitioned_construction` (or converted by a ZeRO-3 engine) keeps only its flat slice
-# `ds_tensor` on each rank: elements [rank * n, (rank + 1) * n) of the flattened full tensor, zero-padded at the end
-# (n = ds_tensor.numel()). These helpers work on those slices directly, so nothing below ever holds a full model on a
-# rank, except `streamed_state_dict` on rank 0 (the one export at the end of a run).
-
-
-def is_partitioned(p: torch.Tensor) -> bool:
-    return hasattr(p, "ds_id")
-
-
-@contextmanager
-def partitioned_construction(ds_config: dict[str, Any]):
-    """Modules built inside the block are ZeRO-3 partitions from the start (`deepspeed.zero.Init`): no rank ever holds
-    the full model. A Hugging Face `from_pretrained` inside it sees the DeepSpeed config (transformers' own ZeRO-3
-    integration) and reads the folder's safetensors shards one at a time into the partitions. Every rank must enter it
-    (construction broadcasts and partitions collectively)."""
-    # deferred: DeepSpeed picks its accelerator when first imported (ensure_accelerator_env runs first)
-    import deepspeed
-    # zero.Init replaces torch's tensor constructors while it is open; torch._dynamo, which transformers' model code
-    # imports on first use, fails to import under that patch ("Signature mismatch ... tensor_pynew"): import it first.
-    import torch._dynamo  # noqa: F401
-
-    try:
-        # deferred: transformers is optional; the config object must stay referenced while models are built
-        from transformers.integrations import HfDeepSpeedConfig
-
-        hf_config = HfDeepSpeedConfig(ds_config)
-    except ImportError:
-        hf_config = None
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        yield
-    del hf_config  # transformers keeps only a weak reference: ZeRO-3 is "off" for it again from here
-
-
-def partition_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """This rank's slices of every partitioned parameter, plus every other parameter and buffer in full (what a
-    ZeRO-3 rank saves: about 1/N of the model)."""
-    out: dict[str, torch.Tensor] = {}
-    for name, t in module.state_dict(keep_vars=True).items():
-        local = t.ds_tensor if is_partitioned(t) else t
-        out[name] = local.detach().cpu().clone()
-    return out
-
-
-def load_partition_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Put back what `partition_state` saved on this rank (same world size, same model)."""
-    entries = module.state_dict(keep_vars=True)
-    missing = sorted(set(entries) - set(state))
-    if missing:
-        raise ValueError(f"partitioned checkpoint lacks {missing[:5]}")
-    with torch.no_grad():
-        for name, t in entries.items():
-            local = t.ds_tensor if is_partitioned(t) else t
-            if local.shape != state[name].shape:
-                raise ValueError(f"partitioned checkpoint: {name} has shape {tuple(state[name].shape)} here "
-                                 f"{tuple(local.shape)}; was it saved with another number of workers?")
-            local.copy_(state[name])
-
-
-def load_full_into_partitions(module: nn.Module, state: dict[str, torch.Tensor], rank: int,
-                              strict: bool = False) -> tuple[list[str], list[str]]:
-    """Load a full state dict (e.g. memory-mapped from a file) into a partitioned module: each rank copies only its
-    own slice of each tensor, so nothing is gathered and no full copy is made. Returns (missing, unexpected) keys."""
-    entries = module.state_dict(keep_vars=True)
-    missing = [k for k in entries if k not in state]
-    unexpected = [k for k in state if k not in entries]
-    if strict and (missing or unexpected):
-        raise ValueError(f"state dict does not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    with torch.no_grad():
-        for name, t in entries.items():
-            if name not in state:
-                continue
-            if not is_partitioned(t):
-                t.copy_(state[name])
-                continue
-            if tuple(state[name].shape) != tuple(t.ds_shape):
-                raise ValueError(f"{name}: shape {tuple(state[name].shape)} does not fit {tuple(t.ds_shape)}")
-            n = t.ds_tensor.numel()
-            flat = state[name].reshape(-1)
-            piece = flat[rank * n: (rank + 1) * n]
-            t.ds_tensor.zero_()
-            t.ds_tensor[: piece.numel()].copy_(piece)
-    return missing, unexpected
-
-
-def streamed_state_dict(module: nn.Module, rank: int) -> dict[str, torch.Tensor] | None:
-    """The full state dict on rank 0 only, gathered one parameter at a time (every rank holds at most one full
-    parameter beyond its partition); None on other ranks. Every rank must call it (a collective per parameter).
-    Tensors keep the weights' own dtype (bf16 under bf16 training)."""
-    # deferred: DeepSpeed picks its accelerator when first imported
-    import deepspeed
-
-    out: dict[str, torch.Tensor] = {}
-    for name, t in module.state_dict(keep_vars=True).items():
-        if is_partitioned(t):
-            with deepspeed.zero.GatheredParameters([t]):
-                if rank == 0:
-                    out[name] = t.detach().cpu().clone()
-        elif rank == 0:
-            out[name] = t.detach().cpu().clone()
-    return out if rank == 0 else None
-
-
-@contextmanager
-def gathering_forward(module: nn.Module):
-    """Forward passes of a partitioned module outside any engine (evaluation between phases): each submodule gathers
-    its own parameters just before its forward and releases them after, as a ZeRO-3 engine does, so a rank holds one
-    layer at a time. Every rank must run the same forwards (collectives)."""
-    # deferred: DeepSpeed picks its accelerator when first imported
-    import deepspeed
-
-    opened: list[Any] = []
-    handles = []
-
-    def before(m: nn.Module, _args: Any) -> None:
-        ctx = deepspeed.zero.GatheredParameters(list(m.parameters(recurse=False)))
-        ctx.__enter__()
-        opened.append(ctx)
-
-    def after(m: nn.Module, _args: Any, _out: Any) -> None:
-        opened.pop().__exit__(None, None, None)
-
-    for m in module.modules():
-        if any(is_partitioned(p) for p in m.parameters(recurse=False)):
-            handles += [m.register_forward_pre_hook(before), m.register_forward_hook(after)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-        while opened:
-            opened.pop().__exit__(None, None, None)
+# The ZeRO-3 partition functions live in zero3_partitions.py; these names stay importable from here (train_loop's
+# `ds.partitioned_construction`, ...).
+from forgetless.platform.worker.zero3_partitions import (  # noqa: E402,F401 - re-exported
+    gathering_forward, is_partitioned, load_full_into_partitions, load_partition_state, partition_state,
+    partitioned_construction, streamed_state_dict)

@@ -13,26 +13,25 @@ import logging
 import warnings
 from typing import Iterator
 
-from ray.train.v2._internal.execution import context as ray_train_context
-
 from forgetless import console
+from forgetless._compat import ray_train
 
 HARMLESS_WARNINGS = (
     r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
     r"`torch\.distributed\.reduce_scatter_tensor` is deprecated",
 )
-# Ray Train names the logger of its report line after its source file, not "ray.train" (so LoggingConfig's level
-# does not reach it).
-RAY_REPORT_LOGGER = ray_train_context.__file__
-INFO_LOGGERS = (RAY_REPORT_LOGGER, "mlflow.system_metrics")
+# MLflow's system-metrics start lines; Ray Train's report line has a logger named after a Ray internal's source file
+# (ray_train.report_logger_name; where that seam is off the line stays).
+INFO_LOGGERS = ("mlflow.system_metrics",)
 
 
 def quiet_worker_output() -> None:
     """In a worker, before training: the per-report lines, MLflow's INFO lines and the known warnings off."""
     if console.verbose():
         return
-    for name in INFO_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
+    for name in (*INFO_LOGGERS, ray_train.report_logger_name()):
+        if name:
+            logging.getLogger(name).setLevel(logging.WARNING)
     for message in HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from forgetless._compat import torch as compat_torch
 from forgetless.data.sharding import equal_shard, rank_slice
 from forgetless.strategies.base import PrepareContext
 from forgetless.strategies.optim import make_torch_optimizer
@@ -16,7 +17,7 @@ from forgetless.strategies.permutations import State
 
 
 def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return any(isinstance(m, compat_torch.batch_norm_types()) for m in model.modules())
 
 
 def _train_without_dropout(model: nn.Module) -> None:
@@ -33,7 +34,7 @@ def recompute_batchnorm(model: nn.Module, batches: list[tuple[torch.Tensor, torc
                         all_reduce_mean: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """Reset every BatchNorm's running statistics and re-estimate them (a plain average over the batches, spread
     over the ranks) for the current weights: interpolated or permuted weights make the old statistics meaningless."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = [m for m in model.modules() if isinstance(m, compat_torch.batch_norm_types())]
     saved = [m.momentum for m in bns]
     was_training = model.training
     for m in bns:
