@@ -1,9 +1,11 @@
 """Every check that can run before Ray starts: strategies against the config, DeepSpeed's extra keys, storage,
-the user's weights (weights_only), tracking, the tasks and a built-in backbone built once on them.
+the user's weights (weights_only), a Hugging Face model against the config (its config.json and module tree, no
+weights: preflight_lm), tracking, the tasks and a built-in backbone built once on them.
 """
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 
@@ -11,6 +13,7 @@ from forgetless import storage
 from forgetless.backbones import TransferModel, build_backbone, is_builtin_backbone
 from forgetless.config import ConfigError, ExperimentConfig
 from forgetless.data import build_stream
+from forgetless.platform.driver import preflight_lm
 from forgetless.platform.tracking import mlflow_runs as tracking
 from forgetless.platform.worker import shared_tasks
 from forgetless.platform.worker.engine import check_deepspeed_extra
@@ -37,6 +40,8 @@ def preflight(cfg: ExperimentConfig) -> str:
     if cfg.backbone.weights:
         storage.check_readable(cfg.backbone.weights, "backbone.weights")
         weights = _load_user_weights(cfg.backbone.weights)
+    # a Hugging Face model's config.json and module tree against block sizes, prompts, tokenizers, layer names
+    model_facts = preflight_lm.check_model(cfg)
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     tracking.check_reachable(uri)
     # The tasks are built once here too, so a bad class id or an unreadable file fails before Ray starts.
@@ -44,6 +49,7 @@ def preflight(cfg: ExperimentConfig) -> str:
         tasks = build_stream(cfg.source, cfg.targets)
     except (ValueError, OSError) as e:
         raise ConfigError(f"tasks: {e}") from None
+    preflight_lm.check_built_tasks(cfg, model_facts, tasks)
     shared_tasks.remember(cfg, tasks)  # the runs' workers read these from the object store instead of rebuilding
     _check_builtin_model(cfg, tasks, weights)
     for s in cfg.strategies:  # the strategies' own whole-experiment checks (e.g. a permutation spec exists)
@@ -86,17 +92,35 @@ _SAVE_HINT = "save the weights with torch.save(model.state_dict(), PATH)"
 
 def _load_user_weights(uri: str) -> dict[str, torch.Tensor]:
     """backbone.weights as the workers will load it (torch.load, weights_only=True), here, before anything starts."""
-    try:
-        state = load_torch_file(uri)
-    except Exception as e:  # noqa: BLE001 - torch.load raises a different type for each kind of file it cannot read
-        if str(e).startswith("Weights only load failed"):
-            refused = re.search(r"(?i)unsupported global:? (?:GLOBAL )?([\w.]+)", str(e))
-            what = f" ({refused.group(1)})" if refused else ""
-            raise ConfigError(f"backbone.weights: {uri} holds pickled Python objects{what}, which forgetless never "
-                              f"unpickles (torch.load with weights_only=True); {_SAVE_HINT}") from None
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ConfigError(f"backbone.weights: {uri} is not a PyTorch weights file ({type(e).__name__}: {first}); "
-                          f"{_SAVE_HINT}") from None
+    with warnings.catch_warnings(record=True) as caught:
+        # torch warns about a pickle protocol other than torch.save's before it refuses such a file ("Detected pickle
+        # protocol 4 ..."): a line on stderr above the one-line error; what it says goes into that error instead
+        warnings.simplefilter("always")
+        try:
+            state = load_torch_file(uri)
+        except Exception as e:  # noqa: BLE001 - torch.load raises a different type for each kind of file it cannot read
+            raise _weights_error(uri, e, _pickle_protocol(caught)) from None
+    return _state_dict_or_refuse(uri, state)
+
+
+def _pickle_protocol(caught: list[warnings.WarningMessage]) -> str:
+    found = next((re.search(r"pickle protocol (\d+)", str(w.message)) for w in caught
+                  if "pickle protocol" in str(w.message)), None)
+    return f", written with pickle protocol {found.group(1)}, not torch.save's 2" if found else ""
+
+
+def _weights_error(uri: str, e: Exception, protocol: str) -> ConfigError:
+    if str(e).startswith("Weights only load failed"):
+        refused = re.search(r"(?i)unsupported global:? (?:GLOBAL )?([\w.]+)", str(e))
+        what = f" ({refused.group(1)}{protocol})" if refused else f" ({protocol[2:]})" if protocol else ""
+        return ConfigError(f"backbone.weights: {uri} holds pickled Python objects{what}, which forgetless never "
+                           f"unpickles (torch.load with weights_only=True); {_SAVE_HINT}")
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return ConfigError(f"backbone.weights: {uri} is not a PyTorch weights file ({type(e).__name__}: {first}"
+                       f"{protocol}); {_SAVE_HINT}")
+
+
+def _state_dict_or_refuse(uri: str, state) -> dict[str, torch.Tensor]:
     if not (isinstance(state, dict) and state and all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                       for k, v in state.items())):
         what = f"a {type(state).__name__}" + (f" of {len(state)} item(s)" if hasattr(state, "__len__") else "")
