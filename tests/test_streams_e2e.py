@@ -63,7 +63,7 @@ def _check_complete(out, evaluation: str) -> None:
         assert run.data.tags["mlflow.parentRunId"] == out.parent_run_id
         assert run.data.tags["strategy"] == r.strategy and run.data.tags["fidelity"] in ("confirmed", "interpretation")
         assert run.data.tags["forgetless.evaluation"] == evaluation
-        for name in ("acc_pct", "bwt_pp", "forgetting/max_pp", "forgetting/first_pp", "trainable_params/max"):
+        for name in ("acc_pct", "bwt_pp", "forgetting/max_pp", "source/forgetting_pp", "trainable_params/max"):
             assert name in run.data.metrics, (r.label, name)
         if evaluation == "task_incremental":  # the targets were learnt well above chance (1/2 with the task id)
             assert np.mean([R[j, j] for j in range(1, 4)]) > 0.7, (r.label, R)
