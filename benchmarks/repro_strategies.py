@@ -28,7 +28,7 @@ EXPERIMENTS = {
     # that no phase is cut by its epoch count (FAST's align phase runs until its plateau rule or align_max_steps)
     "fast_budget": ("examples/fast_vs_finetune.yaml", ["train.epochs=20", "train.step_budget=90"], [
         ("steps_to/90", "steps to 90%", False), ("source/auc", "source AUC %", True),
-        ("target/final_acc", "target acc %", True), ("source/acc_after", "source after %", True),
+        ("acc", "ACC %", True), ("source/acc_after", "source after %", True),
         ("optimizer_steps", "steps", False)]),
     "stream": ("examples/split_digits_stream.yaml", [], [
         ("acc", "ACC %", True), ("bwt", "BWT pp", True), ("forgetting/max", "forgetting pp", True),
