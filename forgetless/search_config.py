@@ -47,8 +47,9 @@ class _Strict(BaseModel):
 class RangeSpec(_Strict):
     """A continuous (or integer) range, for the random and optuna searchers."""
 
-    low: float
-    high: float
+    low: float = Field(description="the lowest value", examples=[0.0001])
+    high: float = Field(description="the highest value (sampled values stay below it; integer ranges include it)",
+                       examples=[0.01])
     log: bool = Field(False, description="sample log-uniformly (learning rates)")
     integer: bool = Field(False, description="sample integers in [low, high]")
 
@@ -65,14 +66,16 @@ class AshaSpec(_Strict):
     """Asynchronous successive halving: at epochs grace_period x reduction_factor^k, keep the top 1/reduction_factor."""
 
     grace_period: int = Field(1, gt=0, description="epochs every trial runs before it can be stopped")
-    reduction_factor: float = Field(2.0, gt=1.0)
+    reduction_factor: float = Field(2.0, gt=1.0, examples=[3],
+                                    description="at each rung keep the best 1/reduction_factor of trials")
     max_t: int | None = Field(None, gt=0, description="epochs of a full trial (default: train.epochs)")
 
 
 class ObjectiveSpec(_Strict):
     """One objective of a multi-objective search: a metric and whether larger (max) or smaller (min) is better."""
 
-    metric: str = Field(description=f"one of {sorted(OBJECTIVE_METRICS)}, on validation data (selection); each "
+    metric: str = Field(examples=["source/forgetting"],
+                        description=f"one of {sorted(OBJECTIVE_METRICS)}, on validation data (selection); each "
                                     f"trial also reports it on the test split")
     direction: Literal["max", "min"] = Field(description="max: larger is better; min: smaller is better")
 
@@ -89,24 +92,28 @@ class SearchConfig(_Strict):
                     "train.<field>, strategy.<param>, targets.<i>.<field>, deepspeed.<field>, evaluation; each a list "
                     "of values or a range {low, high, log, integer}",
     )
-    searcher: Literal["grid", "random", "optuna"] = "grid"
+    searcher: Literal["grid", "random", "optuna"] = Field(
+        "grid", description="grid: every combination of the listed values; random: num_samples draws; optuna: "
+                            "num_samples trials, each chosen from the ones before (sampler)")
     sampler: Literal["tpe", "nsga2"] = Field(
         "tpe", description="optuna only: TPE (multi-objective TPE with several objectives) or NSGA-II (several "
                            "objectives; its first generation of population_size trials is random)")
     population_size: int = Field(8, ge=2, description="optuna + nsga2: trials per NSGA-II generation")
     num_samples: int = Field(1, gt=0, description="random/optuna: number of trials; grid: repeats of the whole grid")
-    scheduler: Literal["fifo", "asha"] = "fifo"
-    asha: AshaSpec = Field(default_factory=AshaSpec)
+    scheduler: Literal["fifo", "asha"] = Field("fifo", description="fifo: every trial runs its epochs; asha: stop "
+                                                                   "trials behind at a rung early (asha)")
+    asha: AshaSpec = Field(default_factory=AshaSpec, description="the ASHA scheduler's settings (scheduler: asha)",
+                          examples=[{"grace_period": 2, "reduction_factor": 3}])
     objective: str | dict[str, float] = Field(
         "target/acc", description="a metric, or weights of a combination, e.g. {target/acc: 1, forgetting: -0.5}")
-    mode: Literal["max", "min"] = "max"
+    mode: Literal["max", "min"] = Field("max", description="whether the objective is maximised or minimised")
     objectives: list[ObjectiveSpec] | None = Field(
         None, description="two or more {metric, direction}: a multi-objective search whose answer is the Pareto set "
                           "of trials on validation data (replaces objective/mode; no ASHA)")
     max_concurrent_trials: int | None = Field(
         None, gt=0, description="default: as many trials as the cluster fits (workers x CPUs/GPUs per trial)")
     strategy: str | None = Field(None, description="the strategy the trials fine-tune with (default: the config's only one)")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the random and optuna searchers' sampling", examples=[1])
 
     @field_validator("space")
     @classmethod
