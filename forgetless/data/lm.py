@@ -7,6 +7,8 @@ or s3://:
   `ast`, nothing is imported);
 - `python_code`: Python source code, the other half of the standard-library modules (one document per file), so the two
   corpora never share a module;
+- `python_tests`: test code, every fourth of the standard library's test files (`test/test_*.py`), a third style of
+  text for streams of three corpora (prose -> code -> tests);
 - `.txt` (documents separated by blank lines), `.jsonl` (one JSON object per line, its `text` field), `.parquet` (a
   `text` column), or a `datasets.save_to_disk` folder (its Arrow files' `text` column; read with pyarrow, the
   `datasets` package is not needed). `text_field` renames the field.
@@ -67,8 +69,18 @@ def python_code_documents() -> tuple[str, ...]:
     return tuple(p.read_text(encoding="utf-8", errors="replace") for p in _stdlib_modules()[1::2])
 
 
+@functools.lru_cache(maxsize=None)
+def python_tests_documents() -> tuple[str, ...]:
+    """Test code: every fourth of the standard library's own test files (`test/test_*.py`, one document per file);
+    unittest classes and assertions, a style neither `prose` nor `python_code` holds (their modules are top-level
+    `*.py` files, never under `test/`)."""
+    tests = sorted((Path(sysconfig.get_paths()["stdlib"]) / "test").glob("test_*.py"))
+    return tuple(p.read_text(encoding="utf-8", errors="replace") for p in tests[0::4])
+
+
 BUILTIN_CORPORA: dict[str, Callable[[], tuple[str, ...]]] = {"prose": prose_documents,
-                                                             "python_code": python_code_documents}
+                                                             "python_code": python_code_documents,
+                                                             "python_tests": python_tests_documents}
 
 
 def is_text_source(dataset: str) -> bool:

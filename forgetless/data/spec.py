@@ -36,8 +36,8 @@ class TaskConfig(_Strict):
     kind: Literal["classification", "causal_lm"] = Field(
         "classification", description="classification: labelled inputs; causal_lm: next-token prediction over text")
     dataset: str = Field(..., description="classification: digits | mnist1d | a .npz or .parquet path or s3:// URI; "
-                                          "causal_lm: prose | python_code | a .txt, .jsonl, .parquet file or a "
-                                          "datasets.save_to_disk folder, a path or s3:// URI")
+                                          "causal_lm: prose | python_code | python_tests | a .txt, .jsonl, "
+                                          ".parquet file or a datasets.save_to_disk folder, a path or s3:// URI")
     classes: list[int] | None = Field(None, description="class ids to keep (None = all)")
     samples_per_class: int | None = Field(None, gt=0, description="cap on training samples per class (few-shot)")
     transforms: list[TaskTransform] = Field(default_factory=list)

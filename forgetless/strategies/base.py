@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from forgetless.backbones.transfer_model import TransferModel, head_key
-from forgetless.data.kinds import CLASSIFICATION
+from forgetless.data.kinds import CLASSIFICATION, task_loss
 from forgetless.data.tasks import TaskData
 
 
@@ -102,6 +102,18 @@ class PrepareContext:
     trajectory: list[tuple[int, dict[str, torch.Tensor]]] | None = None
 
 
+@dataclass
+class TrainingData:
+    """What a strategy that changes the data of a phase (`Strategy.train_batches`) sees of the stream: the training
+    splits only, never a validation or test split; and who this rank is, so that it can take its own share."""
+
+    splits: list[tuple[torch.Tensor, torch.Tensor]]  # (x_train, y_train) of every task of the stream, by task index
+    rank: int
+    world: int
+    seed: int  # the experiment's seed
+    epoch_seed: int  # the seed that orders this epoch's batches (derive_seed(seed, stage, phase, epoch))
+
+
 class Strategy:
     name: ClassVar[str]
     paper: ClassVar[str] = "standard baseline"
@@ -136,6 +148,19 @@ class Strategy:
 
     def phases(self, model: TransferModel, task: TaskInfo) -> list[Phase]:
         raise NotImplementedError
+
+    def train_batches(self, model: TransferModel, task: TaskInfo, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+                      data: TrainingData) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The micro-batches one epoch of `task` trains on, given this rank's shard of its training split (`batches`);
+        a strategy that changes the data (replay) mixes other training examples in. Called on every rank."""
+        return batches
+
+    def training_forward(self, engine: Callable, task: TaskInfo, x: torch.Tensor,
+                         y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, loss) of one training micro-batch through the engine's forward: the task's head and its kind's
+        loss, unless the strategy's batches hold examples of other tasks (replay routes each through its own head)."""
+        logits = engine(x, task.index)
+        return logits, task_loss(task.kind, logits, y)
 
     def extra_loss(self, model: TransferModel, x: torch.Tensor, y: torch.Tensor, task: TaskInfo,
                    logits: torch.Tensor) -> torch.Tensor | None:

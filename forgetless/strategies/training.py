@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from forgetless.backbones.transfer_model import TransferModel
-from forgetless.data.kinds import task_loss
 from forgetless.strategies.base import Phase, Strategy, TaskInfo
 
 
@@ -64,8 +63,7 @@ def train_step(engine: Engine, model: TransferModel, strategy: Strategy, phase: 
     """
     if phase.augment is not None:
         x = phase.augment(x, generator)
-    logits = engine(x, task.index)
-    loss = task_loss(task.kind, logits, y)
+    logits, loss = strategy.training_forward(engine, task, x, y)
     extra = strategy.extra_loss(model, x, y, task, logits)
     if extra is not None:
         loss = loss + extra

@@ -93,6 +93,8 @@ class RunState:
     history: list[dict[str, Any]] = field(default_factory=list)
     R: list[list[float]] = field(default_factory=list)
     L: list[list[float]] = field(default_factory=list)  # test mean losses, row for row with R
+    # the config's eval_tasks, row for row with R: {suite: {metric: value}} (worker/eval_tasks.py)
+    eval_rows: list[dict[str, dict[str, float]]] = field(default_factory=list)
     mlflow_run_id: str | None = None
     train_seconds: float = 0.0
     trainable_params: dict[str, int] = field(default_factory=dict)

@@ -25,7 +25,7 @@ from forgetless.platform.analysis.metrics import perplexity
 from forgetless.platform.worker import engine as ds
 from forgetless.platform.worker import library_logs as quiet
 from forgetless.platform.worker import op_builds as build_locks
-from forgetless.platform.worker import shared_tasks, timing
+from forgetless.platform.worker import eval_tasks, shared_tasks, timing
 from forgetless.platform.worker.checkpoint_io import (
     FINAL_CHECKPOINT,
     restore,
@@ -57,7 +57,7 @@ from forgetless.platform.worker.run_reporting import (
 )
 from forgetless.platform.worker.worker_run import WorkerRun, keeps_partitions
 from forgetless.strategies import make_strategy
-from forgetless.strategies.base import Phase, PrepareContext, task_infos
+from forgetless.strategies.base import Phase, PrepareContext, TrainingData, task_infos
 from forgetless.strategies.training import set_train_mode, train_step
 
 
@@ -239,7 +239,8 @@ def train_epoch(run: WorkerRun, stage: int, p: int, phase: Phase, epoch: int,
     weights = weight_access(run.model, run.zero_stage)
     losses: list[float] = []
     stop = False
-    for xb, yb in shard_batches(data.x_train, data.y_train, run.job.optim.batch_size, run.rank, run.world, seed):
+    own = shard_batches(data.x_train, data.y_train, run.job.optim.batch_size, run.rank, run.world, seed)
+    for xb, yb in run.strategy.train_batches(run.model, task, own, training_data(run, seed)):
         loss, updated = train_step(run.engine, run.model, run.strategy, phase, task, xb.to(run.device),
                                    yb.to(run.device), generator, weights)
         losses.append(loss)
@@ -264,6 +265,11 @@ def train_epoch(run: WorkerRun, stage: int, p: int, phase: Phase, epoch: int,
     state.train_seconds += elapsed
     timing.add(state.seconds, "training", elapsed)
     return sum(losses) / max(1, len(losses)), stop
+
+
+def training_data(run: WorkerRun, epoch_seed: int) -> TrainingData:
+    """The stream's training splits (only those) for a strategy that mixes other examples into a task's batches."""
+    return TrainingData([t.split("train") for t in run.tasks], run.rank, run.world, run.job.config.seed, epoch_seed)
 
 
 def evaluates_within_epochs(run: WorkerRun, phase: Phase) -> bool:
@@ -301,6 +307,8 @@ def eval_point(run: WorkerRun, stage: int, train_loss: float | None, phase_name:
     for j, (acc, _) in res.items():
         metrics[f"{prefix}val/task/{run.infos[j].name}/acc"] = acc
     metrics.update(per_corpus_perplexity(run, res, "val"))
+    with forwards_outside_engine(run):  # the config's eval_tasks (general-ability suites), never trained
+        metrics.update(eval_tasks.curve_point(run, prefix))
     if train_loss is not None:
         metrics[f"{prefix}train/loss"] = train_loss
     log_metrics(run, metrics)
@@ -321,6 +329,8 @@ def record_row(run: WorkerRun, stage: int) -> dict[str, float]:
     run.state.R.append(row)
     run.state.L.append([res[j][1] for j in range(len(run.tasks))])
     out = {f"{curve_prefix(run)}test/task/{run.infos[j].name}/acc": acc for j, acc in enumerate(row)}
+    with forwards_outside_engine(run):  # the eval tasks' columns of this row and their forgetting so far
+        out.update(eval_tasks.row(run, curve_prefix(run)))
     return {**out, **per_corpus_perplexity(run, res, "test")}
 
 

@@ -32,6 +32,7 @@ class WorkerRun:
     commits: int = 0  # rank 0: checkpoints written by this worker group
     phases_in_stage: int = 1  # of the stage in training (the progress record's ETA)
     skipped_checkpoints: tuple[str, ...] = ()  # damaged checkpoints restore passed over (their folders stay)
+    eval_suites: list | None = None  # the config's eval_tasks, built on first use (worker/eval_tasks.py)
 
     @property
     def zero_stage(self) -> int:

@@ -1,0 +1,27 @@
+"""Forgetting of the eval tasks (general-ability suites): tasks never trained, so their forgetting is the drop from
+row 0 of R (the model before any target training) to the latest row. Pure functions over the rows a run records
+(`RunState.eval_rows`: one {suite: {metric: value}} per row of R)."""
+from __future__ import annotations
+
+import math
+
+HIGHER_IS_BETTER = ("acc", "acc_norm")  # every suite's scores; a held-out corpus' loss and perplexity: lower is better
+
+
+def eval_task_forgetting(rows: list[dict[str, dict[str, float]]]) -> dict[str, float]:
+    """For every suite: `eval/<name>/forgetting` = acc of row 0 − acc of the last row (positive = forgotten; the
+    multiple-choice suites' length-normalised acc too, as `forgetting_norm`), and for a held-out corpus
+    `eval/<name>/perplexity_increase` = its perplexity now − before any target training."""
+    if not rows:
+        return {}
+    first, last = rows[0], rows[-1]
+    out: dict[str, float] = {}
+    for name, now in last.items():
+        before = first.get(name, {})
+        if "acc" in now and "acc" in before:
+            out[f"eval/{name}/forgetting"] = before["acc"] - now["acc"]
+        if "acc_norm" in now and "acc_norm" in before:
+            out[f"eval/{name}/forgetting_norm"] = before["acc_norm"] - now["acc_norm"]
+        if "perplexity" in now and "perplexity" in before and math.isfinite(before["perplexity"]):
+            out[f"eval/{name}/perplexity_increase"] = now["perplexity"] - before["perplexity"]
+    return out
