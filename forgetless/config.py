@@ -6,22 +6,26 @@ never touches this file.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationError, model_validator
 
-from forgetless.backbones import available_backbones, check_backbone, is_known_backbone
+from forgetless.config_files import apply_overrides, read_yaml_mapping
+from forgetless.config_sections import (
+    BackboneConfig,
+    DeepSpeedSpec,
+    FaultToleranceSpec,
+    OptimConfig,
+    PretrainConfig,
+    ScalingSpec,
+    StrategyConfig,
+    TrackingSpec,
+    TrainConfig,
+    _Strict,
+    first_error,
+)
 from forgetless.data.eval_suites import EvalTaskConfig, check_eval_tasks
 from forgetless.data.kinds import CAUSAL_LM
 from forgetless.data.spec import TaskConfig
@@ -30,146 +34,38 @@ from forgetless.hashing import short_hash
 from forgetless.search_config import SearchConfig
 from forgetless.strategies import available_strategies, get_strategy_class
 
-
-class _Strict(BaseModel):
-    # Unknown keys are errors: a typo in a YAML key must not be silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class BackboneConfig(_Strict):
-    name: str = Field("mlp", description="mlp | cnn2d | cnn1d | resnet1d (and registered extras)")
-    params: dict[str, Any] = Field(default_factory=dict, description="constructor arguments, e.g. hidden: [128, 64]")
-    weights: str | None = Field(
-        None, description="optional pretrained state dict (path or s3://); when set, pre-training is skipped"
-    )
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if not is_known_backbone(v):
-            raise ValueError(f"unknown backbone {v!r}; available: {available_backbones()}")
-        return v
-
-    @model_validator(mode="after")
-    def _prefixed_backbone_ok(self) -> "BackboneConfig":
-        # hf:/timm:/torchvision: check their folder and params here, before Ray starts (never the hub).
-        check_backbone(self.name, self.params)
-        return self
-
-
-class OptimConfig(_Strict):
-    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
-    lr: float = Field(1e-3, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
-    batch_size: int = Field(32, gt=0, description="per-worker micro-batch size")
-    epochs: int = Field(10, gt=0)
-    eval_every_steps: int | None = Field(
-        None, gt=0, description="also evaluate every N optimizer steps (finer learning curves); default: once per epoch"
-    )
-
-
-class TrainConfig(OptimConfig):
-    """The transfer strategies' training (`train:`): the optimizer settings and an optional equal step budget."""
-
-    step_budget: int | None = Field(
-        None, gt=0, description="optimizer steps per target task, summed over a strategy's phases (align/probe "
-        "included): each phase ends by its own rule or when the budget is spent, the last phase runs until it is "
-        "spent; None: each phase runs its epochs")
-
-
-class PretrainConfig(OptimConfig):
-    """Source pre-training from scratch; every `checkpoint_every` epochs is a stop point of the trajectory."""
-
-    epochs: int = Field(20, gt=0)
-    checkpoint_every: int = Field(5, gt=0)
-    init_seed: int | None = Field(None, description="seed of θ⁰ (defaults to the experiment seed)")
-
-
-class StrategyConfig(_Strict):
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
-    label: str | None = Field(None, description="display name (e.g. to compare two settings of one strategy)")
-
-    @model_validator(mode="after")
-    def _known_and_valid(self) -> "StrategyConfig":
-        try:
-            cls = get_strategy_class(self.name)
-        except KeyError:
-            raise ValueError(f"unknown strategy {self.name!r}; available: {available_strategies()}") from None
-        try:
-            cls.Config(**self.params)
-        except ValidationError as e:
-            raise ValueError(f"strategy {self.name!r} params: {_first_error(e)}") from None
-        return self
-
-    def display_name(self) -> str:
-        return self.label or self.name
-
-
-class ScalingSpec(_Strict):
-    num_workers: int = Field(2, gt=0)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0.0)
-    max_concurrent: int = Field(0, ge=0, description="strategy runs at once (compare, seeds); 0 = as many as the "
-                                "cluster's CPUs/GPUs fit; 1 = one after another")
-
-
-class DeepSpeedSpec(_Strict):
-    zero_stage: int = Field(2, ge=0, le=3)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    gradient_clipping: float = Field(0.0, ge=0.0)
-    offload_optimizer: Literal["none", "cpu"] = "none"
-    offload_param: Literal["none", "cpu"] = "none"
-    extra: dict[str, Any] = Field(default_factory=dict, description="merged into the DeepSpeed config as-is")
-    partitions_only: bool = Field(
-        False, description="ZeRO-3: refuse, before anything starts, a strategy that would build or gather the whole "
-                           "model on every worker (one not `works_on_partitions`: docs/large_models.md)")
-
-    @model_validator(mode="after")
-    def _partitions_need_zero3(self) -> "DeepSpeedSpec":
-        if self.partitions_only and self.zero_stage != 3:
-            raise ValueError(f"partitions_only: only ZeRO stage 3 partitions the weights; set zero_stage: 3 (it is "
-                             f"{self.zero_stage}) or remove partitions_only")
-        return self
-
-
-class FaultToleranceSpec(_Strict):
-    """What a run does when a worker dies (spot preemption, OOM, node loss): Ray Train restarts the worker group and
-    the run continues from its latest intact checkpoint. It does not shape results, so it is not part of run names."""
-
-    max_failures: int = Field(
-        3, ge=-1, description="worker-group restarts before the run fails (Ray Train FailureConfig); -1: no limit, "
-                              "0: fail on the first lost worker"
-    )
-
-
-class TrackingSpec(_Strict):
-    tracking_uri: str | None = Field(
-        None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db in the cwd"
-    )
-    experiment: str = "forgetless"
-    log_model: bool = True
+# Names other modules import from here (the sections and the file reading live in config_sections / config_files).
+__all__ = ["BackboneConfig", "ConfigError", "DeepSpeedSpec", "ExperimentConfig", "FaultToleranceSpec", "OptimConfig",
+           "PretrainConfig", "ScalingSpec", "SearchConfig", "StrategyConfig", "TaskConfig", "TrackingSpec",
+           "TrainConfig", "apply_overrides", "load_config", "read_yaml_mapping", "select_strategy"]
+_first_error = first_error  # the old private name, still imported by a test
 
 
 class ExperimentConfig(_Strict):
     """A transfer experiment: source task, target stream, backbone, pre-training, strategies, platform settings."""
 
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    seed: int = 0
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="the experiment's name: Ray Train run names, the MLflow parent run and the storage "
+                                  "folder derive from it")
+    seed: int = Field(0, description="seed of data splits, initialisation and shuffling; the same seed and config "
+                                     "give the same runs (and reuse their checkpoints)")
     seeds: list[int] | None = Field(None, min_length=1, description="repeat every strategy (and the pre-training) "
                                     "once per seed; the table shows mean ± sd over them. None: `seed` only")
-    storage: str = Field("./forgetless_runs", description="local folder or s3://bucket/prefix")
+    storage: str = Field("./forgetless_runs", examples=["s3://my-bucket/forgetless"],
+                         description="local folder or s3://bucket/prefix")
     ray_address: str | None = Field(None, description="None: embedded local Ray (or $RAY_ADDRESS when set)")
-    source: TaskConfig
-    targets: list[TaskConfig] = Field(..., min_length=1)
+    source: TaskConfig = Field(description="the task the backbone is pre-trained on (its accuracy is what "
+                                           "forgetting is measured on)")
+    targets: list[TaskConfig] = Field(..., min_length=1, examples=[[{"dataset": "digits", "classes": [5, 6]}]],
+                                      description="the stream of new tasks, learned in order (`target:` for one)")
     eval_tasks: list[EvalTaskConfig] = Field(
         default_factory=list, examples=[[{"kind": "multiple_choice", "dataset": "stdlib_docstrings"}]],
         description="causal_lm streams: tasks never trained, scored at every evaluation point (general-ability "
         "suites): held-out corpora (kind: causal_lm) and multiple-choice suites (kind: multiple_choice); extra "
         "columns of R with their own forgetting (docs/language_models.md)")
-    evaluation: Literal["task_incremental", "class_incremental"] = "task_incremental"
+    evaluation: Literal["task_incremental", "class_incremental"] = Field(
+        "task_incremental", description="task_incremental: each task scored with its own output head (the task is "
+        "given); class_incremental: one prediction over the heads of every task seen so far (it is not)")
     score: Literal["accuracy", "token_probability"] = Field(
         "accuracy", description="what the accuracy matrix R (and so ACC, BWT, forgetting) holds, higher is better: "
         "accuracy (classification accuracy; next-token accuracy for causal_lm tasks) or token_probability "
@@ -177,18 +73,22 @@ class ExperimentConfig(_Strict):
     require_disjoint_classes: bool = Field(
         False, description="refuse streams whose tasks share classes of the same dataset"
     )
-    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
-    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    strategies: list[StrategyConfig] = Field(..., min_length=1)
-    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
-    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
-    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
-    fault_tolerance: FaultToleranceSpec = Field(default_factory=FaultToleranceSpec)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig, description="the network")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="source pre-training (skipped when "
+                                                                                 "backbone.weights is set)")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="the strategies' training on each target")
+    strategies: list[StrategyConfig] = Field(..., min_length=1, description="the transfer strategies to run and "
+                                                                            "compare (`strategy:` for one)")
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="workers per run and runs at once")
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec, description="the DeepSpeed engine")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="MLflow tracking")
+    fault_tolerance: FaultToleranceSpec = Field(default_factory=FaultToleranceSpec,
+                                                description="restarts after a lost worker",
+                                                examples=[{"max_failures": -1}])
     search: SearchConfig | None = Field(None, description="Ray Tune search over stop points x lr (forgetless tune)")
     reference_strategy: str = Field(
-        "finetune", description="the strategy label every other is compared with in paired statistics over seeds "
-        "(default finetune; when finetune is not listed, the first strategy)")
+        "finetune", examples=["lp_ft"], description="the strategy label every other is compared with in paired "
+        "statistics over seeds (default finetune; when finetune is not listed, the first strategy)")
 
     @model_validator(mode="before")
     @classmethod
@@ -295,7 +195,7 @@ def select_strategy(cfg: ExperimentConfig, name: str | None) -> ExperimentConfig
         try:
             chosen = [StrategyConfig(name=name)]
         except ValidationError as e:
-            raise ConfigError(f"strategy: {_first_error(e)}") from None
+            raise ConfigError(f"strategy: {first_error(e)}") from None
     return cfg.with_strategies(chosen[:1])
 
 
@@ -345,86 +245,6 @@ def _check_disjoint(tasks: list[TaskConfig]) -> None:
             seen[key] = t.display_name()
 
 
-def _first_error(e: ValidationError) -> str:
-    err = e.errors()[0]
-    loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
-    msg = err.get("msg", "invalid").removeprefix("Value error, ")
-    return f"{loc}: {msg}" if loc else msg
-
-
-def _parse_value(text: str) -> Any:
-    # `--set a.b=3` should give an int, `--set a=[1,2]` a list: parse the value as YAML.
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `key.path=value` overrides (values parsed as YAML) to a raw config mapping.
-
-    List items are addressed by index (`strategies.0.params.alpha=0.1`); a missing mapping key is created (the schema
-    then says whether it exists), a missing list item or a path through a plain value is a ConfigError.
-    """
-    data = json.loads(json.dumps(data))  # deep copy of plain data
-    _expand_strategy_names(data)  # `strategies: [finetune]` -> mappings, so `strategies.0.params.x=...` has a place
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.epochs=3")
-        key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        if "" in parts:
-            raise ConfigError(f"--set {item!r}: {key.strip()!r} has an empty part; write dotted field names, "
-                              f"e.g. --set train.epochs=3")
-        node: Any = data
-        for depth, part in enumerate(parts[:-1]):
-            node = _child(node, part, item, ".".join(parts[:depth]))
-        _place(node, parts[-1], _parse_value(value), item, ".".join(parts[:-1]))
-    return data
-
-
-def _expand_strategy_names(data: dict[str, Any]) -> None:
-    if isinstance(data.get("strategies"), list):
-        data["strategies"] = [{"name": s} if isinstance(s, str) else s for s in data["strategies"]]
-
-
-def _child(node: Any, part: str, item: str, where: str) -> Any:
-    """The node under `node[part]` on the way down an override's path (a mapping created where none is)."""
-    if isinstance(node, list):
-        return node[_index(node, part, item, where)]
-    if not isinstance(node, dict):
-        raise _not_a_container(node, item, where)
-    if node.get(part) is None:
-        node[part] = {}
-    return node[part]
-
-
-def _place(node: Any, last: str, value: Any, item: str, where: str) -> None:
-    if isinstance(node, list):
-        node[_index(node, last, item, where)] = value
-    elif isinstance(node, dict):
-        node[last] = value
-    else:
-        raise _not_a_container(node, item, where)
-
-
-def _not_a_container(node: Any, item: str, where: str) -> ConfigError:
-    return ConfigError(f"--set {item!r}: {where} is the value {node!r}, not a mapping or a list, so it has no fields; "
-                       f"set {where} itself (--set {where}=...)")
-
-
-def _index(node: list, part: str, item: str, where: str) -> int:
-    try:
-        i = int(part)
-    except ValueError:
-        raise ConfigError(f"--set {item!r}: {where} is a list, so {part!r} must be an item number "
-                          f"(0 to {len(node) - 1})") from None
-    if not 0 <= i < len(node):
-        raise ConfigError(f"--set {item!r}: {where} has {len(node)} item(s), numbered 0 to {len(node) - 1}; "
-                          f"there is no item {part}")
-    return i
-
-
 def load_config(
     source: str | os.PathLike | dict[str, Any] | ExperimentConfig, overrides: list[str] | None = None
 ) -> ExperimentConfig:
@@ -443,50 +263,4 @@ def load_config(
         # model_validate, not ExperimentConfig(**data): a YAML key that is not a string (`1: x`) is a field error too.
         return ExperimentConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"invalid config: {_first_error(e)}") from None
-
-
-def read_yaml_mapping(path: Path) -> dict[str, Any]:
-    """The mapping a YAML config file holds; ConfigError (one line, with line and column for syntax) otherwise."""
-    if not path.exists():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    if path.is_dir():
-        raise ConfigError(f"config file {str(path)!r} is a folder; pass the path of a YAML file (see examples/)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {str(path)!r} is not a text file (byte {e.start} is not UTF-8); pass the "
-                          f"path of a YAML file") from None
-    except OSError as e:
-        raise ConfigError(f"config file {str(path)!r} cannot be read ({e.strerror}); check its permissions") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML {_yaml_where(e, text)}: {_yaml_problem(e)}; fix the YAML there") \
-            from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of fields (name: ..., source: ...), "
-                          f"not {type(data).__name__}")
-    return data
-
-
-def _yaml_where(e: yaml.YAMLError, text: str) -> str:
-    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-    if mark is not None:
-        line, column = mark.line, mark.column
-    else:  # a ReaderError (a character YAML does not allow) knows only its offset in the text
-        offset = getattr(e, "position", 0)
-        line = text.count("\n", 0, offset)
-        column = offset - (text.rfind("\n", 0, offset) + 1)
-    return f"at line {line + 1}, column {column + 1}"  # PyYAML counts from 0, editors from 1
-
-
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    if isinstance(e, yaml.reader.ReaderError):
-        return f"character {e.character!r} is not allowed in YAML ({e.reason})"
-    problem = getattr(e, "problem", None) or str(e)
-    context = getattr(e, "context", None)
-    mark = getattr(e, "context_mark", None)
-    if context and mark is not None:  # where the unclosed bracket or quote began
-        context += f" (begun at line {mark.line + 1}, column {mark.column + 1})"
-    return " ".join((f"{context}: {problem}" if context else problem).split())
+        raise ConfigError(f"invalid config: {first_error(e)}") from None
