@@ -244,6 +244,7 @@ def test_generated_lm_inputs_are_refused_in_one_line_before_ray(folders, in_fold
 def test_at_least_500_generated_lm_inputs_were_refused():
     if not COUNTS:
         pytest.skip("runs after test_generated_lm_inputs_are_refused_in_one_line_before_ray (same module)")
+    print(f"refused per family: {COUNTS}; {sum(SECONDS):.1f} s in the checks")  # (shown with pytest -s)
     assert sum(COUNTS.values()) >= 500, COUNTS
     assert set(COUNTS) == set(FAMILIES), COUNTS  # every family produced refused inputs
     assert sum(SECONDS) < 30, f"{sum(SECONDS):.1f} s for {len(SECONDS)} refusals"  # CI time: each is milliseconds
