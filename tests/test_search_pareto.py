@@ -168,6 +168,10 @@ def test_edge_warnings_name_the_dimension_and_say_widen():
 
 @pytest.mark.parametrize("sampler", ["tpe", "nsga2"])
 def test_optuna_searches_several_objectives(tiny_config, sampler):
+    import pickle
+
+    import optuna
+
     search = {**PARETO_SEARCH, "searcher": "optuna", "sampler": sampler, "num_samples": 6, "population_size": 2,
               "space": {"stop_point": [1, 2], "train.lr": {"low": 1e-4, "high": 1e-1, "log": True}}}
     plan = tuning.validate_search(load_config(tiny_config(search=search)))
@@ -182,7 +186,11 @@ def test_optuna_searches_several_objectives(tiny_config, sampler):
     study = alg._ot_study
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
     assert len(study.trials) == 6 and all(len(t.values) == 2 for t in study.trials)
-    assert type(study.sampler).__name__ == {"tpe": "TPESampler", "nsga2": "NSGAIISampler"}[sampler]
+    assert isinstance(study.sampler, {"tpe": optuna.samplers.TPESampler, "nsga2": optuna.samplers.NSGAIISampler}[
+        sampler])
+    # Tune pickles its searcher with the experiment state (--resume restores it): the restored one goes on suggesting
+    restored = pickle.loads(pickle.dumps(alg))
+    assert 1e-4 <= restored.suggest("t6")["train.lr"] <= 1e-1
 
 
 # ---------------------------------------------------------------------------------------------------------------------

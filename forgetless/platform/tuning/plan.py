@@ -185,8 +185,14 @@ def search_name(base: ExperimentConfig, search: SearchConfig) -> str:
     """Deterministic: the same experiment and search give the same name (and so the same Tune experiment folder)."""
     relevant = {"experiment": base.model_dump(mode="json", exclude={"tracking", "ray_address", "storage",
                                                                    "reference_strategy"}),
-                "search": search.model_dump(mode="json")}
+                "search": search.model_dump(mode="json", exclude=_unset_pareto_fields(search))}
     return f"{base.name}-search-{short_hash(relevant)}"
+
+
+def _unset_pareto_fields(search: SearchConfig) -> set[str]:
+    # Fields added with Pareto searches leave a search's name (and so its --resume) as it was when they are unused.
+    defaults = SearchConfig()
+    return {f for f in ("objectives", "sampler", "population_size") if getattr(search, f) == getattr(defaults, f)}
 
 
 def trial_config(base: ExperimentConfig, params: dict[str, Any], trial_id: str) -> ExperimentConfig:
@@ -244,9 +250,12 @@ def _optuna_sampler(search: SearchConfig):
     import optuna
 
     if search.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=search.seed, population_size=search.population_size)
-    # TPE handles several objectives itself (multi-objective TPE) when the study has several directions.
-    return optuna.samplers.TPESampler(seed=search.seed)
+        from forgetless.platform.tuning.optuna_samplers import ResumableNSGAIISampler
+
+        return ResumableNSGAIISampler(seed=search.seed, population_size=search.population_size)
+    # TPE handles several objectives itself (multi-objective TPE) when the study has several directions. Its first
+    # n_startup_trials are random (Optuna's default 10 would make a search of 10 trials or fewer a random search).
+    return optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=max(2, min(10, search.num_samples // 3)))
 
 
 def search_alg(search: SearchConfig, concurrency: int):
