@@ -50,18 +50,16 @@ def _container_step(annotation: Any) -> str:
     return ""
 
 
-def model_sections(root: type[BaseModel], path: str = "") -> dict[type[BaseModel], list[str]]:
+def model_sections(root: type[BaseModel], path: str = "",
+                   sections: dict[type[BaseModel], list[str]] | None = None) -> dict[type[BaseModel], list[str]]:
     """Every model reachable from root (depth first, in field order) -> the config paths where it appears."""
-    sections: dict[type[BaseModel], list[str]] = {root: [path]}
+    sections = {} if sections is None else sections
+    sections.setdefault(root, []).append(path)
     for name, field in root.model_fields.items():
         field_path = f"{path}.{name}" if path else name
         for model in nested_models(field.annotation):
-            here = field_path + _container_step(field.annotation)
-            if model in sections:
-                sections[model].append(here)
-                continue
-            for inner, paths in model_sections(model, here).items():
-                sections.setdefault(inner, []).extend(p for p in paths if p not in sections.get(inner, []))
+            if model is not root:  # (no config model holds itself)
+                model_sections(model, field_path + _container_step(field.annotation), sections)
     return sections
 
 
