@@ -253,3 +253,43 @@ def test_report_rebuilds_the_front_tags_and_description_from_mlflow(workdir):
     again = tuning.load_search(uri, parent)
     assert again.pareto().records() == res.pareto().records() and again.table() == res.table()
     assert summary.description(again) == note
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the hypervolume study (benchmarks/pareto_study.py): its analysis and the docs it writes, from its JSON
+
+
+def _study_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pareto_study.py"
+    spec = importlib.util.spec_from_file_location("pareto_study", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(points: list[tuple[float, float]], **extra) -> dict:
+    val = [{"trial_id": f"t{i}", "target/acc": a, "source/forgetting": f} for i, (a, f) in enumerate(points)]
+    return {"trials": len(points), "wall_seconds": 1.0, "val": val, "test": val, "front": [], **extra}
+
+
+def test_the_study_measures_every_front_against_one_reference():
+    study = _study_module()
+    data = {"grid": _run([(0.6, 0.1), (0.8, 0.3), (0.5, 0.4)]),
+            "searches": [_run([(0.7, 0.1), (0.6, 0.2)], seed=0)]}
+    a = study.analyse(data)
+    assert a["reference"] == {"target/acc": 0.5, "source/forgetting": 0.4}  # the worst of every trial
+    # grid front (0.6, 0.1), (0.8, 0.3) against (0.5, 0.4): 0.1 x 0.3 + 0.2 x 0.1 = 0.05
+    assert a["grid"]["hv_val"] == pytest.approx(0.05)
+    # the search's (0.7, 0.1) beats the grid's (0.6, 0.1): not dominated by the grid; 0.2 x 0.3 = 0.06
+    assert a["searches"][0]["hv_val"] == pytest.approx(0.06) and a["searches"][0]["not_dominated_by_grid"] == 1
+    assert "| multi-objective TPE, seed 0 | 2 | 1 | 1 | 600.0 | 600.0 | 1 |" in study.render(data)
+
+
+def test_the_docs_show_the_study_as_its_json_says():
+    study = _study_module()
+    if not study.RESULT.exists():
+        pytest.skip("the study has not been run (python benchmarks/pareto_study.py)")
+    block = study.render(json.loads(study.RESULT.read_text()))
+    assert block in study.DOC.read_text(), "docs/tune.md differs from the study's JSON: run pareto_study.py --docs"

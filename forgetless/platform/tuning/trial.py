@@ -13,6 +13,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from forgetless.config import ExperimentConfig
 from forgetless.platform.driver import fits, run_outputs
+from forgetless.platform.worker import timing
 from forgetless.platform.tracking import mlflow_runs as tracking
 from forgetless.platform.analysis.results import StrategyResult, Trajectory
 from forgetless.platform.tuning.objective import OBJECTIVE, TRIAL_EPOCH, Objective, tune_metrics
@@ -135,5 +136,7 @@ def _final_metrics(res: StrategyResult, objective: Objective) -> dict[str, float
     R = res.accuracy_matrix  # test split: row 0 = the stop point before target training, last row = after
     test = objective.metrics(float(R[-1, 1:].mean()), float(R[-1, 0]), source_before=float(R[0, 0]))
     epochs = sum(p["epochs"] for p in res.phase_log if p["stage"] >= 1)
+    # where the trial's Ray Train run spent its time (benchmarks/trial_cost.py compares it with a compare run's)
+    seconds = {"seconds/training": res.seconds.get("training", 0.0), "seconds/fixed": timing.fixed_cost(res.seconds)}
     return {OBJECTIVE: val["objective"], TRIAL_EPOCH: epochs, "test/objective": test["objective"],
-            **tune_metrics(val, "val"), **tune_metrics(test, "test"), "search/finished": 1.0}
+            **tune_metrics(val, "val"), **tune_metrics(test, "test"), **seconds, "search/finished": 1.0}
