@@ -1,5 +1,5 @@
 """docs/configuration.md is generated from the pydantic models (tools/config_reference.py): it must be what the
-generator writes today, every field of forgetless's config modules must have a description, and every field and
+generator writes today, every field of every config section must have a description, and every field and
 strategy must be on the page."""
 from __future__ import annotations
 

@@ -19,8 +19,10 @@ class _Strict(BaseModel):
 class TaskTransform(_Strict):
     """A deterministic change of a task's inputs, to build streams (permuted / rotated / noisy variants)."""
 
-    kind: Literal["permute", "rotate", "noise", "resample"]
-    seed: int = 0
+    kind: Literal["permute", "rotate", "noise", "resample"] = Field(
+        description="permute: a fixed pixel permutation; rotate: by `degrees`; noise: Gaussian of `std`; resample: "
+                    "to `length` inputs")
+    seed: int = Field(0, description="seed of the permutation or noise (the same seed gives the same variant)")
     degrees: float = Field(0.0, description="rotate: angle in degrees (2-D images only)")
     std: float = Field(0.0, ge=0.0, description="noise: std of additive Gaussian noise, in units of the input's std")
     length: int | None = Field(None, gt=0, description="resample: new flat input length (e.g. 64 to match digits)")
@@ -40,10 +42,14 @@ class TaskConfig(_Strict):
                                           ".parquet file or a datasets.save_to_disk folder, a path or s3:// URI")
     classes: list[int] | None = Field(None, description="class ids to keep (None = all)")
     samples_per_class: int | None = Field(None, gt=0, description="cap on training samples per class (few-shot)")
-    transforms: list[TaskTransform] = Field(default_factory=list)
-    val_fraction: float = Field(0.2, gt=0.0, lt=0.5)
-    test_fraction: float = Field(0.2, gt=0.0, lt=0.5)
-    split_seed: int = 0
+    transforms: list[TaskTransform] = Field(default_factory=list, description="changes of the inputs, applied in "
+                                            "order (permuted / rotated / noisy variants of a dataset as a stream)")
+    val_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="share of the samples held out for validation "
+                                                                 "(stratified by class; causal_lm: of the documents)")
+    test_fraction: float = Field(0.2, gt=0.0, lt=0.5, description="share of the samples held out for the test "
+                                                                  "split, which the accuracy matrix R is scored on")
+    split_seed: int = Field(0, description="seed of the train / validation / test split (and of the "
+                                           "samples_per_class choice)")
     # causal_lm only
     block_size: int = Field(128, ge=8, le=65536, description="causal_lm: tokens per packed block")
     max_train_blocks: int | None = Field(None, gt=0, description="causal_lm: cap on training blocks (seeded choice)")
