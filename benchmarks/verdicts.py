@@ -207,22 +207,30 @@ def trajectory_claim(path: Path, name: str) -> Claim | None:
     if not path.exists():
         return None
     data = json.loads(path.read_text())
-    results = data["results"]
-    t = data["args"]["steps"]
+    results, args = data["results"], data["args"]
+    on_test = "test_acc_at_best_step" in results[0]["methods"]["gmt"]
 
-    def final_acc(method: str):
-        return lambda r: r["methods"][method]["val_acc"][-1]
+    def transferred(method: str) -> Callable[[dict], float]:
+        if on_test:  # t chosen on validation, the accuracy of that θ₂ᵗ on test
+            return lambda r: r["methods"][method]["test_acc_at_best_step"]
+        return lambda r: r["methods"][method]["val_acc"][-1]  # earlier files: validation accuracy at t = T
+    what = "test acc at the t chosen on validation" if on_test else f"val acc at t={args['steps']}"
     comps = []
     for a_label, b_label in (("gmt", "naive"), ("fgmt", "naive")):
-        a = [final_acc(a_label)(r) for r in results]
-        b = [final_acc(b_label)(r) for r in results]
-        comps.append(Comparison(f"{a_label} − {b_label}", f"transferred acc at t={t}, no training", a, b, +1))
+        comps.append(Comparison(f"{a_label} − {b_label}", f"transferred {what}, no training",
+                                [transferred(a_label)(r) for r in results], [transferred(b_label)(r) for r in results],
+                                +1))
     steps = [(float(r["steps_to_target"]["gmt"]), float(r["steps_to_target"]["none"])) for r in results]
-    comps.append(Comparison("from GMT − from θ₂⁰", "steps to the target acc", [s[0] for s in steps],
+    comps.append(Comparison("from GMT − from θ₂⁰", "SGD steps to 95% of θ₁ᵀ's val acc", [s[0] for s in steps],
                             [s[1] for s in steps], -1, "steps"))
+    chance = data.get("chance")
+    naive = [transferred("naive")(r) for r in results]
+    net = f"{args.get('backbone', 'mlp')} {args['hidden']}"
     split = data.get("selection_split") or "the same source validation set it reports on"
-    notes = [f"Dataset {data['args']['dataset']}, hidden {data['args']['hidden']}, {len(results)} seeds; the step t is "
-             f"chosen on {split}."]
+    notes = [f"Dataset {args['dataset']}, {net}, T={args['steps']}, {len(results)} seeds; the step t is chosen on "
+             f"{split}."
+             + (f" Naive transfer: {100 * sum(naive) / len(naive):.1f}% against chance {100 * chance:.1f}%."
+                if chance else "")]
     return Claim(name, "GMT/FGMT transfer a trajectory without training (≫ naive) and training from it is faster",
                  path.name, comps, notes)
 
@@ -261,9 +269,12 @@ def claims() -> list[Claim]:
         input_space_claim(RESULTS / "strategies_stream.json", "verdict-input-space-digits",
                           "digits 0-3 → {4,5} → {6,7} → {8,9}, cnn2d"),
         fast_claim(RESULTS / "strategies_fast_budget.json", "verdict-fast"),
-        early_stop_claim(RESULTS / "repro_early_stop.json", "verdict-early-stop"),
+        fast_claim(RESULTS / "strategies_fast.json", "verdict-fast-before"),
+        early_stop_claim(RESULTS / "repro_early_stop_overfit.json", "verdict-early-stop"),
+        early_stop_claim(RESULTS / "repro_early_stop.json", "verdict-early-stop-before"),
         expanse_claim(RESULTS / "expanse_expanse-digits-mnist1d.json", "verdict-expanse"),
-        trajectory_claim(RESULTS / "trajectory_mnist1d.json", "verdict-trajectory"),
+        trajectory_claim(RESULTS / "trajectory_mnist1d_cnn1d.json", "verdict-trajectory"),
+        trajectory_claim(RESULTS / "trajectory_mnist1d.json", "verdict-trajectory-mlp"),
         lora_claim(RESULTS / "lora_forgetting_protocol.json", "verdict-lora"),
     ]
     return [c for c in found if c is not None]
