@@ -142,9 +142,13 @@ def test_gmt_beats_naive_on_digits(digits_trajectory):
     assert gmt.result.val_acc[0] == naive.result.val_acc[0]  # the same θ₂⁰
     assert sum(g) / len(g) > sum(n) / len(n) + 0.05, (g, n)
     assert max(g) > max(n) > 0.2
-    # the model now holds the best transferred point: its source accuracy is the best one recorded
-    assert ctx.source_accuracy(model) == pytest.approx(max(g))
+    # the model now holds the point chosen on the selection split (held out of the training data, not the validation
+    # split it reports on): its source validation accuracy is the one recorded at that step
+    res = gmt.result
+    assert res.best_step == 1 + max(range(3), key=lambda i: res.selection_acc[1 + i])
+    assert ctx.source_accuracy(model) == pytest.approx(res.val_acc[res.best_step])
     assert [step for step, m in ctx.metrics if "transfer/val_acc" in m] == [0, 1, 2, 3]
+    assert all("transfer/selection_acc" in m for step, m in ctx.metrics if "transfer/val_acc" in m)
 
 
 def test_fgmt_caches_pairs_and_gmt_recomputes_them():
@@ -264,14 +268,66 @@ def test_trajectory_transfer_end_to_end(ray_session, workdir, tiny_config, tmp_p
                                    "params": {"method": "gmt", "steps": T, "batch_size": 64}}])
     result = forgetless.compare(cfg)
     r = result["trajectory_transfer"]
-    history = tracking.client(result.tracking_uri).get_metric_history(r.mlflow_run_id, "transfer/val_acc")
+    client = tracking.client(result.tracking_uri)
+    history = client.get_metric_history(r.mlflow_run_id, "transfer/val_acc")
     assert sorted(m.step for m in history) == list(range(T + 1))
-    best = max(m.value for m in history if m.step > 0)
+    chosen = int(client.get_metric_history(r.mlflow_run_id, "transfer/best_step")[0].value)
+    best = next(m.value for m in history if m.step == chosen)  # t chosen on the selection split, reported on val
     assert best > 0.5  # 5 source classes, no training of θ₂: the transferred trajectory carries the knowledge
     # row 0 (before the target) is the transferred model, evaluated on the source's test split
     assert r.accuracy_matrix[0][0] > 0.5 and r.accuracy_matrix[1][1] > 0.5
     pretrained = load_torch_file(result.trajectory.final().uri)
     history0 = [h for h in r.history if h["phase"] == "before"][0]
-    assert history0["acc"]["0"] == pytest.approx(best)  # the source val accuracy of the installed best point
+    assert history0["acc"]["0"] == pytest.approx(best)  # the source val accuracy of the installed chosen point
     trained = load_torch_file(f"{r.checkpoint_uri}/model.pt")
     assert not torch.equal(trained["heads.t0.weight"], pretrained["heads.t0.weight"])
+
+
+# -- t is chosen on a split of its own ---------------------------------------------------------------------------------
+
+
+def test_selection_split_is_held_out_of_the_gradients():
+    from forgetless.strategies.trajectory_transfer.training import selection_split
+
+    fit, sel = selection_split(100, 0.1, seed=3)
+    assert len(sel) == 10 and len(fit) == 90
+    assert sorted(torch.cat([fit, sel]).tolist()) == list(range(100))  # disjoint, and together every sample
+    assert torch.equal(selection_split(100, 0.1, seed=3)[1], sel)  # fixed by the seed
+    assert len(selection_split(100, 0.0, seed=3)[1]) == 0 and len(selection_split(5, 0.01, seed=0)[1]) == 1
+
+
+def test_t_is_chosen_on_the_selection_score_and_reported_on_validation():
+    """When the selection split and the validation split disagree, t follows the selection score; the validation
+    accuracy is recorded at every t (what is reported), not used for the choice."""
+    torch.manual_seed(0)
+    model = TransferModel(build_backbone("mlp", (1, 4, 4), {"hidden": [8]}), [3])
+    keys = [k for k, _ in model.named_parameters()]
+    spec = P.spec_for(model).restricted(keys)
+    theta0 = {k: v.detach().clone() for k, v in model.named_parameters()}
+    theta1 = [{k: v + 0.01 * t for k, v in theta0.items()} for t in range(4)]
+    selection = iter([0.1, 0.2, 0.9, 0.3])  # t = 2 selects best
+    validation = iter([0.1, 0.8, 0.4, 0.7])  # t = 1 would, were t chosen on the split it is reported on
+    seen = []
+    res = learning_transfer(theta1, theta0, spec, "naive", lambda s, b: s, lambda s: next(selection),
+                            validate=lambda: next(validation), on_step=lambda t, a, v: seen.append((t, a, v)))
+    assert res.best_step == 2 and res.val_acc == [0.1, 0.8, 0.4, 0.7] and res.selection_acc == [0.1, 0.2, 0.9, 0.3]
+    assert seen == [(0, 0.1, 0.1), (1, 0.2, 0.8), (2, 0.9, 0.4), (3, 0.3, 0.7)]
+    same = learning_transfer(theta1, theta0, spec, "naive", lambda s, b: s, lambda s: 0.5)
+    assert same.val_acc == same.selection_acc == [0.5] * 4  # no selection split: the score is the validation accuracy
+
+
+def test_strategy_selects_on_held_out_training_data(digits_trajectory):
+    """Through the strategy: its selection split is part of the training data (never the validation split), and the
+    logged best validation accuracy is the one at the chosen t, not the maximum over t."""
+    strategy, model, ctx = _transfer(digits_trajectory, method="naive", steps=3, selection_fraction=0.2)
+    res = strategy.result
+    task = digits_trajectory[0]
+    assert res.selection_acc != res.val_acc  # two different splits
+    best = [m for _, m in ctx.metrics if "transfer/best_val_acc" in m][0]
+    assert best["transfer/best_val_acc"] == res.val_acc[res.best_step]
+    assert best["transfer/best_selection_acc"] == max(res.selection_acc[1:])
+    # t = 0 included: 4 selection scores, each a fraction of the held-out part's 20% of the training split
+    n_sel = round(0.2 * len(task.x_train))
+    assert all(abs(a * n_sel - round(a * n_sel)) < 1e-3 for a in res.selection_acc)  # (float32 means)
+    plain, _, _ = _transfer(digits_trajectory, method="naive", steps=3, selection_fraction=0.0)
+    assert plain.result.selection_acc == plain.result.val_acc  # the paper's protocol: chosen on validation

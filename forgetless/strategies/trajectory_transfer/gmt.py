@@ -18,8 +18,8 @@ Gradient = Callable[[State, int], State]
 @dataclass
 class TransferResult:
     method: str
-    val_acc: list[float]  # validation accuracy of θ₂ᵗ for t = 0..T (no training)
-    best_step: int  # argmax over t = 1..T
+    val_acc: list[float]  # source validation accuracy of θ₂ᵗ for t = 0..T (no training): what is reported
+    best_step: int  # argmax of selection_acc over t = 1..T
     best_state: State
     perms: Perms
     gradients: int = 0  # gradient evaluations (each pair is two)
@@ -28,6 +28,10 @@ class TransferResult:
     seconds: float = 0.0  # everything but the validation evaluations
     eval_seconds: float = 0.0
     log: list[dict] = field(default_factory=list)
+    # the score t is chosen on, t = 0..T: accuracy on a selection split of its own (held out of the source training
+    # data), so that val_acc at the chosen t is not inflated by the choice; equal to val_acc when t is chosen on the
+    # validation split itself (no selection split)
+    selection_acc: list[float] = field(default_factory=list)
 
 
 class _Walk:
@@ -44,21 +48,24 @@ class _Walk:
 
 
 class _Recorder:
-    """Evaluates θ₂ᵗ, timing the evaluation apart from the transfer, and records it in the result."""
+    """Evaluates θ₂ᵗ (its selection score, then its validation accuracy), timing the evaluations apart from the
+    transfer, and records them in the result."""
 
     def __init__(self, res: TransferResult, evaluate: Callable[[State], float],
-                 on_step: Callable[[int, float], None] | None):
-        self.res, self.evaluate, self.on_step = res, evaluate, on_step
+                 validate: Callable[[], float] | None, on_step: Callable[[int, float, float], None] | None):
+        self.res, self.evaluate, self.validate, self.on_step = res, evaluate, validate, on_step
 
     def __call__(self, t: int, state: State) -> float:
         t0 = time.perf_counter()
-        acc = self.evaluate(state)
+        score = self.evaluate(state)
+        val = self.validate() if self.validate is not None else score
         self.res.eval_seconds += time.perf_counter() - t0
-        self.res.val_acc.append(acc)
-        self.res.log.append({"t": t, "val_acc": acc})
+        self.res.selection_acc.append(score)
+        self.res.val_acc.append(val)
+        self.res.log.append({"t": t, "selection_acc": score, "val_acc": val})
         if self.on_step is not None:
-            self.on_step(t, acc)
-        return acc
+            self.on_step(t, score, val)
+        return score
 
 
 class _GradientMatcher:
@@ -108,11 +115,15 @@ def _starting_perms(method: str, spec: PermutationSpec, perms: Perms | None) -> 
 def learning_transfer(theta1: list[State], theta2_0: State, spec: PermutationSpec, method: str,
                       gradient: Gradient, evaluate: Callable[[State], float],
                       perms: Perms | None = None, max_sweeps: int = 100, seed: int = 0,
-                      on_step: Callable[[int, float], None] | None = None) -> TransferResult:
+                      on_step: Callable[[int, float, float], None] | None = None,
+                      validate: Callable[[], float] | None = None) -> TransferResult:
     """Transfer the trajectory `theta1` (θ₁⁰..θ₁ᵀ, parameters only) to `theta2_0`.
 
     `gradient(state, batch_id)`: the training-loss gradient at `state`; equal ids mean the same mini-batch.
-    `evaluate(state)`: validation accuracy of `state` (BatchNorm statistics recomputed by the caller).
+    `evaluate(state)`: the score t is chosen on (accuracy on a selection split; BatchNorm statistics recomputed by
+    the caller), leaving `state` in the caller's model; `validate()`: then the validation accuracy of that model,
+    reported (None: the score is the validation accuracy, t chosen on the split it is reported on).
+    `on_step(t, score, validation accuracy)`: after each evaluation.
     `perms`: the fixed permutation of `oracle` (ignored otherwise).
     """
     if len(theta1) < 2:
@@ -122,7 +133,7 @@ def learning_transfer(theta1: list[State], theta2_0: State, spec: PermutationSpe
     perms = _starting_perms(method, walk.spec, perms)
     res = TransferResult(method, [], 0, {}, perms)
     t_start = time.perf_counter()
-    record = _Recorder(res, evaluate, on_step)
+    record = _Recorder(res, evaluate, validate, on_step)
     matcher = _GradientMatcher(method, theta1, walk, gradient, max_sweeps, torch.Generator().manual_seed(seed), res)
     record(0, dict(theta2_0))
     best_acc = -1.0  # the best step is chosen among t >= 1 (t = 0 is θ₂⁰ itself)

@@ -50,23 +50,38 @@ def recompute_batchnorm(model: nn.Module, batches: list[tuple[torch.Tensor, torc
     model.train(was_training)
 
 
+def selection_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of n training samples split at random (fixed by `seed`) into (fit, selection): the selection part,
+    `fraction` of them (at least one when fraction > 0), chooses the transferred step t; the rest gives the gradients
+    and BatchNorm statistics. fraction 0: every index fits, none selects."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    k = max(1, round(fraction * n)) if fraction > 0 else 0
+    return order[k:], order[:k]
+
+
 class SourceObjective:
-    """The source training loss's gradient and the source validation accuracy at given values of the parameters
-    `keys` of `scratch` (a working copy of the model). Every rank must call both: they reduce across ranks."""
+    """The source training loss's gradient and the accuracy that chooses t at given values of the parameters `keys`
+    of `scratch` (a working copy of the model). Every rank must call both: they reduce across ranks.
+
+    t is chosen on a selection split of its own (`selection_fraction` of the source training data, held out of the
+    gradients), so the source validation accuracy reported at the chosen t is an honest estimate; with
+    `selection_fraction` 0 t is chosen on the validation split (the paper's protocol), which then inflates it."""
 
     def __init__(self, scratch: nn.Module, keys: list[str], ctx: PrepareContext, batch_size: int, bn_batches: int,
-                 seed: int):
+                 seed: int, selection_fraction: float = 0.0):
         self.scratch, self.keys, self.ctx = scratch, keys, ctx
         self.batch_size, self.bn_batches = batch_size, bn_batches
         self.gen_seed = seed * 1_000_003
         self.params = dict(scratch.named_parameters())
         self.has_bn = has_batchnorm(scratch)
+        self.fit_idx, self.selection_idx = selection_split(len(ctx.source_train[0]), selection_fraction, seed)
 
     def batch(self, batch_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The same global mini-batch on every rank; each rank takes its slice, gradients are then averaged."""
+        """The same global mini-batch (of the fit part) on every rank; each rank takes its slice, gradients are then
+        averaged."""
         x_train, y_train = self.ctx.source_train
         g = torch.Generator().manual_seed(self.gen_seed + batch_id)
-        idx = torch.randperm(len(x_train), generator=g)[: self.batch_size]
+        idx = self.fit_idx[torch.randperm(len(self.fit_idx), generator=g)[: self.batch_size]]
         mine = rank_slice(idx, self.ctx.rank, self.ctx.world, at_least_one=True)
         return x_train[mine].to(self.ctx.device), y_train[mine].to(self.ctx.device)
 
@@ -90,12 +105,28 @@ class SourceObjective:
         return out
 
     def evaluate(self, state: State) -> float:
-        """Source validation accuracy of `state`; leaves it in `scratch`, with its BatchNorm statistics."""
+        """The selection accuracy of `state` (the validation accuracy without a selection split); leaves `state` in
+        `scratch`, with its BatchNorm statistics."""
         self.load(state)
         if self.has_bn:
             recompute_batchnorm(self.scratch, [self.batch(10**6 + b) for b in range(self.bn_batches)],
                                 self.ctx.all_reduce_mean)
+        return self.selection_accuracy() if len(self.selection_idx) else self.validation_accuracy()
+
+    def validation_accuracy(self) -> float:
+        """Source validation accuracy of the weights now in `scratch` (sharded and reduced by the platform)."""
         return self.ctx.source_accuracy(self.scratch)
+
+    @torch.no_grad()
+    def selection_accuracy(self) -> float:
+        """Accuracy of `scratch` on the selection split: each rank its equal slice, the mean over ranks."""
+        x, y = self.ctx.source_train
+        mine = rank_slice(self.selection_idx, self.ctx.rank, self.ctx.world, at_least_one=True)
+        was = self.scratch.training
+        self.scratch.eval()
+        correct = (self.scratch(x[mine].to(self.ctx.device), 0).argmax(1) == y[mine].to(self.ctx.device)).float()
+        self.scratch.train(was)
+        return float(self.ctx.all_reduce_mean(correct.mean().reshape(1)))
 
 
 def train_for_real(scratch: nn.Module, theta2_0: State, keys: list[str], ctx: PrepareContext,
