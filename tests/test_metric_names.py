@@ -140,3 +140,17 @@ def test_each_summary_metric_is_logged_once_per_run(tmp_path):
     other = c.create_run(exp).info.run_id  # without a model
     log_summary(uri, other, summary, None, "finetune")
     assert all(len(c.get_metric_history(other, name)) == 1 for name in summary)
+
+
+def test_a_reused_run_logged_under_the_old_names_is_left_whole_and_tagged(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = tracking.client(uri)
+    run_id = c.create_run(tracking.ensure_experiment(uri, "old")).info.run_id
+    old = {"acc_pct": 92.5, "bwt_pp": -8.0, "target/final_acc_pct": 95.0, "forgetting/first_pp": 8.0}
+    for name, value in old.items():
+        c.log_metric(run_id, name, value, step=0)
+    log_summary(uri, run_id, summary_metrics(_result(R_ONE_TARGET).metrics), None, "finetune")
+    run = c.get_run(run_id)
+    assert run.data.metrics == old  # no second step-0 acc_pct with another meaning, nothing added beside the old
+    assert run.data.tags["forgetless.metric_definitions"].startswith("old")
+    assert metrics_from_mlflow(run.data.metrics, R_ONE_TARGET)["acc"] == pytest.approx(0.95)

@@ -93,6 +93,12 @@ OLD_SUMMARY_METRICS: dict[str, tuple[str, float]] = {
 }
 
 
+def logged_under_old_names(logged: dict[str, float]) -> bool:
+    """Whether a run's MLflow metrics were logged under the old definitions (it holds an old-only name): its `acc_pct`,
+    `bwt_pp` and `avg_inc_acc_pct` then mean what they meant (docs/metrics.md, "Old names")."""
+    return any(name in logged for name, _ in OLD_SUMMARY_METRICS.values())
+
+
 def metrics_from_mlflow(logged: dict[str, float], R=None) -> dict[str, float]:
     """A run's summary metrics as MLflow holds them (`forgetting/max_pp`, ..., today's names or the old ones) as
     StrategyResult.metrics: fractions under today's names and definitions (`read_metrics`)."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from forgetless import storage
 from forgetless.config import ExperimentConfig
+from forgetless.platform.analysis.metric_names import logged_under_old_names
 from forgetless.platform.analysis.results import StrategyResult, summary_metrics
 from forgetless.platform.tracking import mlflow_runs as tracking
 from forgetless.platform.tracking import model_export, plots
@@ -70,13 +71,24 @@ def finish_run_outputs(cfg: ExperimentConfig, res: StrategyResult, uri: str, fil
 def log_summary(uri: str, run_id: str, summary: dict[str, float], model_id: str | None, description: str) -> None:
     """Each summary metric once per run, at step 0. With a logged model, the one write links it to the model:
     MLflow records a model-linked metric on its run as well, so logging it on the run too doubled every point. A run
-    re-used from an earlier invocation keeps the summary points it has (logged by the invocation that trained it)."""
-    have = tracking.client(uri).get_run(run_id).data.metrics
+    re-used from an earlier invocation keeps the summary points it has (logged by the invocation that trained it); one
+    logged under the old metric definitions is left whole (a second step-0 `acc_pct` would contradict the first) and
+    tagged so, and readers map its names (analysis/metric_names.metrics_from_mlflow, docs/metrics.md)."""
+    c = tracking.client(uri)
+    have = c.get_run(run_id).data.metrics
+    if logged_under_old_names(have):
+        c.set_tag(run_id, OLD_DEFINITIONS_TAG, OLD_DEFINITIONS_NOTE)
+        return
     new = {k: v for k, v in summary.items() if k not in have}
     if model_id is None:
         tracking.log_metrics(uri, run_id, new, step=0)
     else:
         model_export.describe_model(uri, run_id, model_id, description + MODEL_IO_NOTE, new)
+
+
+OLD_DEFINITIONS_TAG = "forgetless.metric_definitions"
+OLD_DEFINITIONS_NOTE = ("old: summary metrics logged before the standard definitions (acc_pct and bwt_pp counted the "
+                        "source); docs/metrics.md, Old names")
 
 
 MODEL_IO_NOTE = ("\n\nInput: a batch of the tasks' inputs; output: every task head's logits, concatenated (the model's "
