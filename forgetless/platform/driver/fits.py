@@ -140,9 +140,10 @@ def pretrain(cfg: ExperimentConfig, target: tracking.TrackingTarget, run_label: 
         f"{cfg.pretrain.checkpoint_every}, seed {cfg.seed} (Ray Train run {run_name})")
     job = pretrain_job(cfg, target)
     job = dataclasses.replace(job, display_name=run_label or job.display_name)
-    with progress.board().watch(job.display_name, storage.join(storage.normalize(cfg.storage), run_name)):
+    with progress.board().watch(job.display_name, storage.join(storage.normalize(cfg.storage), run_name)) as shown:
         result = fit(cfg, job, keep_all_checkpoints=True)
-    state = _read_state(result)
+        state = _read_state(result)
+        shown.ended(state.history, state.global_step, job.stages)  # its end line: the run's own final numbers
     stop_points = []
     for ckpt, metrics in result.best_checkpoints:
         name = Path(ckpt.path).name
@@ -195,10 +196,11 @@ def transfer(cfg: ExperimentConfig, strategy: StrategyConfig, init_weights: str,
     # wall time sums every invocation of the run (a resumed one included); the watch says when the run stalls
     clock = watchdog.WallClock(storage.join(run_uri, WALL_FILE))
     with watchdog.RunWatch(run_name, run_uri, clock, lambda: _stall_hints(cfg)), \
-            progress.board().watch(job.display_name, run_uri):
+            progress.board().watch(job.display_name, run_uri) as shown:
         result = fit(cfg, job, keep_all_checkpoints=False, callbacks=callbacks)
-    returned = time.time()
-    state = _read_state(result)
+        returned = time.time()
+        state = _read_state(result)
+        shown.ended(state.history, state.global_step, job.stages)  # its end line: the run's own final numbers
     timing.add(state.seconds, "finish", returned - (state.saved_at or returned))
     timing.add(state.seconds, "read_back", time.time() - returned)
     wall = clock.write(finished=state.finished)

@@ -51,11 +51,15 @@ def report_progress(run: WorkerRun, at: tuple[int, Phase, dict[str, float]] | No
         return
     state, job = run.state, run.job
     p, phase, metrics = at if at is not None else (state.phase, None, {})
-    val = lambda task: next((v for k, v in metrics.items() if k.endswith(f"val/{task}/acc")), None)  # noqa: E731
+    if at is not None:
+        val = lambda task: next((v for k, v in metrics.items() if k.endswith(f"val/{task}/acc")), None)  # noqa: E731
+        target, source = val("target"), val("source")
+    else:  # a start or an end: the run's last evaluation (its final numbers at the end; the resume point's on resume)
+        target, source = progress.final_accuracies(state.history)
     record = progress.progress_record(
         job.display_name, state.stage, job.stages, phase.name if phase else ("done" if state.finished else "-"), p,
-        run.phases_in_stage, state.epoch, phase.epochs if phase else state.epoch, state.global_step, val("target"),
-        val("source"), finished=state.finished)
+        run.phases_in_stage, state.epoch, phase.epochs if phase else state.epoch, state.global_step, target, source,
+        finished=state.finished, resumed_from=state.resumed_from)
     try:
         progress.write_progress(storage.join(storage.normalize(job.config.storage), job.run_name), record)
     except Exception as e:  # noqa: BLE001 - a progress line is not worth a run
