@@ -41,9 +41,9 @@ def test_bwt_is_over_the_targets_and_undefined_for_one():
 
 
 def test_fwt_against_the_probe_baseline():
-    assert math.isnan(M.forward_transfer(R1))
+    assert math.isnan(M.forward_transfer_vs_probe(R1))
     # j = 2: R[1][2] - R[0][2] = 0.15 - 0.10; j = 3: R[2][3] - R[0][3] = 0.25 - 0.10
-    assert M.forward_transfer(R4) == pytest.approx((0.05 + 0.15) / 2)
+    assert M.forward_transfer_vs_probe(R4) == pytest.approx((0.05 + 0.15) / 2)
 
 
 def test_chaudhry_forgetting_counts_the_source_and_never_an_untrained_head():

@@ -56,7 +56,7 @@ def backward_transfer(R) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def forward_transfer(R) -> float:
+def forward_transfer_vs_probe(R) -> float:
     """FWT = mean_{j>=2} (R[j-1][j] - b_j) with b_j = R[0][j] (Lopez-Paz & Ranzato 2017; their b_j is a random
     init, forgetless's is the pre-trained backbone with a fresh head: a probe baseline).
 
@@ -172,8 +172,8 @@ def summarize(R) -> dict[str, float]:
     `bwt` is NaN (not logged, shown as "-") for a single target.
 
     FWT is left out: R[j-1][j] and b_j = R[0][j] are both scored by task j's head before task j trains, and every
-    forgetless strategy gives a task a fresh head, so their difference is chance-level noise (`forward_transfer` stays
-    for streams whose heads are shared).
+    forgetless strategy gives a task a fresh head, so their difference is chance-level noise
+    (`forward_transfer_vs_probe` stays for streams whose heads are shared).
     """
     m = _as_matrix(R)
     return {
