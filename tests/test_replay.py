@@ -230,3 +230,69 @@ def test_with_no_share_replay_trains_exactly_like_finetuning():
     assert train_stream("replay", {"share": 0.0}, tasks, 2) == pytest.approx(train_stream("finetune", {}, tasks, 2),
                                                                             abs=1e-6)
 
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# real DeepSpeed engines under every ZeRO stage (one process, gloo, CPU; a subprocess so no process group leaks)
+
+_DS_SCRIPT = r"""
+import json, os, sys, torch
+os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT="0", RANK="0", WORLD_SIZE="1",
+                  LOCAL_RANK="0")
+torch.set_num_threads(1)
+import deepspeed
+from forgetless.config import load_config
+from forgetless.data import build_stream
+from forgetless.platform.worker.engine import full_state_dict, make_engine, weight_access
+from forgetless.platform.worker.evaluation import evaluate
+from forgetless.platform.worker.model_io import build_model
+from forgetless.strategies import make_strategy
+from forgetless.strategies.base import TrainingData, task_infos
+from forgetless.strategies.training import set_train_mode, set_trainable, train_step
+deepspeed.init_distributed(dist_backend="gloo")
+cfg = load_config(json.loads(sys.argv[1]))
+tasks = build_stream(cfg.source, cfg.targets)
+infos = task_infos(tasks)
+for zero in (0, 1, 2, 3):
+    strategy = make_strategy("replay", {"share": 0.5, "memory_size": 40}, 1, cfg.train.lr)
+    model = build_model(cfg, infos, strategy)
+    phase = strategy.phases(model, infos[1])[0]
+    set_trainable(model, phase)
+    engine = make_engine(model, phase, cfg.train, cfg.deepspeed.model_copy(update={"zero_stage": zero}), 1, False)
+    set_train_mode(model, phase)
+    data = TrainingData([t.split("train") for t in tasks], 0, 1, 0, 7)
+    own = ((tasks[1].x_train[i:i + 16], tasks[1].y_train[i:i + 16]) for i in range(0, 96, 16))
+    access = weight_access(model, zero)
+    losses = [train_step(engine, model, strategy, phase, infos[1], x, y, torch.Generator(), access)[0]
+              for x, y in strategy.train_batches(model, infos[1], own, data)]
+    full = full_state_dict(model, zero)
+    model = build_model(cfg, infos, strategy)
+    model.load_state_dict(full)
+    res = evaluate(model, tasks, "val", 1, False, 0, 1, torch.device("cpu"))
+    print("RESULT " + json.dumps({"zero": zero, "losses": losses, "memory": full["extras.replay_memory.index"].tolist(),
+                                  "val": res}), flush=True)
+"""
+
+
+def test_replay_trains_the_same_under_every_zero_stage(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cfg = {"name": "z", "source": {"dataset": "digits", "classes": [0, 1, 2]},
+           "targets": [{"dataset": "digits", "classes": [3, 4]}],
+           "backbone": {"name": "mlp", "params": {"hidden": [16]}},
+           "train": {"lr": 0.01, "batch_size": 16}, "strategies": ["replay"]}
+    script = tmp_path / "ds_replay.py"
+    script.write_text(_DS_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), json.dumps(cfg)], capture_output=True, text=True, timeout=600,
+                         check=False, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = [json.loads(line[7:]) for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert [r["zero"] for r in res] == [0, 1, 2, 3]
+    for r in res:
+        assert r["memory"] == res[0]["memory"] and min(r["memory"]) >= 0  # the memory, full, in every state dict
+        assert r["losses"] == pytest.approx(res[0]["losses"], abs=1e-4)  # same batches, same steps
+        assert r["val"]["1"][1] == pytest.approx(res[0]["val"]["1"][1], abs=1e-4)
+    assert res[0]["losses"][-1] < res[0]["losses"][0]  # it learns
