@@ -104,7 +104,8 @@ class Progress(tune.Callback):
         r = trial.last_result or {}
         done = "finished" if r.get("search/finished") else f"stopped early after {r.get(TRIAL_EPOCH, '?')} epochs"
         shown = ", ".join(f"{k}={v}" for k, v in trial.config.items())
-        values = ", ".join(f"{k} {r.get(k, float('nan')):.4f}" for k in self.shown)
+        # (a search started before `shown` existed restores a Progress without it)
+        values = ", ".join(f"{k} {r.get(k, float('nan')):.4f}" for k in getattr(self, "shown", [OBJECTIVE]))
         say(f"trial {trial.trial_id} ({shown}) {done}: {values}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
