@@ -10,7 +10,9 @@
     python cluster/local_stack.py up   [--dir DIR] [--workers 2] [--cpus-per-worker 1]
     source ~/.cache/forgetless/stack/env.sh   # AWS_*, MLFLOW_TRACKING_URI, RAY_ADDRESS, RAY_AUTH_TOKEN of this stack
     python cluster/local_stack.py status [--dir DIR]
-    python cluster/local_stack.py down [--dir DIR]
+    python cluster/local_stack.py down [--dir DIR] [--drop-data]
+
+The MLflow store and the S3 data are kept together across `down` and `up` (or dropped together): cluster/stack_data.py.
 
 Why not `ray stop`: it kills every Ray process on the machine (other clusters, other users' embedded `ray.init()`s).
 Every process here is started with `--block` in its own process group, recorded by PID, and stopped by that PID.
@@ -36,8 +38,13 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # stack_data.py beside this script
+import stack_data  # noqa: E402
+
 BIN = Path(sys.executable).parent  # ray, mlflow and moto_server of the same environment
 STATE_FILE = "stack.json"
+MLFLOW_CLIENT_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+                         "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 _CHILDREN: dict[int, subprocess.Popen] = {}  # processes this Python process started (to reap them when stopped)
 # Variables a stack sets for its clients; the Ray and MLflow processes get only what they need.
 
@@ -130,15 +137,27 @@ class LocalStack:
                 # MLflow 3 downloads large artifacts through presigned multipart URLs, which moto (and other
                 # S3-compatible stores) answer with 500; off, downloads go through the server like uploads
                 "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
+                # MLflow's clients retry a failing request for minutes by default (7 retries, backoff factor 2); an
+                # artifact that is gone is an error within ~30 s, naming the run and the path, and a server that
+                # restarts is still waited for: 3 retries 2-4-8 s apart, 20 s per request at most
+                **MLFLOW_CLIENT_RETRIES,
                 "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.ray_token}
 
     # -- lifecycle ----------------------------------------------------------------------------------------------------
-    def up(self, timeout: float = 420) -> "LocalStack":
+    def up(self, timeout: float = 420, ray: bool = True) -> "LocalStack":
+        """Start the stack (`ray=False`: S3 and MLflow only); the data a `down` kept comes back with it."""
         Path(self.dir).mkdir(parents=True, exist_ok=True)
+        if Path(self.dir, stack_data.MLFLOW_DB).exists() and not stack_data.snapshot_dir(self.dir).joinpath(
+                stack_data.MANIFEST).exists():
+            stack_data.orphan_mlflow_store(self.dir, "the S3 data of the last stack in this folder was not saved")
         try:
             self._start_s3(timeout)
+            restored = stack_data.restore_bucket(self._s3(), self.bucket, self.dir)
+            if restored is not None:
+                print(f"S3: {restored} objects of the last stack put back into s3://{self.bucket}", file=sys.stderr)
             mlflow = self._spawn_mlflow()  # starts while Ray does (both take a while on a busy machine)
-            self._start_ray(timeout)
+            if ray:
+                self._start_ray(timeout)
             _wait("MLflow server", lambda: _http_ok(f"{self.mlflow_uri}/health"), timeout, mlflow,
                   Path(self.dir, "mlflow.log"))
         except BaseException:
@@ -168,24 +187,19 @@ class LocalStack:
         return p
 
     def _start_s3(self, timeout: float) -> None:
-        import boto3
-
         self.s3_port = free_port()
         # moto checks signatures once its first N requests (the IAM bootstrap below) are done.
         p = self._spawn("s3", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.s3_port)],
                         _clean_env({"INITIAL_NO_AUTH_ACTION_COUNT": "3"}))
         _wait("moto server", lambda: _tcp_open(self.s3_port), timeout, p, Path(self.dir, "s3.log"))
-        boot = dict(endpoint_url=self.s3_endpoint, region_name=self.region, aws_access_key_id="bootstrap",
-                    aws_secret_access_key="bootstrap")
-        iam = boto3.client("iam", **boot)
-        iam.create_user(UserName="forgetless")
-        key = iam.create_access_key(UserName="forgetless")["AccessKey"]
-        iam.put_user_policy(UserName="forgetless", PolicyName="s3", PolicyDocument=json.dumps(
-            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:*", "iam:*"], "Resource": "*"}]}))
-        self.access_key_id, self.secret_access_key = key["AccessKeyId"], key["SecretAccessKey"]
-        boto3.client("s3", endpoint_url=self.s3_endpoint, region_name=self.region,
-                     aws_access_key_id=self.access_key_id,
-                     aws_secret_access_key=self.secret_access_key).create_bucket(Bucket=self.bucket)
+        self.access_key_id, self.secret_access_key = stack_data.create_user(self.s3_endpoint, self.region)
+        self._s3().create_bucket(Bucket=self.bucket)
+
+    def _s3(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.s3_endpoint, region_name=self.region,
+                            aws_access_key_id=self.access_key_id, aws_secret_access_key=self.secret_access_key)
 
     def _node_ports(self) -> list[str]:
         return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
@@ -271,15 +285,16 @@ class LocalStack:
                                    "--artifacts-destination", f"s3://{self.bucket}/mlflow", "--serve-artifacts"], env)
         return p
 
-    def down(self, grace: float = 45, keep_ray_logs: bool = False) -> None:
-        """Stop every process of this stack (by recorded PID and its process group), newest first."""
-        for proc in reversed(self.procs):
-            _signal_group(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for proc in reversed(self.procs):
-            while _group_alive(proc.pid) and time.monotonic() < deadline:
-                time.sleep(0.3)
-            _signal_group(proc.pid, signal.SIGKILL)
+    def down(self, grace: float = 45, keep_ray_logs: bool = False, keep_data: bool = True) -> None:
+        """Stop every process of this stack (by recorded PID and its process group), newest first; the S3 server
+        last, once the bucket is saved beside the MLflow store (`keep_data`; else both are dropped)."""
+        s3 = [p for p in self.procs if p.name == "s3"]
+        self._stop([p for p in self.procs if p.name != "s3"], grace)  # nothing writes to S3 any more
+        if keep_data:
+            self._save_data()
+        self._stop(s3, grace)
+        if not keep_data:
+            stack_data.drop(self.dir)
         self.procs = []
         if self.ray_temp_dir and keep_ray_logs:
             print(f"Ray's own logs are kept in {self.ray_temp_dir}", file=sys.stderr)
@@ -288,6 +303,19 @@ class LocalStack:
         state = Path(self.dir, STATE_FILE)
         if state.exists():
             state.unlink()
+
+    @staticmethod
+    def _stop(procs: list[Proc], grace: float) -> None:
+        for proc in reversed(procs):
+            _signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in reversed(procs):
+            while _group_alive(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.3)
+            _signal_group(proc.pid, signal.SIGKILL)
+
+    def _save_data(self) -> None:
+        stack_data.save_or_orphan(self._s3, self.bucket, self.dir)
 
     # -- state on disk (for `status` / `down` from another shell) -----------------------------------------------------
     def save(self) -> None:
@@ -351,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="Ray worker nodes")
     ap.add_argument("--cpus-per-worker", type=float, default=1)
     ap.add_argument("--bucket", default="forgetless")
+    ap.add_argument("--drop-data", action="store_true",
+                    help="down: drop the MLflow store and the S3 data too (default: both are kept for the next up)")
     args = ap.parse_args(argv)
     directory = str(Path(args.dir).resolve())
     if args.action == "up":
@@ -376,8 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             print(f"Ray dashboard not reachable: {e}")
         return 0
-    s.down()
-    print("stopped")
+    s.down(keep_data=not args.drop_data)
+    print("stopped; MLflow store and S3 data " + ("dropped" if args.drop_data else f"kept in {directory}"))
     return 0
 
 

@@ -59,6 +59,27 @@ def test_job_env_forwards_aws_and_mlflow(monkeypatch):
         job_env(extra=["NOPE"])
 
 
+def test_a_job_gets_no_preemption_watcher_and_no_upload_noise(monkeypatch, caplog):
+    """Ray's preemption-watcher error lines and its packaging lines are left out where the job may choose."""
+    import logging
+
+    from forgetless.platform.driver import jobs
+
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
+    assert jobs.job_env()["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")  # a cluster on preemptible nodes wants it
+    assert jobs.job_env()["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
+    packaging = logging.getLogger("ray._private.runtime_env.packaging")
+    with caplog.at_level(logging.INFO):
+        with jobs.upload_noise_filtered():
+            packaging.info("Ignoring upload to cluster for these files: [PosixPath('/x/.gitignore')]")
+            logging.getLogger("ray._private.runtime_env.working_dir").warning(
+                "Directory '.venv' is now ignored by default when packaging the working directory.")
+            packaging.info("Pushing file package 'gcs://_ray_pkg_x.zip' (0.1MiB) to Ray cluster...")
+        packaging.info("Ignoring upload to cluster for these files: after the upload")
+    assert [r.getMessage()[:20] for r in caplog.records] == ["Pushing file package", "Ignoring upload to c"]
+
+
 def test_submit_refuses_what_would_be_lost(tiny_config, workdir, monkeypatch):
     """A relative storage folder or the default SQLite tracking would live in the job's temporary working dir."""
     from forgetless.cli import main
@@ -347,3 +368,53 @@ def test_local_storage_is_refused_on_a_multi_node_cluster(cluster_env, capsys, t
     assert "storage: the Ray cluster has 3 nodes but storage is the local folder" in out
     assert MlflowClient(stack.mlflow_uri).get_experiment_by_name("e2e-local") is None
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_down_and_up_keep_the_mlflow_store_and_its_s3_data_together(tmp_path, local_stack_module, monkeypatch):
+    """`down` then `up`: an old run's artifact is there again; an artifact whose object is gone is an error within
+    ~30 s naming the run and the path (the stack's MLflow retry settings); a stack whose S3 server died leaves no
+    MLflow store pointing at lost data; `--drop-data` drops both."""
+    from mlflow.tracking import MlflowClient
+
+    ls = local_stack_module
+    folder = str(tmp_path / "stack")
+
+    def up():
+        s = ls.LocalStack(folder).up(ray=False)
+        for k, v in s.client_env().items():
+            if k.startswith(("AWS_", "MLFLOW_")):
+                monkeypatch.setenv(k, v)
+        return s, MlflowClient(s.mlflow_uri)
+
+    stack, c = up()
+    try:
+        run = c.create_run(c.create_experiment("kept")).info.run_id
+        Path(tmp_path, "note.txt").write_text("kept across down and up")
+        c.log_artifact(run, str(tmp_path / "note.txt"))
+        c.set_terminated(run)
+    finally:
+        stack.down()
+    stack, c = up()
+    try:
+        got = c.download_artifacts(run, "note.txt", str(tmp_path / "back"))
+        assert Path(got).read_text() == "kept across down and up"
+        s3 = stack._s3()
+        key = next(k["Key"] for k in s3.list_objects_v2(Bucket=stack.bucket, Prefix="mlflow/")["Contents"]
+                   if run in k["Key"] and k["Key"].endswith("note.txt"))
+        s3.delete_object(Bucket=stack.bucket, Key=key)
+        started = time.monotonic()
+        with pytest.raises(Exception) as gone:
+            c.download_artifacts(run, "note.txt", str(tmp_path / "gone"))
+        assert time.monotonic() - started < 35
+        assert run in str(gone.value) and "note.txt" in str(gone.value)
+        # the S3 server dies: its data cannot be kept, so neither is the MLflow store that points at it
+        s3_proc = next(p for p in stack.procs if p.name == "s3")
+        ls._signal_group(s3_proc.pid, 9)
+    finally:
+        stack.down()
+    assert not Path(folder, "mlflow.db").exists() and list(Path(folder).glob("mlflow.db.orphaned-*"))
+    stack, c = up()
+    stack.down(keep_data=False)
+    assert not Path(folder, "mlflow.db").exists() and not Path(folder, "s3-data").exists()

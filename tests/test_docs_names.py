@@ -114,7 +114,10 @@ def _segments_match(doc: list[str], template: tuple[str, ...]) -> bool:
 def in_sources(name: str) -> bool:
     """The name is one forgetless's sources spell (a literal, or an f-string whose `{...}` stand for segments)."""
     doc = name.split("/")
-    return any(_segments_match(doc, t) for t in source_templates())
+    # a family the code builds in two steps (`as_metrics(scores, f"{prefix}val/eval")` adds `/{name}/{metric}`):
+    # a spelled prefix of two or more segments, then placeholders only
+    heads = [doc[:k] for k in range(len(doc), 1, -1) if all(PLACEHOLDER.fullmatch(d) for d in doc[k:])]
+    return any(_segments_match(head, t) for head in heads for t in source_templates())
 
 
 def aggregate_of_summary(name: str, summary: set[str]) -> bool:

@@ -12,10 +12,12 @@ no MLflow run, no object in the bucket. Environment values (AWS keys, tokens) ar
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shlex
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -38,6 +40,17 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 FORWARD_PREFIXES = ("AWS_", "MLFLOW_")
 LOCAL_ONLY_VARS = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
                    "AWS_CA_BUNDLE", "AWS_WEB_IDENTITY_TOKEN_FILE")
+# What a job's processes are given besides the forwarded variables (a value in the submitting shell wins): Ray Train's
+# preemption watcher off, as on the embedded cluster (ray_cluster.PREEMPTION_WATCHER_VARIABLE): an actor per worker
+# group, created with max_restarts and killed at the group's end, which Ray's core worker reports as three error lines
+# per job; nothing drains nodes here. A cluster on preemptible nodes turns it on with
+# `RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=1 forgetless submit ... --env RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`.
+JOB_DEFAULTS = {ray_cluster.PREEMPTION_WATCHER_VARIABLE: "0"}
+# Ray's own lines while it packages the working dir and this package for upload, which say nothing a user acts on:
+# that .gitignore is honoured (once per package uploaded) and that .venv/.git are left out (a new default of Ray's).
+UPLOAD_NOISE = ("Ignoring upload to cluster for these files", "is now ignored by default when packaging")
+UPLOAD_LOGGERS = ("ray._private.runtime_env.working_dir", "ray._private.runtime_env.packaging",
+                  "ray._private.runtime_env.py_modules", "ray.dashboard.modules.dashboard_sdk")
 CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN",
                    "MLFLOW_TRACKING_PASSWORD")
 
@@ -99,6 +112,7 @@ def job_env(forward_credentials: bool = True, extra: Iterable[str] = ()) -> dict
     """The variables passed to the job: AWS_* and MLFLOW_* of this shell (and `extra` names); `forgetless --verbose
     submit` makes the job verbose too (its workers' per-epoch lines in the job's log)."""
     env = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIXES)}
+    env.update({k: os.environ.get(k, v) for k, v in JOB_DEFAULTS.items()})
     if console.verbose():
         env[console.VERBOSE_VARIABLE] = "1"
     for name in extra:
@@ -189,13 +203,34 @@ def submit(config_path: str, overrides: list[str], address: str | None, command:
         # The job runs this checkout's forgetless, whatever version the cluster image has installed.
         runtime_env["py_modules"] = [str(PACKAGE_DIR)]
     say(f"submitting {sid} to {resolve_address(address)}: {entrypoint}")
-    say(f"working dir {wd}; env passed: {', '.join(sorted(env)) or 'none'} (values not shown)")
+    say(f"working dir {wd} (without .git, .venv and what .gitignore lists); env passed: "
+        f"{', '.join(sorted(env)) or 'none'} (values not shown)")
     if previous:
         say(f"earlier job {previous} of this config has ended; this one resumes from its checkpoints in {cfg.storage}")
-    client.submit_job(entrypoint=entrypoint, submission_id=sid, runtime_env=runtime_env,
-                      metadata={"forgetless.config": cfg.name, "forgetless.command": command,
-                                "forgetless.submission_base": base})
+    with upload_noise_filtered():
+        client.submit_job(entrypoint=entrypoint, submission_id=sid, runtime_env=runtime_env,
+                          metadata={"forgetless.config": cfg.name, "forgetless.command": command,
+                                    "forgetless.submission_base": base})
     return client, Submission(sid, entrypoint, previous)
+
+
+class _DropLines(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in UPLOAD_NOISE)
+
+
+@contextmanager
+def upload_noise_filtered():
+    """Ray's packaging lines (UPLOAD_NOISE) left out while a job's files are uploaded; `--verbose` keeps them."""
+    loggers = [] if console.verbose() else [logging.getLogger(name) for name in UPLOAD_LOGGERS]
+    drop = _DropLines()
+    for lg in loggers:
+        lg.addFilter(drop)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(drop)
 
 
 def _local_checks(cfg: ExperimentConfig, tracking_uri: str, env: dict[str, str]) -> None:
