@@ -1,5 +1,6 @@
 """A driver killed mid-run (SIGKILL: it can end nothing itself) leaves nothing stale behind once the same command
-runs again: its MLflow parent run is closed as KILLED, its Ray processes are gone (a watcher ends them), the resumed
+runs again: its MLflow parent run is continued (one parent per experiment, counting two invocations, every child
+under it), its Ray processes are gone (a watcher ends them), the resumed
 child run holds each metric point once, and the run's wall time sums both invocations."""
 from __future__ import annotations
 
@@ -97,13 +98,18 @@ def test_killed_driver_leaves_nothing_stale(workdir, tiny_config):
     second = _compare(env)
     out, _ = second.communicate(timeout=1500)
     assert second.returncode == 0, out[-4000:]
-    assert "closed as KILLED" in out
+    assert "continuing parent run" in out and "View run" not in out
 
     c = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     exp = c.get_experiment_by_name("forgetless")
     parents = c.search_runs([exp.experiment_id], "tags.`forgetless.command` = 'compare'",
                             order_by=["attributes.start_time ASC"])
-    assert [r.info.status for r in parents] == ["KILLED", "FINISHED"]
+    assert [r.info.status for r in parents] == ["FINISHED"]
+    parent = parents[0]
+    assert parent.data.tags["forgetless.invocations"] == "2"
+    children = c.search_runs([exp.experiment_id], f"tags.`{tracking.PARENT_TAG}` = '{parent.info.run_id}'")
+    assert {r.data.tags["forgetless.mode"] for r in children} == {"pretrain", "transfer"}
+    assert len(c.search_runs([exp.experiment_id], "tags.`forgetless.mode` != ''")) == len(children)
     child = c.search_runs([exp.experiment_id], "tags.`forgetless.mode` = 'transfer'")[0]
     for key in child.data.metrics:
         steps = [m.step for m in c.get_metric_history(child.info.run_id, key)]
