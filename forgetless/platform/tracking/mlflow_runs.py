@@ -164,11 +164,13 @@ def close_stale_parent_runs(uri: str, experiment_id: str, tags: dict[str, str]) 
         if alive is False:
             children = c.search_runs([experiment_id], max_results=1000, filter_string=(
                 f"tags.`{PARENT_TAG}` = '{run.info.run_id}' and attributes.status = 'RUNNING'"))
+            # MLflow's "View run ... at" lines for runs being closed would read as links to the current ones
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
             for r in [*children, run]:
                 c.set_terminated(r.info.run_id, "KILLED")
             closed.append(run.info.run_id)
-            say(f"MLflow: run {run.info.run_id} of the same command was left RUNNING by a driver that no longer runs "
-                f"({run.data.tags.get(DRIVER_TAG)}); closed as KILLED")
+            say(f"MLflow: an earlier run of the same command ({run.info.run_id}) was still marked as running, but the "
+                f"process that ran it has ended; it is now marked KILLED (what it logged stays)")
         elif alive is None:
             say(f"MLflow: run {run.info.run_id} of the same command is RUNNING, started by a driver on another host "
                 f"({run.data.tags.get(DRIVER_TAG)}); left as it is")
