@@ -163,7 +163,9 @@ def soft_prompt_longer_than_the_room(draw, f):
 def tokenizer_larger_than_the_vocabulary(draw, f):
     where = draw(st.sampled_from(["source", "targets"]))
     field = "source.tokenizer" if where == "source" else "targets[0].tokenizer"
-    return base_config(f["decoder"]), [f"{_task_path(where)}.tokenizer={f['big_tokenizer']}"], field
+    block = draw(st.integers(8, CONTEXT))  # any block that fits: the tokenizer is what does not
+    overrides = [f"source.block_size={block}", f"targets.0.block_size={block}"]
+    return base_config(f["decoder"]), [*overrides, f"{_task_path(where)}.tokenizer={f['big_tokenizer']}"], field
 
 
 @st.composite
