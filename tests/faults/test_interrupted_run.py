@@ -39,7 +39,7 @@ def _client():
 
 def test_interrupted_run_resumes_from_its_checkpoint(interrupted_cli_run, monkeypatch):
     """Its MLflow parent run is marked KILLED, and re-running the same command resumes from the newest checkpoint it
-    completed."""
+    completed, under the same parent run (reopened: one parent per experiment, two invocations on it)."""
     run_folder = run_dir(interrupted_cli_run.restore())
     monkeypatch.chdir(interrupted_cli_run.folder)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -70,7 +70,11 @@ def test_interrupted_run_resumes_from_its_checkpoint(interrupted_cli_run, monkey
         steps = [m.step for m in c.get_metric_history(finetune_runs[0].info.run_id, key)]
         assert len(steps) == len(set(steps)), (key, sorted(steps))
     parents = c.search_runs([exp.experiment_id], "tags.`forgetless.command` = 'run'", order_by=["start_time ASC"])
-    assert [r.info.status for r in parents] == ["KILLED", "FINISHED"]
+    # one parent for the experiment: the interrupted invocation's (KILLED), reopened and finished by the second
+    assert [r.info.status for r in parents] == ["FINISHED"]
+    assert parents[0].data.tags["forgetless.invocations"] == "2"
+    assert [h["status"] for h in json.loads(parents[0].data.tags["forgetless.invocation_history"])] == [
+        "KILLED", "FINISHED"]
 
 
 def test_truncated_checkpoint_is_skipped_and_the_previous_one_resumed(interrupted_cli_run):
