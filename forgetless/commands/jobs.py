@@ -38,7 +38,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     jobs.status_of(client, args.job_id)
     stopped = client.stop_job(args.job_id)
     say(f"job {args.job_id}: {'stop requested' if stopped else 'already ended'}; its last checkpoint is kept "
-             f"-- resubmit the same config to resume")
+        f"-- resubmit the same config to resume (under the same MLflow parent run)")
     return 0
 
 
