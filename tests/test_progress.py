@@ -115,7 +115,9 @@ def _stale_then_final(run_uri: str, board: progress.ProgressBoard, settle: float
     with board.watch("finetune", run_uri) as shown:
         progress_file.write_progress(run_uri, progress_file.progress_record("finetune", 1, [1], "all", 0, 1, 1, 4, 10,
                                                                             0.575, 0.9))
-        time.sleep(settle)  # the board looks and prints epoch 1
+        deadline = time.monotonic() + settle
+        while "epoch 1/4" not in board.stream.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the board has looked and printed epoch 1
         for epoch in (2, 3, 4):
             progress_file.write_progress(run_uri, progress_file.progress_record("finetune", 1, [1], "all", 0, 1,
                                                                                 epoch, 4, 10 * epoch, 0.8, 0.8))
@@ -127,7 +129,7 @@ def _stale_then_final(run_uri: str, board: progress.ProgressBoard, settle: float
 
 def test_the_end_line_is_the_runs_final_state_not_the_last_look(tmp_path):
     lines = _stale_then_final(str(tmp_path / "run"), progress.ProgressBoard(stream=io.StringIO(), every=0.05,
-                                                                            live=False), settle=0.3)
+                                                                            live=False), settle=10)
     assert "epoch 1/4" in lines[0] and "target 57.5%" in lines[0]
     assert lines[-1].endswith("done") and "epoch 4/4 step 40" in lines[-1]
     assert "target 88.8%  source 75.0%" in lines[-1]  # epoch 4's numbers, as its MLflow run holds them
@@ -138,7 +140,7 @@ def test_the_end_line_on_s3_with_the_5s_look(s3server, monkeypatch):
 
     point_aws_env_at(s3server, monkeypatch)
     board = progress.ProgressBoard(stream=io.StringIO(), every=0.05, live=False)  # S3: one look every 5 s
-    lines = _stale_then_final(f"s3://{s3server.bucket}/progress-test/stale", board, settle=5.5)
+    lines = _stale_then_final(f"s3://{s3server.bucket}/progress-test/stale", board, settle=20)
     assert "epoch 1/4" in lines[0] and "target 57.5%" in lines[0]
     assert len(lines) == 2 and "target 88.8%  source 75.0%" in lines[-1] and lines[-1].endswith("done")
 
