@@ -300,7 +300,7 @@ def comparison_row(c: Comparison) -> str:
     st = c.stats()
     lo, hi = st["ci95"]
     unit = {"pp": " pp", "nats": " nats", "steps": " steps"}[c.unit]
-    p = "-" if math.isnan(st["p_value"]) else f"{st['p_value']:.3f}"
+    p = "-" if math.isnan(st["p_value"]) else "<0.001" if st["p_value"] < 0.001 else f"{st['p_value']:.3f}"
     claimed = "> 0" if c.claimed_sign > 0 else "< 0"
     return (f"| {c.label} | {c.metric} | {_fmt(st['mean'], c.unit)} ± {_fmt_size(st['sd'], c.unit)}{unit} | "
             f"{st['n']} | [{_fmt(lo, c.unit)}, {_fmt(hi, c.unit)}] | {p} | {claimed} | {c.verdict()} |")
