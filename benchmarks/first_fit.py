@@ -1,6 +1,6 @@
 """The first fit of a fresh embedded cluster, with Ray Train's resource requests to a cluster autoscaler (Ray's way:
 the first fit starts an AutoscalingCoordinator process and its controller waits on it) and without them (forgetless on
-an embedded cluster: controller_parts.NoAutoscalerScalingPolicy), interleaved A B A B, each fit in a cluster of its own.
+an embedded cluster: _compat/ray_train.NoAutoscalerScalingPolicy), interleaved A B A B, each fit in a cluster of its own.
 
     python benchmarks/first_fit.py --pairs 3        # writes benchmarks/results/first_fit.json
 

@@ -4,7 +4,7 @@ cluster forgetless starts, interleaved A B C A B C in one cluster:
 - `ray_default`: Ray's TorchTrainer as it comes;
 - `lean_ray_torchconfig`: forgetless's LeanTorchTrainer (no DatasetManager, no PlacementGroupCleaner process: the
   driver cleans up) but with Ray's TorchConfig, which makes the Train controller import torch;
-- `lean`: LeanTorchTrainer as forgetless fits with it (its controller imports no torch: platform/driver/train_controller.py).
+- `lean`: LeanTorchTrainer as forgetless fits with it (its controller imports no torch: platform/driver/train_controller.py, _compat/ray_train.py).
 
     python benchmarks/train_floor.py --pairs 3         # writes benchmarks/results/train_floor.json
 

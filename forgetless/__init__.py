@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator, Union
@@ -44,11 +45,11 @@ ConfigLike = Union[str, os.PathLike, "dict[str, Any]", "ExperimentConfig"]
 
 def run(config: ConfigLike, strategy: str | None = None, overrides: list[str] | None = None) -> StrategyResult:
     """Pre-train (or reuse the trajectory) and transfer under one strategy: the named one, or the config's only one."""
-    # deferred: the driver's machinery (see above)
-    from forgetless.config import load_config, select_strategy
-    from forgetless.platform.driver.runner import execute
+    with _caller_state_kept():  # (its imports too: `import ray` sets an environment variable and sys.excepthook)
+        # deferred: the driver's machinery (see above)
+        from forgetless.config import load_config, select_strategy
+        from forgetless.platform.driver.runner import execute
 
-    with _caller_state_kept():
         cfg = select_strategy(load_config(config, overrides), strategy)
         return execute(cfg, "run").results[0]
 
@@ -58,11 +59,11 @@ def compare(config: ConfigLike, overrides: list[str] | None = None, seeds: list[
     """Every strategy in the config on the same stream, from the same pre-trained checkpoint; `seeds` repeats every
     strategy (and the pre-training) per seed (table: mean ± sd); `max_concurrent` caps the runs at once (default:
     as many as the cluster fits)."""
-    # deferred: the driver's machinery (see above)
-    from forgetless.config import load_config
-    from forgetless.platform.driver.runner import execute
-
     with _caller_state_kept():
+        # deferred: the driver's machinery (see above)
+        from forgetless.config import load_config
+        from forgetless.platform.driver.runner import execute
+
         cfg = load_config(config, overrides)
         if max_concurrent is not None:
             cfg = cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"max_concurrent": max_concurrent})})
@@ -73,10 +74,10 @@ def tune(config: ConfigLike, search: "dict[str, Any] | SearchConfig | None" = No
          overrides: list[str] | None = None) -> "SearchResult":
     """Ray Tune search over pre-training stop points x learning rates (x searchable strategy fields); `search`
     replaces the config's `search:` section. `resume=True` finishes a killed search. See docs/tune.md."""
-    # deferred: the driver's machinery (see above)
-    from forgetless.platform.tuning import run_search
-
     with _caller_state_kept():
+        # deferred: the driver's machinery (see above)
+        from forgetless.platform.tuning import run_search
+
         return run_search(config, search, resume=resume, overrides=overrides)
 
 
@@ -85,15 +86,17 @@ def _caller_state_kept() -> Iterator[None]:
     """The calling process as it was once an API call returns or raises: its environment (a run sets variables for
     the libraries it drives while it runs: DeepSpeed's build folder, Hugging Face's offline mode, MLflow's output,
     and ray.init its PYTHONBREAKPOINT hook) and its SIGINT / SIGTERM handlers (ray.init and every Ray Train fit set
-    their own). Where those are set, they are put back too (platform/driver/ray_cluster.py, trainer.handlers_kept);
+    their own) and its exception hooks. Where those are set, they are put back too (platform/driver/ray_cluster.py, trainer.handlers_kept);
     this is the promise of the API as a whole (tests/test_side_effects.py). Ray stays initialised, as after ray.init:
     the next call reuses the embedded cluster (docs/architecture.md, "Side effects of the Python API")."""
     environ = dict(os.environ)
     main = threading.current_thread() is threading.main_thread()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    hooks = (sys.excepthook, threading.excepthook)  # `import ray` replaces sys.excepthook with its own
     try:
         yield
     finally:
+        sys.excepthook, threading.excepthook = hooks
         for key in [k for k in os.environ if k not in environ]:
             del os.environ[key]
         for key, value in environ.items():

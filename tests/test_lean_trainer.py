@@ -16,6 +16,7 @@ from ray import cloudpickle
 from ray.train import RunConfig, ScalingConfig
 from ray._private import state as gcs_state
 
+from forgetless._compat import PUBLIC_PATHS_VARIABLE
 from forgetless.platform.driver import trainer as lean_trainer
 
 from forgetless.platform.driver import ray_cluster
@@ -119,7 +120,18 @@ def _mark_and_sleep_in_training(marker: str):
 
 def _report_and_wait_for_the_commit():
     """Rank 0 reports a checkpoint; every rank waits until Ray Train's controller has committed it (the call travels
-    to the controller actor, here the controller host)."""
+    to the controller actor, here the controller host); the workers got the cluster's variables from the raylet."""
+    _report_a_checkpoint()
+    # the cluster's variables reach the worker from its raylet, not as a runtime_env of its own (which would start
+    # it through Ray's setup_worker.py)
+    import ray
+
+    assert not ray.get_runtime_context().runtime_env.get("env_vars"), ray.get_runtime_context().runtime_env
+    assert os.environ["FORGETLESS_EMBEDDED_CLUSTER"] == "1" and os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
+
+
+def _report_a_checkpoint():
+    """Rank 0 reports a checkpoint; every rank waits until Ray Train's controller has committed it."""
     import tempfile
 
     import ray.train
@@ -134,12 +146,6 @@ def _report_and_wait_for_the_commit():
                          checkpoint_dir_name="only")
     if not wait_until_committed("only", timeout_s=60):
         raise AssertionError("the checkpoint was not committed")
-    # the cluster's variables reach the worker from its raylet, not as a runtime_env of its own (which would start
-    # it through Ray's setup_worker.py)
-    import ray
-
-    assert not ray.get_runtime_context().runtime_env.get("env_vars"), ray.get_runtime_context().runtime_env
-    assert os.environ["FORGETLESS_EMBEDDED_CLUSTER"] == "1" and os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
 
 
 def test_a_drivers_fits_run_their_controllers_in_one_kept_process(ray_session, tmp_path, capsys):
@@ -172,9 +178,11 @@ def test_a_drivers_fits_run_their_controllers_in_one_kept_process(ray_session, t
 
     hosts = []
     for name in ("first", "second"):
+        handler = signal.getsignal(signal.SIGINT)
         result = lean_trainer.fit(_report_and_wait_for_the_commit, embedded_cluster=True,
                                   run_config=RunConfig(name=name, storage_path=str(tmp_path)), **config)
         assert result.error is None and Path(result.checkpoint.path).name == "only"
+        assert signal.getsignal(signal.SIGINT) is handler  # Ray Train's own SIGINT handler is gone again
         hosts.append({a.pid for a in _alive("ControllerHost") if psutil.pid_exists(a.pid)})
     assert "RAY_ADDRESS" not in os.environ  # the driver's environment is its own again after the cluster's start
     # one new process after the kill, the same one for both fits
@@ -221,3 +229,21 @@ def test_the_driver_removes_the_group_of_a_fit_whose_calling_process_died(ray_se
     _wait_for(lambda: ray_session.available_resources().get("CPU", 0) == cpus, 60, "the CPUs to be free again")
     assert "removed 1 placement group(s)" in capsys.readouterr().err
     assert lean_trainer.remove_groups_of_dead_processes() == []  # nothing twice
+
+
+def _train_controllers_ever() -> int:
+    return sum(a["ActorClassName"] == "TrainController" for a in gcs_state.actors().values())
+
+
+def test_with_the_ray_train_seam_off_a_fit_is_rays_own(ray_session, tmp_path, monkeypatch):
+    """FORGETLESS_PUBLIC_PATHS=1 (or another Ray): `fit` runs Ray's TorchTrainer unchanged, whose controller is an
+    actor of its own, and gives the same result; the caller's SIGINT handler is put back."""
+    monkeypatch.setenv(PUBLIC_PATHS_VARIABLE, "1")
+    assert not lean_trainer.replaceable()
+    handler, controllers = signal.getsignal(signal.SIGINT), _train_controllers_ever()
+    result = lean_trainer.fit(_report_a_checkpoint, embedded_cluster=True,
+                              run_config=RunConfig(name="public", storage_path=str(tmp_path)),
+                              scaling_config=ScalingConfig(num_workers=2))
+    assert result.error is None and Path(result.checkpoint.path).name == "only"
+    assert _train_controllers_ever() == controllers + 1  # Ray's own controller actor, not a kept host
+    assert signal.getsignal(signal.SIGINT) is handler

@@ -71,5 +71,5 @@ def test_compare_and_a_refused_compare_leave_the_process_as_it_was(workdir, tiny
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     states = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("STATES "))[len("STATES "):])
     assert states["R"] and states["ray initialised"]  # a real run, and Ray kept as ray.init keeps it
-    for when in ("after compare", "after a ConfigError"):
-        assert _differences(states["before"], states[when]) == [], when
+    differences = {when: _differences(states["before"], states[when]) for when in ("after compare", "after a ConfigError")}
+    assert differences == {"after compare": [], "after a ConfigError": []}
