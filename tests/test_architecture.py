@@ -155,3 +155,39 @@ def test_only_the_seams_use_library_internals():
                     for line, what in private_library_uses(path.read_text())]
     assert not outside, ("private names of Ray / DeepSpeed / MLflow / torch / CPython outside forgetless/_compat "
                          f"(move them into the library's seam): {outside}")
+
+
+# Underscore attributes forgetless may use although it does not define them: documented public names of the stdlib
+PUBLIC_UNDERSCORE_NAMES = {"os._exit"}
+
+
+def _names_defined_in_forgetless() -> set[str]:
+    own = set()
+    for path in PACKAGE.rglob("*.py"):
+        own.add(path.stem)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                own.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                own.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                own.add(node.id)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                own.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return own
+
+
+def test_no_underscore_attribute_of_another_library_outside_the_seams():
+    """`obj._name` where forgetless defines no `_name` is a library's private attribute (a dataset's
+    `_to_mlflow_entity`, a module's `_register_load_state_dict_pre_hook`), whatever the object's name: it goes into
+    the library's seam, or the public call is used."""
+    own = _names_defined_in_forgetless()
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if SEAMS in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and _private(node.attr) and node.attr not in own \
+                    and ast.unparse(node) not in PUBLIC_UNDERSCORE_NAMES:
+                found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {ast.unparse(node)}")
+    assert not found, f"private attributes of other libraries outside forgetless/_compat: {found}"

@@ -54,3 +54,14 @@ def cpu_count() -> float:
 
         return float(get_num_cpus())
     return float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def upload_loggers() -> tuple[str, ...]:
+    """The loggers of Ray's lines while it packages a job's working dir and modules for upload (named after Ray's
+    private runtime_env modules; jobs.submit keeps them quiet unless --verbose). Public path: the job SDK's logger
+    only (Ray's packaging lines then show)."""
+    public = ("ray.dashboard.modules.dashboard_sdk",)
+    if not SEAM.active():
+        return public
+    return ("ray._private.runtime_env.working_dir", "ray._private.runtime_env.packaging",
+            "ray._private.runtime_env.py_modules", *public)

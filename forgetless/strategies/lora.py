@@ -89,7 +89,7 @@ def _accept_plain_checkpoints(backbone: nn.Module) -> None:
                 if "lora_" in key and prefix + key not in state_dict:
                     state_dict[prefix + key] = value.detach()
 
-    backbone._register_load_state_dict_pre_hook(hook, with_module=True)
+    backbone.register_load_state_dict_pre_hook(hook)  # hook(module, state_dict, prefix, ...)
 
 
 @register

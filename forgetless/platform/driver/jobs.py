@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from forgetless import console, storage
+from forgetless._compat import ray_core
 from forgetless.config import ExperimentConfig, load_config, select_strategy
 from forgetless.console import say
 from forgetless.errors import ConfigError
@@ -46,11 +47,10 @@ LOCAL_ONLY_VARS = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CONFIG_FILE", "AWS
 # per job; nothing drains nodes here. A cluster on preemptible nodes turns it on with
 # `RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=1 forgetless submit ... --env RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`.
 JOB_DEFAULTS = {ray_cluster.PREEMPTION_WATCHER_VARIABLE: "0"}
-# Ray's own lines while it packages the working dir and this package for upload, which say nothing a user acts on:
-# that .gitignore is honoured (once per package uploaded) and that .venv/.git are left out (a new default of Ray's).
+# Ray's own lines while it packages the working dir and this package for upload (ray_core.upload_loggers), which say
+# nothing a user acts on: that .gitignore is honoured (once per package uploaded) and that .venv/.git are left out (a
+# new default of Ray's).
 UPLOAD_NOISE = ("Ignoring upload to cluster for these files", "is now ignored by default when packaging")
-UPLOAD_LOGGERS = ("ray._private.runtime_env.working_dir", "ray._private.runtime_env.packaging",
-                  "ray._private.runtime_env.py_modules", "ray.dashboard.modules.dashboard_sdk")
 CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN",
                    "MLFLOW_TRACKING_PASSWORD")
 
@@ -222,7 +222,7 @@ class _DropLines(logging.Filter):
 @contextmanager
 def upload_noise_filtered():
     """Ray's packaging lines (UPLOAD_NOISE) left out while a job's files are uploaded; `--verbose` keeps them."""
-    loggers = [] if console.verbose() else [logging.getLogger(name) for name in UPLOAD_LOGGERS]
+    loggers = [] if console.verbose() else [logging.getLogger(name) for name in ray_core.upload_loggers()]
     drop = _DropLines()
     for lg in loggers:
         lg.addFilter(drop)

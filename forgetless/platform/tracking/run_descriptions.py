@@ -192,7 +192,7 @@ def log_task_datasets(uri: str, run_id: str, tasks: Sequence[Any]) -> None:
     # deferred: mlflow is a 2 s import that only world rank 0 needs
     import mlflow.data
     from mlflow.data.code_dataset_source import CodeDatasetSource
-    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.entities import Dataset, DatasetInput, InputTag
 
     inputs = []
     for j, task in enumerate(tasks):
@@ -203,8 +203,13 @@ def log_task_datasets(uri: str, run_id: str, tasks: Sequence[Any]) -> None:
                                         "classes": ",".join(str(c) for c in task.classes), "split": split,
                                         "samples": str(len(y))})
             ds = mlflow.data.from_numpy(x.numpy(), targets=y.numpy(), source=source, name=f"{task.name} ({split})")
-            inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", split)]))
+            entity = Dataset(**{k: v for k, v in ds.to_dict().items() if k in DATASET_FIELDS})  # (public to_dict)
+            inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", split)]))
     tracking.client(uri).log_inputs(run_id, datasets=inputs)
+
+
+# The fields of an MLflow dataset entity, as a dataset's public `to_dict()` gives them
+DATASET_FIELDS = ("name", "digest", "source_type", "source", "schema", "profile")
 
 
 def start_system_metrics(uri: str, run_id: str):
