@@ -71,6 +71,7 @@ def test_importing_the_seams_imports_no_library_it_need_not():
 
 
 def test_the_public_paths_of_small_seams(monkeypatch):
+    import torch
     from torch import nn
 
     monkeypatch.setenv(PUBLIC_PATHS_VARIABLE, "1")
@@ -79,6 +80,19 @@ def test_the_public_paths_of_small_seams(monkeypatch):
     kinds = compat_torch.batch_norm_types()
     assert all(isinstance(m, kinds) for m in (nn.BatchNorm1d(2), nn.BatchNorm2d(2), nn.SyncBatchNorm(2)))
     assert not isinstance(nn.LayerNorm(2), kinds)
+    # DeepSpeed: without the seam every trainable weight goes to safe_set_full_fp32_param, which leaves a weight that
+    # has no master copy as it is
+    from forgetless._compat import deepspeed as compat_deepspeed
+    from forgetless.platform.worker.engine import write_back_weights
+
+    layer = nn.Linear(2, 2)
+    before = layer.weight.detach().clone()
+    assert compat_deepspeed.has_master_copy(layer.weight)
+    write_back_weights(layer)
+    assert torch.equal(layer.weight, before)
+    monkeypatch.setenv(PUBLIC_PATHS_VARIABLE, "0")
+    assert not compat_deepspeed.has_master_copy(layer.weight)  # the seam knows it has none
+    monkeypatch.setenv(PUBLIC_PATHS_VARIABLE, "1")
     logged = []
     sampler = compat_mlflow.start_system_metrics("unused", "unused", 0.05, lambda m, step: logged.append((step, m)))
     try:

@@ -7,8 +7,9 @@ worker decides first (platform/worker/engine.ensure_accelerator_env).
   module-level `@torch.compile` does not import torch's inductor. Public path: DeepSpeed imports it itself (2.8 s more
   per worker process, the first engine: benchmarks/fixed_cost.py `engine_init`).
 - `has_master_copy`: whether DeepSpeed steps an fp32 master copy of a parameter (its ZeRO-3 `ds_id`, ZeRO-1/2 and
-  bf16 `_hp_mapping`). Public path: `deepspeed.utils.safe_get_full_fp32_param` is asked (a full fp32 copy of each
-  trainable weight is made to tell, once per rewrite of the weights).
+  bf16 `_hp_mapping`). Public path: every trainable weight is handed to `deepspeed.utils.safe_set_full_fp32_param`,
+  which skips those without one (an fp32 copy of each trainable weight is made per rewrite, also where DeepSpeed keeps
+  no master copy).
 - the ZeRO-3 partition layout: `local_partition` (a rank's flat slice `ds_tensor`: elements [rank * n, (rank + 1) * n)
   of the flattened tensor, zero-padded at the end) and `full_shape` (`ds_shape`). Public path: each parameter is
   gathered (`deepspeed.zero.GatheredParameters`) and sliced, or written whole through rank 0, by
@@ -67,12 +68,7 @@ def has_master_copy(p: Any) -> bool:
     step: then an in-place rewrite of `p` must be pushed into it (deepspeed.utils.safe_set_full_fp32_param)."""
     if SEAM.active():
         return hasattr(p, "ds_id") or getattr(p, "_hp_mapping", None) is not None
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    try:
-        return safe_get_full_fp32_param(p) is not None
-    except (AttributeError, TypeError):  # DeepSpeed's mapping is there but empty: no master copy
-        return False
+    return True  # public path: safe_set_full_fp32_param itself skips a weight without a master copy
 
 
 def partition_layout_known() -> bool:
