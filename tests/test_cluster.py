@@ -311,6 +311,21 @@ def test_killed_job_resumes_from_s3_checkpoint(cluster_env, capsys, tiny_config,
     epochs_seen = [h["epoch"] for h in state["history"] if h["stage"] == 1 and h["phase"] != "before"]
     assert epochs_seen == list(range(1, epochs + 1))  # every epoch once: none lost, none repeated
 
+    # MLflow: one parent for the experiment, counting both jobs, with the (resumed) transfer run under it
+    from mlflow.tracking import MlflowClient
+
+    ml = MlflowClient(stack.mlflow_uri)
+    exp = ml.get_experiment_by_name("e2e-resume")
+    parents = [r for r in ml.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+    assert [(p.info.status, p.data.tags["forgetless.invocations"]) for p in parents] == [("FINISHED", "2")]
+    children = ml.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    (transfer,) = [r for r in children if r.data.tags.get("forgetless.mode") == "transfer"]
+    assert "View run" not in logs
+    # the progress lines: the resumed run's first is its resume point, its last the numbers MLflow holds
+    board = [line for line in logs.splitlines() if line.startswith("[forgetless] finetune  ")]
+    assert board[0].startswith("[forgetless] finetune  resumed from its checkpoint: stage 1/1 epoch "), board
+    assert board[-1].endswith("done") and f"target {100 * transfer.data.metrics['val/target/acc']:.1f}%" in board[-1]
+
 
 @pytest.mark.e2e
 def test_bad_submissions_leave_nothing_behind(cluster_env, capsys, monkeypatch, tiny_config):
