@@ -14,7 +14,8 @@ from forgetless.platform.driver.runner import execute
 def _print_result(out, as_json: bool) -> None:
     if as_json:
         print(json.dumps([{"label": r.label, "seed": r.seed, "metrics": r.metrics, "R": r.accuracy_matrix.tolist(),
-                           "mlflow_run_id": r.mlflow_run_id} for r in out.results], indent=1))
+                           "mlflow_run_id": r.mlflow_run_id, "pareto": rec["pareto"]}  # docs/protocol.md
+                          for r, rec in zip(out.results, out.records())], indent=1))
         return
     print()
     print(out.table())
