@@ -163,3 +163,12 @@ def test_forgetting_of_eval_tasks_by_hand():
     assert out["eval/corpus/forgetting"] == pytest.approx(0.05)
     assert out["eval/corpus/perplexity_increase"] == pytest.approx(math.e ** 1.5 - math.e)
     assert eval_task_forgetting([]) == {}
+
+
+def test_an_eval_task_longer_than_the_context_is_refused_before_start(decoder, workdir):
+    from forgetless.platform.driver.preflight import preflight
+
+    cfg = load_config(lm_cfg(decoder, eval_tasks=[{"kind": "multiple_choice", "dataset": "stdlib_docstrings"}]))
+    with pytest.raises(ConfigError, match=r"eval_tasks\[0\].max_tokens: 128 tokens do not fit the model's context of "
+                                          r"64 positions .*; set max_tokens to at most 64"):
+        preflight(cfg)

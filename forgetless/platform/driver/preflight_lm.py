@@ -220,6 +220,11 @@ def _check_lm_context(cfg: ExperimentConfig, facts: ModelFacts) -> None:
         if t.block_size > facts.context:
             raise ConfigError(f"{where}.block_size: {t.block_size} tokens do not fit the model's context of "
                               f"{facts.context} positions ({said}); set block_size to at most {facts.context}")
+    for i, t in enumerate(cfg.eval_tasks):  # a held-out corpus' blocks, a multiple-choice suite's sequences
+        key = "max_tokens" if hasattr(t, "max_tokens") else "block_size"
+        if getattr(t, key) > facts.context:
+            raise ConfigError(f"eval_tasks[{i}].{key}: {getattr(t, key)} tokens do not fit the model's context of "
+                              f"{facts.context} positions ({said}); set {key} to at most {facts.context}")
     if not lm_tasks:
         return
     longest = max(t.block_size for _, t in lm_tasks)
