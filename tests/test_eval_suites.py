@@ -172,3 +172,18 @@ def test_an_eval_task_longer_than_the_context_is_refused_before_start(decoder, w
     with pytest.raises(ConfigError, match=r"eval_tasks\[0\].max_tokens: 128 tokens do not fit the model's context of "
                                           r"64 positions .*; set max_tokens to at most 64"):
         preflight(cfg)
+
+
+def test_the_suites_forgetting_is_a_metric_and_a_column_of_the_table():
+    import numpy as np
+
+    from forgetless.platform.analysis.results import StrategyResult, format_table
+
+    history = [{"step": s, "stage": st, "acc": {"0": 0.5, "1": 0.2 + 0.1 * s}} for s, st in ((0, 0), (1, 1), (2, 1))]
+    res = StrategyResult("finetune", "finetune", ["prose", "code"], np.array([[0.5, 0.2], [0.4, 0.4]]), history, [],
+                         {"1/finetune": 10}, 2, 1.0, 1.0, None, None, "task_incremental",
+                         eval_rows=[{"mc": {"acc": 0.5, "acc_norm": 0.5}}, {"mc": {"acc": 0.25, "acc_norm": 0.5}}])
+    metrics = res.compute_metrics()
+    assert metrics["eval/mc/forgetting"] == pytest.approx(0.25)
+    header, row = format_table([res]).splitlines()[0], format_table([res]).splitlines()[2]
+    assert "mc forgetting pp" in header and "25.0" in row

@@ -25,3 +25,10 @@ def eval_task_forgetting(rows: list[dict[str, dict[str, float]]]) -> dict[str, f
         if "perplexity" in now and "perplexity" in before and math.isfinite(before["perplexity"]):
             out[f"eval/{name}/perplexity_increase"] = now["perplexity"] - before["perplexity"]
     return out
+
+
+def eval_columns(results: list) -> list[tuple[str, str, bool]]:
+    """The comparison table's columns for the eval tasks: each suite's forgetting in points (results.table_columns
+    format: header, metric key, shown as a percentage), in the order the results name them."""
+    keys = dict.fromkeys(k for r in results for k in r.metrics if k.startswith("eval/") and k.endswith("/forgetting"))
+    return [(f"{k.split('/')[1]} forgetting pp", k, True) for k in keys]

@@ -10,6 +10,7 @@ import numpy as np
 from forgetless.platform.analysis import metrics as M
 from forgetless.platform.analysis import paired as paired_stats
 from forgetless.platform.analysis import tradeoff
+from forgetless.platform.analysis.eval_tasks import eval_columns, eval_task_forgetting
 # the metric names (MLflow's and the old ones) live in metric_names; results re-exports what callers import from it
 from forgetless.platform.analysis.metric_names import (  # noqa: F401 - re-exported
     SUMMARY_METRICS, metrics_from_mlflow, read_metrics, summary_metrics)
@@ -76,6 +77,8 @@ class StrategyResult:
     score: str = "accuracy"  # what R holds (ExperimentConfig.score): accuracy or token_probability = exp(-test loss)
     # L[i][j]: test mean loss on task j after stage i (per token for causal_lm; nats, lower is better), shaped like R
     loss_matrix: np.ndarray | None = None
+    # the config's eval_tasks (general-ability suites), row for row with R: {suite: {metric: value}}
+    eval_rows: list[dict] = field(default_factory=list)
 
     def record(self) -> dict[str, Any]:
         """A flat dict for scripts and DataFrames: label, strategy, seed, every metric (metric names as keys), the wall
@@ -109,6 +112,7 @@ class StrategyResult:
         out = M.summarize(self.accuracy_matrix)
         if self.task_kind == "causal_lm" and self.loss_matrix is not None and len(self.loss_matrix):
             out.update(M.summarize_losses(self.loss_matrix))
+        out.update(eval_task_forgetting(self.eval_rows))
         T = len(self.task_names) - 1
         for pct in (90, 95):
             steps = []
@@ -256,7 +260,7 @@ def table_columns(results: list) -> list[tuple[str, str, bool]]:
     lm = any("source/loss_increase" in r.metrics for r in results)
     several = any(len(getattr(r, "task_names", ())) > 2 for r in results)
     return (TABLE_COLUMNS[:4] + (SEVERAL_TARGETS_COLUMNS if several else []) + TABLE_COLUMNS[4:5]
-            + (PERPLEXITY_COLUMNS if lm else []) + TABLE_COLUMNS[5:])
+            + (PERPLEXITY_COLUMNS if lm else []) + eval_columns(results) + TABLE_COLUMNS[5:])
 
 
 def format_table(results: list[StrategyResult]) -> str:

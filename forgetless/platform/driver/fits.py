@@ -233,4 +233,5 @@ def _strategy_result(cfg: ExperimentConfig, strategy: StrategyConfig, state: Run
         seconds=dict(state.seconds), seed=cfg.seed,
         task_kind=cfg.source.kind, score=cfg.score,
         loss_matrix=np.asarray(state.L, dtype=float) if len(state.L) == len(state.R) else None,
+        eval_rows=list(state.eval_rows),
     )
