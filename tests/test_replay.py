@@ -157,7 +157,7 @@ def test_the_loss_of_an_example_is_over_its_own_head_only():
 
 
 @pytest.mark.parametrize("update,match", [
-    ({"strategies": [{"name": "replay", "params": {"replay_tasks": ["nope"]}}]}, "replay_tasks names"),
+    ({"strategies": [{"name": "replay", "params": {"replay_tasks": ["nope"]}}]}, r"params.replay_tasks: \['nope'\] are not tasks of the stream"),
     ({"evaluation": "class_incremental"}, "set evaluation: task_incremental"),
 ])
 def test_refused_with_one_line_where_it_cannot_apply(update, match):
@@ -167,6 +167,19 @@ def test_refused_with_one_line_where_it_cannot_apply(update, match):
     s = cfg.strategies[0]
     with pytest.raises(ValueError, match=match):
         make_strategy(s.name, s.params, 1, 0.1).check(cfg, tasks, None)
+
+
+def test_preflight_refuses_in_one_line_naming_the_strategy(workdir):
+    from forgetless.errors import ConfigError
+    from forgetless.platform.driver.preflight import preflight
+
+    cfg = load_config({"name": "x", "source": {"dataset": "digits", "classes": [0, 1, 2]},
+                       "targets": [{"dataset": "digits", "classes": [3, 4]}], "evaluation": "class_incremental",
+                       "strategies": [{"name": "replay", "label": "er"}]})
+    with pytest.raises(ConfigError) as caught:
+        preflight(cfg)
+    assert str(caught.value).startswith("strategies[er]: evaluation: replay trains each replayed example")
+    assert "\n" not in str(caught.value)
 
 
 def test_text_replay_refuses_class_balance_and_unequal_blocks():

@@ -204,11 +204,11 @@ class Replay(Strategy):
         p, names = self.params, [t.name for t in tasks]
         unknown = sorted(set(p.replay_tasks or []) - set(names))
         if unknown:
-            raise ValueError(f"strategies: replay.params.replay_tasks names {unknown}, not tasks of the stream "
-                             f"{names}; name the source or a target")
+            raise ValueError(f"params.replay_tasks: {unknown} are not tasks of the stream {names}; name the source "
+                             f"or a target")
         if cfg.evaluation != "task_incremental":
-            raise ValueError("strategies: replay trains each replayed example through its own task's head; set "
-                             "evaluation: task_incremental")
+            raise ValueError("evaluation: replay trains each replayed example through its own task's head "
+                             "(task-incremental); set evaluation: task_incremental")
         if tasks[0].kind == CAUSAL_LM:
             check_text_replay(p, tasks)
 
@@ -216,12 +216,12 @@ class Replay(Strategy):
 def check_text_replay(p: ReplayParams, tasks) -> None:
     """A language-model stream: blocks must be of one length (a batch is one tensor, the share one of tokens)."""
     if p.selection == "class_balanced":
-        raise ValueError("strategies: replay.params.selection: class_balanced needs classes; causal_lm tasks have "
-                         "none, use selection: reservoir")
+        raise ValueError("params.selection: class_balanced needs classes and causal_lm tasks have none; use "
+                         "selection: reservoir")
     lengths = {t.name: tuple(t.x_train.shape[1:]) for t in tasks}
     if len(set(lengths.values())) > 1:
-        raise ValueError(f"strategies: replay mixes blocks of one task into another's batches, so every task needs "
-                         f"the same block_size; they have { {k: v[-1] for k, v in lengths.items()} }")
+        raise ValueError(f"block_size: replay mixes blocks of one corpus into another's batches, so every task "
+                         f"needs the same block_size; they have { {k: v[-1] for k, v in lengths.items()} }")
 
 
 def own_head_cross_entropy(logits: torch.Tensor, y: torch.Tensor, num_classes: list[int]) -> torch.Tensor:
