@@ -14,9 +14,9 @@ import torch
 pytest.importorskip("transformers")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_language_models import make_tiny_decoder  # noqa: E402
+from test_language_models import make_tiny_decoder
 
-from forgetless.config import load_config  # noqa: E402
+from forgetless.config import load_config
 
 MC = "stdlib_docstrings"
 
@@ -89,6 +89,8 @@ def test_three_corpora_with_suites_end_to_end(ray_session, workdir, tmp_path):
         ppl = sorted(client.get_metric_history(run_id, "test/eval/heldout/perplexity"), key=lambda m: m.step)
         assert client.get_run(run_id).data.metrics["eval/heldout/perplexity_increase"] == pytest.approx(
             ppl[-1].value - ppl[0].value, rel=1e-6)
+        assert res.metrics[f"eval/{MC}/forgetting"] == pytest.approx(forgetting)  # from the run's eval rows
+    assert f"{MC} forgetting pp" in out.table() and "heldout forgetting pp" in out.table()
     # the 2 workers' sharded scores of the last row are what one process computes on the final model
     replay = next(r for r in out.results if r.strategy == "replay")
     alone = scored_in_one_process(cfg, replay.checkpoint_uri)
