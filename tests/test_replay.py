@@ -309,3 +309,42 @@ def test_replay_trains_the_same_under_every_zero_stage(tmp_path):
         assert r["losses"] == pytest.approx(res[0]["losses"], abs=1e-4)  # same batches, same steps
         assert r["val"]["1"][1] == pytest.approx(res[0]["val"]["1"][1], abs=1e-4)
     assert res[0]["losses"][-1] < res[0]["losses"][0]  # it learns
+
+
+def test_text_replay_mixes_training_blocks_of_the_general_corpus_at_the_token_share(tmp_path):
+    pytest.importorskip("transformers")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_language_models import make_tiny_decoder
+
+    folder = make_tiny_decoder(tmp_path / "tiny")
+    for name, word in (("general", "river stone light"), ("second", "def f(x): return x"), ("third", "assert 1")):
+        (tmp_path / f"{name}.txt").write_text("\n\n".join(f"{word} {i} " * 40 for i in range(30)))
+    task = {"kind": "causal_lm", "block_size": 32, "max_train_blocks": 24, "max_eval_blocks": 8}
+    cfg = load_config({"name": "lm", "source": {**task, "dataset": str(tmp_path / "general.txt")},
+                       "targets": [{**task, "dataset": str(tmp_path / "second.txt")},
+                                   {**task, "dataset": str(tmp_path / "third.txt")}],
+                       "backbone": {"name": f"hf:{folder}"}, "strategies": ["replay"]})
+    tasks = build_stream(cfg.source, cfg.targets)
+    infos = task_infos(tasks)
+    strategy = make_strategy("replay", {"share": 0.2, "replay_tasks": ["general"], "memory_size": None}, 1, 0.01)
+    from forgetless.platform.worker.model_io import build_model
+
+    model = build_model(cfg, infos, strategy)
+    data = TrainingData([t.split("train") for t in tasks], 0, 1, 0, 3)
+    own = [(tasks[2].x_train[i:i + 8], tasks[2].y_train[i:i + 8]) for i in range(0, 24, 8)]
+    batches = list(strategy.train_batches(model, infos[2], iter(own), data))
+    prose = {tuple(b.tolist()) for b in tasks[0].y_train}
+    held_out = {tuple(b.tolist()) for t in (tasks[0].y_val, tasks[0].y_test) for b in t}
+    extra = [tuple(b.tolist()) for (x, y), (ox, _) in zip(batches, own) for b in y[len(ox):]]
+    assert len(extra) == 6  # 24 blocks of tests, 20 % of every batch's tokens replayed: 24 * 0.2 / 0.8
+    assert set(extra) <= prose and not set(extra) & held_out
+    for x, y in batches:  # the ids the model reads are the tokens it is scored on
+        assert torch.equal(x[:, 0].long(), y)
+    phase = strategy.phases(model, infos[2])[0]
+    set_trainable(model, phase)
+    engine = TorchEngine(model, make_optimizer(phase, OptimConfig(optimizer="adam", lr=0.01), use_gpu=False))
+    losses = [train_step(engine, model, strategy, phase, infos[2], x, y, torch.Generator())[0] for x, y in batches]
+    assert all(torch.isfinite(torch.tensor(losses)))
