@@ -134,3 +134,27 @@ def test_make_has_the_documented_targets(target):
     makefile = (REPO / "Makefile").read_text()
     assert re.search(rf"^{target}:", makefile, flags=re.MULTILINE)
     assert "make test" in (REPO / ".ci" / "run").read_text()
+
+
+def _seam_range(module: str) -> tuple[str, str]:
+    """(LOW, BELOW) a library seam in forgetless/_compat/ was written and tested for (read from its source)."""
+    text = (REPO / "forgetless" / "_compat" / f"{module}.py").read_text()
+    low, below = re.search(r'^LOW, BELOW = "([^"]+)", "([^"]+)"', text, flags=re.MULTILINE).groups()
+    return low, below
+
+
+@pytest.mark.parametrize("package, seams", [("ray", ["ray_core", "ray_train"]), ("deepspeed", ["deepspeed"]),
+                                            ("mlflow", ["mlflow"])])
+def test_the_caps_end_where_the_seams_ranges_end_and_the_lock_is_inside_them(package, seams):
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    spec = next(Requirement(r).specifier for r in project["dependencies"] if Requirement(r).name == package)
+    caps = [s.version for s in spec if s.operator == "<"]
+    for seam in seams:
+        low, below = _seam_range(seam)
+        assert caps == [below], f"pyproject.toml caps {package} at {caps}, its seam _compat/{seam}.py ends at {below}"
+        assert Version(low) <= Version(LOCKED[package]) < Version(below), f"the locked {package} is outside {seam}"
+
+
+def test_the_torch_setup_installs_is_the_one_its_seam_was_written_for():
+    low, below = _seam_range("torch")
+    assert Version(low) <= Version(_makefile_torch_version()) < Version(below)
