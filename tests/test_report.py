@@ -109,3 +109,19 @@ def test_results_come_as_records_and_a_dataframe(compared):
     frame = compared.to_pandas()
     assert isinstance(frame, pd.DataFrame) and list(frame.index) == ["finetune", "linear_probe"]
     assert frame.loc["finetune", "acc"] == pytest.approx(0.95)
+
+
+def test_many_runs_get_a_grid_of_heatmaps(tmp_path):
+    # 5 strategies x 5 seeds: one row of 25 plots is more than plotly can space (the compare of
+    # benchmarks/repro_strategies.py --seeds 0 1 2 3 4 failed on it); a grid of 5 per row renders
+    runs = []
+    for i in range(25):
+        r = _result(f"s{i}", [[0.98, 0.2], [0.90 - i / 100, 0.95]], [0.2, 0.9, 0.95], [0.98, 0.93, 0.90])
+        r.compute_metrics({1: 0.95})
+        runs.append(r)
+    view = report_html.ComparisonView.of(CompareResult("many", runs, None, "p", "sqlite:////tmp/x.db", "7"))
+    fig = report_html.heatmaps_figure(view)
+    assert len(fig.data) == 25
+    assert {(t.xaxis, t.yaxis) for t in fig.data} == {(f"x{i}" if i > 1 else "x", f"y{i}" if i > 1 else "y")
+                                                    for i in range(1, 26)}
+    assert report_html.write_report(view, tmp_path / report_html.REPORT_FILE).exists()

@@ -112,11 +112,17 @@ def retention_figure(view: ComparisonView) -> go.Figure:
     return fig
 
 
+HEATMAPS_PER_ROW = 5  # a compare of 5 strategies x 5 seeds has 25 matrices: a grid, not one row of slivers
+
+
 def heatmaps_figure(view: ComparisonView) -> go.Figure:
-    """Each strategy's R as the change from row 0 in percentage points, side by side on one diverging scale centred
-    on 0 (so a few points of forgetting are visible); the cells print the accuracies."""
+    """Each strategy's R as the change from row 0 in percentage points, in a grid of up to HEATMAPS_PER_ROW per row
+    on one diverging scale centred on 0 (so a few points of forgetting are visible); the cells print the accuracies."""
     n = len(view.strategies)
-    fig = make_subplots(rows=1, cols=n, subplot_titles=[s.label for s in view.strategies], horizontal_spacing=0.06)
+    cols = min(n, HEATMAPS_PER_ROW)
+    grid_rows = math.ceil(n / cols)
+    fig = make_subplots(rows=grid_rows, cols=cols, subplot_titles=[s.label for s in view.strategies],
+                        horizontal_spacing=0.06, vertical_spacing=min(0.12, 0.5 / grid_rows))
     changes = [[[100 * (v - r0) for v, r0 in zip(row, s.accuracy_matrix[0])] for row in s.accuracy_matrix]
                for s in view.strategies]
     span = max([1.0] + [abs(v) for ch in changes for row in ch for v in row])
@@ -127,10 +133,11 @@ def heatmaps_figure(view: ComparisonView) -> go.Figure:
         fig.add_trace(go.Heatmap(z=change, x=s.task_names, y=rows, text=text, texttemplate="%{text}",
                                  colorscale="RdBu", zmid=0, zmin=-span, zmax=span, showscale=i == n - 1,
                                  colorbar={"title": "pp vs row 0"},
-                                 hovertemplate="%{y}, %{x}: %{text}<extra></extra>"), row=1, col=i + 1)
+                                 hovertemplate="%{y}, %{x}: %{text}<extra></extra>"),
+                      row=i // cols + 1, col=i % cols + 1)
     fig.update_yaxes(autorange="reversed")
     fig.update_layout(title="Accuracy matrices (test): change from the pre-trained model, percentage points",
-                      height=360 + 30 * max(len(s.accuracy_matrix) for s in view.strategies))
+                      height=grid_rows * (300 + 30 * max(len(s.accuracy_matrix) for s in view.strategies)))
     return fig
 
 
