@@ -152,12 +152,28 @@ def fast_claim(path: Path, name: str) -> Claim | None:
         comps.append(Comparison(f"fast − {other}", "optimizer steps to 90% of best target acc", a, b, -1, "steps"))
         a, b = _paired(runs["fast"], runs[other], lambda r: r["source/auc"])
         comps.append(Comparison(f"fast − {other}", "area under the source-accuracy curve", a, b, +1))
+        if "history" in runs["fast"][0]:
+            a, b = _paired(runs["fast"], runs[other], _early_source)
+            comps.append(Comparison(f"fast − {other}", f"mean source val acc, first {EARLY_STEPS} steps", a, b, +1))
     equal = len({tuple(v) for v in budgets.values()}) == 1
+    aligns = [next((p["steps"] for p in r.get("phase_log", []) if p["phase"] == "align"), None) for r in runs["fast"]]
     fairness = "equal budgets" if equal else "UNEQUAL budgets: the comparison is not at equal cost"
     notes = [f"Optimizer steps each strategy used: {budgets} ({fairness}). A run that never reached 90% counts its "
              f"budget + 1 steps."]
+    if any(a is not None for a in aligns):
+        notes.append(f"FAST's align phase, steps per seed: {aligns} (it ends on its plateau rule, or at align_max_steps: "
+                     f"a phase as long as align_max_steps means the plateau rule never fired).")
     return Claim(name, "FAST learns the target faster and forgets the source slower than finetune and lp_ft",
                  path.name, comps, notes)
+
+
+EARLY_STEPS = 20  # "forgets before it has learned anything": the source during the first steps of the transfer
+
+
+def _early_source(run: dict) -> float:
+    """Mean source validation accuracy over the evaluation points of the first EARLY_STEPS steps (step 0 excluded)."""
+    points = [h["acc"]["0"] for h in run["history"] if 0 < h["step"] <= EARLY_STEPS]
+    return sum(points) / len(points)
 
 
 def _steps(run: dict) -> float:
