@@ -43,15 +43,6 @@ def test_other_connection_errors_pass_through_unchanged():
             raise error
 
 
-@pytest.mark.e2e
-def test_a_connected_cluster_reports_its_version_and_a_different_one_is_refused(ray_session, monkeypatch):
-    assert cluster_versions.cluster_ray_version() == ray.__version__
-    cluster_versions.check_cluster_ray_version("this cluster")  # the same Ray: no error
-    monkeypatch.setattr(cluster_versions, "driver_ray_version", lambda: "2.51.0")
-    with pytest.raises(ConfigError, match=rf"runs Ray {ray.__version__}, this driver Ray 2\.51\.0;"):
-        cluster_versions.check_cluster_ray_version("this cluster")
-
-
 @ray.remote(num_cpus=0, max_retries=0)
 def _never_answers() -> str:
     time.sleep(60)
@@ -66,3 +57,13 @@ def test_a_cluster_that_does_not_answer_is_waited_for_a_bounded_time(ray_session
     assert time.monotonic() - started < 10
     said = capsys.readouterr()
     assert "did not say its Ray version within 1 s; going on unchecked" in said.out + said.err
+
+
+@pytest.mark.e2e
+def test_a_connected_cluster_reports_its_version_and_a_different_one_is_refused(ray_session, monkeypatch):
+    assert cluster_versions.cluster_ray_version() == ray.__version__
+    cluster_versions.check_cluster_ray_version("this cluster")  # the same Ray: no error
+    monkeypatch.setattr(cluster_versions, "driver_ray_version", lambda: "2.51.0")
+    with pytest.raises(ConfigError, match=rf"runs Ray {ray.__version__}, this driver Ray 2\.51\.0;"):
+        cluster_versions.check_cluster_ray_version("this cluster")
+    assert not ray.is_initialized()  # refused: this process left the cluster (so this test runs last in its module)

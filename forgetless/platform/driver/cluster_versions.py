@@ -68,6 +68,7 @@ def check_cluster_ray_version(address: str, timeout_s: float = VERSION_TASK_TIME
             f"(this driver runs Ray {driver_ray_version()})")
         return
     if cluster_version != driver_ray_version():
+        ray.shutdown()  # this process leaves the cluster it cannot use (a notebook can connect again)
         raise ConfigError(mismatch_message(address, cluster_version, driver_ray_version()))
 
 
@@ -81,5 +82,6 @@ def same_ray_version(address: str, timeout_s: float = VERSION_TASK_TIMEOUT_S):
         cluster_version = cluster_version_in_ray_error(error)
         if cluster_version is None:
             raise
+        ray.shutdown()  # whatever of the connection ray.init made before it refused
         raise ConfigError(mismatch_message(address, cluster_version, driver_ray_version())) from None
     check_cluster_ray_version(address, timeout_s)
