@@ -104,18 +104,17 @@ def test_suites_score_a_tiny_decoder_and_a_better_answer_wins(decoder, tmp_path)
     """Scores through the worker's sharded evaluation (one rank): a held-out corpus' perplexity is exp of its loss; a
     suite whose gold is always the model's most likely continuation scores acc 1."""
     from forgetless.backbones.hf import HFBackbone  # noqa: F401  (the hf: backbone the config builds)
-    from forgetless.data import build_stream
     from forgetless.platform.worker.evaluation import evaluate_suites
     from forgetless.platform.worker.model_io import build_model
     from forgetless.strategies import make_strategy
-    from forgetless.strategies.base import task_infos
 
+    heldout = tmp_path / "heldout.txt"  # a small held-out corpus: 12 documents of unittest-like lines
+    heldout.write_text("\n\n".join(f"self.assertEqual(f({i}), {i * i})\n" * 20 for i in range(12)))
     cfg = load_config(lm_cfg(decoder, eval_tasks=[
-        {"kind": "causal_lm", "dataset": "python_tests", "name": "tests_heldout", "block_size": 32,
+        {"kind": "causal_lm", "dataset": str(heldout), "name": "tests_heldout", "block_size": 32,
          "max_eval_blocks": 8},
         {"kind": "multiple_choice", "dataset": "stdlib_docstrings", "max_items": 12, "max_tokens": 48}]))
-    tasks = build_stream(cfg.source, cfg.targets)
-    model = build_model(cfg, task_infos(tasks), make_strategy("finetune", {}, 1, 0.1))
+    model = build_model(cfg, corpus_infos(decoder), make_strategy("finetune", {}, 1, 0.1))
     suites = build_eval_suites(cfg.eval_tasks)
     out = evaluate_suites(model, suites, "val", 0, 1, torch.device("cpu"))
     assert out["tests_heldout"]["perplexity"] == pytest.approx(math.exp(out["tests_heldout"]["loss"]))
@@ -133,6 +132,15 @@ def test_suites_score_a_tiny_decoder_and_a_better_answer_wins(decoder, tmp_path)
                                                     "max_tokens": 48}]))
     assert evaluate_suites(model, build_eval_suites(mine.eval_tasks), "val", 0, 1,
                            torch.device("cpu"))["mine"]["acc"] == 1.0
+
+
+def corpus_infos(folder: Path) -> list:
+    """The stream's task descriptions (what build_model needs) without tokenising the corpora."""
+    from forgetless.data.kinds import CAUSAL_LM
+    from forgetless.strategies.base import TaskInfo
+
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    return [TaskInfo(i, name, vocab, [], (1, 32), CAUSAL_LM) for i, name in enumerate(["prose", "python_code"])]
 
 
 def lm_cfg(folder: Path, **extra) -> dict:
@@ -187,3 +195,35 @@ def test_the_suites_forgetting_is_a_metric_and_a_column_of_the_table():
     assert metrics["eval/mc/forgetting"] == pytest.approx(0.25)
     header, row = format_table([res]).splitlines()[0], format_table([res]).splitlines()[2]
     assert "mc forgetting pp" in header and "25.0" in row
+
+
+def test_the_worker_scores_the_suites_at_points_and_rows(decoder):
+    """What train_loop's eval_point and record_row add (worker/eval_tasks.py), on a stand-in for one rank's run: the
+    curves and the history record at a point; at each row the suites' columns, kept in the state, and the forgetting
+    since row 0."""
+    from types import SimpleNamespace
+
+    from forgetless.platform.worker import eval_tasks
+    from forgetless.platform.worker.job import RunState
+    from forgetless.platform.worker.model_io import build_model
+    from forgetless.strategies import make_strategy
+
+    cfg = load_config(lm_cfg(decoder, eval_tasks=[{"kind": "multiple_choice", "dataset": "stdlib_docstrings",
+                                                   "max_items": 6, "max_tokens": 48}]))
+    model = build_model(cfg, corpus_infos(decoder), make_strategy("finetune", {}, 1, 0.1))
+    state = RunState(task_names=["prose", "python_code"], history=[{"step": 0}])
+    run = SimpleNamespace(job=SimpleNamespace(config=cfg, mode="transfer"), state=state, model=model, rank=0, world=1,
+                          device=torch.device("cpu"), eval_suites=None)
+    curves = eval_tasks.curve_point(run, "")
+    assert set(curves) == {"val/eval/stdlib_docstrings/acc", "val/eval/stdlib_docstrings/acc_norm"}
+    assert state.history[-1]["eval"]["stdlib_docstrings"]["acc"] == curves["val/eval/stdlib_docstrings/acc"]
+    first = eval_tasks.row(run, "")
+    with torch.no_grad():  # the model changes: the next row differs, and its forgetting says by how much
+        for p in model.backbone.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    second = eval_tasks.row(run, "")
+    assert len(state.eval_rows) == 2 and first["eval/stdlib_docstrings/forgetting"] == 0.0
+    assert second["eval/stdlib_docstrings/forgetting"] == pytest.approx(
+        first["test/eval/stdlib_docstrings/acc"] - second["test/eval/stdlib_docstrings/acc"])
+    run.job.mode = "pretrain"  # the source pre-training run scores no suites
+    assert eval_tasks.curve_point(run, "pretrain/") == {}
