@@ -13,7 +13,7 @@ import threading
 import forgetless.commands as commands
 from forgetless._compat import cpython
 from forgetless.console import DASHBOARD_VARIABLE, VERBOSE_VARIABLE
-from forgetless.errors import ConfigError
+from forgetless.errors import ConfigError, RunFailed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,13 +54,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    """The command's exit code; a ConfigError or an interrupt as one line."""
+    """The command's exit code; a ConfigError, a worker's failure or an interrupt as one line."""
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
         # One line per error, whatever a library put into the message (a YAML snippet, a pydantic table).
         print(f"forgetless: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except RunFailed as e:  # a worker's failure: one line naming the run, the worker and the run's failure.log
+        print(f"forgetless: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("forgetless: interrupted; the last checkpoint and the MLflow run are kept — re-run the same command "
               "to resume", file=sys.stderr)

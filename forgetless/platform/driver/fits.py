@@ -17,6 +17,7 @@ from ray.train import (
     LoggingConfig,
     RunConfig,
     ScalingConfig,
+    WorkerGroupError,
 )
 
 from forgetless import console, storage
@@ -25,10 +26,12 @@ from forgetless.console import say
 from forgetless.platform.analysis import metrics as M
 from forgetless.platform.analysis.results import StopPoint, StrategyResult, Trajectory
 from forgetless.platform.driver import progress_board as progress
+from forgetless.platform.driver import run_failures
 from forgetless.platform.driver import ray_cluster, watchdog
 from forgetless.platform.driver import trainer as lean_trainer
 from forgetless.platform.tracking import mlflow_runs as tracking
 from forgetless.platform.worker import checkpoints, shared_tasks, timing
+from forgetless.platform.worker.failure_log import train_worker_logging_failures
 from forgetless.platform.worker import op_builds as build_locks
 from forgetless.platform.worker.job import (
     CheckpointPolicy,
@@ -37,7 +40,6 @@ from forgetless.platform.worker.job import (
     WorkerJob,
 )
 from forgetless.platform.worker.checkpoint_io import FINAL_CHECKPOINT, MODEL_FILE, STATE_FILE
-from forgetless.platform.worker.train_loop import train_worker
 from forgetless.strategies import get_strategy_class
 from forgetless.strategies.base import check_trajectory_ends
 
@@ -61,8 +63,17 @@ def fit(cfg: ExperimentConfig, job: WorkerJob, keep_all_checkpoints: bool, callb
     # the absolute one (they write each checkpoint's manifest under it and restore from it).
     job = dataclasses.replace(job, config=job.config.model_copy(update={"storage": storage.normalize(cfg.storage)}),
                               tasks=shared_tasks.share(job.config))
+    try:
+        return _fit(cfg, job, keep_all_checkpoints, callbacks)
+    except WorkerGroupError as e:
+        # one line on the console (run, worker, message); the tracebacks in the run's failure.log
+        raise run_failures.worker_failure(job.run_name, storage.join(job.config.storage, job.run_name), e) from None
+
+
+def _fit(cfg: ExperimentConfig, job: WorkerJob, keep_all_checkpoints: bool, callbacks: list | None):
     return lean_trainer.fit(
-        train_worker, embedded_cluster=ray_cluster.on_embedded_cluster(), started_it=ray_cluster.started_embedded_cluster(),
+        train_worker_logging_failures, embedded_cluster=ray_cluster.on_embedded_cluster(),
+        started_it=ray_cluster.started_embedded_cluster(),
         train_loop_config=job,
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
