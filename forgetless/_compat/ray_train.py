@@ -10,8 +10,8 @@ platform/driver/train_controller.py); the driver-side trainer is in _compat/ray_
   without a runtime_env of their own, started from Ray's idle worker pool.
 - the worker-side steps of Ray's TorchConfig (`ray.train.torch.config._setup_torch_process_group` and its siblings,
   `ray.train._internal.utils.get_address_and_port`), so that the controller imports no torch.
-- `controller_env_vars` (`get_env_vars_to_propagate`) and `report_logger_name` (the module Ray Train names its
-  per-report logger after).
+- `controller_env_vars` (`get_env_vars_to_propagate`), `report_logger_name` (the module Ray Train names its
+  per-report logger after) and `train_error_logger_name` (the logger of a failed training function's traceback).
 
 Public path (another Ray, or FORGETLESS_PUBLIC_PATHS=1): Ray's TorchTrainer and TorchConfig unchanged. Each fit then
 starts a DatasetManager, a PlacementGroupCleaner and (first fit) an AutoscalingCoordinator actor, and a Train
@@ -71,6 +71,13 @@ def report_logger_name() -> str | None:
     """The logger of Ray Train's per-report line ("Reporting training result N"): named after its source file, not
     "ray.train" (so LoggingConfig's level does not reach it). None where the seam is off (the line stays)."""
     return _train_context.__file__ if SEAM.active() else None
+
+
+def train_error_logger_name() -> str | None:
+    """The logger of Ray Train's "Error in training function:" record (the traceback of a failed training function,
+    from every rank; ray/train/v2/_internal/util.py names it after its module). None where the seam is off (the record
+    stays on the console)."""
+    return "ray.train.v2._internal.util" if SEAM.active() else None
 
 
 def torch_framework():

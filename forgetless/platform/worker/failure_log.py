@@ -19,13 +19,11 @@ import traceback
 import ray.train
 
 from forgetless import console, storage
+from forgetless._compat import ray_train as ray_train_seam
 from forgetless.platform.worker.job import WorkerJob
 from forgetless.platform.worker.train_loop import train_worker
 
 FAILURE_FOLDER = "failure"
-# The logger of Ray Train's "Error in training function:\n<traceback>" record (ray 2.60: ray/train/v2/_internal/util.py,
-# named after its module). A logger name, not an import: on a Ray that names it otherwise, the record simply prints.
-RAY_TRAIN_ERROR_LOGGER = "ray.train.v2._internal.util"
 RAY_TRAIN_ERROR_PREFIX = "Error in training function"
 HEADER_MARK = "=== failure at "  # starts each traceback a rank appends
 
@@ -73,6 +71,9 @@ class _DropWrittenTraceback(logging.Filter):
 
 
 def _keep_ray_traceback_off_the_console() -> None:
-    logger = logging.getLogger(RAY_TRAIN_ERROR_LOGGER)
+    name = ray_train_seam.train_error_logger_name()  # (None on another Ray: its record then prints, as before)
+    if name is None:
+        return
+    logger = logging.getLogger(name)
     if not any(isinstance(f, _DropWrittenTraceback) for f in logger.filters):
         logger.addFilter(_DropWrittenTraceback())
