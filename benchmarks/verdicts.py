@@ -116,18 +116,20 @@ def _paired(runs_a: list[dict], runs_b: list[dict], value: Callable[[dict], floa
     return [value(a[s]) for s in seeds], [value(b[s]) for s in seeds]
 
 
-def input_space_claim(path: Path, name: str, stream: str) -> Claim | None:
+def input_space_claim(path: Path, name: str, stream: str, subject: str = "input_space",
+                      evaluation: str = "task-incremental") -> Claim | None:
     if not path.exists():
         return None
     data = json.loads(path.read_text())
     runs = next(iter(data.values()))
+    runs = {("input_space" if label == subject else label): rs for label, rs in runs.items()}
     comps = []
     for other in ("finetune", "ewc", "lwf"):
         if other in runs:
             a, b = _paired(runs["input_space"], runs[other], lambda r: acc_targets(r["R"]))
             comps.append(Comparison(f"input_space − {other}", "ACC (targets, test)", a, b, +1))
     zero = max(chaudhry_forgetting(r["R"]) for r in runs["input_space"])
-    notes = [f"Stream: {stream}; {len(runs['input_space'])} seeds; task-incremental evaluation; ACC = mean over the "
+    notes = [f"Stream: {stream}; {len(runs['input_space'])} seeds; {evaluation} evaluation ({subject}); ACC = mean over the "
              f"targets of the last row of R (the source is not one of the averaged tasks). Largest forgetting of "
              f"input_space over the seeds (Chaudhry, source included): {100 * zero:.2f} pp."]
     if "lwf" in runs:
@@ -286,6 +288,8 @@ def claims() -> list[Claim]:
                           "MNIST-1D 0-3 → {4,5} → {6,7} → {8,9}, cnn1d"),
         input_space_claim(RESULTS / "strategies_stream.json", "verdict-input-space-digits",
                           "digits 0-3 → {4,5} → {6,7} → {8,9}, cnn2d"),
+        input_space_claim(RESULTS / "strategies_stream_ci_5seeds.json", "verdict-input-space-ci",
+                          "digits 0-3 → {4,5} → {6,7} → {8,9}, cnn2d", "input_space_ci", "class-incremental"),
         fast_claim(RESULTS / "strategies_fast_budget.json", "verdict-fast"),
         fast_claim(RESULTS / "strategies_fast.json", "verdict-fast-before"),
         early_stop_claim(RESULTS / "repro_early_stop_overfit.json", "verdict-early-stop"),
