@@ -22,7 +22,7 @@ MC = "stdlib_docstrings"
 
 
 def three_corpora(folder: Path, heldout: Path) -> dict:
-    task = {"kind": "causal_lm", "block_size": 32, "max_train_blocks": 16, "max_eval_blocks": 8}
+    task = {"kind": "causal_lm", "block_size": 32, "max_train_blocks": 48, "max_eval_blocks": 8}
     return {
         "name": "lm3", "seed": 0,
         "source": {**task, "dataset": "prose"},
