@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -77,10 +78,15 @@ def run_all(workdir: Path) -> dict:
 # the analysis (pure: from the JSON)
 
 
+def _finite(p: dict) -> bool:
+    return all(isinstance(p.get(m), (int, float)) and math.isfinite(p[m]) for m, _ in TRADE_OFF)
+
+
 def reference(study: dict) -> dict[str, float]:
-    """One reference point for every front: the worst value of each objective over every trial, both splits."""
+    """One reference point for every front: the worst value of each objective over every trial, both splits (a
+    trial without a value, e.g. no validation forgetting, counts on neither axis)."""
     runs = [study["grid"], *study["searches"]]
-    pts = [p for r in runs for split in ("val", "test") for p in r[split]]
+    pts = [p for r in runs for split in ("val", "test") for p in r[split] if _finite(p)]
     return {"target/acc": min(p["target/acc"] for p in pts), "source/forgetting": max(p["source/forgetting"] for p in pts)}
 
 
@@ -100,7 +106,7 @@ def analyse(study: dict) -> dict:
     rows = []
     for s in study["searches"]:
         front = [s["val"][i] for i in pareto_front(s["val"], TRADE_OFF)]
-        beyond = sum(not any(dominates(oriented(g), oriented(p)) for g in grid["val"]) for p in front)
+        beyond = sum(not any(dominates(oriented(g), oriented(p)) for g in grid["val"] if _finite(g)) for p in front)
         rows.append({"seed": s["seed"], "trials": s["trials"], "front_points": len(front), "not_dominated_by_grid":
                      beyond, "hv_val": hv(s, "val"), "hv_test": hv(s, "test"), "wall_seconds": s["wall_seconds"]})
     return {"reference": ref, "grid": {"trials": grid["trials"], "front_points": len(grid["front"]),
@@ -131,7 +137,27 @@ def render(study: dict) -> str:
                       f"{statistics.mean(ratio_test):.2f} ({min(ratio_test):.2f}-{max(ratio_test):.2f}), with "
                       f"{a['searches'][0]['trials']} trials against {g['trials']} "
                       f"({100 * a['searches'][0]['trials'] / g['trials']:.0f} %)."]
+    lines += ["", verdict(a, ratio_val, ratio_test)]
+    missing = [p for r in [study["grid"], *study["searches"]] for p in r["val"] if not _finite(p)]
+    if missing:
+        sps = sorted({p.get("stop_point") for p in missing}, key=str)
+        lines += ["", f"{len(missing)} trials (stop point {', '.join(map(str, sps))}) have no validation forgetting in "
+                      f"this run (their stop point had no recorded source accuracy; trials now fall back to their "
+                      f"own first evaluation): they are on no validation front, in the grid and the searches alike."]
     return "\n".join(lines + ["", END])
+
+
+def verdict(a: dict, ratio_val: list[float], ratio_test: list[float]) -> str:
+    """One sentence from the numbers: does the search reach the grid's front with its fewer trials?"""
+    if not ratio_val:
+        return "Verdict: no front to compare."
+    beyond = [r["not_dominated_by_grid"] for r in a["searches"]]
+    reach_val = sum(r >= 1.0 for r in ratio_val)
+    reach_test = sum(r >= 1.0 for r in ratio_test)
+    return (f"Verdict: on validation (what the searches chose on) {reach_val} of {len(ratio_val)} searches reach the "
+            f"grid's hypervolume; on test {reach_test} of {len(ratio_test)} do. Every search finds "
+            f"{min(beyond)}-{max(beyond)} front points that no grid trial dominates (on or beyond the grid's front), "
+            f"with {a['searches'][0]['trials']} trials against the grid's {a['grid']['trials']}.")
 
 
 def write_docs(study: dict) -> None:

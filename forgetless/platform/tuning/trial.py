@@ -85,6 +85,8 @@ class ObjectiveReport(TuneReportCallback):
         if "val/target/acc" not in m:
             return
         self.epochs += 1
+        if self.objective.source_before is None:  # no recorded source accuracy of the stop point: its first report's
+            self.objective.source_before = m["val/source/acc"]
         values = self.objective.metrics(m["val/target/acc"], m["val/source/acc"])
         out = {**m, OBJECTIVE: values["objective"], TRIAL_EPOCH: self.epochs, **tune_metrics(values, "val")}
         super().after_report(run_context, [out], checkpoint)
@@ -132,7 +134,10 @@ def _train_trial(params: dict[str, Any], context: dict[str, Any], trial_id: str)
 def _final_metrics(res: StrategyResult, objective: Objective) -> dict[str, float]:
     """A finished trial's result: the objective on validation data at its last epoch, and on the test split."""
     last = res.history[-1]  # the last evaluation of the last stage: what the per-epoch reports ended on
-    val = objective.metrics(last["acc"][str(last["stage"])], last["acc"]["0"])
+    # A stop point without a recorded source accuracy (θ⁰ of some trajectories): the source before training is the
+    # run's own first evaluation, so every trial has a validation forgetting and can be on the front.
+    before = objective.source_before if objective.source_before is not None else res.history[0]["acc"]["0"]
+    val = objective.metrics(last["acc"][str(last["stage"])], last["acc"]["0"], source_before=before)
     R = res.accuracy_matrix  # test split: row 0 = the stop point before target training, last row = after
     test = objective.metrics(float(R[-1, 1:].mean()), float(R[-1, 0]), source_before=float(R[0, 0]))
     epochs = sum(p["epochs"] for p in res.phase_log if p["stage"] >= 1)
