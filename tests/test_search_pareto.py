@@ -293,3 +293,23 @@ def test_the_docs_show_the_study_as_its_json_says():
         pytest.skip("the study has not been run (python benchmarks/pareto_study.py)")
     block = study.render(json.loads(study.RESULT.read_text()))
     assert block in study.DOC.read_text(), "docs/tune.md differs from the study's JSON: run pareto_study.py --docs"
+
+
+def test_a_stop_point_without_a_recorded_source_accuracy_still_has_validation_forgetting():
+    import numpy as np
+
+    from forgetless.platform.analysis.results import StrategyResult
+    from forgetless.platform.tuning.objective import Objective
+    from forgetless.platform.tuning.trial import _final_metrics
+
+    history = [{"step": 0, "stage": 1, "acc": {"0": 0.22, "1": 0.10}},  # the run's first evaluation: before training
+               {"step": 5, "stage": 1, "acc": {"0": 0.18, "1": 0.80}}]
+    res = StrategyResult("finetune", "finetune", ["src", "tgt"], np.array([[0.2, 0.1], [0.15, 0.75]]), history,
+                         [{"stage": 1, "epochs": 1}], {}, 5, 1.0, 1.0, None, None, "task_incremental",
+                         seconds={"training": 0.5, "model_build": 0.25})
+    out = _final_metrics(res, Objective({"target/acc": 1.0}, source_before=None))  # θ⁰: none recorded
+    assert out["val/source/forgetting"] == pytest.approx(0.22 - 0.18)
+    assert out["test/source/forgetting"] == pytest.approx(0.2 - 0.15)  # test: row 0 of R, as before
+    assert out["seconds/fixed"] == pytest.approx(0.25) and out["seconds/training"] == pytest.approx(0.5)
+    recorded = _final_metrics(res, Objective({"target/acc": 1.0}, source_before=0.3))  # a recorded one wins
+    assert recorded["val/source/forgetting"] == pytest.approx(0.3 - 0.18)
