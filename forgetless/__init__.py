@@ -11,6 +11,7 @@ Public API::
 """
 from __future__ import annotations
 
+import builtins
 import importlib
 import os
 import signal
@@ -86,17 +87,19 @@ def _caller_state_kept() -> Iterator[None]:
     """The calling process as it was once an API call returns or raises: its environment (a run sets variables for
     the libraries it drives while it runs: DeepSpeed's build folder, Hugging Face's offline mode, MLflow's output,
     and ray.init its PYTHONBREAKPOINT hook) and its SIGINT / SIGTERM handlers (ray.init and every Ray Train fit set
-    their own) and its exception hooks. Where those are set, they are put back too (platform/driver/ray_cluster.py, trainer.handlers_kept);
+    their own), its exception hooks and `print`. Where those are set, they are put back too (platform/driver/ray_cluster.py, trainer.handlers_kept);
     this is the promise of the API as a whole (tests/test_side_effects.py). Ray stays initialised, as after ray.init:
     the next call reuses the embedded cluster (docs/architecture.md, "Side effects of the Python API")."""
     environ = dict(os.environ)
     main = threading.current_thread() is threading.main_thread()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
-    hooks = (sys.excepthook, threading.excepthook)  # `import ray` replaces sys.excepthook with its own
+    # `import ray` replaces sys.excepthook; Ray's progress-bar manager (started in the driver when a worker's library
+    # shows a tqdm bar) replaces builtins.print
+    hooks = (sys.excepthook, threading.excepthook, builtins.print)
     try:
         yield
     finally:
-        sys.excepthook, threading.excepthook = hooks
+        sys.excepthook, threading.excepthook, builtins.print = hooks
         for key in [k for k in os.environ if k not in environ]:
             del os.environ[key]
         for key, value in environ.items():
