@@ -85,7 +85,8 @@ def test_compare_tracks_everything_and_linear_probe_keeps_source(ray_session, wo
                                                                "linear_probe": by_name["linear_probe"].info.run_id}
     # the model page's Description says what it is and how it did
     note = models["finetune"].tags["mlflow.note.content"]
-    assert note.startswith("**finetune**") and "Target accuracy" in note and "every task head's logits" in note
+    assert note.startswith("**finetune**") and "ACC " in note and "source forgetting" in note \
+        and "every task head's logits" in note
     loaded = mlflow.pytorch.load_model(f"models:/{models['finetune'].model_id}")
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():  # every task's logits side by side: the source head's 5 columns, then the target's 5

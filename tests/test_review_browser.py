@@ -206,7 +206,7 @@ def test_logged_model_page_shows_its_final_metrics(compared, page):
     _screenshot(page, "03_logged_model_lp_ft.png")
     body = page.inner_text("body")
     assert "lp_ft" in body and "forgetting/max_pp" in body
-    assert "Target accuracy" in body  # its Description (mlflow.note.content) says what it is and how it did
+    assert "source forgetting" in body  # its Description (mlflow.note.content) says what it is and how it did
     final = run.data.metrics["val/target/acc"]  # the model's step is the last evaluation: its value, not step 0's
     assert any(text in body for text in (str(final), str(round(final, 4)), str(round(final, 3)), f"{final:.2f}"))
 
