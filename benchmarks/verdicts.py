@@ -197,6 +197,11 @@ def early_stop_claim(path: Path, name: str) -> Claim | None:
              + f"; its peak is at epoch {peak}"
              + (" — the last stop point, so no stop point lies past the source's optimum and the claim cannot show."
                 if int(peak) == max(int(e) for e in src) else ".")]
+    by_stop = analysis.get("target_test_acc_by_stop_point", {})
+    if by_stop:
+        notes.append("Target test accuracy by stop point, each with the rate validation prefers, mean over draws: "
+                     + ", ".join(f"e{e} {100 * v['mean']:.1f}%" for e, v in by_stop.items())
+                     + f". The search picked stop points {[d['searched_stop_point'] for d in draws]} per draw.")
     return Claim(name, "An earlier stop point transfers better than the best source checkpoint", path.name, [comp],
                  notes)
 
