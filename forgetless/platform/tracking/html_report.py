@@ -22,6 +22,7 @@ from plotly.subplots import make_subplots
 from forgetless.errors import ConfigError
 from forgetless.platform.analysis import tradeoff
 from forgetless.platform.tracking import run_descriptions as review
+from forgetless.platform.tracking import artifacts
 from forgetless.platform.tracking import mlflow_runs as tracking
 from forgetless.platform.analysis.results import CompareResult, format_table, read_metrics
 
@@ -66,10 +67,10 @@ def load_comparison(uri: str, parent_run_id: str) -> ComparisonView:
                           f"`forgetless run` (tags.forgetless.command = "
                           f"{parent.data.tags.get('forgetless.command')!r})")
     with tempfile.TemporaryDirectory() as d:
-        rows = json.loads(Path(c.download_artifacts(parent_run_id, COMPARISON_FILE, d)).read_text())
+        rows = json.loads(artifacts.download(c, parent_run_id, COMPARISON_FILE, d).read_text())
         views = []
         for i, row in enumerate(rows):
-            hist = json.loads(Path(c.download_artifacts(row["mlflow_run_id"], HISTORY_FILE, f"{d}/{i}")).read_text())
+            hist = json.loads(artifacts.download(c, row["mlflow_run_id"], HISTORY_FILE, f"{d}/{i}").read_text())
             wall = c.get_run(row["mlflow_run_id"]).data.metrics.get("wall_seconds", math.nan)
             # a comparison logged before the standard metric definitions is read under today's (results.read_metrics)
             views.append(StrategyView(row["label"], read_metrics(row["metrics"], row["R"]), row["R"],
