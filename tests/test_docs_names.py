@@ -21,6 +21,7 @@ DOCS = [ROOT / "README.md", ROOT / "cluster" / "README.md", *sorted((ROOT / "doc
 OLD_NAMES_PAGE = ROOT / "docs" / "metrics.md"  # the one page that lists the names of runs logged before the rename
 # MLflow's own metric families (system metrics): not forgetless's names
 MLFLOW_FAMILIES = ("system/",)
+CURVE_PREFIX = "pretrain/"  # train_loop.curve_prefix: the pre-training run's curves
 # first path segments that are metric placeholders in the docs (`<label>/<metric>/mean`)
 PLACEHOLDER = re.compile(r"<[^>/]+>")
 SETUP_COMMAND = re.compile(r"^\s*(?:\$\s*)?(pip3? install|python3? -m pip install|python3? -m venv|uv (?:sync|venv|pip "
@@ -113,6 +114,8 @@ def _segments_match(doc: list[str], template: tuple[str, ...]) -> bool:
 
 def in_sources(name: str) -> bool:
     """The name is one forgetless's sources spell (a literal, or an f-string whose `{...}` stand for segments)."""
+    if name.startswith(CURVE_PREFIX) and in_sources(name[len(CURVE_PREFIX):]):
+        return True  # the pre-training's curves: the same names under the prefix the f-strings glue on
     doc = name.split("/")
     # a family the code builds in two steps (`as_metrics(scores, f"{prefix}val/eval")` adds `/{name}/{metric}`):
     # a spelled prefix of two or more segments, then placeholders only
