@@ -1,0 +1,144 @@
+"""The cost of one language-model fine-tuning step under forgetless against the same step in a plain transformers (+
+PEFT) training loop, in the same process, interleaved.
+
+    python benchmarks/lm_step_cost.py --model models/prose-gpt2 --rounds 8 --steps 5
+    python benchmarks/lm_step_cost.py --model models/prose-gpt2 --method finetune
+
+- `forgetless`: the platform's path, as a worker runs it: `build_model` (the `hf:` backbone with the per-task
+  vocabulary bias, the strategy's surgery: PEFT LoRA layers for `lora`), the strategy's phase, a DeepSpeed engine
+  (`make_engine`, ZeRO stage `--zero`, one rank, gloo) and `train_step` (forward, the task kind's loss, backward, step);
+- `plain`: `AutoModelForCausalLM.from_pretrained` (+ `peft.get_peft_model` with the same LoRA settings),
+  `torch.optim.AdamW` on the same trainable parameters, and `model(input_ids, labels=input_ids)`, `loss.backward()`,
+  `optimizer.step()`, `optimizer.zero_grad()`.
+
+Both train on the same random token blocks (batch x block_size), at the same learning rate, from the same weights.
+Rounds alternate the order (A B, B A, ...) so drift of a shared machine falls on both; the first round is warm-up and
+not counted. Reported: the median step time of each and their ratio (forgetless / plain; the issue's goal: <= 1.05),
+with every round's ratio. One process, so the "same processes" of the issue: one rank of each.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT="0", RANK="0", WORLD_SIZE="1",
+                  LOCAL_RANK="0")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+LORA = {"r": 8, "alpha": 16, "target_modules": ["c_attn", "c_proj", "c_fc"]}
+
+
+def forgetless_stepper(folder: str, method: str, lr: float, batch: int, block: int, zero: int):
+    from forgetless.config import load_config
+    from forgetless.data.kinds import CAUSAL_LM
+    from forgetless.platform.worker.engine import make_engine, weight_access
+    from forgetless.platform.worker.model_io import build_model
+    from forgetless.strategies import make_strategy
+    from forgetless.strategies.base import TaskInfo
+    from forgetless.strategies.training import set_train_mode, train_step
+
+    params = LORA if method == "lora" else {}
+    task = {"kind": "causal_lm", "dataset": "prose", "block_size": block}
+    cfg = load_config({"name": "bench", "source": {**task, "name": "a"}, "targets": [{**task, "name": "b"}],
+                       "backbone": {"name": f"hf:{folder}"}, "strategies": [{"name": method, "params": params}],
+                       "train": {"optimizer": "adamw", "lr": lr, "batch_size": batch},
+                       "deepspeed": {"zero_stage": zero}})
+    vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
+    infos = [TaskInfo(i, n, vocab, [], (1, block), CAUSAL_LM) for i, n in enumerate("ab")]
+    strategy = make_strategy(method, params, 1, lr)
+    model = build_model(cfg, infos, strategy)
+    phase = strategy.phases(model, infos[1])[-1]
+    engine = make_engine(model, phase, cfg.train, cfg.deepspeed, 1, False)
+    set_train_mode(model, phase)
+    access = weight_access(model, zero)
+
+    def step(ids: torch.Tensor) -> float:
+        return train_step(engine, model, strategy, phase, infos[1], ids[:, None].float(), ids, torch.Generator(),
+                          access)[0]
+
+    return step
+
+
+def plain_stepper(folder: str, method: str, lr: float):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"],
+                                                 target_modules=LORA["target_modules"], lora_dropout=0.0))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+
+    def step(ids: torch.Tensor) -> float:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return float(loss)
+
+    return step
+
+
+def timed(step, batches: list[torch.Tensor]) -> list[float]:
+    out = []
+    for ids in batches:
+        t0 = time.perf_counter()
+        step(ids)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="models/prose-gpt2")
+    ap.add_argument("--method", choices=["lora", "finetune"], default="lora")
+    ap.add_argument("--rounds", type=int, default=8, help="rounds of each (the first is warm-up)")
+    ap.add_argument("--steps", type=int, default=5, help="steps per round")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--block", type=int, default=128)
+    ap.add_argument("--zero", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None, help="write the result JSON here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    folder = str(Path(args.model).resolve())
+    vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, vocab, (args.batch, args.block), generator=g) for _ in range(args.steps)]
+    steppers = {"forgetless": forgetless_stepper(folder, args.method, args.lr, args.batch, args.block, args.zero),
+                "plain": plain_stepper(folder, args.method, args.lr)}
+    times: dict[str, list[float]] = {"forgetless": [], "plain": []}
+    ratios = []
+    for r in range(args.rounds):
+        order = ["forgetless", "plain"] if r % 2 == 0 else ["plain", "forgetless"]
+        this = {name: timed(steppers[name], batches) for name in order}
+        if r == 0:
+            continue  # warm-up
+        for name in times:
+            times[name] += this[name]
+        ratios.append(statistics.median(this["forgetless"]) / statistics.median(this["plain"]))
+    med = {name: statistics.median(v) for name, v in times.items()}
+    result = {"method": args.method, "zero": args.zero, "batch": args.batch, "block": args.block,
+              "threads": args.threads, "rounds": args.rounds - 1, "steps_per_round": args.steps,
+              "median_step_s": med, "ratio": med["forgetless"] / med["plain"], "round_ratios": ratios}
+    print(json.dumps(result, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
