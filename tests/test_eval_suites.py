@@ -169,7 +169,8 @@ def test_forgetting_of_eval_tasks_by_hand():
     assert out["eval/mc/forgetting"] == pytest.approx(0.2)
     assert out["eval/mc/forgetting_norm"] == pytest.approx(-0.05)
     assert out["eval/corpus/forgetting"] == pytest.approx(0.05)
-    assert out["eval/corpus/perplexity_increase"] == pytest.approx(math.e ** 1.5 - math.e)
+    assert out["eval/corpus/loss_increase"] == pytest.approx(0.5)  # nats: losses subtract
+    assert out["eval/corpus/perplexity_ratio"] == pytest.approx(math.e ** 1.5 / math.e)  # perplexities divide
     assert eval_task_forgetting([]) == {}
 
 

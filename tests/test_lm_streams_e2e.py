@@ -87,8 +87,8 @@ def test_three_corpora_with_suites_end_to_end(ray_session, workdir, tmp_path):
         forgetting = client.get_run(run_id).data.metrics[f"eval/{MC}/forgetting"]
         assert forgetting == pytest.approx(rows[0] - rows[-1])
         ppl = sorted(client.get_metric_history(run_id, "test/eval/heldout/perplexity"), key=lambda m: m.step)
-        assert client.get_run(run_id).data.metrics["eval/heldout/perplexity_increase"] == pytest.approx(
-            ppl[-1].value - ppl[0].value, rel=1e-6)
+        assert client.get_run(run_id).data.metrics["eval/heldout/perplexity_ratio"] == pytest.approx(
+            ppl[-1].value / ppl[0].value, rel=1e-5)
         assert res.metrics[f"eval/{MC}/forgetting"] == pytest.approx(forgetting)  # from the run's eval rows
     assert f"{MC} forgetting pp" in out.table() and "heldout forgetting pp" in out.table()
     # the 2 workers' sharded scores of the last row are what one process computes on the final model

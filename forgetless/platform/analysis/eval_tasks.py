@@ -10,8 +10,9 @@ HIGHER_IS_BETTER = ("acc", "acc_norm")  # every suite's scores; a held-out corpu
 
 def eval_task_forgetting(rows: list[dict[str, dict[str, float]]]) -> dict[str, float]:
     """For every suite: `eval/<name>/forgetting` = acc of row 0 − acc of the last row (positive = forgotten; the
-    multiple-choice suites' length-normalised acc too, as `forgetting_norm`), and for a held-out corpus
-    `eval/<name>/perplexity_increase` = its perplexity now − before any target training."""
+    multiple-choice suites' length-normalised acc too, as `forgetting_norm`), and for a held-out corpus, as for every
+    corpus (docs/metrics.md: losses subtract, perplexities divide), `eval/<name>/loss_increase` = its mean token loss
+    now − before any target training (nats) and `eval/<name>/perplexity_ratio` = exp(that increase)."""
     if not rows:
         return {}
     first, last = rows[0], rows[-1]
@@ -22,8 +23,9 @@ def eval_task_forgetting(rows: list[dict[str, dict[str, float]]]) -> dict[str, f
             out[f"eval/{name}/forgetting"] = before["acc"] - now["acc"]
         if "acc_norm" in now and "acc_norm" in before:
             out[f"eval/{name}/forgetting_norm"] = before["acc_norm"] - now["acc_norm"]
-        if "perplexity" in now and "perplexity" in before and math.isfinite(before["perplexity"]):
-            out[f"eval/{name}/perplexity_increase"] = now["perplexity"] - before["perplexity"]
+        if "loss" in now and "loss" in before and math.isfinite(before["loss"]):
+            out[f"eval/{name}/loss_increase"] = now["loss"] - before["loss"]
+            out[f"eval/{name}/perplexity_ratio"] = math.exp(now["loss"] - before["loss"])
     return out
 
 
