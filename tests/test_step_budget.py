@@ -97,6 +97,7 @@ def test_compare_with_a_step_budget_gives_every_strategy_the_same_steps(ray_sess
     assert probe[1] == 9 and finetune[1] == BUDGET - 9
     assert phases["fast"] == [("align", 6), ("adapt", BUDGET - 6)]
     assert [s for _, s in phases["long_probe"]] == [BUDGET, 0]
-    header, _, *rows = [re.split(r"\s{2,}", line.strip()) for line in out.table().splitlines()]
+    lines = out.table().splitlines()[:2 + len(out.results)]  # header, rule, one row per strategy; then the caption
+    header, _, *rows = [re.split(r"\s{2,}", line.strip()) for line in lines]
     col = header.index("steps")
     assert [row[col] for row in rows] == [str(BUDGET)] * len(out.results), out.table()

@@ -223,7 +223,8 @@ def train_phase(run: WorkerRun, stage: int, p: int, phase: Phase) -> None:
             save_checkpoint(run, {**metrics, "epoch": epoch + 1, "global_step": state.global_step},
                             job.checkpoints.name(stage, p, epoch + 1))
         if stop:
-            log(run, f"phase {phase.name} ended early at step {state.phase_step} by its stop rule")
+            why = "the step budget is spent" if budget_spent(job.step_budget, state.stage_step) else "its stop rule"
+            log(run, f"phase {phase.name} ended early at step {state.phase_step}: {why}")
             break
 
 
