@@ -40,6 +40,15 @@ def test_submission_id_is_deterministic(tiny_config):
     assert a != submission_base(load_config(tiny_config()), "run", [])
 
 
+def test_a_job_ships_the_forgetless_package_itself():
+    # the package's own folder, not a sub-package: shipping forgetless/platform as a top-level `platform` module
+    # shadowed Python's stdlib `platform` in the job, and its workers died at start (`platform.system` missing)
+    from forgetless.platform.driver import jobs
+
+    assert jobs.PACKAGE_DIR.name == "forgetless"
+    assert (jobs.PACKAGE_DIR / "__init__.py").is_file() and (jobs.PACKAGE_DIR / "platform" / "driver").is_dir()
+
+
 def test_job_env_forwards_aws_and_mlflow(monkeypatch):
     from forgetless.config import ConfigError
     from forgetless.platform.driver.jobs import job_env
