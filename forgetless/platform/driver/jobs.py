@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-import forgetless
 from forgetless import console, storage
 from forgetless._compat import ray_core
 from forgetless.config import ExperimentConfig, load_config, select_strategy
@@ -34,7 +33,7 @@ from forgetless.platform.driver import watchdog
 
 # The package folder shipped with a job (`py_modules`): this checkout's forgetless (the package's own folder, named
 # `forgetless`: a sub-package shipped as a top-level module would shadow its namesake, e.g. `platform`, in the job).
-PACKAGE_DIR = Path(forgetless.__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[2]  # forgetless/platform/driver/jobs.py -> forgetless/
 
 COMMANDS = ("run", "compare", "tune")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
