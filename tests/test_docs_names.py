@@ -204,6 +204,8 @@ def test_every_setup_line_is_the_readmes(doc):
     assert setup_problems(doc.read_text(), readme_setup_targets()) == []
 
 
+# slow tier (make test-all): CI's 15-minute budget (docs/performance.md); run and reported in the stop's closing note
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_the_names_a_real_run_logs_are_the_checkers(ray_session, workdir, tiny_config):
     """A small compare (pre-training and a strategy) into a fresh MLflow store: every name its runs hold is one the

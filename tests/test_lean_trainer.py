@@ -235,6 +235,8 @@ def _train_controllers_ever() -> int:
     return sum(a["ActorClassName"] == "TrainController" for a in gcs_state.actors().values())
 
 
+# slow tier (make test-all): CI's 15-minute budget (docs/performance.md); run and reported in the stop's closing note
+@pytest.mark.slow
 def test_with_the_ray_train_seam_off_a_fit_is_rays_own(ray_session, tmp_path, monkeypatch):
     """FORGETLESS_PUBLIC_PATHS=1 (or another Ray): `fit` runs Ray's TorchTrainer unchanged, whose controller is an
     actor of its own, and gives the same result; the caller's SIGINT handler is put back."""

@@ -129,6 +129,8 @@ def _cli_json(cfg: dict, folder: Path, command: str, public: bool) -> tuple[obje
     return json.loads(out.stdout), out.stderr
 
 
+# slow tier (make test-all): CI's 15-minute budget (docs/performance.md); run and reported in the stop's closing note
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_compare_on_the_public_paths_gives_the_same_accuracy_matrix(workdir, tiny_config):
     cfg = tiny_config()  # pre-training and one strategy: two fits per path, ~70-100 s each compare on 2 cores

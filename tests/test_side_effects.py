@@ -63,6 +63,8 @@ def _differences(before: dict, after: dict) -> list[str]:
     return out
 
 
+# slow tier (make test-all): CI's 15-minute budget (docs/performance.md); run and reported in the stop's closing note
+@pytest.mark.slow
 def test_compare_and_a_refused_compare_leave_the_process_as_it_was(workdir, tiny_config):
     env = {**os.environ, "RAY_ADDRESS": ""}
     env.pop("MLFLOW_TRACKING_URI", None)

@@ -71,6 +71,8 @@ def test_step_budget_config_field(tiny_config):
 BUDGET = 20
 
 
+# slow tier (make test-all): CI's 15-minute budget (docs/performance.md); run and reported in the stop's closing note
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_compare_with_a_step_budget_gives_every_strategy_the_same_steps(ray_session, workdir, tiny_config):
     """finetune (one phase, 1 epoch = 9 steps: extended), lp_ft (probe 1 epoch, then fine-tuning for the rest), fast

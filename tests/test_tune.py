@@ -282,6 +282,8 @@ def test_optuna_and_random_searchers_sample_the_declared_space(tiny_config):
     assert tuning._search_alg(plan.search, 2).max_concurrent == 2
 
 
+# slow tier (make test-all): CI's 15-minute budget (docs/performance.md); run and reported in the stop's closing note
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_pareto_search_prints_plots_and_logs_its_front(ray_session, workdir, tiny_config, shared_storage, capsys):
     # Optuna's NSGA-II over two objectives, three one-worker trials (two at a time on the 2-CPU cluster)

@@ -147,7 +147,7 @@ def register_strategy_model(uri: str, run_id: str, label: str | None, registered
     version = mlflow.register_model(f"models:/{model_id}", name).version
     c.set_registered_model_alias(name, alias, version)
     metrics = run.data.metrics
-    tags = {k: f"{metrics[k]:g}" for k in REGISTRY_TAG_METRICS if k in metrics}
+    tags = {k: repr(float(metrics[k])) for k in REGISTRY_TAG_METRICS if k in metrics}  # full precision (docs/metrics.md)
     tags.update({"strategy": run.data.tags.get("strategy", ""), "mlflow_run_id": run.info.run_id,
                  MODEL_ID_TAG: model_id})
     for k, v in tags.items():
