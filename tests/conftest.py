@@ -16,6 +16,40 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 
+def load_repo_script(relative: str):
+    """A script of this repository that is not part of a package (tools/, benchmarks/, cluster/), imported by path
+    once per process and registered under its file name (dataclasses in it need their module in sys.modules)."""
+    name = Path(relative).stem
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / relative)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+# The start of a one-rank DeepSpeed script run in a subprocess (gloo, CPU; no process group leaks into pytest).
+# MASTER_PORT=0: the one rank's store binds a port the OS picks (a fixed or random one can be taken by a test process
+# running beside this one).
+ONE_RANK_DEEPSPEED_PRELUDE = r"""
+import json, os, sys, torch
+os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT="0", RANK="0", WORLD_SIZE="1",
+                  LOCAL_RANK="0")
+torch.set_num_threads(1)
+import deepspeed
+from forgetless.config import load_config
+from forgetless.data import build_stream
+from forgetless.platform.worker.engine import full_state_dict, make_engine, weight_access
+from forgetless.platform.worker.evaluation import evaluate
+from forgetless.platform.worker.model_io import build_model
+from forgetless.strategies import make_strategy
+from forgetless.strategies.training import set_train_mode, set_trainable, train_step
+deepspeed.init_distributed(dist_backend="gloo")
+cfg = load_config(json.loads(sys.argv[1]))
+tasks = build_stream(cfg.source, cfg.targets)
+"""
+
+
 def committed_transfer_epoch(snapshot: str) -> int | None:
     """The epoch of the latest transfer checkpoint Ray Train has committed, from the text of a run's
     checkpoint_manager_snapshot.json: None if none yet, 10**6 once the transfer stage is done. A checkpoint folder is
@@ -121,10 +155,4 @@ def point_aws_env_at(server, monkeypatch) -> None:
 @pytest.fixture(scope="session")
 def local_stack_module():
     """cluster/local_stack.py (scripts, not a package), imported once."""
-    if "local_stack" not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "cluster" / "local_stack.py"
-        spec = importlib.util.spec_from_file_location("local_stack", path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["local_stack"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["local_stack"]
+    return load_repo_script("cluster/local_stack.py")

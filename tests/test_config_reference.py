@@ -3,12 +3,12 @@ generator writes today, every field of every config section must have a descript
 strategy must be on the page."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from conftest import load_repo_script
 from forgetless.config import ExperimentConfig
 from forgetless.strategies import available_strategies
 
@@ -16,14 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 PAGE = REPO / "docs" / "configuration.md"
 
 
-def _generator():
-    spec = importlib.util.spec_from_file_location("config_reference", REPO / "tools" / "config_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-REFERENCE = _generator()
+REFERENCE = load_repo_script("tools/config_reference.py")
 
 
 def test_every_config_field_has_a_description():
@@ -35,10 +28,9 @@ def test_every_config_field_has_a_description():
 def test_the_committed_page_is_the_generated_one():
     generated = REFERENCE.reference_page()
     committed = PAGE.read_text() if PAGE.exists() else ""
-    if committed != generated:
-        changed = [line for line in generated.splitlines() if line not in committed.splitlines()][:3]
-        raise AssertionError(f"docs/configuration.md is stale (e.g. {changed}); regenerate it with: "
-                             f"{REFERENCE.REGENERATE}")
+    changed = [line for line in generated.splitlines() if line not in committed.splitlines()][:3]
+    assert committed == generated, (f"docs/configuration.md is stale (e.g. {changed}); regenerate it with: "
+                                    f"{REFERENCE.REGENERATE}")
 
 
 def test_the_page_lists_every_field_of_every_section_and_every_strategy():

@@ -16,6 +16,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from conftest import ONE_RANK_DEEPSPEED_PRELUDE  # noqa: E402
 from forgetless.config import load_config  # noqa: E402
 from forgetless.data import lm  # noqa: E402
 from forgetless.data.kinds import CAUSAL_LM, per_sample_scores, sample_labels, task_loss  # noqa: E402
@@ -206,25 +207,8 @@ def test_cli_exits_2_on_a_strategy_that_does_not_apply(decoder, tmp_path):
 # every applicable strategy under real DeepSpeed engines (one process, gloo, CPU; a subprocess so no process group
 # leaks into pytest): the target's loss falls, and what each strategy promises about the source holds
 
-_DS_SCRIPT = r"""
-import json, os, sys, torch
-# MASTER_PORT=0: the one rank's store binds a port the OS picks (a fixed or random one can be taken by a test
-# process running beside this one)
-os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT="0", RANK="0", WORLD_SIZE="1",
-                  LOCAL_RANK="0")
-torch.set_num_threads(1)
-import deepspeed
-from forgetless.config import load_config
-from forgetless.data import build_stream
-from forgetless.platform.worker.engine import full_state_dict, make_engine, weight_access
-from forgetless.platform.worker.evaluation import evaluate
-from forgetless.platform.worker.model_io import build_model
-from forgetless.strategies import make_strategy
+_DS_SCRIPT = ONE_RANK_DEEPSPEED_PRELUDE + r"""
 from forgetless.strategies.base import task_infos
-from forgetless.strategies.training import set_train_mode, set_trainable, train_step
-deepspeed.init_distributed(dist_backend="gloo")
-cfg = load_config(json.loads(sys.argv[1]))
-tasks = build_stream(cfg.source, cfg.targets)
 infos = task_infos(tasks)
 cpu = torch.device("cpu")
 def batches(j):

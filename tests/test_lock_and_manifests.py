@@ -4,7 +4,6 @@ environment the tests run in is the lock; the cluster's image and manifests name
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import re
 import tomllib
 from pathlib import Path
@@ -14,20 +13,15 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+from conftest import load_repo_script
+
 REPO = Path(__file__).resolve().parent.parent
 LOCK_TEXT = (REPO / "requirements.lock").read_text()
 DOCKERFILE = (REPO / "cluster" / "Dockerfile").read_text()
 MANIFESTS = ["cluster/kuberay/raycluster.yaml", "cluster/kuberay/rayjob.yaml", "cluster/aws/cluster.yaml"]
 
 
-def _sync_tool():
-    spec = importlib.util.spec_from_file_location("sync_cluster_versions", REPO / "tools" / "sync_cluster_versions.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-SYNC = _sync_tool()
+SYNC = load_repo_script("tools/sync_cluster_versions.py")
 LOCKED = SYNC.locked_versions(LOCK_TEXT)
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import ONE_RANK_DEEPSPEED_PRELUDE
 from forgetless.backbones import MLP, TransferModel
 from forgetless.config import OptimConfig, load_config
 from forgetless.data import build_stream
@@ -248,23 +249,8 @@ def test_with_no_share_replay_trains_exactly_like_finetuning():
 # ---------------------------------------------------------------------------------------------------------------------
 # real DeepSpeed engines under every ZeRO stage (one process, gloo, CPU; a subprocess so no process group leaks)
 
-_DS_SCRIPT = r"""
-import json, os, sys, torch
-os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT="0", RANK="0", WORLD_SIZE="1",
-                  LOCAL_RANK="0")
-torch.set_num_threads(1)
-import deepspeed
-from forgetless.config import load_config
-from forgetless.data import build_stream
-from forgetless.platform.worker.engine import full_state_dict, make_engine, weight_access
-from forgetless.platform.worker.evaluation import evaluate
-from forgetless.platform.worker.model_io import build_model
-from forgetless.strategies import make_strategy
+_DS_SCRIPT = ONE_RANK_DEEPSPEED_PRELUDE + r"""
 from forgetless.strategies.base import TrainingData, task_infos
-from forgetless.strategies.training import set_train_mode, set_trainable, train_step
-deepspeed.init_distributed(dist_backend="gloo")
-cfg = load_config(json.loads(sys.argv[1]))
-tasks = build_stream(cfg.source, cfg.targets)
 infos = task_infos(tasks)
 for zero in (0, 1, 2, 3):
     strategy = make_strategy("replay", {"share": 0.5, "memory_size": 40}, 1, cfg.train.lr)

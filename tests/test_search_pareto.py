@@ -260,13 +260,9 @@ def test_report_rebuilds_the_front_tags_and_description_from_mlflow(workdir):
 
 
 def _study_module():
-    import importlib.util
+    from conftest import load_repo_script
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pareto_study.py"
-    spec = importlib.util.spec_from_file_location("pareto_study", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_repo_script("benchmarks/pareto_study.py")
 
 
 def _run(points: list[tuple[float, float]], **extra) -> dict:

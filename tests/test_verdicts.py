@@ -1,22 +1,18 @@
 """The reproduction verdicts in docs/ are what the result JSON says (benchmarks/verdicts.py), and the verdict rule
 decides on the paired interval: a number typed into a generated block, or a result file changed without
 regenerating the docs, fails here."""
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import load_repo_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def verdicts():
-    spec = importlib.util.spec_from_file_location("verdicts", ROOT / "benchmarks" / "verdicts.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["verdicts"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_repo_script("benchmarks/verdicts.py")
 
 
 def test_every_generated_block_in_docs_matches_its_result_file(verdicts):
