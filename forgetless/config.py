@@ -27,6 +27,7 @@ from forgetless.config_sections import (
     first_error,
 )
 from forgetless.data.eval_suites import EvalTaskConfig, check_eval_tasks
+from forgetless.data.sharding import BatchSplitError, batch_plan
 from forgetless.data.kinds import CAUSAL_LM
 from forgetless.data.spec import TaskConfig
 from forgetless.errors import ConfigError
@@ -132,7 +133,21 @@ class ExperimentConfig(_Strict):
         if any(t.kind == CAUSAL_LM for t in [self.source, *self.targets]):
             _check_causal_lm(self)
         check_eval_tasks(self.eval_tasks, names, self.source.kind, self.source.tokenizer)
+        self._check_worker_range()
         return self
+
+    def _check_worker_range(self) -> None:
+        """An elastic run keeps the global batch of its largest count: every count of the range must split it."""
+        sc = self.scaling
+        for section, optim in (("train", self.train), ("pretrain", self.pretrain)):
+            try:
+                batch_plan(optim.batch_size, self.deepspeed.gradient_accumulation_steps, sc.num_workers,
+                           sc.num_workers, sc.worker_counts())
+            except BatchSplitError as e:
+                raise ValueError(f"scaling.num_workers: {e} ({section}.batch_size {optim.batch_size} x "
+                                 f"{sc.num_workers} workers x {self.deepspeed.gradient_accumulation_steps} "
+                                 f"accumulation); use a range whose counts all divide it, or another "
+                                 f"{section}.batch_size") from None
 
     # -- derived values -------------------------------------------------------------------------------------------
     def seed_list(self) -> list[int]:
@@ -159,7 +174,7 @@ class ExperimentConfig(_Strict):
             "source": self.source.model_dump(),
             "backbone": self.backbone.model_dump(),
             "pretrain": self.pretrain.model_dump(),
-            "workers": self.scaling.num_workers,
+            "workers": self.scaling.num_workers,  # the most workers: with batch_size, the global batch
         }
         return short_hash(relevant)
 
@@ -169,6 +184,9 @@ class ExperimentConfig(_Strict):
         relevant = self.model_dump(exclude={"strategies", "tracking", "ray_address", "storage", "search",
                                              "fault_tolerance", "seeds", "score", "reference_strategy"})
         relevant["scaling"].pop("max_concurrent")
+        # nor the fewest workers of an elastic run: its global batch (train.batch_size x the most workers x
+        # accumulation) and data order are the same at every count (data/sharding.py)
+        relevant["scaling"].pop("min_workers")
         if relevant["train"]["step_budget"] is None:  # a run without a budget keeps the identity it had before one
             relevant["train"].pop("step_budget")
         if not relevant["eval_tasks"]:  # a run without eval tasks keeps the identity it had before them

@@ -106,11 +106,69 @@ class StrategyConfig(_Strict):
 class ScalingSpec(_Strict):
     """How many Ray Train workers a run uses, and what each asks of the cluster."""
 
-    num_workers: int = Field(2, gt=0, description="Ray Train workers (data-parallel ranks) per run")
+    num_workers: int = Field(2, gt=0, examples=[[1, 4]], description="Ray Train workers (data-parallel ranks) per "
+                             "run; a range `[MIN, MAX]` (or `{min: MIN, max: MAX}`) makes the run elastic: it starts "
+                             "with what fits, goes on with fewer when a node is lost and grows back at a checkpoint "
+                             "when room returns (it then holds MAX, and min_workers MIN). The global batch is "
+                             "train.batch_size x MAX x deepspeed.gradient_accumulation_steps at any count "
+                             "(docs/reliability.md)")
+    min_workers: int | None = Field(None, gt=0, description="an elastic run's fewest workers (set by a range "
+                                    "num_workers); None: a fixed count")
     use_gpu: bool = Field(False, description="one GPU per worker (CUDA; DeepSpeed's CPU accelerator otherwise)")
     cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs Ray reserves for each worker")
     max_concurrent: int = Field(0, ge=0, examples=[1], description="strategy runs at once (compare, seeds); 0 = as "
                                 "many as the cluster's CPUs/GPUs fit; 1 = one after another")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _range(cls, data: Any) -> Any:
+        # `num_workers: [1, 4]` / `{min: 1, max: 4}`: MAX stays in num_workers (what planning and the global batch
+        # use), MIN goes to min_workers
+        if not isinstance(data, dict) or isinstance(data.get("num_workers"), (int, str)) or "num_workers" not in data:
+            return data
+        given = data["num_workers"]
+        if isinstance(given, dict) and set(given) == {"min", "max"}:
+            low, high = given["min"], given["max"]
+        elif isinstance(given, (list, tuple)) and len(given) == 2:
+            low, high = given
+        else:
+            raise ValueError(f"num_workers: {given!r} is neither a count nor a range; write 2, [1, 2] or "
+                             f"{{min: 1, max: 2}}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)):
+            raise ValueError(f"num_workers: the range {given!r} must hold two whole numbers, e.g. [1, 2]")
+        if low < 1:
+            raise ValueError(f"num_workers: the range {given!r} starts below 1; an elastic run needs at least 1 worker")
+        if "min_workers" in data and data["min_workers"] != low:
+            raise ValueError("num_workers: give the range or min_workers, not both")
+        return {**data, "num_workers": high, "min_workers": low}
+
+    @model_validator(mode="after")
+    def _min_within(self) -> "ScalingSpec":
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"num_workers: the range's min ({self.min_workers}) is above its max "
+                             f"({self.num_workers}); write [MIN, MAX] with MIN <= MAX")
+        return self
+
+    @property
+    def elastic(self) -> bool:
+        """A range of worker counts (min < max): Ray Train's elastic worker group."""
+        return self.min_workers is not None and self.min_workers < self.num_workers
+
+    @property
+    def fewest_workers(self) -> int:
+        return self.min_workers if self.min_workers is not None else self.num_workers
+
+    def worker_counts(self) -> range:
+        """Every worker count the run may train on."""
+        return range(self.fewest_workers, self.num_workers + 1)
+
+    def ray_num_workers(self) -> int | tuple[int, int]:
+        """Ray Train's ScalingConfig(num_workers=...): a count, or (min, max) for an elastic run."""
+        return (self.fewest_workers, self.num_workers) if self.elastic else self.num_workers
+
+    def describe_workers(self) -> str:
+        return f"{self.fewest_workers}-{self.num_workers} workers (elastic)" if self.elastic else \
+            f"{self.num_workers} workers"
 
 
 class DeepSpeedSpec(_Strict):

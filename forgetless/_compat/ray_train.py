@@ -6,6 +6,9 @@ platform/driver/train_controller.py); the driver-side trainer is in _compat/ray_
   removes what a dead controller left, instead of Ray's PlacementGroupCleaner actor per fit.
 - `NoAutoscalerScalingPolicy` (Ray's `FixedScalingPolicy` minus its `_maybe_send_resource_request`): no
   AutoscalingCoordinator actor on an embedded cluster.
+- `CheckpointBoundaryElasticPolicy` (Ray's `ElasticScalingPolicy`, its running-group decision replaced): an elastic
+  run grows only right after a complete checkpoint. (It counts room through Ray's AutoscalingCoordinator actor, on an
+  embedded cluster too.) Public path: Ray's elastic policy, which grows whenever it sees room.
 - `InheritedEnvTrainController` / `InheritedEnvWorkerGroup` (overriding `WorkerGroup._get_worker_runtime_env`): workers
   without a runtime_env of their own, started from Ray's idle worker pool.
 - the worker-side steps of Ray's TorchConfig (`ray.train.torch.config._setup_torch_process_group` and its siblings,
@@ -45,6 +48,8 @@ try:  # importing a seam never raises: a name that moved means the public path
     from ray.train.v2._internal.execution.callback import WorkerGroupCallback
     from ray.train.v2._internal.execution.controller import TrainController
     from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+    from ray.train.v2._internal.execution.scaling_policy import NoopDecision
+    from ray.train.v2._internal.execution.scaling_policy.elastic import ElasticScalingPolicy
     from ray.train.v2._internal.execution.worker_group import WorkerGroup
     from ray.train.v2._internal.util import TrainingFramework
     _FOUND = True
@@ -191,6 +196,51 @@ if _FOUND:
         def _maybe_send_resource_request(self) -> None:
             pass  # Ray's re-sends the request every 20 s while the run waits or runs
 
+    class CheckpointBoundaryElasticPolicy(ElasticScalingPolicy):
+        """Ray's elastic policy (start with what fits, restart on fewer after a lost worker, within min..max), whose
+        running worker group grows only at a checkpoint boundary: right after a checkpoint a worker reported is
+        complete (its `marker_file`, written last, is there), so a grow loses no training but the moment between
+        that file and the controller's next poll. Ray's own policy restarts a running group whenever it sees room,
+        which throws away the work since the last checkpoint. A checkpoint named in `never_after` (the run's final
+        one) is no boundary: the run is over."""
+
+        def __init__(self, scaling_config, marker_file: str, never_after: tuple[str, ...] = ()):
+            super().__init__(scaling_config)
+            self._marker_file, self._never_after = marker_file, never_after
+            self._boundary = None  # the latest reported checkpoint not yet looked at
+
+        def make_decision_for_running_worker_group(self, worker_group_state, worker_group_status):
+            self._maybe_send_resource_request()
+            for status in worker_group_status.worker_statuses.values():
+                report = status.training_report
+                if report is not None and report.checkpoint is not None:
+                    self._boundary = report.checkpoint
+            if self._boundary is None or not self._complete(self._boundary):
+                return NoopDecision()
+            checkpoint, self._boundary = self._boundary, None
+            if os.path.basename(checkpoint.path.rstrip("/")) in self._never_after:
+                return NoopDecision()
+            if worker_group_state.num_workers >= self.scaling_config.max_workers:
+                return NoopDecision()
+            reserved = self._get_reserved_resources()
+            if reserved is None:
+                return NoopDecision()
+            room = self._count_possible_workers(reserved)
+            if room <= worker_group_state.num_workers:
+                return NoopDecision()
+            logger.warning("forgetless: room for %d workers (running %d): growing the worker group at checkpoint %s",
+                           room, worker_group_state.num_workers, os.path.basename(checkpoint.path.rstrip("/")))
+            return self._get_resize_decision(room)
+
+        def _complete(self, checkpoint) -> bool:
+            from pyarrow.fs import FileType
+
+            try:
+                info = checkpoint.filesystem.get_file_info(f"{checkpoint.path.rstrip('/')}/{self._marker_file}")
+            except Exception:  # noqa: BLE001 - storage hiccup: look again at the next poll
+                return False
+            return info.type != FileType.NotFound
+
     class InheritedEnvWorkerGroup(WorkerGroup):
         """Ray's worker group, whose workers are not given again (as runtime_env variables) the Ray Train variables
         this controller's process has with the same value: the workers inherit them, from the raylet or from this
@@ -209,8 +259,14 @@ if _FOUND:
 else:  # another Ray: nothing of this is used (SEAM.active() is false)
     RecordPlacementGroups = NoAutoscalerScalingPolicy = InheritedEnvTrainController = None
     DatasetsCallback = PlacementGroupCleanerCallback = FixedScalingPolicy = None
+    CheckpointBoundaryElasticPolicy = ElasticScalingPolicy = None
 
 
 def is_fixed_scaling_policy(policy: Any) -> bool:
     """Whether `policy` is the scaling policy Ray Train makes for a fixed-size run."""
     return _FOUND and type(policy) is FixedScalingPolicy
+
+
+def is_elastic_scaling_policy(policy: Any) -> bool:
+    """Whether `policy` is the scaling policy Ray Train makes for an elastic run (num_workers=(min, max))."""
+    return _FOUND and type(policy) is ElasticScalingPolicy

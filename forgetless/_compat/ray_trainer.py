@@ -25,11 +25,15 @@ class LeanTorchTrainer(TorchTrainer):
     PlacementGroupCleaner actor (the run's placement group is recorded there instead); with `asks_autoscaler=False`
     (a cluster without an autoscaler), without resource requests and the AutoscalingCoordinator actor they start;
     given `controller_hosts` (an object with `run(controller_kwargs, register_sigint_handler)`), its controller runs
-    there instead of in a new process. Where `replaceable()` is false it is Ray's TorchTrainer unchanged."""
+    there instead of in a new process; given `grow_marker` (the file a checkpoint gets last), an elastic run grows
+    only right after a complete checkpoint (not `final_checkpoint`). Where `replaceable()` is false it is Ray's
+    TorchTrainer unchanged."""
 
     def __init__(self, *args, record_file: str | None = None, asks_autoscaler: bool = True,
-                 controller_hosts=None, **kwargs):
+                 controller_hosts=None, grow_marker: str | None = None, final_checkpoint: str | None = None,
+                 **kwargs):
         self._record_file, self._asks_autoscaler = record_file, asks_autoscaler
+        self._grow_marker, self._final_checkpoint = grow_marker, final_checkpoint
         self._controller_hosts = controller_hosts
         self._lean = replaceable()
         if self._lean:  # the controller imports no torch (unless a torch_config is given)
@@ -53,6 +57,10 @@ class LeanTorchTrainer(TorchTrainer):
                 and ray_train.is_fixed_scaling_policy(controller_kwargs.get("scaling_policy"))):
             controller_kwargs["scaling_policy"] = ray_train.NoAutoscalerScalingPolicy(
                 scaling_config=self.scaling_config)
+        if self._lean and self._grow_marker and ray_train.is_elastic_scaling_policy(
+                controller_kwargs.get("scaling_policy")):
+            controller_kwargs["scaling_policy"] = ray_train.CheckpointBoundaryElasticPolicy(
+                self.scaling_config, self._grow_marker, (self._final_checkpoint,) if self._final_checkpoint else ())
         if self._controller_hosts is None or not self._lean:
             return super()._initialize_and_run_controller(**controller_kwargs)
         return self._controller_hosts.run(controller_kwargs, self._register_sigint_handler)

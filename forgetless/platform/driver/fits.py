@@ -56,6 +56,11 @@ STOP_POINT_FORMAT = STOP_POINT_PREFIX + "{epoch:04d}"  # the checkpoint names of
 WALL_FILE = "driver_wall.json"  # wall time of a finished transfer, measured by the driver
 
 
+# How often an elastic run's controller may look for room to grow (it grows only right after a checkpoint, so this
+# only bounds how often it asks): Ray's default is 60 s.
+ELASTIC_CHECK_S = 5.0
+
+
 def fit(cfg: ExperimentConfig, job: WorkerJob, keep_all_checkpoints: bool, callbacks: list | None = None):
     """Build and fit a TorchTrainer (Train V2). Re-running the same `job.run_name` resumes from its latest checkpoint.
     `callbacks`: Ray Train UserCallbacks (a Tune trial passes one that forwards each report to Tune)."""
@@ -74,9 +79,17 @@ def _fit(cfg: ExperimentConfig, job: WorkerJob, keep_all_checkpoints: bool, call
     return lean_trainer.fit(
         train_worker_logging_failures, embedded_cluster=ray_cluster.on_embedded_cluster(),
         started_it=ray_cluster.started_embedded_cluster(),
+        # an elastic run grows once a checkpoint is complete (its manifest is written last); not after the final one
+        **({"grow_marker": checkpoints.MANIFEST_FILE, "final_checkpoint": FINAL_CHECKPOINT}
+           if lean_trainer.replaceable() else {}),
         train_loop_config=job,
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        # an elastic run (num_workers: [MIN, MAX]) is Ray Train's elastic worker group: started with what fits,
+        # restarted on fewer when a node is lost, grown back at a checkpoint when room returns
+        # (_compat/ray_train.CheckpointBoundaryElasticPolicy)
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.ray_num_workers(), use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+                                     **({"elastic_resize_monitor_interval_s": ELASTIC_CHECK_S}
+                                        if cfg.scaling.elastic else {})),
         run_config=RunConfig(
             name=job.run_name,
             **storage.ray_storage(cfg.storage),
@@ -200,7 +213,7 @@ def transfer(cfg: ExperimentConfig, strategy: StrategyConfig, init_weights: str,
             wall_uri = storage.join(run_uri, WALL_FILE)
             wall = json.loads(storage.read_bytes(wall_uri))["wall_seconds"] if storage.exists(wall_uri) else math.nan
             return _strategy_result(cfg, strategy, state, wall, storage.join(run_uri, FINAL_CHECKPOINT))
-    say(f"strategy {strategy.display_name()}: Ray Train run {run_name} ({cfg.scaling.num_workers} workers, "
+    say(f"strategy {strategy.display_name()}: Ray Train run {run_name} ({cfg.scaling.describe_workers()}, "
         f"DeepSpeed ZeRO-{cfg.deepspeed.zero_stage})")
     job = dataclasses.replace(transfer_job(cfg, strategy, init_weights, target, trajectory), submitted_at=time.time(),
                               display_name=run_label or strategy.display_name())
@@ -220,9 +233,10 @@ def transfer(cfg: ExperimentConfig, strategy: StrategyConfig, init_weights: str,
 
 def _stall_hints(cfg: ExperimentConfig) -> str:
     """What a run that makes no progress may be waiting for, as far as the driver can see."""
-    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    need = cfg.scaling.fewest_workers * cfg.scaling.cpus_per_worker
     free = ray.available_resources().get("CPU", 0.0)
-    hints = [f"Free CPUs in the Ray cluster: {free:g} (this run's workers take {need:g} while they run)"]
+    hints = [f"Free CPUs in the Ray cluster: {free:g} (this run's workers take {need:g} while they run"
+             + (f", at its fewest: {cfg.scaling.describe_workers()}" if cfg.scaling.elastic else "") + ")"]
     locks = build_locks.present_locks()
     if locks:
         hints.append(f"DeepSpeed op build locks present: {', '.join(map(str, locks))} (workers wait on them, "

@@ -21,7 +21,8 @@ T = TypeVar("T")
 
 
 def runs_that_fit(cfg: ExperimentConfig, cluster: dict[str, float] | None = None) -> int:
-    """How many of cfg's runs the cluster holds at once (its total CPUs and GPUs; at least 1)."""
+    """How many of cfg's runs the cluster holds at once (its total CPUs and GPUs; at least 1), each at its most
+    workers (an elastic run's max: side-by-side runs would otherwise keep each other small)."""
     resources = ray.cluster_resources() if cluster is None else cluster
     fits = int(resources.get("CPU", 0.0) // (cfg.scaling.num_workers * cfg.scaling.cpus_per_worker))
     if cfg.scaling.use_gpu:

@@ -173,13 +173,16 @@ def check_embedded_resources(cfg: ExperimentConfig) -> None:
 
 
 def _check_capacity(cfg: ExperimentConfig, cpus: float, gpus: float, where: str) -> None:
-    need_cpu = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    # an elastic run starts with what fits: only its fewest workers must fit
+    workers = cfg.scaling.fewest_workers
+    least = " (the range's min)" if cfg.scaling.elastic else ""
+    need_cpu = workers * cfg.scaling.cpus_per_worker
     if cpus < need_cpu:
-        raise ConfigError(f"scaling: {cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker} CPU need "
+        raise ConfigError(f"scaling: {workers} workers{least} x {cfg.scaling.cpus_per_worker} CPU need "
                           f"{need_cpu:g} CPUs but {where} has {cpus:g}; lower scaling.num_workers or "
                           f"scaling.cpus_per_worker")
-    if cfg.scaling.use_gpu and gpus < cfg.scaling.num_workers:
-        raise ConfigError(f"scaling.use_gpu: {cfg.scaling.num_workers} workers need {cfg.scaling.num_workers} GPUs but "
+    if cfg.scaling.use_gpu and gpus < workers:
+        raise ConfigError(f"scaling.use_gpu: {workers} workers{least} need {workers} GPUs but "
                           f"{where} has {gpus:g}; set scaling.use_gpu: false or run on a cluster with GPUs")
 
 

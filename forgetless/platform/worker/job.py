@@ -103,6 +103,9 @@ class RunState:
     seconds: dict[str, float] = field(default_factory=dict)  # where the workers' time went (timing.PARTS)
     saved_at: float | None = None  # wall clock when this state was written into its checkpoint
     submitted_at: float | None = None  # WorkerJob.submitted_at of the invocation that wrote it
+    # one record per change of the worker count (the first group's included): {step, workers, at (unix time)}; an
+    # elastic run (scaling.num_workers: [MIN, MAX]) shrinks when a node is lost and grows when room returns
+    workers: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -4,6 +4,7 @@ driver's board reads, and its console lines.
 from __future__ import annotations
 
 import sys
+import time
 
 from forgetless import console, storage
 from forgetless.platform.tracking import mlflow_runs as tracking
@@ -14,6 +15,42 @@ from forgetless.platform.worker.worker_run import WorkerRun
 from forgetless.strategies.base import Phase
 
 
+WORKERS_METRIC = "ray/workers"  # the worker count, a point at every evaluation (a resize shows as a step)
+
+
+def note_worker_count(run: WorkerRun) -> str | None:
+    """Every rank, as a worker group starts: record its worker count in the run's state when it differs from the
+    previous group's (the first group's too). Returns the console line of a resize (None if the count is unchanged or
+    this is the first group); rank 0 prints it."""
+    records = run.state.workers
+    before = records[-1]["workers"] if records else None
+    if before == run.world:
+        return None
+    records.append({"step": run.state.global_step, "workers": run.world, "at": time.time()})
+    if before is None:
+        return None
+    if run.world < before:
+        why = "a worker or its node was lost (or the cluster has no room for more)"
+    else:
+        why = "room returned in the cluster"
+    line = (f"resized: {before} -> {run.world} workers at step {run.state.global_step}: {why}; the global batch, "
+            f"learning-rate schedule and data order are unchanged")
+    log(run, line)
+    return line
+
+
+def worker_tags(run: WorkerRun) -> dict[str, str]:
+    """The MLflow tags of the run's worker counts: `forgetless.workers` (the current), `forgetless.resizes` (how
+    many) and `forgetless.resize.N` for each (when, from how many to how many, at which step)."""
+    records = run.state.workers
+    tags = {"forgetless.workers": str(run.world), "forgetless.resizes": str(max(0, len(records) - 1))}
+    for n, (a, b) in enumerate(zip(records, records[1:]), start=1):
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b["at"]))
+        why = "node lost" if b["workers"] < a["workers"] else "room returned"
+        tags[f"forgetless.resize.{n}"] = f"{a['workers']} -> {b['workers']} workers at step {b['step']}, {when} ({why})"
+    return tags
+
+
 def start_tracking(run: WorkerRun) -> None:
     """Create (or, on resume, reopen) this run's MLflow child run under the invocation's parent."""
     if run.rank != 0:
@@ -21,7 +58,7 @@ def start_tracking(run: WorkerRun) -> None:
     job = run.job
     tags = {tracking.RUN_KEY_TAG: job.run_name, "forgetless.mode": job.mode,
             "forgetless.evaluation": job.config.evaluation, "forgetless.run_name": job.run_name,
-            **run.strategy.tags()}
+            **run.strategy.tags(), **worker_tags(run)}
     params = tracking.flatten("", job.config.model_dump(mode="json", exclude={"strategies"}))
     params.update(tracking.flatten("strategy", job.strategy.model_dump(mode="json")))
     params["ray.num_workers"] = run.world

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from forgetless.data.sharding import epoch_steps
 from forgetless.platform.worker.run_reporting import log
 from forgetless.platform.worker.worker_run import WorkerRun
 from forgetless.strategies.base import Phase
@@ -46,8 +47,8 @@ def phase_under_budget(phase: Phase, budget: int | None, stage_step: int, is_las
 def budgeted_phase(run: WorkerRun, stage: int, phase: Phase, is_last: bool) -> Phase:
     """The phase as it runs under the job's step budget (step_budget.py); unchanged without one."""
     data, job = run.tasks[stage], run.job
-    shard = len(data.x_train) // run.world  # equal_shard: every rank the same count, so ranks stop together
-    epoch_updates = updates_per_epoch(shard, job.optim.batch_size, job.config.deepspeed.gradient_accumulation_steps)
+    # the same at every worker count: global batches of the config's size (data/sharding.py)
+    epoch_updates = max(1, epoch_steps(len(data.x_train), run.batch_plan()))
     return phase_under_budget(phase, job.step_budget, run.state.stage_step, is_last, epoch_updates, run.state.epoch)
 
 

@@ -51,7 +51,9 @@ from forgetless.platform.worker.step_budget import budget_spent, budgeted_phase,
 from forgetless.platform.worker.run_reporting import (
     detail,
     log,
+    WORKERS_METRIC,
     log_metrics,
+    note_worker_count,
     report_progress,
     start_tracking,
 )
@@ -78,6 +80,7 @@ def train_worker(job: WorkerJob) -> None:
     run.state.submitted_at = job.submitted_at
     for part, value in startup.items():  # after restore: the restored state holds the earlier invocations' parts
         timing.add(run.state.seconds, part, value)
+    note_worker_count(run)  # an elastic run's resize: a line, and tags start_tracking sets
     with timing.timed(run.state.seconds, "tracking"):
         start_tracking(run)
     report_progress(run)
@@ -193,7 +196,7 @@ def train_phase(run: WorkerRun, stage: int, p: int, phase: Phase) -> None:
     """One DeepSpeed engine, epochs until the phase's end or its stop rule; a checkpoint as the policy says."""
     state, job = run.state, run.job
     with timing.timed(state.seconds, "engine_init"):
-        run.engine = make_engine(run.model, phase, job.optim, job.config.deepspeed, run.world, job.use_gpu)
+        run.engine = make_engine(run.model, phase, *engine_batch(run), run.world, job.use_gpu)
     # ds_numel: under ZeRO-3 a parameter's local tensor is an empty partition once the engine exists.
     n_trainable = sum(getattr(prm, "ds_numel", prm.numel()) for prm in phase.trainable())
     state.trainable_params[f"{stage}/{phase.name}"] = n_trainable
@@ -228,6 +231,15 @@ def train_phase(run: WorkerRun, stage: int, p: int, phase: Phase) -> None:
             break
 
 
+def engine_batch(run: WorkerRun) -> tuple:
+    """The optimizer settings and DeepSpeed section an engine gets at this worker count: the micro-batch and gradient
+    accumulation of the batch plan (the config's at its most workers; more accumulation, or smaller micro-batches, at
+    fewer), so that an optimizer step always averages the config's global batch."""
+    plan = run.batch_plan()
+    return (run.job.optim.model_copy(update={"batch_size": plan.micro_batch}),
+            run.job.config.deepspeed.model_copy(update={"gradient_accumulation_steps": plan.accumulation}))
+
+
 def train_epoch(run: WorkerRun, stage: int, p: int, phase: Phase, epoch: int,
                 val_losses: list[float]) -> tuple[float, bool]:
     """This rank's shard of the task, one train_step per micro-batch; returns (mean train loss, stop the phase)."""
@@ -240,7 +252,7 @@ def train_epoch(run: WorkerRun, stage: int, p: int, phase: Phase, epoch: int,
     weights = weight_access(run.model, run.zero_stage)
     losses: list[float] = []
     stop = False
-    own = shard_batches(data.x_train, data.y_train, run.job.optim.batch_size, run.rank, run.world, seed)
+    own = shard_batches(data.x_train, data.y_train, run.batch_plan(), run.rank, seed)
     for xb, yb in run.strategy.train_batches(run.model, task, own, training_data(run, seed)):
         loss, updated = train_step(run.engine, run.model, run.strategy, phase, task, xb.to(run.device),
                                    yb.to(run.device), generator, weights)
@@ -312,6 +324,7 @@ def eval_point(run: WorkerRun, stage: int, train_loss: float | None, phase_name:
         metrics.update(eval_tasks.curve_point(run, prefix))
     if train_loss is not None:
         metrics[f"{prefix}train/loss"] = train_loss
+    metrics[f"{prefix}{WORKERS_METRIC}"] = float(run.world)
     log_metrics(run, metrics)
     return metrics
 
@@ -380,7 +393,7 @@ def strategy_data_hook(run: WorkerRun, hook: str, stage: int) -> None:
 
     def batches():
         return ((x.to(device), y.to(device)) for x, y in
-                shard_batches(data.x_train, data.y_train, run.job.optim.batch_size, run.rank, run.world, seed))
+                shard_batches(data.x_train, data.y_train, run.batch_plan(), run.rank, seed))
 
     getattr(run.strategy, hook)(run.model, run.infos[stage], batches, all_reduce_mean(run.world))
 

@@ -9,6 +9,7 @@ import torch
 
 from forgetless.backbones import TransferModel
 from forgetless.data import TaskData
+from forgetless.data.sharding import BatchPlan, batch_plan
 from forgetless.platform.worker.job import RunState, WorkerJob
 from forgetless.strategies.base import Strategy, TaskInfo
 
@@ -37,6 +38,13 @@ class WorkerRun:
     @property
     def zero_stage(self) -> int:
         return self.job.config.deepspeed.zero_stage
+
+    def batch_plan(self) -> BatchPlan:
+        """How each optimizer step's global batch (train.batch_size x the most workers x accumulation, the config's
+        at any worker count) is split at this run's worker count (data/sharding.py)."""
+        cfg = self.job.config
+        return batch_plan(self.job.optim.batch_size, cfg.deepspeed.gradient_accumulation_steps,
+                          cfg.scaling.num_workers, self.world, cfg.scaling.worker_counts())
 
     @property
     def partitioned(self) -> bool:
