@@ -1,4 +1,4 @@
-"""Does a two-objective search find the hand grid's learning-vs-forgetting front with fewer trials? (issue 31, item 5a)
+"""Does a two-objective search find the hand grid's learning-vs-forgetting front with fewer trials? (issue 31, item 5)
 
 The stop point x learning rate study of examples/early_stop_search.yaml, searched for the Pareto set of target
 accuracy (max) vs source forgetting (min):
@@ -12,6 +12,12 @@ validation data; the hypervolume of the chosen points is given on validation (wh
 
     python benchmarks/pareto_study.py --workdir /tmp/fl_pareto      # runs (or resumes) the searches, writes the JSON
     python benchmarks/pareto_study.py --docs                         # rewrites its section of docs/tune.md from it
+
+`--study lm` (item 5b) is the same comparison on the language-model study of docs/language_models.md
+(examples/lm_keep_general.yaml, the 10.5 M decoder learning code): full fine-tuning's learning rate x the share of
+prose mixed into every batch (`replay`, share 0 = plain fine-tuning), target next-token accuracy (max) vs the prose's
+next-token accuracy lost (min): the hand grid of 3 rates x 4 shares (12 trials) against multi-objective TPE over a
+log range of the rates and a range of the shares, 4 trials (33 %), search seeds 0, 1, 2.
 """
 from __future__ import annotations
 
@@ -22,29 +28,85 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "examples" / "early_stop_search.yaml"
-RESULT = ROOT / "benchmarks" / "results" / "pareto_study.json"
 DOC = ROOT / "docs" / "tune.md"
-START, END = "<!-- pareto-study:start (benchmarks/pareto_study.py --docs) -->", "<!-- pareto-study:end -->"
 TRADE_OFF = [("target/acc", "max"), ("source/forgetting", "min")]
 OBJECTIVES = [{"metric": m, "direction": d} for m, d in TRADE_OFF]
-GRID_LRS = [0.0003, 0.001, 0.003, 0.01]
-SEARCH_TRIALS = 6
 SEEDS = [0, 1, 2]
-OVERRIDES = ["scaling.num_workers=1"]  # two one-worker trials at a time on a 2-core machine
+
+
+@dataclass(frozen=True)
+class Study:
+    """One hand grid and its searches: which config, which space, where the JSON and the docs block go."""
+
+    config: Path
+    overrides: list[str]
+    grid_space: dict
+    search_space: dict
+    search_trials: int
+    result: Path
+    grid_label: str
+    script_args: str  # how the docs name the command that writes the block
+    strategy: str | None = None  # the config's strategy the trials use (when it lists several)
+    workdir: str = "/tmp/fl_pareto"
+
+    @property
+    def marker(self) -> str:  # pareto-study, pareto-study:lm
+        return "pareto-study" + self.script_args.replace(" --study ", ":")
+
+    @property
+    def start(self) -> str:
+        return f"<!-- {self.marker}:start (benchmarks/pareto_study.py{self.script_args} --docs) -->"
+
+    @property
+    def end(self) -> str:
+        return f"<!-- {self.marker}:end -->"
+
+    def grid_search(self) -> dict:
+        return {"space": self.grid_space, "searcher": "grid", "objectives": OBJECTIVES,
+                **({"strategy": self.strategy} if self.strategy else {})}
+
+    def optuna_search(self, seed: int) -> dict:
+        return {"space": self.search_space, "searcher": "optuna", "sampler": "tpe", "num_samples": self.search_trials,
+                "seed": seed, "objectives": OBJECTIVES, **({"strategy": self.strategy} if self.strategy else {})}
+
+
+GRID_LRS = [0.0003, 0.001, 0.003, 0.01]
+EARLY_STOP = Study(
+    config=ROOT / "examples" / "early_stop_search.yaml",
+    overrides=["scaling.num_workers=1"],  # two one-worker trials at a time on a 2-core machine
+    grid_space={"stop_point": "all", "train.lr": GRID_LRS},
+    search_space={"stop_point": "all", "train.lr": {"low": GRID_LRS[0], "high": GRID_LRS[-1], "log": True}},
+    search_trials=6, result=ROOT / "benchmarks" / "results" / "pareto_study.json",
+    grid_label=f"hand grid (4 stop points x {len(GRID_LRS)} rates)", script_args="")
+LM_LRS, LM_SHARES = [0.0001, 0.0003, 0.001], [0.0, 0.01, 0.05, 0.25]
+LM = Study(
+    config=ROOT / "examples" / "lm_keep_general.yaml",
+    # the example's comparison as trials: one worker each (two at a time), 16 optimizer steps, no curves (the trial's
+    # numbers are its end of training), no suite (the objectives are the corpora's)
+    overrides=["scaling.num_workers=1", "train.step_budget=16", "train.eval_every_steps=null", "eval_tasks=[]"],
+    grid_space={"stop_point": [1], "train.lr": LM_LRS, "strategy.share": LM_SHARES},
+    search_space={"stop_point": [1], "train.lr": {"low": LM_LRS[0], "high": LM_LRS[-1], "log": True},
+                  "strategy.share": {"low": LM_SHARES[0], "high": LM_SHARES[-1]}},
+    search_trials=4, result=ROOT / "benchmarks" / "results" / "lm_pareto_study.json",
+    grid_label=f"hand grid ({len(LM_LRS)} rates x {len(LM_SHARES)} prose shares)", script_args=" --study lm",
+    strategy="replay_prose5", workdir="/tmp/fl_lm_pareto")
+STUDIES = {"early_stop": EARLY_STOP, "lm": LM}
+# the early-stopping study's names, as before
+CONFIG, RESULT, OVERRIDES, SEARCH_TRIALS = EARLY_STOP.config, EARLY_STOP.result, EARLY_STOP.overrides, \
+    EARLY_STOP.search_trials
+START, END = EARLY_STOP.start, EARLY_STOP.end
 
 
 def grid_search() -> dict:
-    return {"space": {"stop_point": "all", "train.lr": GRID_LRS}, "searcher": "grid", "objectives": OBJECTIVES}
+    return EARLY_STOP.grid_search()
 
 
 def optuna_search(seed: int) -> dict:
-    return {"space": {"stop_point": "all", "train.lr": {"low": GRID_LRS[0], "high": GRID_LRS[-1], "log": True}},
-            "searcher": "optuna", "sampler": "tpe", "num_samples": SEARCH_TRIALS, "seed": seed,
-            "objectives": OBJECTIVES}
+    return EARLY_STOP.optuna_search(seed)
 
 
 def _points(res, split: str) -> list[dict]:
@@ -58,19 +120,23 @@ def summarise(res, wall: float) -> dict:
             "val": _points(res, "val"), "test": _points(res, "test"), "front": front.trial_ids}
 
 
-def run_all(workdir: Path) -> dict:
+def run_all(workdir: Path, study: Study = EARLY_STOP) -> dict:
     import forgetless
 
     os.chdir(workdir)  # its own MLflow store and storage; every search reuses the one pre-training
-    out: dict = {"config": str(CONFIG.relative_to(ROOT)), "overrides": OVERRIDES, "machine": platform.node(),
-                 "cpus": os.cpu_count(), "grid": None, "searches": []}
+    out: dict = {"config": str(study.config.relative_to(ROOT)), "overrides": study.overrides,
+                 "machine": platform.node(), "cpus": os.cpu_count(), "grid_search": study.grid_search(),
+                 "grid": None, "searches": []}
     t0 = time.perf_counter()
-    res = forgetless.tune(str(CONFIG), search=grid_search(), resume=True, overrides=OVERRIDES)
+    res = forgetless.tune(str(study.config), search=study.grid_search(), resume=True, overrides=study.overrides)
     out["grid"] = summarise(res, time.perf_counter() - t0)
     for seed in SEEDS:
         t0 = time.perf_counter()
-        res = forgetless.tune(str(CONFIG), search=optuna_search(seed), resume=True, overrides=OVERRIDES)
-        out["searches"].append({"seed": seed, **summarise(res, time.perf_counter() - t0)})
+        res = forgetless.tune(str(study.config), search=study.optuna_search(seed), resume=True,
+                              overrides=study.overrides)
+        out["searches"].append({"seed": seed, "search": study.optuna_search(seed),
+                                **summarise(res, time.perf_counter() - t0)})
+        study.result.write_text(json.dumps(out, indent=1))  # what has run so far, in case the rest cannot
     return out
 
 
@@ -114,16 +180,16 @@ def analyse(study: dict) -> dict:
                                        "wall_seconds": grid["wall_seconds"]}, "searches": rows}
 
 
-def render(study: dict) -> str:
+def render(study: dict, spec: Study = EARLY_STOP) -> str:
     a = analyse(study)
     g, ref = a["grid"], a["reference"]
-    lines = [START, "",
+    lines = [spec.start, "",
              f"Reference point (shared): target accuracy {100 * ref['target/acc']:.1f} %, source forgetting "
              f"{100 * ref['source/forgetting']:.1f} points (the worst of every trial). Hypervolume in "
              f"(percentage points)², of the front chosen on validation, measured on validation and on test.", "",
              "| search | trials | front points | not dominated by the grid (val) | hypervolume val | hypervolume test "
              "| wall s |", "|---|---|---|---|---|---|---|",
-             f"| hand grid (4 stop points x {len(GRID_LRS)} rates) | {g['trials']} | {g['front_points']} | - | "
+             f"| {spec.grid_label} | {g['trials']} | {g['front_points']} | - | "
              f"{1e4 * g['hv_val']:.1f} | {1e4 * g['hv_test']:.1f} | {g['wall_seconds']:.0f} |"]
     for r in a["searches"]:
         lines.append(f"| multi-objective TPE, seed {r['seed']} | {r['trials']} | {r['front_points']} | "
@@ -144,7 +210,7 @@ def render(study: dict) -> str:
         lines += ["", f"{len(missing)} trials (stop point {', '.join(map(str, sps))}) have no validation forgetting in "
                       f"this run (their stop point had no recorded source accuracy; trials now fall back to their "
                       f"own first evaluation): they are on no validation front, in the grid and the searches alike."]
-    return "\n".join(lines + ["", END])
+    return "\n".join(lines + ["", spec.end])
 
 
 def verdict(a: dict, ratio_val: list[float], ratio_test: list[float]) -> str:
@@ -160,11 +226,11 @@ def verdict(a: dict, ratio_val: list[float], ratio_test: list[float]) -> str:
             f"with {a['searches'][0]['trials']} trials against the grid's {a['grid']['trials']}.")
 
 
-def write_docs(study: dict) -> None:
+def write_docs(study: dict, spec: Study = EARLY_STOP) -> None:
     text = DOC.read_text()
-    block = render(study)
-    if START in text:
-        text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
+    block = render(study, spec)
+    if spec.start in text:
+        text = text[:text.index(spec.start)] + block + text[text.index(spec.end) + len(spec.end):]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     DOC.write_text(text)
@@ -172,17 +238,20 @@ def write_docs(study: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", default="/tmp/fl_pareto")
+    ap.add_argument("--study", choices=sorted(STUDIES), default="early_stop")
+    ap.add_argument("--workdir", default=None, help="default: /tmp/fl_pareto (early_stop), /tmp/fl_lm_pareto (lm)")
     ap.add_argument("--docs", action="store_true", help="only rewrite docs/tune.md's section from the JSON")
     args = ap.parse_args()
+    spec = STUDIES[args.study]
     if not args.docs:
-        Path(args.workdir).mkdir(parents=True, exist_ok=True)
-        study = run_all(Path(args.workdir))
-        RESULT.write_text(json.dumps(study, indent=1))
-        print(f"wrote {RESULT}")
-    study = json.loads(RESULT.read_text())
-    write_docs(study)
-    print(render(study))
+        workdir = Path(args.workdir or spec.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        study = run_all(workdir, spec)
+        spec.result.write_text(json.dumps(study, indent=1))
+        print(f"wrote {spec.result}")
+    study = json.loads(spec.result.read_text())
+    write_docs(study, spec)
+    print(render(study, spec))
 
 
 if __name__ == "__main__":

@@ -370,10 +370,23 @@ def summary_table(found: list[Claim]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def lm_study_blocks(path: Path = RESULTS / "lm_study.json") -> dict[str, str]:
+    """The language-model study's front table and verdict (benchmarks/lm_study.py renders them from its JSON)."""
+    if not path.exists():
+        return {}
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lm_study", ROOT / "benchmarks" / "lm_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.docs_blocks(json.loads(path.read_text()))
+
+
 def blocks() -> dict[str, str]:
     found = claims()
     out = {c.name: render(c) for c in found}
     out["verdict-summary"] = summary_table(found)
+    out.update(lm_study_blocks())
     return out
 
 
