@@ -27,8 +27,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT="0", RANK="0", WORLD_SIZE="1",
-                  LOCAL_RANK="0")
+os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
@@ -36,7 +35,7 @@ import torch
 LORA = {"r": 8, "alpha": 16, "target_modules": ["c_attn", "c_proj", "c_fc"]}
 
 
-def forgetless_stepper(folder: str, method: str, lr: float, batch: int, block: int, zero: int):
+def forgetless_stepper(folder: str, method: str, lr: float, batch: int, block: int, zero: int, world: int):
     from forgetless.config import load_config
     from forgetless.data.kinds import CAUSAL_LM
     from forgetless.platform.worker.engine import make_engine, weight_access
@@ -56,7 +55,7 @@ def forgetless_stepper(folder: str, method: str, lr: float, batch: int, block: i
     strategy = make_strategy(method, params, 1, lr)
     model = build_model(cfg, infos, strategy)
     phase = strategy.phases(model, infos[1])[-1]
-    engine = make_engine(model, phase, cfg.train, cfg.deepspeed, 1, False)
+    engine = make_engine(model, phase, cfg.train, cfg.deepspeed, world, False)
     set_train_mode(model, phase)
     access = weight_access(model, zero)
 
@@ -67,7 +66,7 @@ def forgetless_stepper(folder: str, method: str, lr: float, batch: int, block: i
     return step
 
 
-def plain_stepper(folder: str, method: str, lr: float):
+def plain_stepper(folder: str, method: str, lr: float, world: int):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder)
@@ -78,13 +77,15 @@ def plain_stepper(folder: str, method: str, lr: float):
                                                  target_modules=LORA["target_modules"], lora_dropout=0.0))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
 
     def step(ids: torch.Tensor) -> float:
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        return float(loss)
+        return loss.item()
 
     return step
 
@@ -92,10 +93,59 @@ def plain_stepper(folder: str, method: str, lr: float):
 def timed(step, batches: list[torch.Tensor]) -> list[float]:
     out = []
     for ids in batches:
+        if torch.distributed.get_world_size() > 1:
+            torch.distributed.barrier()  # every rank starts the step together: a step's time is the slowest rank's
         t0 = time.perf_counter()
         step(ids)
         out.append(time.perf_counter() - t0)
     return out
+
+
+def measure(rank: int, args: argparse.Namespace, port: int) -> dict | None:
+    """One rank's side of the measurement (every rank runs this; rank 0 returns the result)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.ranks), MASTER_PORT=str(port))
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    folder = str(Path(args.model).resolve())
+    vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
+    g = torch.Generator().manual_seed(rank)  # each rank its own data, as data parallelism has it
+    batches = [torch.randint(0, vocab, (args.batch, args.block), generator=g) for _ in range(args.steps)]
+    steppers = {f"forgetless_zero{z}": forgetless_stepper(folder, args.method, args.lr, args.batch, args.block, z,
+                                                          args.ranks) for z in args.zero}
+    steppers["plain"] = plain_stepper(folder, args.method, args.lr, args.ranks)
+    names = list(steppers)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    ratios: dict[str, list[float]] = {name: [] for name in names if name != "plain"}
+    for r in range(args.rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        this = {name: timed(steppers[name], batches) for name in order}
+        if r == 0:
+            continue  # warm-up
+        for name in names:
+            times[name] += this[name]
+        for name in ratios:
+            ratios[name].append(statistics.median(this[name]) / statistics.median(this["plain"]))
+    torch.distributed.barrier()
+    if rank != 0:
+        return None
+    med = {name: statistics.median(v) for name, v in times.items()}
+    return {"method": args.method, "ranks": args.ranks, "zero": args.zero, "batch": args.batch, "block": args.block,
+            "threads": args.threads, "rounds": args.rounds - 1, "steps_per_round": args.steps,
+            "plain": "DistributedDataParallel (gloo)" if args.ranks > 1 else "one process",
+            "median_step_s": med, "min_step_s": {name: min(v) for name, v in times.items()},
+            "ratio_median": {name: med[name] / med["plain"] for name in ratios},
+            "ratio_of_round_medians": {name: {"min": min(v), "median": statistics.median(v)}
+                                       for name, v in ratios.items()},
+            "round_ratios": ratios}
+
+
+def spawned(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
+    result = measure(rank, args, port)
+    if result is not None:
+        Path(out).write_text(json.dumps(result))
 
 
 def main() -> None:
@@ -104,37 +154,30 @@ def main() -> None:
     ap.add_argument("--method", choices=["lora", "finetune"], default="lora")
     ap.add_argument("--rounds", type=int, default=8, help="rounds of each (the first is warm-up)")
     ap.add_argument("--steps", type=int, default=5, help="steps per round")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8, help="micro-batch per rank")
     ap.add_argument("--block", type=int, default=128)
-    ap.add_argument("--zero", type=int, default=2)
+    ap.add_argument("--zero", type=int, nargs="+", default=[2], help="ZeRO stages of the forgetless side, each "
+                                                                      "measured interleaved with the others")
+    ap.add_argument("--ranks", type=int, default=1, help="data-parallel processes (gloo); the plain side uses "
+                                                         "DistributedDataParallel when > 1")
     ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per rank")
     ap.add_argument("--out", default=None, help="write the result JSON here")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    import deepspeed
+    import socket
+    import tempfile
 
-    deepspeed.init_distributed(dist_backend="gloo")
-    folder = str(Path(args.model).resolve())
-    vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
-    g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, vocab, (args.batch, args.block), generator=g) for _ in range(args.steps)]
-    steppers = {"forgetless": forgetless_stepper(folder, args.method, args.lr, args.batch, args.block, args.zero),
-                "plain": plain_stepper(folder, args.method, args.lr)}
-    times: dict[str, list[float]] = {"forgetless": [], "plain": []}
-    ratios = []
-    for r in range(args.rounds):
-        order = ["forgetless", "plain"] if r % 2 == 0 else ["plain", "forgetless"]
-        this = {name: timed(steppers[name], batches) for name in order}
-        if r == 0:
-            continue  # warm-up
-        for name in times:
-            times[name] += this[name]
-        ratios.append(statistics.median(this["forgetless"]) / statistics.median(this["plain"]))
-    med = {name: statistics.median(v) for name, v in times.items()}
-    result = {"method": args.method, "zero": args.zero, "batch": args.batch, "block": args.block,
-              "threads": args.threads, "rounds": args.rounds - 1, "steps_per_round": args.steps,
-              "median_step_s": med, "ratio": med["forgetless"] / med["plain"], "round_ratios": ratios}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    if args.ranks == 1:
+        result = measure(0, args, port)
+    else:
+        import torch.multiprocessing as mp
+
+        with tempfile.TemporaryDirectory() as d:
+            mp.spawn(spawned, args=(args, port, f"{d}/result.json"), nprocs=args.ranks, join=True)
+            result = json.loads(Path(d, "result.json").read_text())
     print(json.dumps(result, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
