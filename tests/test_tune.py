@@ -127,8 +127,13 @@ def test_grid_search_logs_every_trial_and_picks_the_best(ray_session, workdir, t
     cfg = tiny_config(storage=shared_storage, scaling={"num_workers": 1},
                       search={"space": {"stop_point": [1, 2], "train.lr": [0.01, 0.0001]}})
     cleaners = _actors_of_class("PlacementGroupCleaner")
+    controllers, runners = _actors_of_class("TrainController"), _actors_of_class("TrialRunner")
     res = forgetless.tune(cfg)
     console = capsys.readouterr()
+    # each of the two trial slots has a trial runner and a Train controller host of this driver's (kept for its next
+    # search): the 4 trials' fits start no controller process of their own, and at most 2 runners were started
+    assert _actors_of_class("TrainController") == controllers
+    assert len(_actors_of_class("TrialRunner") - runners) <= 2
     # Tune's experiment box and results-folder lines stay off stdout; on this embedded cluster (no dashboard) the
     # trials' fits start no PlacementGroupCleaner, which could not ask Ray's state API about their controllers
     assert "Configuration for experiment" not in console.out and "View detailed results" not in console.out

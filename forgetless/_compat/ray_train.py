@@ -10,7 +10,8 @@ platform/driver/train_controller.py); the driver-side trainer is in _compat/ray_
   run grows only right after a complete checkpoint. (It counts room through Ray's AutoscalingCoordinator actor, on an
   embedded cluster too.) Public path: Ray's elastic policy, which grows whenever it sees room.
 - `InheritedEnvTrainController` / `InheritedEnvWorkerGroup` (overriding `WorkerGroup._get_worker_runtime_env`): workers
-  without a runtime_env of their own, started from Ray's idle worker pool.
+  without a runtime_env of their own, started from Ray's idle worker pool; `abort_in_place`, Ray's controller abort
+  without its process exit (a Tune trial's fit aborted in the controller host its search's driver keeps).
 - the worker-side steps of Ray's TorchConfig (`ray.train.torch.config._setup_torch_process_group` and its siblings,
   `ray.train._internal.utils.get_address_and_port`), so that the controller imports no torch.
 - `controller_env_vars` (`get_env_vars_to_propagate`), `report_logger_name` (the module Ray Train names its
@@ -47,6 +48,7 @@ try:  # importing a seam never raises: a name that moved means the public path
     from ray.train.v2._internal.execution import context as _train_context
     from ray.train.v2._internal.execution.callback import WorkerGroupCallback
     from ray.train.v2._internal.execution.controller import TrainController
+    from ray.train.v2._internal.execution.controller.state import AbortedState
     from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
     from ray.train.v2._internal.execution.scaling_policy import NoopDecision
     from ray.train.v2._internal.execution.scaling_policy.elastic import ElasticScalingPolicy
@@ -256,6 +258,21 @@ if _FOUND:
 
     class InheritedEnvTrainController(TrainController):
         worker_group_cls = InheritedEnvWorkerGroup
+
+        def abort_in_place(self) -> None:
+            """Ray's `TrainController.abort` (its abort callbacks, the worker group aborted: workers shut down, their
+            placement group removed; the run marked aborted) without its last step, `ray.actor.exit_actor()`: the
+            process that runs this controller (a ControllerHost) runs the next fit. The caller stops the controller's
+            loop first (it would otherwise act on the aborted worker group; in Ray's abort the process is gone)."""
+            if self.get_state().is_terminal():
+                return
+            self._controller_callback_manager.invoke_best_effort("before_controller_abort")
+            try:
+                if self._worker_group:
+                    self._worker_group.abort()
+                self._set_state(AbortedState())
+            except Exception as e:  # noqa: BLE001 - as Ray's abort: logged, the run ends aborted either way
+                logger.exception("Error aborting worker group: %s", e)
 else:  # another Ray: nothing of this is used (SEAM.active() is false)
     RecordPlacementGroups = NoAutoscalerScalingPolicy = InheritedEnvTrainController = None
     DatasetsCallback = PlacementGroupCleanerCallback = FixedScalingPolicy = None

@@ -20,38 +20,71 @@ of one driver's fits one after another in one process (see platform/driver/train
 """
 from __future__ import annotations
 
+import asyncio
+
 from forgetless._compat.ray_train import (  # noqa: F401 - the pieces the controller unpickles, by their old names
     InheritedEnvTrainController, NoAutoscalerScalingPolicy, RecordPlacementGroups, WorkerProcessGroupConfig)
 
 
+class FitAborted(RuntimeError):
+    """The fit a `ControllerHost` ran was aborted (`abort_fit`): its workers and placement group are gone, the host
+    process runs the next fit."""
+
+
 class ControllerHost:
     """An asyncio actor that runs Train controllers, one at a time, in a process that outlives them (lean_trainer's
-    `ControllerHosts` hands it one fit after another). A `TrainController` is otherwise an actor of its own per fit,
-    whose process start and imports come before any worker starts. The methods the driver and the workers call on the
-    controller actor (`run`, `get_result`, `abort`, `get_all_reported_checkpoints`) are here, passed on to the
-    controller of the fit now running."""
+    `ControllerHosts` hands it one fit after another, and a Tune search's driver lends one to each trial slot:
+    tuning/trial.py). A `TrainController` is otherwise an actor of its own per fit, whose process start and imports
+    come before any worker starts. The methods the driver and the workers call on the controller actor (`run`,
+    `get_result`, `abort`, `get_all_reported_checkpoints`) are here, passed on to the controller of the fit now
+    running; `abort_fit` aborts that fit and keeps the process."""
 
     def __init__(self):
         self._controller = None
+        self._owner: str | None = None  # who asked for the fit now running (a trial's id), if they said
+        self._task: asyncio.Task | None = None
+        self._ended = asyncio.Event()  # set once run() has returned or raised (and the host is idle again)
 
     async def ready(self) -> bool:
         return True
 
-    async def run(self, controller_kwargs: dict):
+    async def idle(self) -> bool:
+        return self._controller is None
+
+    async def run(self, controller_kwargs: dict, owner: str | None = None):
         if self._controller is not None:  # the pool never hands a busy host out: a second fit here is a bug
             raise RuntimeError("this Train controller host is already running a fit")
-        self._controller = InheritedEnvTrainController(**controller_kwargs)
+        self._controller, self._owner = InheritedEnvTrainController(**controller_kwargs), owner
+        self._ended = ended = asyncio.Event()
+        self._task = asyncio.ensure_future(self._controller.run())
         try:
-            await self._controller.run()
+            try:
+                await self._task
+            except asyncio.CancelledError:  # abort_fit cancelled the controller's loop
+                raise FitAborted(f"the Train run was aborted{f' (the fit of {owner})' if owner else ''}") from None
             return self._controller.get_result()
         finally:
-            self._controller = None
+            self._controller = self._owner = self._task = None
+            ended.set()
 
     async def abort(self) -> None:
         # Ray's abort ends the actor's process (ray.actor.exit_actor): the host goes with the fit, as a controller
-        # actor would; the pool then starts a new host for the next fit
+        # actor would; the pool then starts a new host for the next fit (Ctrl-C of a driver's fit)
         if self._controller is not None:
             await self._controller.abort()
+
+    async def abort_fit(self, owner: str | None = None) -> bool:
+        """Abort the fit now running (given `owner`: only if it is that caller's), as Ray's abort does (the workers
+        shut down, their placement group removed, the run marked aborted), and keep this process for the next fit:
+        `run` raises FitAborted. False where there was no such fit. The controller's loop is cancelled first, so no
+        iteration of it acts on the aborted worker group (in Ray's abort the process exits instead)."""
+        if self._controller is None or (owner is not None and owner != self._owner):
+            return False
+        task, ended = self._task, self._ended
+        task.cancel()  # takes effect at the loop's next await: none comes before the abort below is done
+        self._controller.abort_in_place()
+        await ended.wait()  # run() has raised FitAborted: the host is idle before the caller hands it on
+        return True
 
     async def get_all_reported_checkpoints(self, *args, **kwargs):
         # a worker's `ray.train.get_all_reported_checkpoints()` (forgetless waits on its checkpoint's commit with it)

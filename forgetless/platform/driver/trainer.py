@@ -30,7 +30,10 @@ machine with `benchmarks/train_floor.py` (an empty train function) and the task 
 - the **Train controller's own process**, started for every fit: its spawn, `import ray` and Ray Train's imports come
   before any worker starts. Where the driver outlives its fits (an embedded cluster), `ControllerHosts` keeps one
   process per concurrent fit (`controller_parts.ControllerHost`, owned by the driver, so it ends with it) and runs
-  each fit's `TrainController` in it: the process is started by the first fit and used by the ones after it.
+  each fit's `TrainController` in it: the process is started by the first fit and used by the ones after it. A Tune
+  search's driver lends one of these hosts to each trial slot (`ControllerHosts.lend`): a trial process runs its fit
+  there (`controllers_in`), and where Tune ends a trial whose fit still runs (its process died), the driver aborts the
+  fit in the host (`ControllerHost.abort_fit`), which keeps its process for the slot's next trial.
 
 This leans on Ray Train V2 internals (the trainer's list of default callbacks, the worker group's placement group
 handle, the controller's classes): they are all in the Ray Train seam (_compat/ray_train.py, _compat/ray_trainer.py).
@@ -50,6 +53,7 @@ import signal
 import tempfile
 import threading
 from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from pathlib import Path
 
 import ray
@@ -135,7 +139,54 @@ class ControllerHosts:
                 ray.kill(host)
 
 
+    def lend(self, n: int) -> list[tuple[tuple, object]]:
+        """`n` hosts (idle ones first) for fits that other processes of the cluster run (a Tune search's trial slots:
+        `controllers_in`), as (key, actor handle); `take_back` returns them. A new host's process starts now, while the
+        caller goes on."""
+        env_vars = ray_train.controller_env_vars()  # as Ray's controller start, read once for all of them
+        return [self._take(env_vars) for _ in range(n)]
+
+    def take_back(self, lent: list[tuple[tuple, object]]) -> None:
+        """Hosts `lend` gave out: an idle one is kept for the next fit, a busy or dead one is ended."""
+        for key, host in lent:
+            try:
+                idle = ray.get(host.idle.remote(), timeout=HOST_READY_TIMEOUT_S)
+            except (RayActorError, GetTimeoutError):
+                idle = False
+            if idle:
+                with self._lock:
+                    self._idle.setdefault(key, []).append(host)
+            else:
+                ray.kill(host)
+
+
 CONTROLLER_HOSTS = ControllerHosts()  # this driver's: fits of every thread share it
+
+
+class LentHost:
+    """A `ControllerHost` another process lent this one (a Tune search's driver, to the trial holding one of its
+    slots), as LeanTorchTrainer's `controller_hosts`: the fit's controller runs there, under `owner` (the trial's id:
+    the driver aborts the fit of a trial Tune reports dead by it, `ControllerHost.abort_fit`)."""
+
+    def __init__(self, host, owner: str):
+        self.host, self.owner = host, owner
+
+    def run(self, controller_kwargs: dict, register_sigint_handler):
+        return ray.get(self.host.run.remote(controller_kwargs, owner=self.owner))
+
+
+_LENT_HOST: ContextVar[LentHost | None] = ContextVar("forgetless_lent_controller_host", default=None)
+
+
+@contextmanager
+def controllers_in(host, owner: str):
+    """Inside the block, the fits this thread runs on the embedded cluster run their Train controller in `host` (a
+    ControllerHost actor handle another process owns), as `owner`."""
+    token = _LENT_HOST.set(LentHost(host, owner))
+    try:
+        yield
+    finally:
+        _LENT_HOST.reset(token)
 
 
 def fit(train_fn, embedded_cluster: bool, started_it: bool | None = None, **trainer_kwargs):
@@ -145,14 +196,14 @@ def fit(train_fn, embedded_cluster: bool, started_it: bool | None = None, **trai
     cluster's driver removes what a calling process that died left (`remove_groups_of_dead_processes`, after each Tune
     trial). Where this process `started_it` (default: `embedded_cluster`), the run's controller also runs in a process
     this one keeps for its next fit; a process inside the cluster (a Tune trial) gets a controller process per fit,
-    since it can die on its own."""
+    since it can die on its own, unless it runs the fit inside `controllers_in(host)` (a host its driver lent it)."""
     started_it = embedded_cluster if started_it is None else started_it
     with handlers_kept(signal.SIGINT):
         if not replaceable():  # the Ray Train seam is off: Ray's own trainer, its controller and its helper actors
             return TorchTrainer(train_fn, **trainer_kwargs).fit()
         with cleaned_after_the_fit() if embedded_cluster else nullcontext() as record_file:
             return LeanTorchTrainer(train_fn, record_file=record_file, asks_autoscaler=not embedded_cluster,
-                                    controller_hosts=CONTROLLER_HOSTS if started_it else None, **trainer_kwargs).fit()
+                                    controller_hosts=CONTROLLER_HOSTS if started_it else _LENT_HOST.get(), **trainer_kwargs).fit()
 
 
 @contextmanager

@@ -11,7 +11,8 @@ One concept a module:
   plan       validation, each trial's config, the Tune search space and searcher (no Ray needed to validate)
   objective  the weighted objective and its metrics
   record     the MLflow tags and metrics of a search's trials, and retries for concurrent SQLite writers
-  trial      the slot actor, the Ray Train report callback and the trial function
+  trial      the slot actor, the Ray Train report callback and the trial function (light: a trial process imports it)
+  trial_runner  training one trial (fits.transfer, its MLflow run), and the driver's runner processes that do it
   driver     run_search: scheduler, progress callback, parent run, unfinished trials
   front      the Pareto front of a search's trials (analysis.pareto on validation data), edge-of-range flags
   results    TrialResult, SearchResult, ParetoFront, load_search, the table
@@ -20,32 +21,29 @@ The figures are in `forgetless.platform.tracking.plots`.
 """
 from __future__ import annotations
 
-from forgetless.platform.tuning.driver import run_search
-from forgetless.platform.tuning.front import EDGE_TAG, PARETO_TAG, edge_flags, edge_of
-from forgetless.platform.tuning.objective import OBJECTIVE, TRIAL_EPOCH, Objective
-from forgetless.platform.tuning.plan import (
-    SEARCHABLE_ROOTS,
-    SearchPlan,
-    field_path,
-    max_concurrent_trials,
-    param_space,
-    planned_stop_points,
-    search_alg,
-    search_name,
-    trial_config,
-    validate_search,
-)
-from forgetless.platform.tuning.record import SEARCH_TAG, STATUS_TAG, TRIAL_TAG, with_retries
-from forgetless.platform.tuning.results import (
-    ParetoFront,
-    SearchResult,
-    TrialResult,
-    format_search_table,
-    load_search,
-)
-from forgetless.platform.tuning.summary import log_search_summary
+import importlib
 
-_search_alg = search_alg  # the name tests/test_tune.py uses
+# The names below, imported on first use: a Tune trial process (and the Train controller) imports tuning.trial, which
+# must not bring in the driver side with this package (torch, MLflow: tuning/trial.py).
+_WHERE = {
+    "run_search": "driver",
+    **dict.fromkeys(["EDGE_TAG", "PARETO_TAG", "edge_flags", "edge_of"], "front"),
+    **dict.fromkeys(["OBJECTIVE", "TRIAL_EPOCH", "Objective"], "objective"),
+    **dict.fromkeys(["SEARCHABLE_ROOTS", "SearchPlan", "field_path", "max_concurrent_trials", "param_space",
+                     "planned_stop_points", "search_alg", "search_name", "trial_config", "validate_search"], "plan"),
+    **dict.fromkeys(["SEARCH_TAG", "STATUS_TAG", "TRIAL_TAG", "with_retries"], "record"),
+    **dict.fromkeys(["ParetoFront", "SearchResult", "TrialResult", "format_search_table", "load_search"], "results"),
+    "log_search_summary": "summary",
+}
+
+
+def __getattr__(name: str):
+    if name == "_search_alg":  # the name tests/test_tune.py uses
+        name = "search_alg"
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+
 
 __all__ = [
     "OBJECTIVE", "TRIAL_EPOCH", "Objective",

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 import ray
 from ray import tune
+from ray.exceptions import GetTimeoutError, RayActorError
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
 from forgetless import console, storage
@@ -45,6 +46,7 @@ from forgetless.platform.tuning.record import SEARCH_TAG, mark_trial, with_retri
 from forgetless.platform.tuning.results import TRADE_OFF_PARAM, SearchResult, describe_trade_off, load_search
 from forgetless.platform.tuning.summary import log_search_summary
 from forgetless.platform.tuning.trial import run_trial, start_slots
+from forgetless.platform.tuning.trial_runner import TRIAL_RUNNERS
 from forgetless.search_config import OBJECTIVE_METRICS, STOP_POINT, RangeSpec, SearchConfig
 
 TRIAL_DRIVER_MEMORY = 64 * 2**20  # bytes Tune reserves for each trial's driver function (it only waits)
@@ -83,12 +85,27 @@ def _scheduler(plan: SearchPlan, slots: str):
     return FinishingASHA(slots, plan.max_t, a.grace_period, a.reduction_factor)
 
 
+ABORT_TIMEOUT_S = 60.0  # how long aborting a dead trial's fit in its slot's controller host may take
+
+
 def _release_slot(slots: str, trial_id: str) -> None:
-    # Normally the trial frees its slot itself; this covers a trial process that died.
+    """Normally the trial frees its slot itself once its fit returned; this covers a trial process that died (Tune
+    killed it, or it crashed): its fit still runs in the slot's controller host, which this driver owns, so it is
+    aborted there (workers and placement group gone, the host kept for the slot's next trial) before the slot is
+    free."""
     try:
-        ray.get_actor(slots).release.remote(trial_id)
+        actor = ray.get_actor(slots)
     except ValueError:  # no such actor: the search is over
-        pass
+        return
+    host, _ = ray.get(actor.lent_to.remote(trial_id))  # (None: the trial holds no slot, or its slot has no host)
+    if host is not None:
+        try:
+            if ray.get(host.abort_fit.remote(trial_id), timeout=ABORT_TIMEOUT_S):
+                say(f"trial {trial_id} ended while its Ray Train run ran: the run was aborted")
+        except (RayActorError, GetTimeoutError) as e:
+            say(f"trial {trial_id}: its Ray Train run could not be aborted in its slot's controller process "
+                f"({type(e).__name__}); the slot's next trial starts a controller of its own")
+    actor.release.remote(trial_id)
 
 
 class Progress(tune.Callback):
@@ -216,7 +233,10 @@ def _new_tuner(s: _Search, trainable) -> tune.Tuner:
                                     scheduler=_scheduler(s.plan, s.slots), num_samples=search.num_samples,
                                     # (a ConcurrencyLimiter for Optuna; the grid/random generator
                                     # already has its own limit)
-                                    max_concurrent_trials=s.concurrency if search.searcher == "optuna" else None),
+                                    max_concurrent_trials=s.concurrency if search.searcher == "optuna" else None,
+                                    # a finished trial's process serves the next trial (Tune resets it): no process
+                                    # start and Ray Tune import per trial
+                                    reuse_actors=True),
         run_config=tune.RunConfig(name=s.plan.name, storage_path=s.root, verbose=0, callbacks=[_progress(s)],
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
@@ -322,7 +342,12 @@ def run_search(config, search: SearchConfig | dict | None = None, resume: bool =
     ray_cluster.ensure_ray(plan.cfg)
     ray_cluster.check_resources(plan.cfg)
     concurrency = max_concurrent_trials(plan.cfg, plan.search, ray.cluster_resources())
-    slots, _slots_handle = start_slots(plan.name, concurrency)  # the handle keeps the actor alive until we return
+    # Each trial slot gets a Train controller host and a trial runner of this driver's (trial.py): a trial is trained
+    # in a process that has imported forgetless already, its fit's controller in a process already started
+    # (docs/tune.md, "A trial's fixed cost")
+    hosts, runners = _lend(concurrency)
+    # the handle keeps the actor alive until we return
+    slots, _slots_handle = start_slots(plan.name, concurrency, [(h, r) for (_, h), (_, r) in zip(hosts, runners)])
     exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
     parent = _parent_run(uri, exp_id, plan.name, resume)
     target = tracking.TrackingTarget(uri, exp_id, parent)
@@ -335,3 +360,15 @@ def run_search(config, search: SearchConfig | dict | None = None, resume: bool =
     except BaseException as e:
         tracking.client(uri).set_terminated(parent, tracking.end_status(e))
         raise
+    finally:  # kept for this process's next run() / compare() / tune()
+        lean_trainer.CONTROLLER_HOSTS.take_back(hosts)
+        TRIAL_RUNNERS.take_back(runners)
+
+
+def _lend(n: int) -> tuple[list, list]:
+    """`n` of this driver's Train controller hosts and trial runners for the trial slots, where its own fits use
+    hosts (it started the embedded cluster, the Ray Train seam is on); none elsewhere (each trial then trains in its
+    own process and its fit starts its own controller, as Ray Train does)."""
+    if ray_cluster.started_embedded_cluster() and lean_trainer.replaceable():
+        return lean_trainer.CONTROLLER_HOSTS.lend(n), TRIAL_RUNNERS.lend(n)
+    return [], []

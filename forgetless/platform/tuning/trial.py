@@ -1,25 +1,28 @@
-"""One trial, run in a Ray Tune trial actor: wait for a slot, fine-tune from the trial's stop point through
-`fits.transfer` (a Ray Train run), forward every epoch's objective to Tune, then report and log the trial's result.
+"""One trial, in its Ray Tune trial process: wait for a slot, have the trial trained (tuning/trial_runner.py: a
+fine-tune from the trial's stop point through `fits.transfer`, a Ray Train run whose every epoch's objective is
+forwarded to Tune), then report the trial's result to Tune.
+
+This module is light on purpose (Ray Tune, and of forgetless only what the Train controller unpickles: no torch, no
+MLflow): a trial process imports it, and so does the Train controller (`ObjectiveReport`). Each slot of a search has
+a trial runner and a Train controller host its driver keeps (started once, kept for the driver's next search): a trial
+asks its slot's runner to train it, whose fit's controller runs in the slot's host, so that no trial process imports
+forgetless's driver side (~5-15 s on 2 cores) and no fit starts a controller process of its own. Where the driver has
+none to lend (a cluster it connected to, the Ray Train seam off) the trial trains in its own process, as before.
 """
 from __future__ import annotations
 
-import os
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import ray
 from ray import tune
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.train import UserCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from forgetless.config import ExperimentConfig
-from forgetless.platform.driver import fits, run_outputs
-from forgetless.platform.worker import timing
-from forgetless.platform.tracking import mlflow_runs as tracking
-from forgetless.platform.analysis.results import StrategyResult, Trajectory
+from forgetless.console import say
 from forgetless.platform.tuning.objective import OBJECTIVE, TRIAL_EPOCH, Objective, tune_metrics
-from forgetless.platform.tuning.plan import trial_config
-from forgetless.platform.tuning.record import mark_trial, with_retries
-from forgetless.search_config import STOP_POINT
 
 
 class TrialSlots:
@@ -27,21 +30,33 @@ class TrialSlots:
 
     Tune's max_concurrent_trials only limits what the searcher suggests; trials a restored (resumed) search re-adds
     bypass it and would all start together, their Ray Train worker groups starving each other. A trial therefore
-    holds a slot while it trains. The actor also carries ASHA's stop requests to the trials' Ray Train runs."""
+    holds a slot while it trains. Each slot has what the search's driver lent it (`lent`, one a slot, or none): a
+    Train controller host (a ControllerHost actor) and a trial runner (trial_runner.TrialRunner), both the driver's, so
+    they outlive a trial process Tune kills (the driver then aborts the trial's fit in the host:
+    driver._release_slot). The actor also carries ASHA's stop requests to the trials' Ray Train runs."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, lent: list[tuple[Any, Any]] | None = None):
         self.n = n
-        self.holders: set[str] = set()
+        self.holders: list[str | None] = [None] * n  # the trial holding each slot
+        self.lent = list(lent) if lent else [(None, None)] * n  # each slot's (controller host, trial runner)
         self.stopped: set[str] = set()
 
     def acquire(self, trial_id: str) -> bool:
-        if trial_id in self.holders or len(self.holders) < self.n:
-            self.holders.add(trial_id)
+        if trial_id in self.holders:
             return True
-        return False
+        if None not in self.holders:
+            return False
+        self.holders[self.holders.index(None)] = trial_id
+        return True
+
+    def lent_to(self, trial_id: str) -> tuple[Any, Any]:
+        """(controller host, trial runner) of the slot `trial_id` holds; (None, None) if it holds none, or the slot
+        has none."""
+        return self.lent[self.holders.index(trial_id)] if trial_id in self.holders else (None, None)
 
     def release(self, trial_id: str) -> None:
-        self.holders.discard(trial_id)
+        if trial_id in self.holders:
+            self.holders[self.holders.index(trial_id)] = None
 
     def request_stop(self, trial_id: str) -> None:
         """ASHA stopped this trial: its run aborts at its next report, then the trial frees its slot."""
@@ -51,12 +66,13 @@ class TrialSlots:
         return trial_id in self.stopped
 
 
-def start_slots(name: str, n: int):
-    """Start the search's TrialSlots actor. Trials and the driver's callback find it by name (a name, unlike an actor
-    handle, stays valid in the callbacks a resumed search restores); the driver keeps the handle, which keeps the
-    actor alive."""
+def start_slots(name: str, n: int, lent: list[tuple[Any, Any]] | None = None):
+    """Start the search's TrialSlots actor, with what each slot is lent (`lent`: (ControllerHost, TrialRunner) actors
+    this driver owns, or none). Trials and the driver's callback find it by name (a name, unlike an actor handle, stays
+    valid in the callbacks a resumed search restores); the driver keeps the handle, which keeps the actor alive."""
     actor_name = f"forgetless-slots-{name}"
-    return actor_name, ray.remote(num_cpus=0)(TrialSlots).options(name=actor_name, get_if_exists=True).remote(n)
+    return actor_name, ray.remote(num_cpus=0)(TrialSlots).options(name=actor_name, get_if_exists=True).remote(
+        n, lent)
 
 
 def stop_requested(slots: str, trial_id: str) -> bool:
@@ -64,20 +80,24 @@ def stop_requested(slots: str, trial_id: str) -> bool:
     return ray.get(ray.get_actor(slots).should_stop.remote(trial_id))
 
 
-class ObjectiveReport(TuneReportCallback):
-    """A TuneReportCallback that forwards each epoch's report with the objective added. The accuracy-matrix row and
-    the final marker carry no epoch metrics: the trial reports its own summary after `fit` instead.
+class ObjectiveReport(UserCallback):
+    """Forwards each epoch's report with the objective added to Tune (through `forward`, a TuneReportCallback made in
+    the trial's process, in its Tune session). The accuracy-matrix row and the final marker carry no epoch metrics: the
+    trial reports its own summary after `fit` instead.
 
     It runs in the Ray Train controller. Once ASHA has decided to stop the trial (see driver.FinishingASHA), it aborts
     the run at the next report: the controller shuts the workers down and removes their placement group, and the
     trial function returns. (Had Tune stopped the trial itself, it would kill the trial process: the controller dies
-    with it and the workers' placement group, with its CPUs, is never released, so the next trials wait forever.)"""
+    with it and the workers' placement group, with its CPUs, is never released, so the next trials wait forever.)
+    `in_host`: the controller runs in the slot's ControllerHost, whose process outlives the run (`abort_fit`)."""
 
-    def __init__(self, objective: Objective, trial_id: str, slots: str):
-        super().__init__()
+    def __init__(self, objective: Objective, trial_id: str, slots: str, forward: TuneReportCallback,
+                 in_host: bool = False):
         self.objective = objective
         self.trial_id = trial_id
         self.slots = slots
+        self.forward = forward
+        self.in_host = in_host
         self.epochs = 0
 
     def after_report(self, run_context, metrics, checkpoint):
@@ -89,59 +109,57 @@ class ObjectiveReport(TuneReportCallback):
             self.objective.source_before = m["val/source/acc"]
         values = self.objective.metrics(m["val/target/acc"], m["val/source/acc"])
         out = {**m, OBJECTIVE: values["objective"], TRIAL_EPOCH: self.epochs, **tune_metrics(values, "val")}
-        super().after_report(run_context, [out], checkpoint)
+        self.forward.after_report(run_context, [out], checkpoint)
         if stop_requested(self.slots, self.trial_id):
-            ray.get_runtime_context().current_actor.abort.remote()
+            controller = ray.get_runtime_context().current_actor  # (not waited on: it runs in this actor's loop)
+            if self.in_host:
+                controller.abort_fit.remote(self.trial_id)
+            else:
+                controller.abort.remote()
 
 
 def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
-    """The Tune trainable: train the trial while holding one of the search's slots."""
-    # Tune runs a trial in its own folder; relative paths in the config mean the folder `forgetless tune` ran in.
-    os.chdir(context["cwd"])
+    """The Tune trainable: have the trial trained while holding one of the search's slots, then report its result."""
     trial_id = tune.get_context().get_trial_id()
-    slots = ray.get_actor(context["slots"])
-    while not ray.get(slots.acquire.remote(trial_id)):
-        time.sleep(1.0)
+    forward = TuneReportCallback()  # made here, in this trial's Tune session: what it forwards reaches this trial
+    with holding_a_slot(context["slots"], trial_id) as (host, runner):
+        if runner is not None:
+            final = ray.get(runner.run.remote(params, context, trial_id, forward, host))
+        else:
+            # deferred: forgetless's driver side (torch, MLflow), needed here only where the slot has no runner
+            from forgetless.platform.tuning.trial_runner import train_trial
+
+            final = train_trial(params, context, trial_id, forward, host=None)
+    if final is not None:  # (None: ASHA stopped it; its last epoch report is its result)
+        tune.report(final)
+
+
+# How long a slot's runner and host may take to answer: a new runner imports forgetless's driver side first (the
+# driver starts it with the search, so it is usually ready before the first trial asks).
+READY_TIMEOUT_S = 120.0
+
+
+@contextmanager
+def holding_a_slot(slots: str, trial_id: str) -> Iterator[tuple[Any, Any]]:
+    """Wait for a slot of the search `slots` (the TrialSlots actor's name) and hold it inside the block; yields the
+    slot's (controller host, trial runner) where both answer, else (None, None)."""
+    actor = ray.get_actor(slots)
+    while not ray.get(actor.acquire.remote(trial_id)):
+        time.sleep(1.0)  # until a trial before it ends (each slot's trial is bounded by its own run)
     try:
-        _train_trial(params, context, trial_id)
+        host, runner = ray.get(actor.lent_to.remote(trial_id))
+        yield (host, runner) if _answers(host, runner) else (None, None)
     finally:
-        ray.get(slots.release.remote(trial_id))
+        ray.get(actor.release.remote(trial_id))
 
 
-def _train_trial(params: dict[str, Any], context: dict[str, Any], trial_id: str) -> None:
-    cfg = trial_config(ExperimentConfig(**context["config"]), params, trial_id)
-    sp = Trajectory.from_dict(context["trajectory"]).at(params[STOP_POINT])
-    objective = Objective(context["weights"], sp.source_val_acc)
-    target = tracking.TrackingTarget(**context["tracking"])
+def _answers(host, runner) -> bool:
+    if host is None or runner is None:
+        return False
     try:
-        res = fits.transfer(cfg, cfg.strategies[0], sp.uri, target,
-                              callbacks=[ObjectiveReport(objective, trial_id, context["slots"])])
-    except Exception:
-        if stop_requested(context["slots"], trial_id):
-            # ASHA stopped it and its run aborted: the trial ends here, its last epoch report is its result (the
-            # driver closes its MLflow run from it).
-            return
-        raise
-    res.compute_metrics()
-    final = _final_metrics(res, objective)
-    if res.mlflow_run_id:
-        mark_trial(target.tracking_uri, res.mlflow_run_id, context["search_name"], trial_id, params, "finished",
-                   final)
-        with_retries(run_outputs.log_strategy_artifacts, cfg, res, target.tracking_uri)
-    tune.report(final)
-
-
-def _final_metrics(res: StrategyResult, objective: Objective) -> dict[str, float]:
-    """A finished trial's result: the objective on validation data at its last epoch, and on the test split."""
-    last = res.history[-1]  # the last evaluation of the last stage: what the per-epoch reports ended on
-    # A stop point without a recorded source accuracy (θ⁰ of some trajectories): the source before training is the
-    # run's own first evaluation, so every trial has a validation forgetting and can be on the front.
-    before = objective.source_before if objective.source_before is not None else res.history[0]["acc"]["0"]
-    val = objective.metrics(last["acc"][str(last["stage"])], last["acc"]["0"], source_before=before)
-    R = res.accuracy_matrix  # test split: row 0 = the stop point before target training, last row = after
-    test = objective.metrics(float(R[-1, 1:].mean()), float(R[-1, 0]), source_before=float(R[0, 0]))
-    epochs = sum(p["epochs"] for p in res.phase_log if p["stage"] >= 1)
-    # where the trial's Ray Train run spent its time (benchmarks/trial_cost.py compares it with a compare run's)
-    seconds = {"seconds/training": res.seconds.get("training", 0.0), "seconds/fixed": timing.fixed_cost(res.seconds)}
-    return {OBJECTIVE: val["objective"], TRIAL_EPOCH: epochs, "test/objective": test["objective"],
-            **tune_metrics(val, "val"), **tune_metrics(test, "test"), **seconds, "search/finished": 1.0}
+        ray.get([host.ready.remote(), runner.ready.remote()], timeout=READY_TIMEOUT_S)
+        return True
+    except (RayActorError, GetTimeoutError) as e:
+        say(f"the trial slot's Train controller host or trial runner did not answer in {READY_TIMEOUT_S:.0f} s "
+            f"({type(e).__name__}); this trial trains in its own process")
+        return False
