@@ -14,6 +14,11 @@ worker decides first (platform/worker/engine.ensure_accelerator_env).
   of the flattened tensor, zero-padded at the end) and `full_shape` (`ds_shape`). Public path: each parameter is
   gathered (`deepspeed.zero.GatheredParameters`) and sliced, or written whole through rank 0, by
   platform/worker/zero3_partitions.py (a collective per parameter; at most one full parameter per rank at a time).
+- resuming on another worker count (`reshard_supported`, `zero_param_shapes`): platform/worker/reshard.py reads the
+  per-rank optimizer files in DeepSpeed 0.19's layout (ZeRO-1/2: each group's parameters flattened and cut into equal
+  partitions; ZeRO-3: each parameter cut into equal slices) and lays them out in the order the engine's
+  `_get_zero_param_shapes` gives. Public path: none short of DeepSpeed's universal checkpoints (an offline conversion
+  that unpickles with weights_only=False): a resume on another worker count is refused, naming the count to use.
 """
 from __future__ import annotations
 
@@ -90,3 +95,17 @@ def is_partitioned(p: Any) -> bool:
     """Whether `p` is a ZeRO-3 parameter (its `ds_id`: how DeepSpeed's own public helpers, e.g.
     `deepspeed.utils.safe_get_full_fp32_param`, tell; the same on both paths)."""
     return hasattr(p, "ds_id")
+
+
+def reshard_supported() -> bool:
+    """Whether a checkpoint may be re-cut for another number of ranks (platform/worker/reshard.py reads DeepSpeed
+    0.19's per-rank file layout and the engine's flat-tensor order below); off, a resume on another worker count is
+    refused (there is no public path short of DeepSpeed's universal-checkpoint conversion)."""
+    return SEAM.active()
+
+
+def zero_param_shapes(engine: Any) -> list[dict[str, Any]]:
+    """The order in which `engine`'s optimizer lays its trained parameters into each (sub-)group's flat fp32 tensor:
+    name -> shape per group, as DeepSpeed itself saves it into a checkpoint (`param_shapes`, from the engine's
+    `_get_zero_param_shapes`)."""
+    return engine._get_zero_param_shapes()
