@@ -50,7 +50,7 @@ PLOT = ROOT / "docs" / "img" / "lm_study.png"
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 REFERENCE = "full_1e-3"  # the setting every other one is compared with, seed by seed
 SUITE = "stdlib_docstrings"
-EWC_FISHER_BLOCKS = 64  # prose training blocks the diagonal Fisher is estimated on
+EWC_FISHER_BLOCKS = 32  # prose training blocks the diagonal Fisher is estimated on
 
 
 def settings(ewc_lambda: float) -> dict[str, dict]:
@@ -120,16 +120,23 @@ def build(cfg_dict: dict, setting: dict | None, seed: int, tasks_file: str):
     return cfg, tasks, infos, strategy, build_model(cfg, infos, strategy)
 
 
-def suites_of(cfg):
+def suites_of(cfg, tasks_file: str):
+    """The built eval suites: read from `suites.pt` beside the tasks when run_all saved them there (built once: making
+    the multiple-choice items reads the standard library's sources), else built here."""
+    import torch
+
     from forgetless.data.eval_suites import build_eval_suites
 
+    saved = Path(tasks_file).with_name("suites.pt")
+    if saved.exists():
+        return torch.load(saved, weights_only=False)  # this script's own file, written by run_all
     return build_eval_suites(cfg.eval_tasks)
 
 
 def run_one(cfg_dict: dict, label: str, setting: dict, seed: int, steps: int, eval_every: int,
-            tasks_file: str) -> dict:
+            tasks_file: str, mc_every_point: bool = True) -> dict:
     """Fine-tune one setting for `steps` optimizer steps; measure every `eval_every` steps (step 0 is the pre-trained
-    model, measured once for the whole study)."""
+    model, measured once for the whole study); the suite at every one of them or at the last only."""
     import torch
 
     from forgetless.platform.worker.lm_pretrain import warmup_cosine
@@ -139,7 +146,7 @@ def run_one(cfg_dict: dict, label: str, setting: dict, seed: int, steps: int, ev
 
     start = time.time()
     cfg, tasks, infos, strategy, model = build(cfg_dict, setting, seed, tasks_file)
-    suites = suites_of(cfg)
+    suites = suites_of(cfg, tasks_file)
     src = tasks[0]
     # what the strategy keeps of the pre-trained model (EWC: Fisher + anchor; LwF: the frozen copy), from prose
     # training blocks only
@@ -169,7 +176,7 @@ def run_one(cfg_dict: dict, label: str, setting: dict, seed: int, steps: int, ev
             step += 1
             if step % eval_every == 0 or step == steps:
                 train_seconds += time.time() - t0
-                curve.append(measure(model, tasks, suites, step))
+                curve.append(measure(model, tasks, suites if mc_every_point or step == steps else [], step))
                 set_train_mode(model, phase)
                 t0 = time.time()
             if step == steps:
@@ -184,7 +191,7 @@ def run_one(cfg_dict: dict, label: str, setting: dict, seed: int, steps: int, ev
 def pretrained_point(cfg_dict: dict, tasks_file: str) -> dict:
     """Step 0: the pre-trained model (every setting and seed starts from it: LoRA's B is zero, heads are zero)."""
     cfg, tasks, _, _, model = build(cfg_dict, None, 0, tasks_file)
-    return measure(model, tasks, suites_of(cfg), 0)
+    return measure(model, tasks, suites_of(cfg, tasks_file), 0)
 
 
 def ewc_fisher_sum(cfg_dict: dict, tasks_file: str) -> float:
@@ -235,11 +242,18 @@ def run_all(args) -> dict:
     if not Path(tasks_file).exists():
         loaded = load_config(cfg)
         save_tasks(build_stream(loaded.source, loaded.targets), tasks_file)
+    if not Path(tasks_file).with_name("suites.pt").exists():
+        import torch
+
+        from forgetless.data.eval_suites import build_eval_suites
+
+        torch.save(build_eval_suites(load_config(cfg).eval_tasks), Path(tasks_file).with_name("suites.pt"))
     state_file = work / "state.json"  # the pre-trained point and lambda, kept for a resumed study
     state = json.loads(state_file.read_text()) if state_file.exists() else {}
-    if "pretrained" not in state:
-        state["pretrained"] = pretrained_point(cfg, tasks_file)
-        state["ewc_fisher_sum"] = ewc_fisher_sum(cfg, tasks_file)
+    if "pretrained" not in state:  # the two side by side
+        with ProcessPoolExecutor(args.workers) as pool:
+            pre, fisher = pool.submit(pretrained_point, cfg, tasks_file), pool.submit(ewc_fisher_sum, cfg, tasks_file)
+            state.update(pretrained=pre.result(), ewc_fisher_sum=fisher.result())
         state_file.write_text(json.dumps(state))
     ewc_lambda = args.ewc_lambda or choose_ewc_lambda(state["ewc_fisher_sum"])
     grid = settings(ewc_lambda)
@@ -251,7 +265,8 @@ def run_all(args) -> dict:
     start = time.time()
     print(f"{len(todo)} runs to go ({len(done)} done), {args.workers} at a time", flush=True)
     with ProcessPoolExecutor(args.workers) as pool:
-        futures = {pool.submit(run_one, cfg, label, grid[label], seed, args.steps, args.eval_every, tasks_file):
+        futures = {pool.submit(run_one, cfg, label, grid[label], seed, args.steps, args.eval_every, tasks_file,
+                               not args.mc_final_only):
                    (label, seed) for label, seed in todo}
         for f in as_completed(futures):
             run = f.result()
@@ -311,7 +326,7 @@ def points(report: dict) -> list[dict]:
             f = _mean_sd([p[f"{s}_source_loss"] - pre[f"{s}_source_loss"] for p in ps])
             row.update({f"{s}_target": t["mean"], f"{s}_target_sd": t["sd"], f"{s}_forgetting": f["mean"],
                         f"{s}_forgetting_sd": f["sd"]})
-        if "mc_acc" in ps[0]:
+        if all("mc_acc" in p for p in ps):
             m = _mean_sd([p["mc_acc"] for p in ps])
             row.update({"mc_acc": m["mean"], "mc_acc_sd": m["sd"]})
         out.append(row)
@@ -522,6 +537,7 @@ def parse_args(argv=None):
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--eval-blocks", type=int, default=16, help="validation and test blocks per corpus")
     ap.add_argument("--mc-items", type=int, default=100, help=f"{SUITE} items scored at every evaluation")
+    ap.add_argument("--mc-final-only", action="store_true", help=f"score {SUITE} at each run's last step only")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ewc-lambda", type=float, default=None, help="default: from the Fisher's size")
     ap.add_argument("--workers", type=int, default=2, help="runs at a time (one core each)")
