@@ -213,13 +213,7 @@ class LocalStack:
         # Token authentication (Ray's default for new clusters) with this stack's own token, so that neither the
         # token file of the user (~/.ray/auth_token) nor another cluster's token is involved.
         self.ray_token = secrets.token_hex(32)
-        env = _clean_env({"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.ray_token,
-                          # a busy laptop/CI box can take more than Ray's default 60 s to register a node
-                          "RAY_raylet_start_wait_time_s": "180", "RAY_agent_register_timeout_ms": "180000",
-                          # nothing to drain on a local stack: stop promptly on SIGTERM
-                          "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "3",
-                          # training workers at normal priority, as in forgetless's embedded cluster (ray_cluster.init_ray)
-                          "RAY_worker_niceness": "0"})
+        env = self._ray_env()
         common = ["--block", "--disable-usage-stats"]
 
         def head_cmd() -> list[str]:
@@ -235,13 +229,61 @@ class LocalStack:
 
         self._start_node("ray-head", head_cmd, env, head_up, timeout)
         for i in range(self.workers):
-            self._start_node(
-                f"ray-worker-{i + 1}",
-                # a temp dir of its own: nodes sharing one collide on the object store's Unix socket
-                lambda i=i: [str(BIN / "ray"), "start", "--address", f"127.0.0.1:{self.ray_port}",
-                             "--num-cpus", f"{self.cpus_per_worker:g}", *self._node_ports(),
-                             "--temp-dir", f"{self.ray_temp_dir}/w{i + 1}", *common],
-                env, lambda i=i: self.alive_nodes() >= i + 2, timeout)
+            self.start_worker_node(i + 1, timeout, env)
+
+    def _ray_env(self) -> dict[str, str]:
+        return _clean_env({"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.ray_token,
+                           # a busy laptop/CI box can take more than Ray's default 60 s to register a node
+                           "RAY_raylet_start_wait_time_s": "180", "RAY_agent_register_timeout_ms": "180000",
+                           # nothing to drain on a local stack: stop promptly on SIGTERM
+                           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "3",
+                           # training workers at normal priority, as in forgetless's embedded cluster
+                           # (ray_cluster.init_ray)
+                           "RAY_worker_niceness": "0"})
+
+    def start_worker_node(self, n: int, timeout: float = 420, env: dict[str, str] | None = None) -> None:
+        """Start (or start again, after `stop_worker_node`) worker node n (1-based): `ray start` joining the head."""
+        alive_before = self.alive_nodes()
+        self._start_node(
+            f"ray-worker-{n}",
+            # a temp dir of its own: nodes sharing one collide on the object store's Unix socket
+            lambda: [str(BIN / "ray"), "start", "--address", f"127.0.0.1:{self.ray_port}",
+                     "--num-cpus", f"{self.cpus_per_worker:g}", *self._node_ports(),
+                     "--temp-dir", self.node_temp_dir(n), "--block", "--disable-usage-stats"],
+            env or self._ray_env(), lambda: self.alive_nodes() >= alive_before + 1, timeout)
+        self.save()
+
+    def node_temp_dir(self, n: int) -> str:
+        return f"{self.ray_temp_dir}/w{n}"
+
+    def stop_worker_node(self, n: int) -> list[int]:
+        """Lose worker node n as a machine is lost (a reclaimed spot node): SIGKILL to its `ray start` process group
+        (raylet, object store, agents), then to every process left that belongs to the node (its command line names
+        the node's temp dir: Ray's workers there). Returns the pids killed; the head learns of it by itself."""
+        import psutil
+
+        procs = [p for p in self.procs if p.name == f"ray-worker-{n}"]
+        killed = []
+        for proc in procs:
+            try:
+                killed += [c.pid for c in psutil.Process(proc.pid).children(recursive=True)] + [proc.pid]
+            except psutil.NoSuchProcess:
+                pass
+            _signal_group(proc.pid, signal.SIGKILL)
+        marker = self.node_temp_dir(n) + "/"
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            if p.info["pid"] not in killed and marker in " ".join(p.info["cmdline"] or []):
+                try:
+                    p.kill()
+                    killed.append(p.info["pid"])
+                except psutil.NoSuchProcess:
+                    pass
+        for pid in killed:
+            if pid in _CHILDREN:
+                _CHILDREN.pop(pid).wait(timeout=30)
+        self.procs = [p for p in self.procs if p.name != f"ray-worker-{n}"]
+        self.save()
+        return killed
 
     def _start_node(self, name: str, make_cmd, env: dict[str, str], is_up, timeout: float, attempts: int = 3) -> None:
         """Start one Ray node; on a machine under heavy load a raylet can give up waiting for its agents and exit

@@ -177,3 +177,18 @@ def test_a_resize_is_a_line_a_record_and_tags(capsys):
     assert tags["forgetless.resize.1"].startswith("2 -> 1 workers at step 40, ") and \
         tags["forgetless.resize.1"].endswith("(node lost)")
     assert tags["forgetless.resize.2"].endswith("(room returned)")
+
+
+def test_jobs_status_lists_the_resizes_of_a_jobs_log():
+    from forgetless.platform.driver.jobs import resizes_of
+
+    log = ("[forgetless] strategy lost: Ray Train run tiny-lost-0a033f05 (1-2 workers (elastic), DeepSpeed ZeRO-0)\n"
+           "\x1b[36m(RayTrainWorker pid=1)\x1b[0m [forgetless lost] resized: 2 -> 1 workers at step 30: a worker or its "
+           "node was lost (or the cluster has no room for more); the global batch, learning-rate schedule and data "
+           "order are unchanged\n"
+           "(RayTrainWorker pid=2) [forgetless lost] resized: 1 -> 2 workers at step 95: room returned in the "
+           "cluster; the global batch, learning-rate schedule and data order are unchanged\n")
+    assert resizes_of(log) == [
+        "lost: 2 -> 1 workers at step 30: a worker or its node was lost (or the cluster has no room for more)",
+        "lost: 1 -> 2 workers at step 95: room returned in the cluster"]
+    assert resizes_of("[forgetless] nothing resized here\n") == []

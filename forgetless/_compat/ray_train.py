@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,8 @@ try:  # importing a seam never raises: a name that moved means the public path
     from ray.train.v2._internal.execution.controller.state import AbortedState
     from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
     from ray.train.v2._internal.execution.scaling_policy import NoopDecision
+    from ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client import (
+        AUTOSCALING_REQUESTS_GET_TIMEOUT_S)
     from ray.train.v2._internal.execution.scaling_policy.elastic import ElasticScalingPolicy
     from ray.train.v2._internal.execution.worker_group import WorkerGroup
     from ray.train.v2._internal.util import TrainingFramework
@@ -233,6 +236,23 @@ if _FOUND:
             logger.warning("forgetless: room for %d workers (running %d): growing the worker group at checkpoint %s",
                            room, worker_group_state.num_workers, os.path.basename(checkpoint.path.rstrip("/")))
             return self._get_resize_decision(room)
+
+        def _get_reserved_resources(self):
+            """Ray's, from a fresh view of the cluster's nodes (its coordinator refreshes its view every 20 s: a
+            restart after a lost node would first try the node's room, and wait for it up to the worker group's start
+            timeout, 60 s; a returned node would wait a tick to be seen). At most once a second, as Ray's."""
+            now = time.monotonic()
+            if now - self._latest_reserved_resources_query_time < self.GET_RESERVED_RESOURCES_INTERVAL_S:
+                return self._latest_reserved_resources
+            try:
+                self._latest_reserved_resources = ray.get(
+                    self._autoscaling_coordinator.get_reserved_resources.remote(self._requester_id, recompute=True),
+                    timeout=AUTOSCALING_REQUESTS_GET_TIMEOUT_S)
+            except Exception as e:  # noqa: BLE001 - no answer: decide nothing now, ask again at the next poll
+                logger.warning("forgetless: the AutoscalingCoordinator did not answer (%s); no resize now", e)
+                self._latest_reserved_resources = None
+            self._latest_reserved_resources_query_time = time.monotonic()
+            return self._latest_reserved_resources
 
         def _complete(self, checkpoint) -> bool:
             from pyarrow.fs import FileType

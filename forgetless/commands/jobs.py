@@ -24,6 +24,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         info = jobs.describe(client, args.job_id)
         print(json.dumps(info, indent=1) if args.json else f"{info['submission_id']}: {info['status']}"
               + (f" ({info['message']})" if info["message"] else "")
+              + (f"\n  resumes the earlier job {info['resumes']}" if info["resumes"] else "")
+              + "".join(f"\n  resized {r}" for r in info["resizes"])
               + (f"\n  STALLED: {info['stalled']}" if info["stalled"] else ""))
         return 0
     if args.action == "logs":

@@ -211,7 +211,8 @@ def submit(config_path: str, overrides: list[str], address: str | None, command:
     with upload_noise_filtered():
         client.submit_job(entrypoint=entrypoint, submission_id=sid, runtime_env=runtime_env,
                           metadata={"forgetless.config": cfg.name, "forgetless.command": command,
-                                    "forgetless.submission_base": base})
+                                    "forgetless.submission_base": base,
+                                    **({"forgetless.resumes": previous} if previous else {})})
     return client, Submission(sid, entrypoint, previous)
 
 
@@ -289,15 +290,36 @@ def describe(client, submission_id: str) -> dict[str, Any]:
     latest no-progress warning (watchdog) while the job runs and has made no progress since, else None."""
     info = _info(client, submission_id)
     status = str(getattr(info.status, "value", info.status))
-    stalled = None
-    if status not in TERMINAL:
+    stalled, resizes = None, []
+    try:
+        log_text = client.get_job_logs(submission_id)
+        stalled = None if status in TERMINAL else stall_of(log_text)
+        resizes = resizes_of(log_text)
+    except RuntimeError as e:  # the logs are a hint; the status itself was read
+        stalled = None if status in TERMINAL else f"(its log could not be read: {e})"
+    metadata = info.metadata or {}
+    resumes = metadata.get("forgetless.resumes")
+    if resumes:  # the earlier job of the same config: how it ended is why this one resumes
         try:
-            stalled = stall_of(client.get_job_logs(submission_id))
-        except RuntimeError as e:  # the logs are a hint; the status itself was read
-            stalled = f"(its log could not be read: {e})"
+            earlier = _info(client, resumes)
+            resumes = (f"{resumes} ({str(getattr(earlier.status, 'value', earlier.status))}"
+                       + (f": {earlier.message}" if earlier.message else "") + ")")
+        except (RuntimeError, ConfigError):
+            pass
     return {"submission_id": info.submission_id, "status": status, "stalled": stalled,
-            "message": info.message, "entrypoint": info.entrypoint, "start_time": info.start_time,
-            "end_time": info.end_time, "metadata": info.metadata or {}}
+            "message": info.message, "resumes": resumes, "resizes": resizes, "entrypoint": info.entrypoint,
+            "start_time": info.start_time, "end_time": info.end_time, "metadata": metadata}
+
+
+def resizes_of(log_text: str) -> list[str]:
+    """The resize lines of an elastic run's workers in a job's log (`[forgetless LABEL] resized: 2 -> 1 workers at
+    step N: why`), as `LABEL: 2 -> 1 workers at step N: why`."""
+    out = []
+    for line in log_text.splitlines():
+        head, sep, rest = line.partition("] resized: ")
+        if sep and "[forgetless " in head:
+            out.append(f"{head.rpartition('[forgetless ')[2]}: {rest.partition('; the global batch')[0]}")
+    return out
 
 
 def stall_of(log_text: str) -> str | None:
