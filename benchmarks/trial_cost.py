@@ -38,37 +38,43 @@ DOC = ROOT / "docs" / "tune.md"
 START, END = "<!-- trial-cost:start (benchmarks/trial_cost.py --docs) -->", "<!-- trial-cost:end -->"
 
 
-def compare_round(i: int) -> dict[str, float]:
+def compare_round(i: int, k: int = 1) -> dict[str, float]:
+    """A compare of `k` finetune runs (new labels); per run: the mean of the runs' parts."""
     import forgetless
     from forgetless.config import StrategyConfig
     from forgetless.platform.worker import timing
 
     cfg = forgetless.load_config(str(CONFIG))
-    cfg = cfg.model_copy(update={"strategies": [StrategyConfig(name="finetune", label=f"finetune-r{i}")]})
+    cfg = cfg.model_copy(update={"strategies": [StrategyConfig(name="finetune", label=f"finetune-r{i}-{j}")
+                                                for j in range(k)]})
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
-    res = forgetless.compare(cfg).results[0]
+    results = forgetless.compare(cfg).results
     call = time.perf_counter() - t0
-    return {"call": call, "run fixed cost": timing.fixed_cost(res.seconds), "training": res.seconds["training"],
-            "load before": load}
+    return {"call": call, "run fixed cost": statistics.mean(timing.fixed_cost(r.seconds) for r in results),
+            "training": statistics.mean(r.seconds["training"] for r in results), "load before": load}
 
 
-def tune_round(i: int) -> dict[str, float]:
+def tune_round(i: int, k: int = 1) -> dict[str, float]:
+    """A grid search of `k` trials (the same fine-tune at k learning rates a hair apart: k runs); per trial: Tuner.fit's
+    share (Tuner.fit / k) and the means of the trials' runs' parts."""
     import forgetless
     from forgetless.platform.tracking import mlflow_runs as tracking
 
     cfg = forgetless.load_config(str(CONFIG), ["strategies=[finetune]"])
     last = cfg.pretrain.epochs
-    search = {"space": {"stop_point": [last], "train.lr": [cfg.train.lr]}, "searcher": "grid", "seed": 1000 + i}
+    rates = [cfg.train.lr * (1 + j / 1000) for j in range(k)]
+    search = {"space": {"stop_point": [last], "train.lr": rates}, "searcher": "grid", "seed": 1000 + i}
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
     res = forgetless.tune(cfg, search=search)
     call = time.perf_counter() - t0
-    m = tracking.client(res.tracking_uri).get_run(res.trials[0].mlflow_run_id).data.metrics
-    training = m["search/seconds/training"]
-    run = m["search/seconds/fixed"] + training
-    return {"call": call, "Tuner.fit": res.tune_seconds, "trial fixed cost": res.tune_seconds - training,
-            "run fixed cost": m["search/seconds/fixed"], "training": training, "Tune's share": res.tune_seconds - run,
+    metrics = [tracking.client(res.tracking_uri).get_run(t.mlflow_run_id).data.metrics for t in res.trials]
+    training = statistics.mean(m["search/seconds/training"] for m in metrics)
+    fixed = statistics.mean(m["search/seconds/fixed"] for m in metrics)
+    per_trial = res.tune_seconds / len(metrics)
+    return {"call": call, "Tuner.fit": per_trial, "trial fixed cost": per_trial - training,
+            "run fixed cost": fixed, "training": training, "Tune's share": per_trial - fixed - training,
             "load before": load}
 
 
@@ -97,8 +103,13 @@ def verdict(out: dict) -> str:
             f"{out['cpus']} CPUs{load}; commit {out.get('commit', '?')}).")
 
 
-def render(out: dict, before: dict | None = None) -> str:
+def render(out: dict, before: dict | None = None, several: list[dict] = ()) -> str:
     lines = [START, "", table(out), "", verdict(out)]
+    for k_out in several:
+        n = k_out["trials"]
+        lines += ["", f"A compare of {n} runs next to a search of {n} trials (`call`: the whole call; the other rows "
+                      f"per run and per trial, Tuner.fit / {n}; Tune's trial process serves the search's trials one "
+                      f"after another):", "", table(k_out), "", verdict(k_out)]
     if before is not None:
         lines += ["", f"Before the change ({before['note']}):", "", table(before), "", verdict(before)]
     return "\n".join(lines + ["", END])
@@ -108,9 +119,14 @@ def _before() -> dict | None:
     return json.loads(BEFORE.read_text()) if BEFORE.exists() else None
 
 
+def _several() -> list[dict]:
+    """The results of the runs with --trials N > 1."""
+    return [json.loads(p.read_text()) for p in sorted(RESULT.parent.glob("trial_cost_k*.json"))]
+
+
 def write_docs(out: dict) -> None:
     text = DOC.read_text()
-    block = render(out, _before())
+    block = render(out, _before(), _several())
     if START in text:
         text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
     else:
@@ -124,7 +140,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--docs", action="store_true", help="only rewrite docs/tune.md's table from the JSON")
     ap.add_argument("--commit", help="the commit measured (default: this checkout's HEAD)")
+    ap.add_argument("--trials", type=int, default=1,
+                    help="runs a compare and trials a search has (default 1; more: per run and per trial, "
+                         "written to trial_cost_k<N>.json)")
     args = ap.parse_args()
+    result = RESULT if args.trials == 1 else RESULT.with_name(f"trial_cost_k{args.trials}.json")
     if not args.docs:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
         os.chdir(args.workdir)
@@ -132,18 +152,18 @@ def main() -> None:
         tune_round(-1)
         rounds: dict[str, list] = {"compare": [], "tune": []}
         for i in range(args.rounds):  # interleaved: a slower machine slows both alike
-            rounds["compare"].append(compare_round(i))
-            rounds["tune"].append(tune_round(i))
+            rounds["compare"].append(compare_round(i, args.trials))
+            rounds["tune"].append(tune_round(i, args.trials))
         out = {k: {"rounds": v, "stats": stats(v)} for k, v in rounds.items()}
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip()
         out.update({"config": str(CONFIG.relative_to(ROOT)), "cpus": os.cpu_count(),
-                    "commit": args.commit or commit or "?"})
-        RESULT.write_text(json.dumps(out, indent=1))
-        print(f"wrote {RESULT}")
+                    "commit": args.commit or commit or "?", "trials": args.trials})
+        result.write_text(json.dumps(out, indent=1))
+        print(f"wrote {result}")
     out = json.loads(RESULT.read_text())
     write_docs(out)
-    print(render(out, _before()))
+    print(render(out, _before(), _several()))
 
 
 if __name__ == "__main__":

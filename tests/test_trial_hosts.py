@@ -8,6 +8,7 @@ Real embedded Ray. The trial processes are plain Ray actors that hold a slot as 
 (trial.holding_a_slot), and the runner a stand-in for trial_runner.TrialRunner that fits a bare train function the
 way it fits a trial (in `controllers_in(host, trial_id)`): a real search takes minutes on 2 cores
 (tests/test_tune.py runs those, and checks that their fits start no controller of their own)."""
+import json
 import os
 import signal
 import sys
@@ -20,11 +21,11 @@ from ray import cloudpickle
 from ray._private import state as gcs_state
 from ray.train import RunConfig, ScalingConfig, UserCallback
 
+from forgetless._compat import PUBLIC_PATHS_VARIABLE
 from forgetless.platform.driver import trainer as lean_trainer
 from forgetless.platform.tuning import driver as search_driver
 from forgetless.platform.tuning.trial import holding_a_slot, start_slots
-
-pytestmark = pytest.mark.e2e
+from conftest import load_repo_script
 
 
 # The workers and the controller cannot import this test module: what they run travels by value.
@@ -98,6 +99,7 @@ def _wait_for(predicate, seconds: float, what: str):
 # slow tier (make test-all): four fits, ~60 s on a loaded 2-core machine; CI checks the trials' fits start no
 # controller of their own through a real search (tests/test_tune.py)
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_a_slots_trials_share_the_drivers_controller_host_and_a_dead_trials_fit_is_aborted_there(
         ray_session, tmp_path, capsys):
     import ray
@@ -148,3 +150,19 @@ def test_a_slots_trials_share_the_drivers_controller_host_and_a_dead_trials_fit_
         assert _train_controllers_ever() == controllers
     finally:
         lean_trainer.CONTROLLER_HOSTS.take_back(lent)
+
+
+@pytest.mark.e2e
+def test_with_the_ray_train_seam_off_a_search_lends_its_trials_nothing(ray_session, monkeypatch):
+    """FORGETLESS_PUBLIC_PATHS=1: each trial trains in its own process and its fit starts Ray Train's own controller,
+    as before (the driver's hosts run only the seam's controller)."""
+    monkeypatch.setenv(PUBLIC_PATHS_VARIABLE, "1")
+    assert search_driver._lend(2) == ([], [])
+
+
+def test_the_docs_show_the_trial_cost_as_its_json_says():
+    bench = load_repo_script("benchmarks/trial_cost.py")
+    if not bench.RESULT.exists():
+        pytest.skip("the benchmark has not been run (python benchmarks/trial_cost.py)")
+    block = bench.render(json.loads(bench.RESULT.read_text()), bench._before(), bench._several())
+    assert block in bench.DOC.read_text(), "docs/tune.md differs from the benchmark's JSON: run trial_cost.py --docs"

@@ -1,9 +1,10 @@
 """Ray Tune searches over pre-training stop points, learning rates and any searchable config field.
 
 The flow: validate the search (before Ray starts) -> pre-train the source once (`fits.pretrain` reuses an identical
-trajectory) -> one Ray Tune trial per point of the space. A trial is a plain function that builds and fits a Ray Train
-`TorchTrainer` through `fits.transfer` (DeepSpeed in every worker, init weights = the trial's stop point) and forwards
-every epoch's metrics to Tune with a `TuneReportCallback`, so ASHA can stop poor trials early.
+trajectory) -> one Ray Tune trial per point of the space. A trial is a plain function that holds one of the search's
+slots and has the slot's trial runner (a process of the driver's) fit a Ray Train `TorchTrainer` through
+`fits.transfer` (DeepSpeed in every worker, init weights = the trial's stop point), whose controller runs in the slot's
+controller host; every epoch's metrics go to Tune through a `TuneReportCallback`, so ASHA can stop poor trials early.
 
 MLflow: one parent run per search (space, objective, result table, plots); each trial's rank 0 creates its child run.
 
