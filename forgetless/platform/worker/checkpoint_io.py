@@ -1,12 +1,14 @@
 """A worker's checkpoint and weights I/O: every rank's DeepSpeed shard and report, the consolidated model (or each
 rank's ZeRO-3 partition), the Hugging Face export of an hf: backbone, the manifest written last, and restore from
-the newest intact checkpoint (weights-only loading throughout).
+the newest intact checkpoint (weights-only loading throughout), on any number of workers (per-rank files written by
+another count are cut again for this one: reshard.py).
 """
 from __future__ import annotations
 
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray.train
@@ -18,7 +20,7 @@ from ray.train import Checkpoint
 from forgetless import storage
 from forgetless.backbones import hf
 from forgetless.backbones.hf import HFBackbone
-from forgetless.platform.worker import checkpoints, timing
+from forgetless.platform.worker import checkpoints, reshard, timing
 from forgetless.platform.worker import engine as ds
 from forgetless.platform.worker.engine import consolidated_state_dict
 from forgetless.platform.worker.job import RunState
@@ -146,6 +148,9 @@ def restore(run: WorkerRun) -> bool:
         if problem:
             raise RuntimeError(f"checkpoint {checkpoint_uri(run, name)} changed while it was restored: {problem}")
     run.state = RunState.from_json(Path(local, STATE_FILE).read_text())
+    written = checkpoint_world_size(Path(local), run.state)
+    if written is not None and written != run.world:
+        log(run, f"resuming a checkpoint written by {written} workers on {run.world} workers")
     load_weights(run, Path(local))
     run.resume_dir = local  # the DeepSpeed shards are loaded once the phase's engine exists
     run.state.resumed_from = run.state.position()
@@ -155,19 +160,55 @@ def restore(run: WorkerRun) -> bool:
     return True
 
 
+def checkpoint_world_size(folder: Path, state: RunState | None = None) -> int | None:
+    """How many workers wrote the checkpoint in (a local copy of) `folder`: its per-rank files tell (the ZeRO-3
+    partitions, DeepSpeed's optimizer shards), else the run state's last worker-count record; None where neither does
+    (a ZeRO-0 checkpoint of an older run: its files do not depend on the count)."""
+    parts = partition_files(folder)
+    if parts:
+        return len(parts)
+    shards = reshard.written_world_size(folder / DS_TAG)
+    if shards:
+        return shards
+    records = getattr(state, "workers", None) or []
+    return records[-1]["workers"] if records else None
+
+
+def partition_files(folder: Path) -> list[Path]:
+    """The ZeRO-3 partition files of a checkpoint folder, in rank order (every rank's, or none)."""
+    found = {int(p.stem.rsplit("rank", 1)[1]): p for p in folder.glob(PARTITION_FILE.format(rank="*"))}
+    if sorted(found) != list(range(len(found))):
+        raise RuntimeError(f"checkpoint {folder.name} has ZeRO-3 partitions of ranks {sorted(found)}: some are missing")
+    return [found[r] for r in range(len(found))]
+
+
 def load_weights(run: WorkerRun, folder: Path) -> None:
-    """The weights of a verified local checkpoint copy: this rank's partition (written by the same number of
-    workers), or the whole model."""
+    """The weights of a verified local checkpoint copy: this rank's partition (cut again from every rank's when
+    another number of workers wrote them), or the whole model."""
     if not run.partitioned:
         run.model.load_state_dict(checkpoints.safe_torch_load(folder / MODEL_FILE, map_location="cpu",
                                                               deepspeed_types=False))
         return
-    part = folder / PARTITION_FILE.format(rank=run.rank)
-    if not part.is_file():
-        raise RuntimeError(f"checkpoint {folder.name} has no ZeRO-3 partition for rank {run.rank} (written by fewer "
-                           f"workers, or before the model was kept partitioned); resume with the same "
-                           f"scaling.num_workers and deepspeed.zero_stage")
-    ds.load_partition_state(run.model, checkpoints.safe_torch_load(part, map_location="cpu", deepspeed_types=False))
+    parts = partition_files(folder)
+    if not parts:
+        raise RuntimeError(f"checkpoint {folder.name} has no ZeRO-3 partitions (written before the model was kept "
+                           f"partitioned); resume with the deepspeed.zero_stage that wrote it")
+    if len(parts) == run.world:
+        state = checkpoints.safe_torch_load(parts[run.rank], map_location="cpu", deepspeed_types=False)
+    else:
+        with refused_names_count(len(parts)):
+            state = reshard.resharded_partition_state(run.model, parts, run.rank, run.world)
+    ds.load_partition_state(run.model, state)
+
+
+@contextmanager
+def refused_names_count(written: int):
+    """A re-shard forgetless cannot do says which worker count resumes the checkpoint as it is."""
+    try:
+        yield
+    except reshard.ReshardRefused as e:
+        raise RuntimeError(f"the checkpoint was written by {written} workers and cannot be cut for another count: "
+                           f"{e}; resume with scaling.num_workers: {written}") from None
 
 
 def pick_intact_checkpoint(run: WorkerRun) -> tuple[str | None, str | None, list[str]]:
@@ -190,10 +231,17 @@ def pick_intact_checkpoint(run: WorkerRun) -> tuple[str | None, str | None, list
 
 def resume_optimizer(run: WorkerRun) -> None:
     """Optimizer (and scheduler) state of the interrupted phase; its weights were loaded by `restore`. The shards
-    are loaded weights-only: DeepSpeed's own checkpoint engine would unpickle anything a file holds."""
+    are loaded weights-only: DeepSpeed's own checkpoint engine would unpickle anything a file holds. Shards written by
+    another number of workers are cut again for this one (reshard.load_resharded)."""
     if run.resume_dir and run.state.epoch > 0 and Path(run.resume_dir, DS_TAG).exists():
-        checkpoints.install_weights_only_loader(run.engine)
-        run.engine.load_checkpoint(run.resume_dir, tag=DS_TAG)
+        ds_dir = Path(run.resume_dir, DS_TAG)
+        written = reshard.written_world_size(ds_dir)
+        if written is not None and written != run.world:  # per-rank shards of another count: cut again
+            with refused_names_count(written):
+                reshard.load_resharded(run.engine, ds_dir, run.rank, run.world)
+        else:  # the same count, or ZeRO-0's one file (any count)
+            checkpoints.install_weights_only_loader(run.engine)
+            run.engine.load_checkpoint(run.resume_dir, tag=DS_TAG)
     if run.resume_dir:
         shutil.rmtree(run.resume_dir, ignore_errors=True)
     run.resume_dir = None
