@@ -24,7 +24,8 @@ from ray.train import RunConfig, ScalingConfig, UserCallback
 from forgetless._compat import PUBLIC_PATHS_VARIABLE
 from forgetless.platform.driver import trainer as lean_trainer
 from forgetless.platform.tuning import driver as search_driver
-from forgetless.platform.tuning.trial import holding_a_slot, start_slots
+from forgetless.platform.tuning.slots import start_slots
+from forgetless.platform.tuning.trial import holding_a_slot
 from conftest import load_repo_script
 
 

@@ -12,7 +12,8 @@ One concept a module:
   plan       validation, each trial's config, the Tune search space and searcher (no Ray needed to validate)
   objective  the weighted objective and its metrics
   record     the MLflow tags and metrics of a search's trials, and retries for concurrent SQLite writers
-  trial      the slot actor, the Ray Train report callback and the trial function (light: a trial process imports it)
+  slots      the slot actor: at most n trials at once, each with the runner and controller host lent to its slot
+  trial      the Ray Train report callback and the trial function (light: a trial process imports it)
   trial_runner  training one trial (fits.transfer, its MLflow run), and the driver's runner processes that do it
   driver     run_search: scheduler, progress callback, parent run, unfinished trials
   front      the Pareto front of a search's trials (analysis.pareto on validation data), edge-of-range flags

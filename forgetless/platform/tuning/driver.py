@@ -45,7 +45,8 @@ from forgetless.platform.tuning.plan import (
 from forgetless.platform.tuning.record import SEARCH_TAG, mark_trial, with_retries
 from forgetless.platform.tuning.results import TRADE_OFF_PARAM, SearchResult, describe_trade_off, load_search
 from forgetless.platform.tuning.summary import log_search_summary
-from forgetless.platform.tuning.trial import run_trial, start_slots
+from forgetless.platform.tuning.slots import start_slots
+from forgetless.platform.tuning.trial import run_trial
 from forgetless.platform.tuning.trial_runner import TRIAL_RUNNERS
 from forgetless.search_config import OBJECTIVE_METRICS, STOP_POINT, RangeSpec, SearchConfig
 
