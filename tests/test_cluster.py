@@ -302,6 +302,10 @@ def test_killed_job_resumes_from_s3_checkpoint(cluster_env, capsys, tiny_config,
     assert sid2 == f"{sid}-r2" and "resumes from its checkpoints" in err
     logs = client.get_job_logs(sid2)
     assert "reusing pre-training trajectory" in logs
+    # `forgetless jobs status` of the resubmission says what happened: which job it resumes, and how that one ended
+    from forgetless.platform.driver.jobs import describe
+
+    assert describe(client, sid2)["resumes"].startswith(f"{sid} (STOPPED")
     state = json.loads(_boto(stack).get_object(Bucket=stack.bucket, Key=f"{run}final/state.json")["Body"].read())
     resumed = state["resumed_from"]["epoch"]
     said = "\n".join(line for line in logs.splitlines() if re.search("resuming|skipping|starting over", line))
