@@ -1,15 +1,15 @@
 """Resuming a checkpoint on another number of workers: DeepSpeed's per-rank optimizer shards and forgetless's ZeRO-3
 partitions, cut again for the new count.
 
-DeepSpeed saves ZeRO-1/2/3 optimizer state (and a bf16 ZeRO-0 run's) one file per rank, each a flat slice of the
-fp32 master weights and of every optimizer moment, and loads it only on the number of ranks that wrote it. Here the N
-files of a checkpoint are read as one state that does not depend on N (`SavedOptimizer`: each trained parameter's
+DeepSpeed saves ZeRO-1/2/3 optimizer state (bf16 ZeRO-1's bf16 optimizer too) one file per rank, each a flat slice
+of the fp32 master weights and of every optimizer moment, and loads it only on the number of ranks that wrote it.
+Here the N files of a checkpoint are read as one state that does not depend on N (`SavedOptimizer`: each trained parameter's
 fp32 copy and moments by name, the step and hyperparameters of each parameter group, the loss scaler), and each of M
 ranks cuts its own slices of it in the new engine's layout and loads them through the optimizer's own
 `load_state_dict` (which reads only the rank's entry); the learning-rate scheduler and the engine's step counters come
 from the checkpoint's model-states file. Files are memory-mapped and loaded weights-only (checkpoints.safe_torch_load),
 so a rank touches the pages of its slices, not N files' worth of memory. ZeRO-0 with fp32 weights saves one
-world-size-independent file, which DeepSpeed's own load takes on any count.
+world-size-independent file (bf16 ZeRO-0 too, on CPU), which DeepSpeed's own load takes on any count.
 
 DeepSpeed's own route, universal checkpoints (`ds_to_universal`, then `checkpoint: {load_universal: true}`), works
 on CPU too, but converts offline into a file per parameter and state on disk, reads every file with
@@ -30,7 +30,7 @@ from torch import nn
 from forgetless._compat import deepspeed as compat_deepspeed
 from forgetless.platform.worker import checkpoints
 
-# one per rank (`bf16_`: DeepSpeed's bf16 optimizer on ZeRO-0)
+# one per rank (`bf16_`: DeepSpeed's bf16 optimizer, which bf16 ZeRO-1 uses)
 SHARD_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 MODEL_STATES_FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 FP32 = "fp32"  # the key of the fp32 master copy beside the optimizer's own state keys
@@ -116,7 +116,7 @@ def _load(path: Path) -> Any:
 
 
 def read_saved_optimizer(ds_dir: str | Path) -> SavedOptimizer:
-    """The optimizer state of the DeepSpeed checkpoint folder `ds_dir` (ZeRO-1/2/3 or bf16 ZeRO-0), whatever the
+    """The optimizer state of the DeepSpeed checkpoint folder `ds_dir` (ZeRO-1/2/3, bf16 optimizer), whatever the
     number of ranks that wrote it."""
     files = shard_files(ds_dir)
     if not files:
@@ -169,8 +169,8 @@ def flat_partition_size(numel: int, world: int) -> int:
 
 def _read_flat_group_slices(saved: SavedOptimizer, shards: list[dict[str, Any]],
                             shapes: list[dict[str, Any]]) -> None:
-    """ZeRO-1/2 (and bf16 ZeRO-0): each group's parameters flattened one after another, padded at the end, and cut
-    into N equal partitions; rank r saved partition r (its fp32 copy with the padding stripped, or not)."""
+    """ZeRO-1/2 (and DeepSpeed's bf16 optimizer): each group's parameters flattened one after another, padded at the
+    end, and cut into N equal partitions; rank r saved partition r (its fp32 copy with the padding stripped, or not)."""
     if any(any(any(p) for p in s.get("param_alignment_paddings", [])) for s in shards):
         raise ReshardRefused("the checkpoint pads between parameters (zero_optimization.parameter_alignment)")
     world = len(shards)
