@@ -3,8 +3,8 @@ partitions, cut again for the new count.
 
 DeepSpeed saves ZeRO-1/2/3 optimizer state (bf16 ZeRO-1's bf16 optimizer too) one file per rank, each a flat slice
 of the fp32 master weights and of every optimizer moment, and loads it only on the number of ranks that wrote it.
-Here the N files of a checkpoint are read as one state that does not depend on N (`SavedOptimizer`: each trained parameter's
-fp32 copy and moments by name, the step and hyperparameters of each parameter group, the loss scaler), and each of M
+Here the N files of a checkpoint are read as one state that does not depend on N (`SavedOptimizer`: each trained
+parameter's fp32 copy and moments by name, the step and hyperparameters of each parameter group, the loss scaler), and each of M
 ranks cuts its own slices of it in the new engine's layout and loads them through the optimizer's own
 `load_state_dict` (which reads only the rank's entry); the learning-rate scheduler and the engine's step counters come
 from the checkpoint's model-states file. Files are memory-mapped and loaded weights-only (checkpoints.safe_torch_load),
