@@ -4,12 +4,12 @@ partitions, cut again for the new count.
 DeepSpeed saves ZeRO-1/2/3 optimizer state (bf16 ZeRO-1's bf16 optimizer too) one file per rank, each a flat slice
 of the fp32 master weights and of every optimizer moment, and loads it only on the number of ranks that wrote it.
 Here the N files of a checkpoint are read as one state that does not depend on N (`SavedOptimizer`: each trained
-parameter's fp32 copy and moments by name, the step and hyperparameters of each parameter group, the loss scaler), and each of M
-ranks cuts its own slices of it in the new engine's layout and loads them through the optimizer's own
-`load_state_dict` (which reads only the rank's entry); the learning-rate scheduler and the engine's step counters come
-from the checkpoint's model-states file. Files are memory-mapped and loaded weights-only (checkpoints.safe_torch_load),
-so a rank touches the pages of its slices, not N files' worth of memory. ZeRO-0 with fp32 weights saves one
-world-size-independent file (bf16 ZeRO-0 too, on CPU), which DeepSpeed's own load takes on any count.
+parameter's fp32 copy and moments by name, the step and hyperparameters of each parameter group, the loss scaler),
+and each of M ranks cuts its own slices of it in the new engine's layout and loads them through the optimizer's own
+`load_state_dict` (which reads only the rank's entry); the learning-rate scheduler and the engine's step counters
+come from the checkpoint's model-states file. Files are memory-mapped and loaded weights-only
+(checkpoints.safe_torch_load), so a rank touches the pages of its slices, not N files' worth of memory. ZeRO-0
+saves one world-size-independent file (fp32, and bf16 on CPU), which DeepSpeed's own load takes on any count.
 
 DeepSpeed's own route, universal checkpoints (`ds_to_universal`, then `checkpoint: {load_universal: true}`), works
 on CPU too, but converts offline into a file per parameter and state on disk, reads every file with
