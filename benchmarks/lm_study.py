@@ -31,8 +31,8 @@ same comparison through `forgetless compare` is examples/lm_keep_general.yaml.
 
     python benchmarks/lm_study.py --model models/prose-gpt2-10m          # runs (resumes from --workdir), writes
                                                                          # benchmarks/results/lm_study.json + plot
-    python benchmarks/lm_study.py --analyze                              # plot + analysis again from the JSON
-    python benchmarks/verdicts.py                                        # the docs blocks from the JSON
+    python benchmarks/lm_study.py --analyze                              # plot, analysis and docs again from it
+    python benchmarks/verdicts.py                                        # (the docs blocks, which it also runs)
 """
 from __future__ import annotations
 
@@ -235,7 +235,10 @@ def run_all(args) -> dict:
         raise SystemExit(f"{args.model} is not a model folder; build it with: python -m "
                          f"forgetless.platform.worker.lm_pretrain --out {args.model} --steps 400 --n-layer 5 "
                          f"--n-embd 384 --n-head 6")
-    work = Path(args.workdir)
+    # one folder per scale: the built tasks and the finished runs belong to these numbers
+    work = Path(args.workdir) / (f"steps{args.steps}-every{args.eval_every}-batch{args.batch_size}-block"
+                                 f"{args.block_size}-eval{args.eval_blocks}-mc{args.mc_items}"
+                                 f"{'-final' if args.mc_final_only else ''}-{Path(args.model).name}")
     work.mkdir(parents=True, exist_ok=True)
     cfg = experiment(args.model, args.block_size, args.eval_blocks, args.batch_size, args.mc_items)
     tasks_file = str(work / "tasks.pt")
@@ -536,17 +539,39 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--eval-blocks", type=int, default=16, help="validation and test blocks per corpus")
-    ap.add_argument("--mc-items", type=int, default=100, help=f"{SUITE} items scored at every evaluation")
+    ap.add_argument("--mc-items", type=int, default=60, help=f"{SUITE} items scored at every evaluation")
     ap.add_argument("--mc-final-only", action="store_true", help=f"score {SUITE} at each run's last step only")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ewc-lambda", type=float, default=None, help="default: from the Fisher's size")
     ap.add_argument("--workers", type=int, default=2, help="runs at a time (one core each)")
-    ap.add_argument("--workdir", default="/tmp/fl_lm_study", help="built tasks and finished runs (resumable)")
+    ap.add_argument("--workdir", default="/tmp/fl_lm_study", help="built tasks and finished runs, a folder per scale "
+                                                                   "(a rerun resumes)")
     ap.add_argument("--out", default=str(RESULT))
     ap.add_argument("--plot", default=str(PLOT))
     ap.add_argument("--only", nargs="+", help="run only these settings (a timing probe)")
     ap.add_argument("--analyze", action="store_true", help="only the analysis and plot, from --out")
     return ap.parse_args(argv)
+
+
+DOC = ROOT / "docs" / "language_models.md"
+SLOT = "<!-- lm-study results: benchmarks/lm_study.py puts them here once benchmarks/results/lm_study.json exists -->"
+BLOCKS = ("<!-- generated:lm-study -->\n<!-- /generated:lm-study -->\n\n<!-- generated:verdict-lm-study -->\n"
+          "<!-- /generated:verdict-lm-study -->\n\n![every (setting, evaluation step) of the study, the front chosen on "
+          "validation, its test values](img/lm_study.png)")
+
+
+def write_docs() -> None:
+    """The study's generated blocks in docs/language_models.md (placed at SLOT the first time), filled from
+    benchmarks/results/lm_study.json by benchmarks/verdicts.py, the one writer of generated blocks."""
+    import importlib.util
+
+    text = DOC.read_text()
+    if "<!-- generated:lm-study -->" not in text and SLOT in text:
+        DOC.write_text(text.replace(SLOT, BLOCKS))
+    spec = importlib.util.spec_from_file_location("verdicts", ROOT / "benchmarks" / "verdicts.py")
+    verdicts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(verdicts)
+    verdicts.main([])
 
 
 def main(argv=None) -> None:
@@ -562,6 +587,8 @@ def main(argv=None) -> None:
     print(docs_blocks(report)["lm-study"])
     print(docs_blocks(report)["verdict-lm-study"])
     print(f"wrote {args.out} and {args.plot}")
+    if Path(args.out).resolve() == RESULT:
+        write_docs()
 
 
 if __name__ == "__main__":
