@@ -38,6 +38,10 @@ DOC = ROOT / "docs" / "tune.md"
 START, END = "<!-- trial-cost:start (benchmarks/trial_cost.py --docs) -->", "<!-- trial-cost:end -->"
 
 
+# A new label and search seed in every invocation, so that a workdir measured before reuses only the pre-training.
+NONCE = int(time.time()) % 10**6
+
+
 def compare_round(i: int, k: int = 1) -> dict[str, float]:
     """A compare of `k` finetune runs (new labels); per run: the mean of the runs' parts."""
     import forgetless
@@ -45,7 +49,7 @@ def compare_round(i: int, k: int = 1) -> dict[str, float]:
     from forgetless.platform.worker import timing
 
     cfg = forgetless.load_config(str(CONFIG))
-    cfg = cfg.model_copy(update={"strategies": [StrategyConfig(name="finetune", label=f"finetune-r{i}-{j}")
+    cfg = cfg.model_copy(update={"strategies": [StrategyConfig(name="finetune", label=f"finetune-{NONCE}-r{i}-{j}")
                                                 for j in range(k)]})
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -64,7 +68,8 @@ def tune_round(i: int, k: int = 1) -> dict[str, float]:
     cfg = forgetless.load_config(str(CONFIG), ["strategies=[finetune]"])
     last = cfg.pretrain.epochs
     rates = [cfg.train.lr * (1 + j / 1000) for j in range(k)]
-    search = {"space": {"stop_point": [last], "train.lr": rates}, "searcher": "grid", "seed": 1000 + i}
+    search = {"space": {"stop_point": [last], "train.lr": rates}, "searcher": "grid",
+              "seed": NONCE * 10 + i + 1}
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
     res = forgetless.tune(cfg, search=search)
