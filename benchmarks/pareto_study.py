@@ -229,8 +229,11 @@ def verdict(a: dict, ratio_val: list[float], ratio_test: list[float]) -> str:
 def write_docs(study: dict, spec: Study = EARLY_STOP) -> None:
     text = DOC.read_text()
     block = render(study, spec)
+    slot = f"<!-- {spec.marker}: results go here -->"
     if spec.start in text:
         text = text[:text.index(spec.start)] + block + text[text.index(spec.end) + len(spec.end):]
+    elif slot in text:
+        text = text.replace(slot, block)
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     DOC.write_text(text)
