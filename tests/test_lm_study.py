@@ -83,7 +83,7 @@ def test_ewc_lambda_comes_from_the_fisher_not_the_results(study):
     assert study.choose_ewc_lambda(0.02) == 1e6
 
 
-@pytest.mark.slow  # 83 s on the 2 shared cores (building the two corpora's blocks, four tiny runs)
+@pytest.mark.slow  # 29-83 s on the 2 shared cores (building the two corpora's blocks, four tiny runs)
 def test_a_run_trains_each_kind_of_setting_through_the_platforms_pieces(study, tmp_path):
     """Replay (data mixing), EWC (Fisher from prose training blocks) and LoRA on a tiny decoder, 4 steps each."""
     sys.path.insert(0, str(ROOT / "tests"))
