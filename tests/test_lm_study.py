@@ -111,12 +111,15 @@ def test_a_run_trains_each_kind_of_setting_through_the_platforms_pieces(study, t
     assert all(p["val_target_loss"] < pre["val_target_loss"] for p in runs["full_1e-3"]["curve"])
 
 
-def test_the_example_loads_and_every_strategy_applies_to_language_models():
+def test_the_example_loads_and_every_strategy_applies_to_language_models(tmp_path):
     from forgetless.config import load_config
     from forgetless.data.kinds import CAUSAL_LM
     from forgetless.strategies import get_strategy_class
+    from test_language_models import make_tiny_decoder
 
-    cfg = load_config(str(ROOT / "examples" / "lm_keep_general.yaml"))
+    # The example names the 10.5 M decoder that `lm_pretrain` builds (not in a fresh clone): a tiny one stands in.
+    folder = make_tiny_decoder(tmp_path / "tiny-gpt2")
+    cfg = load_config(str(ROOT / "examples" / "lm_keep_general.yaml"), [f"backbone.name=hf:{folder}"])
     assert cfg.scaling.num_workers == 1 and cfg.eval_tasks
     assert all(CAUSAL_LM in get_strategy_class(s.name).task_kinds for s in cfg.strategies)
     labels = [s.display_name() for s in cfg.strategies]
