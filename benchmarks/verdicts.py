@@ -382,11 +382,29 @@ def lm_study_blocks(path: Path = RESULTS / "lm_study.json") -> dict[str, str]:
     return module.docs_blocks(json.loads(path.read_text()))
 
 
+def lm_step_cost_block(results: Path = RESULTS) -> dict[str, str]:
+    """The language-model step-cost table (issue 30, item 5) from benchmarks/lm_step_cost.py's result files."""
+    files = sorted(results.glob("lm_step_cost_*_ranks*.json"))
+    if not files:
+        return {}
+    lines = ["| method | ranks | plain side | ZeRO stage | forgetless step s (min) | plain step s (min) | "
+             "ratio, min over rounds | ratio, median over rounds | rounds x steps | result file |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for f in files:
+        d = json.loads(f.read_text())
+        for name, r in d["ratio_of_round_medians"].items():
+            lines.append(f"| {d['method']} | {d['ranks']} | {d['plain']} | {name.removeprefix('forgetless_zero')} | "
+                         f"{d['min_step_s'][name]:.3f} | {d['min_step_s']['plain']:.3f} | {r['min']:.2f} | "
+                         f"{r['median']:.2f} | {d['rounds']} x {d['steps_per_round']} | `{f.name}` |")
+    return {"lm-step-cost": "\n".join(lines) + "\n"}
+
+
 def blocks() -> dict[str, str]:
     found = claims()
     out = {c.name: render(c) for c in found}
     out["verdict-summary"] = summary_table(found)
     out.update(lm_study_blocks())
+    out.update(lm_step_cost_block())
     return out
 
 
