@@ -114,8 +114,11 @@ def test_zero3_run_on_a_cnn(ray_session, workdir, tiny_config):
     assert res.accuracy_matrix.shape == (2, 2)
     assert [p["phase"] for p in res.phase_log] == ["probe", "finetune"]
     assert res.accuracy_matrix[1, 1] > res.accuracy_matrix[0, 1]  # it learned the target
-    # Steps count optimizer updates, not micro-batches: each rank sees n_train // 2 samples an epoch in micro-batches
-    # of 32, and every 2 micro-batches make one update (DeepSpeed counts them from the phase engine's start).
+    # Steps count optimizer updates, not micro-batches: an epoch is cut into global batches of 32 x 2 workers x 2
+    # micro-batches (data/sharding.py), each one update, the epoch's partial last one included when it splits evenly.
+    from forgetless.data.sharding import batch_plan, epoch_steps
+
     n_train = len(build_stream(load_config(cfg).source, load_config(cfg).targets)[1].x_train)
-    micro_batches = -(-(n_train // 2) // 32)
-    assert [p["steps"] for p in res.phase_log] == [p["epochs"] * micro_batches // 2 for p in res.phase_log]
+    per_epoch = epoch_steps(n_train, batch_plan(32, 2, 2, 2))
+    assert n_train % 128 and per_epoch == n_train // 128 + 1  # the tail step is counted (a plain n // 128 would not)
+    assert [p["steps"] for p in res.phase_log] == [p["epochs"] * per_epoch for p in res.phase_log]
