@@ -216,9 +216,11 @@ def assert_same_state(written: Path, resumed: Path, what: str, fp32_weights: boo
         assert all(torch.equal(wa[k], wb[k]) for k in wa), what
 
 
-def resume_twice(folder: Path, worlds: tuple[int, int, int], variants: tuple[str, ...]) -> None:
-    """Checkpoints written by worlds[0] ranks (in `folder`) resumed on worlds[1], and theirs on worlds[2]."""
+def resume_twice(folder: Path, worlds: tuple[int, int, int], variants: tuple[str, ...]) -> list[str]:
+    """Checkpoints written by worlds[0] ranks (in `folder`) resumed on worlds[1], and theirs on worlds[2]; the
+    resumes whose state was compared with their checkpoint's (every one, or an assertion failed first)."""
     first, second, third = worlds
+    compared: list[str] = []
     run_ranks(folder, second, "second", variants)
     run_ranks(folder, third, "third", variants)
     for v in variants:
@@ -229,9 +231,11 @@ def resume_twice(folder: Path, worlds: tuple[int, int, int], variants: tuple[str
         fp32 = "bf16" not in v
         assert_same_state(base / "ckpt1", base / "resumed_second", f"{v}: {first} -> {second}", fp32)
         assert_same_state(base / "ckpt2", base / "resumed_third", f"{v}: {second} -> {third}", fp32)
+        compared += [f"{v}: {first} -> {second}", f"{v}: {second} -> {third}"]
         if v.startswith("partitions"):
             parts = sorted(p.name for p in (base / "resumed_second").glob("model_partition_rank*.pt"))
             assert len(parts) == second, parts
+    return compared
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +249,8 @@ def written_by_two(tmp_path_factory) -> Path:
 def test_every_zero_stage_resumes_two_workers_on_one_and_back(written_by_two):
     """2 -> 1 -> 2 for ZeRO-0, 1, 2, 3 and ZeRO-3 partitions: the state after each resume equals the checkpoint's,
     and the steps that follow equal the uninterrupted run's."""
-    resume_twice(written_by_two, (2, 1, 2), VARIANTS)
+    compared = resume_twice(written_by_two, (2, 1, 2), VARIANTS)
+    assert len(compared) == 2 * len(VARIANTS) and "zero3: 1 -> 2" in compared
 
 
 def test_a_resume_on_another_count_is_refused_with_the_seam_off(tmp_path, monkeypatch):
@@ -268,5 +273,6 @@ def test_uneven_counts_three_to_two_to_four_and_bf16(tmp_path):
     (ZeRO-0's one file; ZeRO-1's bf16 optimizer, `bf16_` shards; ZeRO-3)."""
     variants = (*VARIANTS, "zero0-bf16", "zero1-bf16", "zero3-bf16")
     run_ranks(tmp_path, 3, "first", variants)
-    resume_twice(tmp_path, (3, 2, 4), variants)
+    compared = resume_twice(tmp_path, (3, 2, 4), variants)
+    assert len(compared) == 2 * len(variants) and "zero1-bf16: 3 -> 2" in compared and "zero3-bf16: 2 -> 4" in compared
 
