@@ -26,6 +26,11 @@ def ray_dashboard() -> bool:
     return os.environ.get(DASHBOARD_VARIABLE, "") not in ("", "0")
 
 
+# The lines forgetless prints, the driver's ("[forgetless] ...") and a run's workers' ("[forgetless finetune] ..."):
+# Ray's driver passes worker lines of this shape on one by one (never folded into "[repeated Nx across cluster]").
+LINE_PATTERN = r"^\[forgetless[ \]]"
+
+
 def say(msg: str) -> None:
     print(f"[forgetless] {msg}", file=sys.stderr, flush=True)
 

@@ -416,6 +416,7 @@ def test_bert_zero3_four_strategies(models, ray_session, workdir):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # 60 s of CI's 15 minutes; ZeRO-3 LoRA on a tiny decoder stays in CI (test_language_models.py)
 def test_gpt2_and_vit_lora_under_zero3(models, ray_session, workdir):
     # GPT-2: LoRA on its fused Conv1D attention projection (transposed weights), merged under ZeRO-3
     gpt = load_config(_text_config(models, "gpt2", [{"name": "lora", "params": {"r": 4}}],

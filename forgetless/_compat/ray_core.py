@@ -7,6 +7,11 @@
 - `cpu_count`: the CPU count ray.init gives an embedded cluster (`ray._private.utils.get_num_cpus`: container CPU
   limits honoured), checked before Ray starts. Public path: the CPUs this process may run on (a container's CPU quota
   is not seen: a run it cannot place is refused by Ray's own start instead of before it).
+- `never_deduplicate`: adds a pattern to the allow regex of the driver's log deduplicators
+  (`ray._private.ray_logging.stdout_deduplicator` / `stderr_deduplicator`), which Ray reads from
+  `RAY_DEDUP_LOGS_ALLOW_REGEX` once, when first imported. Public path: only a driver started with that variable (a
+  submitted job's, which jobs.submit sets) keeps the lines whole; elsewhere a worker's progress lines may be folded
+  into "[repeated Nx across cluster]" lines.
 """
 from __future__ import annotations
 
@@ -23,13 +28,16 @@ LOW, BELOW = "2.60", "2.61"  # written and tested with 2.60.0
 
 
 def _probe() -> bool:
-    from ray._private import utils, worker
+    from ray._private import ray_logging, utils, worker
 
-    return callable(utils.get_num_cpus) and hasattr(worker, "_global_node")
+    return (callable(utils.get_num_cpus) and hasattr(worker, "_global_node")
+            and all(hasattr(getattr(ray_logging, name, None), "allow_re")
+                    for name in ("stdout_deduplicator", "stderr_deduplicator")))
 
 
 SEAM = Seam("Ray", "ray", LOW, BELOW, probe=_probe,
-            slower="a container's CPU quota is checked by Ray's start instead of before it")
+            slower="a container's CPU quota is checked by Ray's start instead of before it, and a restarted "
+                   "worker's progress lines may be folded into '[repeated Nx across cluster]' lines")
 
 
 def cluster_folder() -> Path:
@@ -65,3 +73,23 @@ def upload_loggers() -> tuple[str, ...]:
         return public
     return ("ray._private.runtime_env.working_dir", "ray._private.runtime_env.packaging",
             "ray._private.runtime_env.py_modules", *public)
+
+
+# Ray's documented variable: a regex of log lines its driver never folds, read once, when Ray is first imported
+DEDUP_ALLOW_VARIABLE = "RAY_DEDUP_LOGS_ALLOW_REGEX"
+
+
+def never_deduplicate(pattern: str) -> None:
+    """Worker lines matching `pattern` (a regex) reach this driver's console one by one. Ray's driver folds lines
+    from two or more processes that differ only in their numbers ("epoch 4/120", "epoch 5/120") into one
+    "[repeated Nx across cluster]" line per 5 s; a run whose rank 0 was restarted (a resize, a lost worker) prints from
+    a new process, and its epoch lines were folded away (tests/faults/test_node_loss.py). Public path: nothing here
+    (a driver started with DEDUP_ALLOW_VARIABLE in its environment, as a submitted job is, has it from Ray itself)."""
+    if not SEAM.active():
+        return
+    from ray._private import ray_logging
+
+    for dedup in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
+        current = dedup.allow_re.pattern if dedup.allow_re is not None else ""
+        if pattern not in current:
+            dedup.allow_re = re.compile(f"{current}|{pattern}" if current else pattern)

@@ -47,7 +47,9 @@ LOCAL_ONLY_VARS = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_CONFIG_FILE", "AWS
 # group, created with max_restarts and killed at the group's end, which Ray's core worker reports as three error lines
 # per job; nothing drains nodes here. A cluster on preemptible nodes turns it on with
 # `RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=1 forgetless submit ... --env RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`.
-JOB_DEFAULTS = {ray_cluster.PREEMPTION_WATCHER_VARIABLE: "0"}
+# And the job's driver passes its workers' forgetless lines on one by one, also with the Ray seam off
+# (ray_core.never_deduplicate).
+JOB_DEFAULTS = {ray_cluster.PREEMPTION_WATCHER_VARIABLE: "0", ray_core.DEDUP_ALLOW_VARIABLE: console.LINE_PATTERN}
 # Ray's own lines while it packages the working dir and this package for upload (ray_core.upload_loggers), which say
 # nothing a user acts on: that .gitignore is honoured (once per package uploaded) and that .venv/.git are left out (a
 # new default of Ray's).

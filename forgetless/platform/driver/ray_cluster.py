@@ -57,6 +57,7 @@ def init_ray(address: str | None, use_gpu: bool, num_cpus: int | None = None) ->
                      configure_logging=True)
     else:
         _EMBEDDED_CLUSTER = _init_embedded_ray(env, num_cpus, system_config)
+    ray_core.never_deduplicate(console.LINE_PATTERN)  # every epoch line, also from a restarted worker
     # ray.init sets a SIGTERM handler of its own (sys.exit): the caller's handlers are put back, so that the Python API
     # leaves them as they were. (`forgetless` the command turns SIGTERM into SIGINT, so that `ray job stop` ends a run
     # as Ctrl-C does: cli.py.)
