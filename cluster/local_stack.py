@@ -115,6 +115,10 @@ class LocalStack:
     secret_access_key: str = ""
     ray_token: str = ""
     procs: list[Proc] = field(default_factory=list)
+    # how many times each worker node was started ("n" -> count): a node started again gets a temp dir of its own, as
+    # a replacement machine has one. In the old one, the new node's log monitor read the killed workers' log files
+    # again from their start, and their lines reached the job's driver a second time (tests/faults/test_node_loss.py)
+    node_starts: dict[str, int] = field(default_factory=dict)
 
     # -- addresses ----------------------------------------------------------------------------------------------------
     @property
@@ -244,6 +248,7 @@ class LocalStack:
     def start_worker_node(self, n: int, timeout: float = 420, env: dict[str, str] | None = None) -> None:
         """Start (or start again, after `stop_worker_node`) worker node n (1-based): `ray start` joining the head."""
         alive_before = self.alive_nodes()
+        self.node_starts[str(n)] = self.node_starts.get(str(n), 0) + 1
         self._start_node(
             f"ray-worker-{n}",
             # a temp dir of its own: nodes sharing one collide on the object store's Unix socket
@@ -254,7 +259,9 @@ class LocalStack:
         self.save()
 
     def node_temp_dir(self, n: int) -> str:
-        return f"{self.ray_temp_dir}/w{n}"
+        """Worker node n's Ray temp dir, that of its latest start (w2, then w2-2, ...)."""
+        starts = self.node_starts.get(str(n), 1)
+        return f"{self.ray_temp_dir}/w{n}" + (f"-{starts}" if starts > 1 else "")
 
     def stop_worker_node(self, n: int) -> list[int]:
         """Lose worker node n as a machine is lost (a reclaimed spot node): SIGKILL to its `ray start` process group

@@ -47,6 +47,14 @@ def _wait(what: str, check, timeout: float, every: float = 1.0, while_true=None,
         time.sleep(every)
 
 
+def _resumes(logs: str, again: dict[int, int]) -> str:
+    """The lines that say where each restart resumed from, and the epoch lines of the epochs trained twice."""
+    twice = re.compile(rf"\[forgetless lost\] stage 1 phase \w+ epoch ({'|'.join(map(str, again))})/{EPOCHS}")
+    return "\n".join(line[:300] for line in logs.splitlines()
+                     if re.search(r"resum|skipping|starting over|resized|damaged|reshard|Train|lost\]", line) and "epoch" not in line
+                     or twice.search(line))
+
+
 def _said(logs: str) -> str:
     """The lines of a job's log that say what the run did (Ray Train's controller, forgetless), the last 60."""
     keep = [line[:300] for line in logs.splitlines()
@@ -162,6 +170,8 @@ def test_a_lost_node_shrinks_the_run_and_a_returned_one_grows_it(stack, tiny_con
     trained = Counter(int(m) for m in re.findall(rf"\[forgetless lost\] stage 1 phase \w+ epoch (\d+)/{EPOCHS}", logs))
     assert set(trained) == set(range(1, EPOCHS + 1)), sorted(trained)
     again = {e: n - 1 for e, n in trained.items() if n > 1}
+    if not (sum(again.values()) <= 2 and all(n == 1 for n in again.values())):
+        print(f"\nepochs trained twice: {again}; where the run resumed:\n{_resumes(logs, again)}")  # (with -s)
     assert sum(again.values()) <= 2 and all(n == 1 for n in again.values()), again
     # what the user sees: a line per resize, with its cause
     assert re.search(r"\[forgetless lost\] resized: 2 -> 1 workers at step \d+: a worker or its node was lost", logs)
