@@ -87,7 +87,10 @@ LM = Study(
     config=ROOT / "examples" / "lm_keep_general.yaml",
     # the example's comparison as trials: one worker each (two at a time), 16 optimizer steps, no curves (the trial's
     # numbers are its end of training), no suite (the objectives are the corpora's)
-    overrides=["scaling.num_workers=1", "train.step_budget=16", "train.eval_every_steps=null", "eval_tasks=[]"],
+    # (and the decoder by its absolute path: the searches run in their work folder, where the example's relative
+    # `hf:models/prose-gpt2-10m` names nothing)
+    overrides=["scaling.num_workers=1", "train.step_budget=16", "train.eval_every_steps=null", "eval_tasks=[]",
+               f"backbone.name=hf:{ROOT / 'models' / 'prose-gpt2-10m'}"],
     grid_space={"stop_point": [1], "train.lr": LM_LRS, "strategy.share": LM_SHARES},
     search_space={"stop_point": [1], "train.lr": {"low": LM_LRS[0], "high": LM_LRS[-1], "log": True},
                   "strategy.share": {"low": LM_SHARES[0], "high": LM_SHARES[-1]}},
