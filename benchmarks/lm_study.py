@@ -40,6 +40,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -432,7 +433,7 @@ def plot(report: dict, analysis: dict, path: Path) -> None:
                             fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.invert_xaxis()
         ax.set_xlabel(f"code {split} loss (nats/token; right = learned more)")
-        ax.set_ylabel(f"prose {split} loss increase from the pre-trained model (nats; up = forgot more)")
+        ax.set_ylabel(f"prose {split} loss increase\nfrom the pre-trained model (nats; up = forgot more)", fontsize=8)
         ax.set_title(f"{'validation: the front is chosen here' if split == 'val' else 'test: the chosen points'}",
                      fontsize=9)
     axes[0].legend(fontsize=6, loc="upper left")
@@ -570,6 +571,7 @@ def write_docs() -> None:
         DOC.write_text(text.replace(SLOT, BLOCKS))
     spec = importlib.util.spec_from_file_location("verdicts", ROOT / "benchmarks" / "verdicts.py")
     verdicts = importlib.util.module_from_spec(spec)
+    sys.modules["verdicts"] = verdicts  # its dataclasses look their module up there
     spec.loader.exec_module(verdicts)
     verdicts.main([])
 
