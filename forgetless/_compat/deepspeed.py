@@ -14,6 +14,10 @@ worker decides first (platform/worker/engine.ensure_accelerator_env).
   of the flattened tensor, zero-padded at the end) and `full_shape` (`ds_shape`). Public path: each parameter is
   gathered (`deepspeed.zero.GatheredParameters`) and sliced, or written whole through rank 0, by
   platform/worker/zero3_partitions.py (a collective per parameter; at most one full parameter per rank at a time).
+- `skip_one_rank_allreduce`: turns off the engine's gradient all-reduce (`enable_backward_allreduce`, the flag
+  DeepSpeed's pipeline engine sets) for a ZeRO-0 engine of one rank, where it would flatten every gradient into a
+  buffer, "average" it over one rank and copy it back after each backward (~5 % of a 10 M decoder's step on CPU,
+  benchmarks/lm_step_cost.py). Public path: DeepSpeed's all-reduce of one rank stays.
 - resuming on another worker count (`reshard_supported`, `zero_param_shapes`): platform/worker/reshard.py reads the
   per-rank optimizer files in DeepSpeed 0.19's layout (ZeRO-1/2: each group's parameters flattened and cut into equal
   partitions; ZeRO-3: each parameter cut into equal slices) and lays them out in the order the engine's
@@ -109,3 +113,13 @@ def zero_param_shapes(engine: Any) -> list[dict[str, Any]]:
     name -> shape per group, as DeepSpeed itself saves it into a checkpoint (`param_shapes`, from the engine's
     `_get_zero_param_shapes`)."""
     return engine._get_zero_param_shapes()
+
+
+def skip_one_rank_allreduce(engine: Any, zero_stage: int, world_size: int) -> bool:
+    """For a ZeRO-0 engine of one rank, skip DeepSpeed's gradient all-reduce: over one rank it changes no gradient
+    (a sum of one, divided by one) and costs copies of all of them. Returns whether it was skipped. ZeRO >= 1 is left
+    as it is: there the reduction also fills the optimizer's own gradient partitions."""
+    if not SEAM.active() or zero_stage != 0 or world_size != 1 or not hasattr(engine, "enable_backward_allreduce"):
+        return False
+    engine.enable_backward_allreduce = False
+    return True

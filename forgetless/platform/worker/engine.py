@@ -226,6 +226,7 @@ def make_engine(model: nn.Module, phase: Phase, optim: OptimConfig, spec: DeepSp
         config=deepspeed_config(spec, optim.batch_size, world_size, use_gpu),
         dist_init_required=False,
     )
+    compat_deepspeed.skip_one_rank_allreduce(engine, spec.zero_stage, world_size)
     return engine
 
 
