@@ -115,11 +115,9 @@ def zero_param_shapes(engine: Any) -> list[dict[str, Any]]:
     return engine._get_zero_param_shapes()
 
 
-def skip_one_rank_allreduce(engine: Any, zero_stage: int, world_size: int) -> bool:
+def skip_one_rank_allreduce(engine: Any, zero_stage: int, world_size: int) -> None:
     """For a ZeRO-0 engine of one rank, skip DeepSpeed's gradient all-reduce: over one rank it changes no gradient
-    (a sum of one, divided by one) and costs copies of all of them. Returns whether it was skipped. ZeRO >= 1 is left
-    as it is: there the reduction also fills the optimizer's own gradient partitions."""
-    if not SEAM.active() or zero_stage != 0 or world_size != 1 or not hasattr(engine, "enable_backward_allreduce"):
-        return False
-    engine.enable_backward_allreduce = False
-    return True
+    (a sum of one, divided by one) and costs copies of all of them. ZeRO >= 1 is left as it is: there the reduction
+    also fills the optimizer's own gradient partitions."""
+    if SEAM.active() and zero_stage == 0 and world_size == 1 and hasattr(engine, "enable_backward_allreduce"):
+        engine.enable_backward_allreduce = False

@@ -55,14 +55,6 @@ def _epochs_trained(stack, label: str) -> Counter:
     return Counter(int(e) for f in files for e in set(line.findall(f.read_text(errors="replace"))))
 
 
-def _resumes(logs: str, again: dict[int, int]) -> str:
-    """The lines that say where each restart resumed from, and the epoch lines of the epochs trained twice."""
-    twice = re.compile(rf"\[forgetless lost\] stage 1 phase \w+ epoch ({'|'.join(map(str, again))})/{EPOCHS}")
-    return "\n".join(line[:300] for line in logs.splitlines()
-                     if re.search(r"resum|skipping|starting over|resized|damaged|reshard|Train|lost\]", line) and "epoch" not in line
-                     or twice.search(line))
-
-
 def _said(logs: str) -> str:
     """The lines of a job's log that say what the run did (Ray Train's controller, forgetless), the last 60."""
     keep = [line[:300] for line in logs.splitlines()
@@ -103,10 +95,11 @@ def _committed_epoch(stack, run: str) -> int:
     return (committed_transfer_epoch(snapshot) if snapshot else None) or 0
 
 
-# ZeRO-2 is the default stage (a resume on 1 worker re-cuts the 2 ranks' optimizer partitions: platform/worker/reshard.py);
-# ZeRO-0 keeps whole optimizer states on every rank
+# ZeRO-2 is the default stage (a resume on 1 worker re-cuts the 2 ranks' optimizer partitions:
+# platform/worker/reshard.py); ZeRO-0 keeps whole optimizer states on every rank
 @pytest.mark.parametrize("zero_stage", [2, 0])
-def test_a_lost_node_shrinks_the_run_and_a_returned_one_grows_it(stack, tiny_config, capsys, monkeypatch, zero_stage):
+def test_a_lost_node_shrinks_the_run_and_a_returned_one_grows_it(stack, tiny_config, capsys, monkeypatch,
+                                                                 zero_stage):
     from forgetless import console
     from forgetless.cli import main
     from forgetless.config import load_config
@@ -115,7 +108,8 @@ def test_a_lost_node_shrinks_the_run_and_a_returned_one_grows_it(stack, tiny_con
 
     monkeypatch.setenv(console.VERBOSE_VARIABLE, "1")  # the job's log then holds every epoch line of rank 0
     cfg = tiny_config(storage=f"s3://{stack.bucket}/node-loss", tracking={"log_model": False, "experiment": "node-loss"},
-                      scaling={"num_workers": [1, 2], "max_concurrent": 1}, deepspeed={"zero_stage": zero_stage},
+                      scaling={"num_workers": [1, 2], "max_concurrent": 1},
+                      deepspeed={"zero_stage": zero_stage},
                       train={"epochs": EPOCHS, "lr": 0.01, "batch_size": 64},
                       strategies=[{"name": "finetune", "label": "reference"}, {"name": "finetune", "label": "lost"}])
     Path("c.yaml").write_text(yaml.safe_dump(cfg))
@@ -181,8 +175,6 @@ def test_a_lost_node_shrinks_the_run_and_a_returned_one_grows_it(stack, tiny_con
     trained = _epochs_trained(stack, "lost")
     assert set(trained) == set(range(1, EPOCHS + 1)), sorted(trained)
     again = {e: n - 1 for e, n in trained.items() if n > 1}
-    if not (sum(again.values()) <= 2 and all(n == 1 for n in again.values())):
-        print(f"\nepochs trained twice: {again}; where the run resumed:\n{_resumes(logs, again)}")  # (with -s)
     assert sum(again.values()) <= 2 and all(n == 1 for n in again.values()), again
     in_job_log = {int(m) for m in re.findall(rf"\[forgetless lost\] stage 1 phase \w+ epoch (\d+)/{EPOCHS}", logs)}
     # what the user sees: a line per resize, with its cause
