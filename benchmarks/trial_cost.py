@@ -33,7 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "digits_transfer.yaml"
 RESULT = ROOT / "benchmarks" / "results" / "trial_cost.json"
-BEFORE = ROOT / "benchmarks" / "results" / "trial_cost_before.json"  # the same benchmark before the change (its note)
+# the same benchmark before earlier changes, newest first (each with its note): trial_cost_before*.json
+BEFORE_GLOB = "trial_cost_before*.json"
 DOC = ROOT / "docs" / "tune.md"
 START, END = "<!-- trial-cost:start (benchmarks/trial_cost.py --docs) -->", "<!-- trial-cost:end -->"
 
@@ -108,20 +109,22 @@ def verdict(out: dict) -> str:
             f"{out['cpus']} CPUs{load}; commit {out.get('commit', '?')}).")
 
 
-def render(out: dict, before: dict | None = None, several: list[dict] = ()) -> str:
+def render(out: dict, before: list[dict] = (), several: list[dict] = ()) -> str:
     lines = [START, "", table(out), "", verdict(out)]
     for k_out in several:
         n = k_out["trials"]
         lines += ["", f"A compare of {n} runs next to a search of {n} trials (`call`: the whole call; the other rows "
                       f"per run and per trial, Tuner.fit / {n}; Tune's trial process serves the search's trials one "
                       f"after another):", "", table(k_out), "", verdict(k_out)]
-    if before is not None:
-        lines += ["", f"Before the change ({before['note']}):", "", table(before), "", verdict(before)]
+    for b in before:
+        lines += ["", f"Before ({b['note']}):", "", table(b), "", verdict(b)]
     return "\n".join(lines + ["", END])
 
 
-def _before() -> dict | None:
-    return json.loads(BEFORE.read_text()) if BEFORE.exists() else None
+def _before() -> list[dict]:
+    """The earlier measurements: the later ones by name, then the first (trial_cost_before.json)."""
+    paths = sorted(RESULT.parent.glob(BEFORE_GLOB), key=lambda p: (p.name == "trial_cost_before.json", p.name))
+    return [json.loads(p.read_text()) for p in paths]
 
 
 def _several() -> list[dict]:

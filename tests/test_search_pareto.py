@@ -296,7 +296,7 @@ def test_a_stop_point_without_a_recorded_source_accuracy_still_has_validation_fo
 
     from forgetless.platform.analysis.results import StrategyResult
     from forgetless.platform.tuning.objective import Objective
-    from forgetless.platform.tuning.trial_runner import _final_metrics
+    from forgetless.platform.tuning.trial_training import _final_metrics
 
     history = [{"step": 0, "stage": 1, "acc": {"0": 0.22, "1": 0.10}},  # the run's first evaluation: before training
                {"step": 5, "stage": 1, "acc": {"0": 0.18, "1": 0.80}}]

@@ -57,7 +57,7 @@ def _mark_and_sleep(marker: str):
 class _Runner:
     """Stands in for the slot's trial runner (a process of the driver's): fits as the trial, in the slot's host."""
 
-    def ready(self) -> bool:
+    def ready(self, host=None, trial_id=None) -> bool:
         return True
 
     def fit(self, trial_id: str, host, train_fn, config, storage: str, pid_file: str) -> None:

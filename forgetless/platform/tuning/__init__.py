@@ -14,7 +14,8 @@ One concept a module:
   record     the MLflow tags and metrics of a search's trials, and retries for concurrent SQLite writers
   slots      the slot actor: at most n trials at once, each with the runner and controller host lent to its slot
   trial      the Ray Train report callback and the trial function (light: a trial process imports it)
-  trial_runner  training one trial (fits.transfer, its MLflow run), and the driver's runner processes that do it
+  trial_runner  the driver's runner processes that train a slot's trials (light: a trial process unpickles them)
+  trial_training  training one trial (fits.transfer, its MLflow run), in the slot's runner
   driver     run_search: scheduler, progress callback, parent run, unfinished trials
   front      the Pareto front of a search's trials (analysis.pareto on validation data), edge-of-range flags
   results    TrialResult, SearchResult, ParetoFront, load_search, the table

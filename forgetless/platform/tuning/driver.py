@@ -100,6 +100,7 @@ def _release_slot(slots: str, trial_id: str) -> None:
         return
     host, _ = ray.get(actor.lent_to.remote(trial_id))  # (None: the trial holds no slot, or its slot has no host)
     if host is not None:
+        host = ray.get(host)  # (an object ref of the handle: slots.start_slots)
         try:
             if ray.get(host.abort_fit.remote(trial_id), timeout=ABORT_TIMEOUT_S):
                 say(f"trial {trial_id} ended while its Ray Train run ran: the run was aborted")
@@ -107,6 +108,44 @@ def _release_slot(slots: str, trial_id: str) -> None:
             say(f"trial {trial_id}: its Ray Train run could not be aborted in its slot's controller process "
                 f"({type(e).__name__}); the slot's next trial starts a controller of its own")
     actor.release.remote(trial_id)
+
+
+# The trial context of each search this driver runs now whose slots were lent runners, by the name of its slots actor
+# (EarlyStart reads it here: a callback Tune restores from a killed search's state finds none, and starts nothing).
+_EARLY_START: dict[str, dict[str, Any]] = {}
+
+
+class EarlyStart(tune.Callback):
+    """Starts a trial's training in a free slot's runner as soon as Tune has added the trial, while Tune starts the
+    trial's process (~2 s on 2 cores: a Ray worker process, its import of Ray Tune); the trial's process then follows
+    the training already under way (trial.follow_in_runner) and reports it to Tune. A trial that finds no free slot
+    here waits for one in its own process, as before. Trials never wait for each other on this: Tune has at most as
+    many trials pending as the search has slots (max_concurrent_trials), and a restored search's trials, which bypass
+    that limit, all get a process of their own."""
+
+    def __init__(self, slots: str):
+        self.slots = slots  # name of the search's TrialSlots actor
+        self.started: set[str] = set()
+
+    def on_step_begin(self, iteration, trials, **info):
+        context = _EARLY_START.get(self.slots)
+        if context is None:
+            return
+        for trial in trials:
+            if trial.status == trial.PENDING and trial.trial_id not in self.started:
+                if not _start_in_a_free_slot(self.slots, trial.trial_id, dict(trial.config), context):
+                    return  # every slot is taken: the next step tries again
+                self.started.add(trial.trial_id)
+
+
+def _start_in_a_free_slot(slots: str, trial_id: str, params: dict[str, Any], context: dict[str, Any]) -> bool:
+    actor = ray.get_actor(slots)
+    if not ray.get(actor.acquire.remote(trial_id)):
+        return False
+    host, runner = ray.get(actor.lent_to.remote(trial_id))  # (object refs of the handles)
+    if runner is not None:
+        ray.get(runner).start.remote(params, context, trial_id, host)  # not waited on: Tune's loop goes on
+    return True
 
 
 class Progress(tune.Callback):
@@ -204,12 +243,17 @@ class _Search:
     root: str  # the storage root: Tune experiments and Ray Train runs live under it
     slots: str  # name of the search's TrialSlots actor
     concurrency: int  # trials at once
+    lent: bool  # the slots have this driver's trial runners and controller hosts
 
 
-def _trainable(s: _Search, traj: Trajectory):
-    context = {"config": s.plan.cfg.model_copy(update={"storage": s.root}).model_dump(mode="json"),
-               "trajectory": traj.to_dict(), "tracking": s.target.to_dict(), "weights": scalar_weights(s.plan.search),
-               "search_name": s.plan.name, "cwd": os.getcwd(), "slots": s.slots}
+def _trial_context(s: _Search, traj: Trajectory) -> dict[str, Any]:
+    """What every trial of the search is trained with, besides its own parameters (trial_training.train_trial)."""
+    return {"config": s.plan.cfg.model_copy(update={"storage": s.root}).model_dump(mode="json"),
+            "trajectory": traj.to_dict(), "tracking": s.target.to_dict(), "weights": scalar_weights(s.plan.search),
+            "search_name": s.plan.name, "cwd": os.getcwd(), "slots": s.slots}
+
+
+def _trainable(context: dict[str, Any]):
     # The trial function itself only waits on its Ray Train run, so it asks for no CPU (a CPU per trial would
     # starve the run's own workers); Tune needs some resource per trial, so it reserves a little memory. The
     # workers hold the CPUs/GPUs, and max_concurrent_trials keeps the started trials within what the cluster fits.
@@ -223,7 +267,7 @@ def _progress(s: _Search) -> Progress:
     return Progress(s.slots, shown)
 
 
-def _new_tuner(s: _Search, trainable) -> tune.Tuner:
+def _new_tuner(s: _Search, trainable, callbacks: list[tune.Callback]) -> tune.Tuner:
     search = s.plan.search
     # A Pareto search gives its metrics to the searcher itself (Tune's metric/mode take one metric); a grid or random
     # search of several objectives optimises nothing, and the front is computed from MLflow afterwards.
@@ -238,7 +282,8 @@ def _new_tuner(s: _Search, trainable) -> tune.Tuner:
                                     # a finished trial's process serves the next trial (Tune resets it): no process
                                     # start and Ray Tune import per trial
                                     reuse_actors=True),
-        run_config=tune.RunConfig(name=s.plan.name, storage_path=s.root, verbose=0, callbacks=[_progress(s)],
+        run_config=tune.RunConfig(name=s.plan.name, storage_path=s.root, verbose=0,
+                                  callbacks=[_progress(s), *callbacks],
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
 
@@ -293,16 +338,22 @@ def _run(s: _Search, restore_path: str | None, t0: float) -> SearchResult:
     uri, parent = s.target.tracking_uri, s.target.parent_run_id
     _log_search_definition(uri, parent, s.plan)
     traj = _pretrain(s.plan, s.target)
-    trainable = _trainable(s, traj)
+    context = _trial_context(s, traj)
+    trainable = _trainable(context)
     if restore_path:
         say(f"resuming search {s.plan.name} from {restore_path}: finished trials are kept, unfinished ones continue "
             f"from their last checkpoint")
         tuner = tune.Tuner.restore(restore_path, trainable, resume_unfinished=True, resume_errored=True)
     else:
-        tuner = _new_tuner(s, trainable)
+        tuner = _new_tuner(s, trainable, [EarlyStart(s.slots)] if s.lent else [])
+        if s.lent:
+            _EARLY_START[s.slots] = context
     t_tune = time.perf_counter()
-    with _tune_environment(s.concurrency):
-        grid = tuner.fit()
+    try:
+        with _tune_environment(s.concurrency):
+            grid = tuner.fit()
+    finally:
+        _EARLY_START.pop(s.slots, None)
     tune_seconds = time.perf_counter() - t_tune
     _finalize_unfinished(grid, s.plan, s.target)
     out = load_search(uri, parent)
@@ -355,7 +406,8 @@ def run_search(config, search: SearchConfig | dict | None = None, resume: bool =
     say(f"search {plan.name}: MLflow parent run {parent} in {uri}; up to {concurrency} trial(s) at once")
     t0 = time.perf_counter()
     try:
-        out = _run(_Search(plan, target, root, slots, concurrency), tune_path if exists else None, t0)
+        out = _run(_Search(plan, target, root, slots, concurrency, lent=bool(runners)), tune_path if exists else None,
+                   t0)
         tracking.client(uri).set_terminated(parent, "FINISHED")
         return out
     except BaseException as e:

@@ -1,6 +1,8 @@
 """The slots of a search: at most `n` of its trials train at once, each in a slot with what the search's driver lent
 it. A Ray actor per search, started as the search starts, whose start is on the way to the search's first trial: this
-module imports Ray alone (not Ray Tune, not forgetless's driver side).
+module imports Ray alone (not Ray Tune, not forgetless's driver side), and the actor holds what it lends as object
+refs, which it never unpickles (unpickling an actor handle imports its class's module: a ControllerHost's imports Ray
+Train, ~1.3 s on 2 cores).
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ class TrialSlots:
     def __init__(self, n: int, lent: list[tuple[Any, Any]] | None = None):
         self.n = n
         self.holders: list[str | None] = [None] * n  # the trial holding each slot
-        self.lent = list(lent) if lent else [(None, None)] * n  # each slot's (controller host, trial runner)
+        # each slot's (controller host, trial runner): object refs of the driver's actor handles (start_slots)
+        self.lent = list(lent) if lent else [(None, None)] * n
         self.stopped: set[str] = set()
 
     def acquire(self, trial_id: str) -> bool:
@@ -34,8 +37,9 @@ class TrialSlots:
         return True
 
     def lent_to(self, trial_id: str) -> tuple[Any, Any]:
-        """(controller host, trial runner) of the slot `trial_id` holds; (None, None) if it holds none, or the slot
-        has none."""
+        """(controller host, trial runner) of the slot `trial_id` holds, each an object ref of the actor's handle
+        (`ray.get` it, or pass it to a remote call as an argument); (None, None) if it holds none, or the slot has
+        none."""
         return self.lent[self.holders.index(trial_id)] if trial_id in self.holders else (None, None)
 
     def release(self, trial_id: str) -> None:
@@ -53,9 +57,12 @@ class TrialSlots:
 def start_slots(name: str, n: int, lent: list[tuple[Any, Any]] | None = None):
     """Start the search's TrialSlots actor, with what each slot is lent (`lent`: (ControllerHost, TrialRunner) actors
     this driver owns, or none). Trials and the driver's callback find it by name (a name, unlike an actor handle, stays
-    valid in the callbacks a resumed search restores); the driver keeps the handle, which keeps the actor alive."""
+    valid in the callbacks a resumed search restores); the driver keeps the handle, which keeps the actor alive.
+    Each lent actor travels as an object ref (nested in a list, Ray passes it on unresolved): a process unpickles
+    only the handles it calls (a trial: its runner's)."""
     actor_name = f"forgetless-slots-{name}"
+    refs = [tuple(None if a is None else ray.put(a) for a in pair) for pair in lent] if lent else None
     return actor_name, ray.remote(num_cpus=0)(TrialSlots).options(name=actor_name, get_if_exists=True).remote(
-        n, lent)
+        n, refs)
 
 

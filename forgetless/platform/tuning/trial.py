@@ -5,8 +5,10 @@ forwarded to Tune), then report the trial's result to Tune.
 This module is light on purpose (Ray Tune, and of forgetless only what the Train controller unpickles: no torch, no
 MLflow): a trial process imports it, and so does the Train controller (`ObjectiveReport`). Each slot of a search has
 a trial runner and a Train controller host its driver keeps (started once, kept for the driver's next search): a trial
-asks its slot's runner to train it, whose fit's controller runs in the slot's host, so that no trial process imports
-forgetless's driver side (~5-15 s on 2 cores) and no fit starts a controller process of its own. Where the driver has
+asks its slot's runner to train it (or finds it training already: the driver starts a trial as Tune adds it,
+driver.EarlyStart), whose fit's controller runs in the slot's host, and reports to Tune the epochs the runner receives
+(`follow_in_runner`), so that no trial process imports forgetless's driver side (~5-15 s on 2 cores), no fit starts a
+controller process of its own, and the run does not wait for Tune to start the trial's process. Where the driver has
 none to lend (a cluster it connected to, the Ray Train seam off) the trial trains in its own process, as before.
 """
 from __future__ import annotations
@@ -31,8 +33,9 @@ def stop_requested(slots: str, trial_id: str) -> bool:
 
 
 class ObjectiveReport(UserCallback):
-    """Forwards each epoch's report with the objective added to Tune (through `forward`, a TuneReportCallback made in
-    the trial's process, in its Tune session). The accuracy-matrix row and the final marker carry no epoch metrics: the
+    """Forwards each epoch's report with the objective added to Tune, through `forward`: the slot runner's
+    `ReportMailbox` (trial_runner.py), which the trial's process follows, or where the trial trains in its own process a
+    TuneReportCallback made there, in its Tune session. The accuracy-matrix row and the final marker carry no epoch metrics: the
     trial reports its own summary after `fit` instead.
 
     It runs in the Ray Train controller. Once ASHA has decided to stop the trial (see driver.FinishingASHA), it aborts
@@ -41,7 +44,7 @@ class ObjectiveReport(UserCallback):
     with it and the workers' placement group, with its CPUs, is never released, so the next trials wait forever.)
     `in_host`: the controller runs in the slot's ControllerHost, whose process outlives the run (`abort_fit`)."""
 
-    def __init__(self, objective: Objective, trial_id: str, slots: str, forward: TuneReportCallback,
+    def __init__(self, objective: Objective, trial_id: str, slots: str, forward: Any,
                  in_host: bool = False):
         self.objective = objective
         self.trial_id = trial_id
@@ -71,17 +74,36 @@ class ObjectiveReport(UserCallback):
 def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
     """The Tune trainable: have the trial trained while holding one of the search's slots, then report its result."""
     trial_id = tune.get_context().get_trial_id()
-    forward = TuneReportCallback()  # made here, in this trial's Tune session: what it forwards reaches this trial
     with holding_a_slot(context["slots"], trial_id) as (host, runner):
         if runner is not None:
-            final = ray.get(runner.run.remote(params, context, trial_id, forward, host))
+            final = follow_in_runner(runner, params, context, trial_id, host)
         else:
             # deferred: forgetless's driver side (torch, MLflow), needed here only where the slot has no runner
-            from forgetless.platform.tuning.trial_runner import train_trial
+            from forgetless.platform.tuning.trial_training import train_trial
 
-            final = train_trial(params, context, trial_id, forward, host=None)
+            # made here, in this trial's Tune session: what it forwards reaches this trial
+            final = train_trial(params, context, trial_id, TuneReportCallback(), host=None)
     if final is not None:  # (None: ASHA stopped it; its last epoch report is its result)
         tune.report(final)
+
+
+FOLLOW_WAIT_S = 5.0  # how long one `follow` call waits in the runner for the trial's next report
+
+
+def follow_in_runner(runner, params: dict[str, Any], context: dict[str, Any], trial_id: str, host
+                     ) -> dict[str, float] | None:
+    """Have the slot's runner train the trial (unless the search's driver started it already: driver.EarlyStart),
+    and report each epoch's metrics to Tune as the runner receives them; returns the trial's result (an error the
+    training raised is raised here)."""
+    ray.get(runner.start.remote(params, context, trial_id, host), timeout=READY_TIMEOUT_S)
+    taken = 0
+    while True:
+        step = ray.get(runner.follow.remote(trial_id, taken, FOLLOW_WAIT_S), timeout=FOLLOW_WAIT_S + READY_TIMEOUT_S)
+        for metrics in step["reports"]:
+            tune.report(metrics)
+        taken += len(step["reports"])
+        if step["done"]:
+            return step["final"]
 
 
 # How long a slot's runner and host may take to answer: a new runner imports forgetless's driver side first (the
@@ -92,22 +114,25 @@ READY_TIMEOUT_S = 120.0
 @contextmanager
 def holding_a_slot(slots: str, trial_id: str) -> Iterator[tuple[Any, Any]]:
     """Wait for a slot of the search `slots` (the TrialSlots actor's name) and hold it inside the block; yields the
-    slot's (controller host, trial runner) where both answer, else (None, None)."""
+    slot's (controller host, trial runner) where both answer, else (None, None). The host comes as an object ref of
+    its handle, to pass on to the runner (a remote call's argument arrives as the handle): this process never
+    unpickles it, which would import Ray Train's controller side (slots.py)."""
     actor = ray.get_actor(slots)
     while not ray.get(actor.acquire.remote(trial_id)):
         time.sleep(1.0)  # until a trial before it ends (each slot's trial is bounded by its own run)
     try:
         host, runner = ray.get(actor.lent_to.remote(trial_id))
-        yield (host, runner) if _answers(host, runner) else (None, None)
+        runner = None if runner is None else ray.get(runner)  # (its class's module is light: trial_runner.py)
+        yield (host, runner) if _answers(host, runner, trial_id) else (None, None)
     finally:
         ray.get(actor.release.remote(trial_id))
 
 
-def _answers(host, runner) -> bool:
+def _answers(host, runner, trial_id: str) -> bool:
     if host is None or runner is None:
         return False
     try:
-        ray.get([host.ready.remote(), runner.ready.remote()], timeout=READY_TIMEOUT_S)
+        ray.get(runner.ready.remote(host, trial_id), timeout=READY_TIMEOUT_S)  # (the runner asks the host)
         return True
     except (RayActorError, GetTimeoutError) as e:
         say(f"the trial slot's Train controller host or trial runner did not answer in {READY_TIMEOUT_S:.0f} s "

@@ -1,90 +1,137 @@
-"""Training one trial: fine-tune from the trial's stop point through `fits.transfer` (a Ray Train run, every epoch's
-objective forwarded to Tune by trial.ObjectiveReport), then log the trial's result on its MLflow run and return it.
+"""The driver's trial runners: a `TrialRunner` is a process of the search's driver lent to one trial slot
+(tuning/trial.py). Started with the search, it imports forgetless's driver side once (tuning/trial_training.py:
+torch, DeepSpeed's config, MLflow: ~5-15 s on 2 cores) and trains the slot's trials one after another, as the driver
+itself runs a `compare`'s runs; `TRIAL_RUNNERS` keeps the driver's idle runners for its next search.
 
-It runs in a `TrialRunner`, a process of the search's driver lent to one trial slot (tuning/trial.py): started
-with the search, it imports forgetless's driver side once (torch, DeepSpeed's config, MLflow: ~5-15 s on 2 cores),
-and trains the slot's trials one after another, as the driver itself runs a `compare`'s runs; `TRIAL_RUNNERS` keeps
-the driver's idle runners for its next search. Where the slot has no runner, in the trial's own process.
+A trial's training starts with `start` (by the search's driver as soon as Tune adds the trial, or by the trial's own
+process, whichever comes first: driver.EarlyStart), and its per-epoch reports wait in the runner until the trial's
+Tune process takes them (`follow`) and reports them to Tune itself. So the run's start does not wait for Tune to
+start the trial's process (~2 s on 2 cores), and no trial starts a report-queue actor (a process) of its own, as
+Ray's TuneReportCallback does.
+
+This module is light on purpose (Ray alone): every process that receives a runner's actor handle imports the module
+of its class to unpickle the handle (a Tune trial process, the search's slots actor), and importing the driver side
+there cost ~2.5 s on the way to each trial's first step (docs/tune.md, "A trial's fixed cost").
 """
 from __future__ import annotations
 
-import os
 import threading
-from contextlib import nullcontext
 from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from forgetless.config import ExperimentConfig
-from forgetless.platform.analysis.results import StrategyResult, Trajectory
-from forgetless.platform.driver import fits, run_outputs
-from forgetless.platform.driver import trainer as lean_trainer
-from forgetless.platform.tracking import mlflow_runs as tracking
-from forgetless.platform.tuning.objective import OBJECTIVE, TRIAL_EPOCH, Objective, tune_metrics
-from forgetless.platform.tuning.plan import trial_config
-from forgetless.platform.tuning.record import mark_trial, with_retries
-from forgetless.platform.tuning.trial import ObjectiveReport, stop_requested
-from forgetless.platform.worker import timing
-from forgetless.search_config import STOP_POINT
+HOST_ANSWER_S = 120.0  # how long the slot's Train controller host may take to answer `ready`
+RUNNER_CONCURRENCY = 8  # calls a runner serves at once: a trial trains in a thread while reports and follows come in
 
 
-def train_trial(params: dict[str, Any], context: dict[str, Any], trial_id: str, forward, host=None
-                ) -> dict[str, float] | None:
-    """Train one trial and log it; returns what the trial reports to Tune (None: ASHA stopped it, its last epoch
-    report is its result). `forward`: the trial's TuneReportCallback; `host`: the slot's ControllerHost (the fit's
-    controller runs there, as the trial's: the driver aborts it there if the trial process dies)."""
-    # Relative paths in the config mean the folder `forgetless tune` ran in (Tune runs a trial in a folder of its own).
-    os.chdir(context["cwd"])
-    cfg = trial_config(ExperimentConfig(**context["config"]), params, trial_id)
-    sp = Trajectory.from_dict(context["trajectory"]).at(params[STOP_POINT])
-    objective = Objective(context["weights"], sp.source_val_acc)
-    target = tracking.TrackingTarget(**context["tracking"])
-    report = ObjectiveReport(objective, trial_id, context["slots"], forward, in_host=host is not None)
-    try:
-        with lean_trainer.controllers_in(host, owner=trial_id) if host is not None else nullcontext():
-            res = fits.transfer(cfg, cfg.strategies[0], sp.uri, target, callbacks=[report])
-    except Exception:
-        if stop_requested(context["slots"], trial_id):
-            # ASHA stopped it and its run aborted: the trial ends here, its last epoch report is its result (the
-            # driver closes its MLflow run from it).
-            return None
-        raise
-    res.compute_metrics()
-    final = _final_metrics(res, objective)
-    if res.mlflow_run_id:
-        mark_trial(target.tracking_uri, res.mlflow_run_id, context["search_name"], trial_id, params, "finished",
-                   final)
-        with_retries(run_outputs.log_strategy_artifacts, cfg, res, target.tracking_uri)
-    return final
+class ReportMailbox:
+    """A trial's per-epoch reports, sent from its Ray Train controller (trial.ObjectiveReport's `forward`) to its
+    runner, where they wait for the trial's process (`TrialRunner.follow`). Each is delivered before the controller
+    goes on (a few milliseconds an epoch), so a run that has returned has delivered them all, in order."""
+
+    def __init__(self, runner, trial_id: str):
+        self.runner = runner
+        self.trial_id = trial_id
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        m = dict(metrics[0])
+        if checkpoint:  # as Ray's TuneReportCallback does
+            m["checkpoint_path"] = checkpoint.path
+        ray.get(self.runner.deliver.remote(self.trial_id, m), timeout=HOST_ANSWER_S)
 
 
-def _final_metrics(res: StrategyResult, objective: Objective) -> dict[str, float]:
-    """A finished trial's result: the objective on validation data at its last epoch, and on the test split."""
-    last = res.history[-1]  # the last evaluation of the last stage: what the per-epoch reports ended on
-    # A stop point without a recorded source accuracy (θ⁰ of some trajectories): the source before training is the
-    # run's own first evaluation, so every trial has a validation forgetting and can be on the front.
-    before = objective.source_before if objective.source_before is not None else res.history[0]["acc"]["0"]
-    val = objective.metrics(last["acc"][str(last["stage"])], last["acc"]["0"], source_before=before)
-    R = res.accuracy_matrix  # test split: row 0 = the stop point before target training, last row = after
-    test = objective.metrics(float(R[-1, 1:].mean()), float(R[-1, 0]), source_before=float(R[0, 0]))
-    epochs = sum(p["epochs"] for p in res.phase_log if p["stage"] >= 1)
-    # where the trial's Ray Train run spent its time (benchmarks/trial_cost.py compares it with a compare run's)
-    seconds = {"seconds/training": res.seconds.get("training", 0.0), "seconds/fixed": timing.fixed_cost(res.seconds)}
-    return {OBJECTIVE: val["objective"], TRIAL_EPOCH: epochs, "test/objective": test["objective"],
-            **tune_metrics(val, "val"), **tune_metrics(test, "test"), **seconds, "search/finished": 1.0}
+class _TrialRun:
+    """One trial's training in a runner: its reports, and how it ended."""
+
+    def __init__(self):
+        self.reports: list[dict] = []
+        self.done = False
+        self.final: dict[str, float] | None = None
+        self.error: BaseException | None = None
+        self.followed = False  # a trial process has asked for its reports
 
 
 class TrialRunner:
-    """A process of the search's driver that trains the trials of one slot, one after another (`train_trial`)."""
+    """A process of the search's driver that trains the trials of one slot, one after another (`train_trial`, in a
+    thread of its own per trial), and keeps each trial's reports until the trial's process takes them."""
 
-    def ready(self) -> bool:
+    def __init__(self):
+        # the driver side, imported as the runner starts (with the search), not on its first trial's way
+        from forgetless.platform.tuning import trial_training
+
+        self._training = trial_training
+        self._runs: dict[str, _TrialRun] = {}
+        self._changed = threading.Condition()
+
+    def ready(self, host=None, trial_id: str | None = None) -> bool:
+        """Started (and its imports done); with `host`, the slot's Train controller host answers too, unless the
+        trial `trial_id` trains here already (its controller runs in the host, and may keep it from answering while
+        it starts the run's workers)."""
+        with self._changed:
+            if trial_id in self._runs:
+                return True
+        if host is not None:
+            ray.get(host.ready.remote(), timeout=HOST_ANSWER_S)
         return True
 
-    def run(self, params: dict[str, Any], context: dict[str, Any], trial_id: str, forward, host
-            ) -> dict[str, float] | None:
-        return train_trial(params, context, trial_id, forward, host)
+    def idle(self) -> bool:
+        """No trial trains here; trials that ended and were never handed over are forgotten (their search is over:
+        the driver asks as it takes the runner back)."""
+        with self._changed:
+            if any(not r.done for r in self._runs.values()):
+                return False
+            self._runs.clear()
+            return True
+
+    def start(self, params: dict[str, Any], context: dict[str, Any], trial_id: str, host) -> bool:
+        """Start training the trial, unless it is here already: training, or ended with nobody having followed it
+        yet (the driver started it early, and it ended before the trial's process came: it is handed over, not run
+        again). A trial whose follower went away (Tune ended its process) and that has ended since is run again (its
+        run resumes from its last checkpoint). True if this call started it."""
+        with self._changed:
+            run = self._runs.get(trial_id)
+            if run is not None and not (run.done and run.followed):
+                return False
+            self._runs[trial_id] = run = _TrialRun()
+        me = ray.get_runtime_context().current_actor
+        threading.Thread(target=self._train, args=(run, params, context, trial_id, host, me), daemon=True,
+                         name=f"trial-{trial_id}").start()
+        return True
+
+    def _train(self, run: _TrialRun, params, context, trial_id: str, host, me) -> None:
+        final, error = None, None
+        try:
+            final = self._training.train_trial(params, context, trial_id, ReportMailbox(me, trial_id), host)
+        except BaseException as e:  # raised to the trial's process by `follow`, and so in Tune
+            error = e
+        with self._changed:
+            run.final, run.error, run.done = final, error, True
+            self._changed.notify_all()
+
+    def deliver(self, trial_id: str, metrics: dict) -> None:
+        with self._changed:
+            run = self._runs.get(trial_id)
+            if run is not None:
+                run.reports.append(metrics)
+                self._changed.notify_all()
+
+    def follow(self, trial_id: str, taken: int, wait_s: float) -> dict[str, Any]:
+        """The trial's reports after the first `taken`, in order (waiting up to `wait_s` for one, or the end), whether
+        the training has ended (`done`) and its result (`final`); the error it raised is raised here. Once the end is
+        handed over, with the last reports, the trial is forgotten here."""
+        with self._changed:
+            run = self._runs.get(trial_id)
+            if run is None:
+                raise RuntimeError(f"trial {trial_id} is not training in this runner (start it first)")
+            run.followed = True
+            self._changed.wait_for(lambda: len(run.reports) > taken or run.done, timeout=wait_s)
+            if run.done:
+                del self._runs[trial_id]
+                if run.error is not None:
+                    raise run.error
+            return {"reports": run.reports[taken:], "done": run.done, "final": run.final}
 
 
 RUNNER_ANSWER_S = 10.0  # how long an idle runner may take to answer before it is ended and not kept
@@ -95,7 +142,8 @@ class TrialRunners:
     driver's node, asking for no CPU: a runner only waits on its trial's Ray Train run), `take_back` keeps the idle
     ones for the driver's next search. Not detached: they end with the driver."""
 
-    def __init__(self):
+    def __init__(self, runner_class: type = TrialRunner):
+        self._runner_class = runner_class  # (tests start a TrialRunner with a stand-in training)
         self._idle: dict[tuple, list] = {}
         self._lock = threading.Lock()
 
@@ -106,16 +154,19 @@ class TrialRunners:
             idle = self._idle.get(key, [])
             taken, self._idle[key] = idle[:n], idle[n:]
         return [(key, r) for r in taken] + [
-            (key, ray.remote(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))(
-                TrialRunner).remote()) for _ in range(n - len(taken))]
+            (key, ray.remote(num_cpus=0, max_concurrency=RUNNER_CONCURRENCY,
+                             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))(
+                self._runner_class).remote()) for _ in range(n - len(taken))]
 
     def take_back(self, lent: list) -> None:
-        """Runners `lend` gave out: one that answers is kept for the next search (a runner still busy with a trial
-        Tune ended does not answer in time, and is ended), a dead one dropped."""
+        """Runners `lend` gave out: an idle one is kept for the next search; one still busy with a trial (whose Tune
+        process never came, or died) is ended, a dead one dropped."""
         for key, runner in lent:
             try:
-                ray.get(runner.ready.remote(), timeout=RUNNER_ANSWER_S)
+                idle = ray.get(runner.idle.remote(), timeout=RUNNER_ANSWER_S)
             except (RayActorError, GetTimeoutError):
+                idle = False
+            if not idle:
                 ray.kill(runner)
                 continue
             with self._lock:
