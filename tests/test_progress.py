@@ -72,6 +72,22 @@ def test_board_prints_a_line_whenever_a_run_moves_on(tmp_path):
     assert "target 100.0%" in ft[-1]
 
 
+def test_a_board_made_without_a_stream_follows_stderr_as_it_is_now(tmp_path, monkeypatch):
+    # The driver's board is one per process; stderr may be replaced after it is made (a redirect, pytest's capture
+    # closing the stream it had): a line goes to the stderr of the moment, never to a closed one.
+    made_with = io.StringIO()
+    monkeypatch.setattr(progress.sys, "stderr", made_with)
+    board = progress.ProgressBoard(every=0.05, live=False)
+    made_with.close()
+    now = io.StringIO()
+    monkeypatch.setattr(progress.sys, "stderr", now)
+    run = str(tmp_path / "run")
+    with board.watch("finetune", run):
+        progress_file.write_progress(run, progress_file.progress_record("finetune", 1, [1], "done", 0, 1, 1, 1, 5, 0.5,
+                                                                        0.9, finished=True))
+    assert now.getvalue().startswith("[forgetless] finetune") and now.getvalue().rstrip().endswith("done")
+
+
 def test_progress_of_a_run_on_s3(s3server, monkeypatch):
     from conftest import point_aws_env_at
 

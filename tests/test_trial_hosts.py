@@ -24,7 +24,7 @@ from ray.train import RunConfig, ScalingConfig, UserCallback
 from forgetless._compat import PUBLIC_PATHS_VARIABLE
 from forgetless.platform.driver import trainer as lean_trainer
 from forgetless.platform.tuning import driver as search_driver
-from forgetless.platform.tuning.slots import start_slots
+from forgetless.platform.tuning.slots import close_slots, start_slots
 from forgetless.platform.tuning.trial import holding_a_slot
 from conftest import load_repo_script
 
@@ -74,7 +74,7 @@ class _Trial:
     def pid(self) -> int:
         return os.getpid()
 
-    def fit(self, slots: str, trial_id: str, *args) -> bool:
+    def fit(self, slots, trial_id: str, *args) -> bool:
         import ray
 
         with holding_a_slot(slots, trial_id) as (host, runner):
@@ -109,7 +109,8 @@ def test_a_slots_trials_share_the_drivers_controller_host_and_a_dead_trials_fit_
     cpus = ray_session.cluster_resources()["CPU"]
     lent = lean_trainer.CONTROLLER_HOSTS.lend(1)
     runner = ray.remote(num_cpus=0)(_Runner).remote()
-    slots, _keep = start_slots("test-hosts", 1, [(lent[0][1], runner)])
+    # the driver's callbacks know the search's slots actor by name, trial processes get its handle
+    slots, handle = start_slots("test-hosts", 1, [(lent[0][1], runner)])
     controllers = _train_controllers_ever()
     try:
         # two trials of the slot, one after the other: their controllers run in one process, not in their own
@@ -117,7 +118,7 @@ def test_a_slots_trials_share_the_drivers_controller_host_and_a_dead_trials_fit_
         for trial_id in ("trial-a", "trial-b"):
             trial = ray.remote(num_cpus=0)(_Trial).remote()
             pid_file = tmp_path / f"{trial_id}.pid"
-            assert ray.get(trial.fit.remote(slots, trial_id, _report_once, None, str(tmp_path / "runs"),
+            assert ray.get(trial.fit.remote(handle, trial_id, _report_once, None, str(tmp_path / "runs"),
                                             str(pid_file)), timeout=120)
             pids.append((int(pid_file.read_text()), ray.get(trial.pid.remote())))
         (host_a, trial_a), (host_b, trial_b) = pids
@@ -130,7 +131,7 @@ def test_a_slots_trials_share_the_drivers_controller_host_and_a_dead_trials_fit_
         trial = ray.remote(num_cpus=0)(_Trial).remote()
         trial_pid = ray.get(trial.pid.remote(), timeout=60)
         marker = tmp_path / "training-entered"
-        trial.fit.remote(slots, "trial-c", _mark_and_sleep, str(marker), str(tmp_path / "runs"),
+        trial.fit.remote(handle, "trial-c", _mark_and_sleep, str(marker), str(tmp_path / "runs"),
                          str(tmp_path / "c.pid"))
         _wait_for(marker.exists, 120, "the trial's training to start")
         os.kill(trial_pid, signal.SIGKILL)
@@ -145,11 +146,12 @@ def test_a_slots_trials_share_the_drivers_controller_host_and_a_dead_trials_fit_
         assert ray.get(runner.ready.remote(), timeout=30)  # the runner's fit ended (aborted): it answers again
 
         trial = ray.remote(num_cpus=0)(_Trial).remote()  # the slot is free again, and its host runs the next fit
-        assert ray.get(trial.fit.remote(slots, "trial-d", _report_once, None, str(tmp_path / "runs"),
+        assert ray.get(trial.fit.remote(handle, "trial-d", _report_once, None, str(tmp_path / "runs"),
                                         str(tmp_path / "d.pid")), timeout=120)
         assert int((tmp_path / "d.pid").read_text()) == host_a
         assert _train_controllers_ever() == controllers
     finally:
+        close_slots(slots)
         lean_trainer.CONTROLLER_HOSTS.take_back(lent)
 
 

@@ -133,10 +133,10 @@ class _PendingTrial:
 
 def test_the_driver_starts_a_pending_trial_in_a_free_slot_and_only_once(ray_session):
     from forgetless.platform.tuning import driver
-    from forgetless.platform.tuning.slots import start_slots
+    from forgetless.platform.tuning.slots import close_slots, start_slots
 
     runner = _runner()
-    slots, _keep = start_slots("test-early-start", 1, [(None, runner)])
+    slots, actor = start_slots("test-early-start", 1, [(None, runner)])
     early = driver.EarlyStart(slots)
     pending = [_PendingTrial("a", 2), _PendingTrial("b", 2), _PendingTrial("r", 2, status="RUNNING")]
     early.on_step_begin(0, pending)  # a restored search's callback: no context registered, nothing starts
@@ -153,7 +153,27 @@ def test_the_driver_starts_a_pending_trial_in_a_free_slot_and_only_once(ray_sess
     assert not ray.get(runner.start.remote({"epochs": 2}, {}, "a", None), timeout=30)
     reports, end = _follow_to_the_end(runner, "a")
     assert [r["epoch"] for r in reports] == [1, 2] and end["final"] == {"final": 2}
-    actor = ray.get_actor(slots)
     assert not ray.get(actor.acquire.remote("b"), timeout=30)  # the slot is "a"'s until its process releases it
     ray.get(actor.release.remote("a"), timeout=30)
     assert ray.get(actor.acquire.remote("b"), timeout=30)
+    close_slots(slots)
+
+
+def test_a_drivers_slots_actor_serves_its_next_search_from_scratch(ray_session):
+    from forgetless.platform.tuning.slots import close_slots, slots_actor, slots_opened, start_slots
+
+    first, actor = start_slots("test-first", 1)
+    slots_opened(first)
+    assert ray.get(actor.acquire.remote("x"), timeout=30) and not ray.get(actor.acquire.remote("y"), timeout=30)
+    ray.get(actor.request_stop.remote("x"), timeout=30)
+    close_slots(first)
+    with pytest.raises(ValueError, match="no open search slots"):  # the driver's callbacks: the search is over
+        slots_actor(first)
+    second, again = start_slots("test-second", 2)
+    slots_opened(second)
+    assert again == actor  # the same process, kept by the driver: no actor start for the second search
+    assert slots_actor(second) == actor
+    # opened afresh: two free slots, no stop request of the search before
+    assert ray.get(actor.acquire.remote("x"), timeout=30) and ray.get(actor.acquire.remote("y"), timeout=30)
+    assert not ray.get(actor.should_stop.remote("x"), timeout=30)
+    close_slots(second)

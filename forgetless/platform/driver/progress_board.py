@@ -80,13 +80,20 @@ class ProgressBoard:
     """A daemon thread showing every watched run until it is unwatched."""
 
     def __init__(self, stream: IO[str] | None = None, every: float = 1.0, live: bool | None = None):
-        self.stream = stream if stream is not None else sys.stderr
+        self._stream = stream
         self.every = every
         self.live = self.stream.isatty() if live is None else live
         self._runs: dict[str, Watched] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._live_view = None
+
+    @property
+    def stream(self) -> IO[str]:
+        """Where lines go: the stream given, else the process's stderr as it is when a line is printed (the board is
+        one per process and outlives whatever stderr was when it was made: a redirect or pytest's capture, closed
+        since)."""
+        return self._stream if self._stream is not None else sys.stderr
 
     @contextmanager
     def watch(self, label: str, run_uri: str) -> Iterator[Watched]:

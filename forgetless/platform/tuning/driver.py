@@ -45,7 +45,7 @@ from forgetless.platform.tuning.plan import (
 from forgetless.platform.tuning.record import SEARCH_TAG, mark_trial, with_retries
 from forgetless.platform.tuning.results import TRADE_OFF_PARAM, SearchResult, describe_trade_off, load_search
 from forgetless.platform.tuning.summary import log_search_summary
-from forgetless.platform.tuning.slots import start_slots
+from forgetless.platform.tuning.slots import close_slots, slots_actor, slots_opened, start_slots
 from forgetless.platform.tuning.trial import run_trial
 from forgetless.platform.tuning.trial_runner import TRIAL_RUNNERS
 from forgetless.search_config import OBJECTIVE_METRICS, STOP_POINT, RangeSpec, SearchConfig
@@ -74,7 +74,7 @@ class FinishingASHA(AsyncHyperBandScheduler):
             return TrialScheduler.CONTINUE
         action = super().on_trial_result(tune_controller, trial, result)
         if action == TrialScheduler.STOP:
-            ray.get(ray.get_actor(self.slots).request_stop.remote(trial.trial_id))
+            ray.get(slots_actor(self.slots).request_stop.remote(trial.trial_id))
             return TrialScheduler.CONTINUE
         return action
 
@@ -95,8 +95,8 @@ def _release_slot(slots: str, trial_id: str) -> None:
     aborted there (workers and placement group gone, the host kept for the slot's next trial) before the slot is
     free."""
     try:
-        actor = ray.get_actor(slots)
-    except ValueError:  # no such actor: the search is over
+        actor = slots_actor(slots)
+    except ValueError:  # the search is over
         return
     host, _ = ray.get(actor.lent_to.remote(trial_id))  # (None: the trial holds no slot, or its slot has no host)
     if host is not None:
@@ -139,7 +139,7 @@ class EarlyStart(tune.Callback):
 
 
 def _start_in_a_free_slot(slots: str, trial_id: str, params: dict[str, Any], context: dict[str, Any]) -> bool:
-    actor = ray.get_actor(slots)
+    actor = slots_actor(slots)
     if not ray.get(actor.acquire.remote(trial_id)):
         return False
     host, runner = ray.get(actor.lent_to.remote(trial_id))  # (object refs of the handles)
@@ -250,7 +250,7 @@ def _trial_context(s: _Search, traj: Trajectory) -> dict[str, Any]:
     """What every trial of the search is trained with, besides its own parameters (trial_training.train_trial)."""
     return {"config": s.plan.cfg.model_copy(update={"storage": s.root}).model_dump(mode="json"),
             "trajectory": traj.to_dict(), "tracking": s.target.to_dict(), "weights": scalar_weights(s.plan.search),
-            "search_name": s.plan.name, "cwd": os.getcwd(), "slots": s.slots}
+            "search_name": s.plan.name, "cwd": os.getcwd(), "slots": slots_actor(s.slots)}  # (the handle)
 
 
 def _trainable(context: dict[str, Any]):
@@ -348,6 +348,7 @@ def _run(s: _Search, restore_path: str | None, t0: float) -> SearchResult:
         tuner = _new_tuner(s, trainable, [EarlyStart(s.slots)] if s.lent else [])
         if s.lent:
             _EARLY_START[s.slots] = context
+    slots_opened(s.slots)
     t_tune = time.perf_counter()
     try:
         with _tune_environment(s.concurrency):
@@ -399,7 +400,7 @@ def run_search(config, search: SearchConfig | dict | None = None, resume: bool =
     # (docs/tune.md, "A trial's fixed cost")
     hosts, runners = _lend(concurrency)
     # the handle keeps the actor alive until we return
-    slots, _slots_handle = start_slots(plan.name, concurrency, [(h, r) for (_, h), (_, r) in zip(hosts, runners)])
+    slots, _ = start_slots(plan.name, concurrency, [(h, r) for (_, h), (_, r) in zip(hosts, runners)])
     exp_id = tracking.ensure_experiment(uri, cfg.tracking.experiment)
     parent = _parent_run(uri, exp_id, plan.name, resume)
     target = tracking.TrackingTarget(uri, exp_id, parent)
@@ -414,6 +415,7 @@ def run_search(config, search: SearchConfig | dict | None = None, resume: bool =
         tracking.client(uri).set_terminated(parent, tracking.end_status(e))
         raise
     finally:  # kept for this process's next run() / compare() / tune()
+        close_slots(slots)
         lean_trainer.CONTROLLER_HOSTS.take_back(hosts)
         TRIAL_RUNNERS.take_back(runners)
 

@@ -1,14 +1,17 @@
 """The slots of a search: at most `n` of its trials train at once, each in a slot with what the search's driver lent
-it. A Ray actor per search, started as the search starts, whose start is on the way to the search's first trial: this
-module imports Ray alone (not Ray Tune, not forgetless's driver side), and the actor holds what it lends as object
-refs, which it never unpickles (unpickling an actor handle imports its class's module: a ControllerHost's imports Ray
-Train, ~1.3 s on 2 cores).
+it. A Ray actor the driver keeps for its next search (`SLOT_ACTORS`: a process start, ~1 CPU-s on 2 cores, a search
+of one trial paid beside its run), opened for each search. This module imports Ray alone (not Ray Tune, not
+forgetless's driver side): trial processes and Train controllers unpickle the actor's handle, and so import it. The
+actor holds what it lends as object refs, which it never unpickles (unpickling an actor handle imports its class's
+module: a ControllerHost's imports Ray Train, ~1.3 s on 2 cores).
 """
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError
 
 
 class TrialSlots:
@@ -21,7 +24,11 @@ class TrialSlots:
     they outlive a trial process Tune kills (the driver then aborts the trial's fit in the host:
     driver._release_slot). The actor also carries ASHA's stop requests to the trials' Ray Train runs."""
 
-    def __init__(self, n: int, lent: list[tuple[Any, Any]] | None = None):
+    def __init__(self):
+        self.open(0)
+
+    def open(self, n: int, lent: list[tuple[Any, Any]] | None = None) -> None:
+        """For a new search: `n` free slots, each with what is lent to it."""
         self.n = n
         self.holders: list[str | None] = [None] * n  # the trial holding each slot
         # each slot's (controller host, trial runner): object refs of the driver's actor handles (start_slots)
@@ -54,15 +61,86 @@ class TrialSlots:
         return trial_id in self.stopped
 
 
-def start_slots(name: str, n: int, lent: list[tuple[Any, Any]] | None = None):
-    """Start the search's TrialSlots actor, with what each slot is lent (`lent`: (ControllerHost, TrialRunner) actors
-    this driver owns, or none). Trials and the driver's callback find it by name (a name, unlike an actor handle, stays
-    valid in the callbacks a resumed search restores); the driver keeps the handle, which keeps the actor alive.
+SLOTS_ANSWER_S = 60.0  # how long a slots actor may take to answer (a new one starts a process first)
+SLOTS_KEPT_ANSWER_S = 10.0  # how long a kept (idle) one may take
+
+
+class SlotActors:
+    """This driver's idle TrialSlots actors, by cluster and job: `lend` takes an idle one (or starts one, asking for no
+    CPU), `take_back` keeps one that answers for the next search. Not detached: they end with the driver."""
+
+    def __init__(self):
+        self._idle: dict[tuple, list] = {}
+        self._lock = threading.Lock()
+
+    def lend(self) -> tuple[tuple, Any]:
+        context = ray.get_runtime_context()
+        key = (context.gcs_address, context.get_job_id())
+        while True:
+            with self._lock:
+                idle = self._idle.get(key, [])
+                actor = idle.pop() if idle else None
+            if actor is None:
+                return key, ray.remote(num_cpus=0)(TrialSlots).remote()
+            try:  # (kept ones answer in milliseconds; one that does not is dropped)
+                ray.get(actor.open.remote(0), timeout=SLOTS_KEPT_ANSWER_S)
+                return key, actor
+            except (RayActorError, GetTimeoutError):
+                ray.kill(actor)
+
+    def take_back(self, key: tuple, actor) -> None:
+        try:
+            ray.get(actor.open.remote(0), timeout=SLOTS_ANSWER_S)  # (a trial of the search that ended may still ask)
+        except (RayActorError, GetTimeoutError):
+            ray.kill(actor)
+            return
+        with self._lock:
+            self._idle.setdefault(key, []).append(actor)
+
+
+SLOT_ACTORS = SlotActors()  # this driver's
+
+# The slots actors of the searches this driver runs now, by name: (pool key, actor, the ref of its `open` call).
+_OPEN: dict[str, tuple[tuple, Any, Any]] = {}
+
+
+def start_slots(name: str, n: int, lent: list[tuple[Any, Any]] | None = None) -> tuple[str, Any]:
+    """Open a slots actor of this driver's for the search `name`, with what each slot is lent (`lent`:
+    (ControllerHost, TrialRunner) actors this driver owns, or none): its name and handle. Trials get the handle (the
+    search's trial context); the driver's Tune callbacks find it by name (`slots_actor`: a name, unlike a handle, stays
+    valid in the callbacks a resumed search restores, since the resuming driver opens its slots under the same name).
     Each lent actor travels as an object ref (nested in a list, Ray passes it on unresolved): a process unpickles
-    only the handles it calls (a trial: its runner's)."""
-    actor_name = f"forgetless-slots-{name}"
+    only the handles it calls (a trial: its runner's). `slots_opened` waits for the actor; `close_slots` gives it
+    back."""
+    slots_name = f"forgetless-slots-{name}"
     refs = [tuple(None if a is None else ray.put(a) for a in pair) for pair in lent] if lent else None
-    return actor_name, ray.remote(num_cpus=0)(TrialSlots).options(name=actor_name, get_if_exists=True).remote(
-        n, refs)
+    key, actor = SLOT_ACTORS.lend()
+    _OPEN[slots_name] = (key, actor, actor.open.remote(n, refs))  # (a new actor starts while the driver goes on)
+    return slots_name, actor
 
 
+def slots_opened(slots_name: str) -> None:
+    """Wait (bounded) until the search's slots actor is open: before its trials ask it anything."""
+    _, actor, opened = _OPEN[slots_name]
+    try:
+        ray.get(opened, timeout=SLOTS_ANSWER_S)
+    except GetTimeoutError:
+        raise RuntimeError(f"the search's slots actor ({slots_name}) did not start in {SLOTS_ANSWER_S:.0f} s") from None
+
+
+def close_slots(slots_name: str) -> None:
+    """The search is over: its slots actor goes back to the driver's pool."""
+    entry = _OPEN.pop(slots_name, None)
+    if entry is not None:
+        SLOT_ACTORS.take_back(entry[0], entry[1])
+
+
+def slots_actor(slots):
+    """The TrialSlots actor of `slots`: its handle (what trials and Train controllers are given), or the name its
+    search's driver opened it under (what the driver's own Tune callbacks keep). ValueError: no search of this
+    driver has that name open (it is over)."""
+    if not isinstance(slots, str):
+        return slots
+    if slots not in _OPEN:
+        raise ValueError(f"no open search slots named {slots}")
+    return _OPEN[slots][1]

@@ -25,11 +25,12 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from forgetless.console import say
 from forgetless.platform.tuning.objective import OBJECTIVE, TRIAL_EPOCH, Objective, tune_metrics
+from forgetless.platform.tuning.slots import slots_actor
 
 
-def stop_requested(slots: str, trial_id: str) -> bool:
-    """Has ASHA asked this trial to stop (see driver.FinishingASHA)?"""
-    return ray.get(ray.get_actor(slots).should_stop.remote(trial_id))
+def stop_requested(slots, trial_id: str) -> bool:
+    """Has ASHA asked this trial to stop (see driver.FinishingASHA)? `slots`: the search's slots actor."""
+    return ray.get(slots_actor(slots).should_stop.remote(trial_id))
 
 
 class ObjectiveReport(UserCallback):
@@ -44,7 +45,7 @@ class ObjectiveReport(UserCallback):
     with it and the workers' placement group, with its CPUs, is never released, so the next trials wait forever.)
     `in_host`: the controller runs in the slot's ControllerHost, whose process outlives the run (`abort_fit`)."""
 
-    def __init__(self, objective: Objective, trial_id: str, slots: str, forward: Any,
+    def __init__(self, objective: Objective, trial_id: str, slots: Any, forward: Any,
                  in_host: bool = False):
         self.objective = objective
         self.trial_id = trial_id
@@ -112,12 +113,12 @@ READY_TIMEOUT_S = 120.0
 
 
 @contextmanager
-def holding_a_slot(slots: str, trial_id: str) -> Iterator[tuple[Any, Any]]:
-    """Wait for a slot of the search `slots` (the TrialSlots actor's name) and hold it inside the block; yields the
+def holding_a_slot(slots: Any, trial_id: str) -> Iterator[tuple[Any, Any]]:
+    """Wait for a slot of the search `slots` (its TrialSlots actor) and hold it inside the block; yields the
     slot's (controller host, trial runner) where both answer, else (None, None). The host comes as an object ref of
     its handle, to pass on to the runner (a remote call's argument arrives as the handle): this process never
     unpickles it, which would import Ray Train's controller side (slots.py)."""
-    actor = ray.get_actor(slots)
+    actor = slots_actor(slots)
     while not ray.get(actor.acquire.remote(trial_id)):
         time.sleep(1.0)  # until a trial before it ends (each slot's trial is bounded by its own run)
     try:
