@@ -178,8 +178,9 @@ class DeepSpeedSpec(_Strict):
                                                        "weights partitioned across workers")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     gradient_accumulation_steps: int = Field(1, gt=0, examples=[4], description="micro-batches per optimizer step")
-    gradient_clipping: float = Field(0.0, ge=0.0, examples=[1.0],
-                                     description="clip the global gradient norm to this; 0: no clipping")
+    gradient_clipping: float = Field(1.0, ge=0.0, examples=[0.0],
+                                     description="clip the global gradient norm to this (1.0: DeepSpeed's and "
+                                                 "Hugging Face Trainer's default); 0: no clipping")
     offload_optimizer: Literal["none", "cpu"] = Field("none", description="ZeRO-Offload: optimizer states (and the "
                                                                           "Adam step) in CPU memory")
     offload_param: Literal["none", "cpu"] = Field("none", description="ZeRO-3: weights in CPU memory between uses")

@@ -68,8 +68,8 @@ def deepspeed_config(spec: DeepSpeedSpec, micro_batch: int, world_size: int, use
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if spec.gradient_clipping:
-        cfg["gradient_clipping"] = spec.gradient_clipping
+    # Always written: DeepSpeed clips at norm 1.0 where the key is absent, so leaving it out for 0 clipped every run.
+    cfg["gradient_clipping"] = spec.gradient_clipping
     if precision == "bf16":
         cfg["bf16"] = {"enabled": True}
     elif precision == "fp16":
