@@ -8,8 +8,8 @@ PEFT) training loop, in the same process, interleaved.
   vocabulary bias, the strategy's surgery: PEFT LoRA layers for `lora`), the strategy's phase, a DeepSpeed engine
   (`make_engine`, ZeRO stage `--zero`, one rank, gloo) and `train_step` (forward, the task kind's loss, backward, step);
 - `plain`: `AutoModelForCausalLM.from_pretrained` (+ `peft.get_peft_model` with the same LoRA settings),
-  `torch.optim.AdamW` on the same trainable parameters, and `model(input_ids, labels=input_ids)`, `loss.backward()`,
-  `optimizer.step()`, `optimizer.zero_grad()`.
+  `torch.optim.AdamW(fused=True)` (Hugging Face Trainer's default) on the same trainable parameters, and `model(input_ids, labels=input_ids)`, `loss.backward()`,
+  `clip_grad_norm_` (at `--clip`, as forgetless's engine clips), `optimizer.step()`, `optimizer.zero_grad()`.
 
 Both train on the same random token blocks (batch x block_size), at the same learning rate, from the same weights.
 Rounds alternate the order (A B, B A, ...) so drift of a shared machine falls on both; the first round is warm-up and
@@ -35,7 +35,8 @@ import torch
 LORA = {"r": 8, "alpha": 16, "target_modules": ["c_attn", "c_proj", "c_fc"]}
 
 
-def forgetless_stepper(folder: str, method: str, lr: float, batch: int, block: int, zero: int, world: int):
+def forgetless_stepper(folder: str, method: str, lr: float, batch: int, block: int, zero: int, world: int,
+                       clip: float, ds_extra: dict | None = None):
     from forgetless.config import load_config
     from forgetless.data.kinds import CAUSAL_LM
     from forgetless.platform.worker.engine import make_engine, weight_access
@@ -49,7 +50,7 @@ def forgetless_stepper(folder: str, method: str, lr: float, batch: int, block: i
     cfg = load_config({"name": "bench", "source": {**task, "name": "a"}, "targets": [{**task, "name": "b"}],
                        "backbone": {"name": f"hf:{folder}"}, "strategies": [{"name": method, "params": params}],
                        "train": {"optimizer": "adamw", "lr": lr, "batch_size": batch},
-                       "deepspeed": {"zero_stage": zero}})
+                       "deepspeed": {"zero_stage": zero, "gradient_clipping": clip, "extra": ds_extra or {}}})
     vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
     infos = [TaskInfo(i, n, vocab, [], (1, block), CAUSAL_LM) for i, n in enumerate("ab")]
     strategy = make_strategy(method, params, 1, lr)
@@ -66,7 +67,7 @@ def forgetless_stepper(folder: str, method: str, lr: float, batch: int, block: i
     return step
 
 
-def plain_stepper(folder: str, method: str, lr: float, world: int):
+def plain_stepper(folder: str, method: str, lr: float, world: int, clip: float):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder)
@@ -76,13 +77,17 @@ def plain_stepper(folder: str, method: str, lr: float, world: int):
         model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"],
                                                  target_modules=LORA["target_modules"], lora_dropout=0.0))
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    # fused: Hugging Face Trainer's default optimizer on torch >= 2.8 (`adamw_torch_fused`), as forgetless's engines
+    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0, fused=True)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
 
     def step(ids: torch.Tensor) -> float:
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
+        if clip > 0:  # as Hugging Face Trainer does with max_grad_norm (after DDP's all-reduce: the global norm)
+            torch.nn.utils.clip_grad_norm_(trained, clip)
         optimizer.step()
         optimizer.zero_grad()
         return loss.item()
@@ -114,8 +119,14 @@ def measure(rank: int, args: argparse.Namespace, port: int) -> dict | None:
     g = torch.Generator().manual_seed(rank)  # each rank its own data, as data parallelism has it
     batches = [torch.randint(0, vocab, (args.batch, args.block), generator=g) for _ in range(args.steps)]
     steppers = {f"forgetless_zero{z}": forgetless_stepper(folder, args.method, args.lr, args.batch, args.block, z,
-                                                          args.ranks) for z in args.zero}
-    steppers["plain"] = plain_stepper(folder, args.method, args.lr, args.ranks)
+                                                          args.ranks, args.clip) for z in args.zero}
+    if args.ds_extra:  # the same stages again with the extra DeepSpeed settings, interleaved with the rest
+        extra = json.loads(args.ds_extra)
+        steppers.update({f"forgetless_zero{z}_extra": forgetless_stepper(folder, args.method, args.lr, args.batch,
+                                                                         args.block, z, args.ranks, args.clip,
+                                                                         extra)
+                         for z in args.zero})
+    steppers["plain"] = plain_stepper(folder, args.method, args.lr, args.ranks, args.clip)
     names = list(steppers)
     times: dict[str, list[float]] = {name: [] for name in names}
     ratios: dict[str, list[float]] = {name: [] for name in names if name != "plain"}
@@ -132,7 +143,8 @@ def measure(rank: int, args: argparse.Namespace, port: int) -> dict | None:
     if rank != 0:
         return None
     med = {name: statistics.median(v) for name, v in times.items()}
-    return {"method": args.method, "ranks": args.ranks, "zero": args.zero, "batch": args.batch, "block": args.block,
+    return {"method": args.method, "ranks": args.ranks, "zero": args.zero, "ds_extra": args.ds_extra, "clip": args.clip,
+            "batch": args.batch, "block": args.block,
             "threads": args.threads, "rounds": args.rounds - 1, "steps_per_round": args.steps,
             "plain": "DistributedDataParallel (gloo)" if args.ranks > 1 else "one process",
             "median_step_s": med, "min_step_s": {name: min(v) for name, v in times.items()},
@@ -160,7 +172,12 @@ def main() -> None:
                                                                       "measured interleaved with the others")
     ap.add_argument("--ranks", type=int, default=1, help="data-parallel processes (gloo); the plain side uses "
                                                          "DistributedDataParallel when > 1")
+    ap.add_argument("--ds-extra", default=None, help="JSON of DeepSpeed settings (deepspeed.extra): each ZeRO stage is "
+                                                     "measured with and without them, interleaved")
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--clip", type=float, default=1.0,
+                    help="gradient-norm clipping on both sides (default 1.0: forgetless's deepspeed.gradient_clipping "
+                         "default, Hugging Face Trainer's max_grad_norm); 0: none")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per rank")
     ap.add_argument("--out", default=None, help="write the result JSON here")
     args = ap.parse_args()

@@ -103,7 +103,7 @@ def run_one(cfg_dict: dict, method: dict, lr: float, seed: int, steps: int, eval
     phase = strategy.phases(model, infos[1])[0]
     phase.lr_multipliers = lambda s: warmup_cosine(steps, max(1, steps // 10))(s) * len(phase.param_groups)
     set_trainable(model, phase)
-    opt = make_optimizer(phase, cfg.train, use_gpu=False)
+    opt = make_optimizer(phase, cfg.train)
     engine, gen = TorchEngine(model, opt, lr_scheduler(opt, phase)), torch.Generator().manual_seed(seed)
     curve, start = [], time.time()
     for step in range(steps + 1):

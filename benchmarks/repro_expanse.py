@@ -55,7 +55,7 @@ def local_compare(cfg):
     def train(model, strategy, phase, stage, optim, p_idx):
         """The platform's train_step with a torch optimizer, on the global batch of the Ray run."""
         set_trainable(model, phase)
-        engine = TorchEngine(model, make_optimizer(phase, optim, use_gpu=False))
+        engine = TorchEngine(model, make_optimizer(phase, optim))
         task, bs = tasks[stage], optim.batch_size * world
         for epoch in range(phase.epochs):
             set_train_mode(model, phase)

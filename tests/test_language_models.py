@@ -75,6 +75,21 @@ def test_perplexity_of_a_hand_computed_block():
     assert c.tolist() == [1.0, 0.0] and n.tolist() == [1.0, 1.0]
 
 
+def test_the_causal_lm_loss_and_its_gradient_are_the_mean_over_the_next_token_predictions():
+    """The loss shifts the labels, not the logits: the same value and gradient as the cross-entropy of the first L-1
+    positions against tokens 1..L, and the last position (it predicts nothing) gets no gradient."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 11, (3, 6), generator=g)
+    logits = torch.randn(3, 6, 11, generator=g, requires_grad=True)
+    sliced = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), y[:, 1:].reshape(-1))
+    (want,) = torch.autograd.grad(sliced, logits)
+    loss = task_loss(CAUSAL_LM, logits, y)
+    (got,) = torch.autograd.grad(loss, logits)
+    assert loss.item() == pytest.approx(sliced.item(), rel=1e-6)
+    assert torch.allclose(got, want, atol=1e-7) and got[:, -1].abs().max().item() == 0.0
+    assert got[:, :-1].abs().min().item() > 0  # every prediction counts
+
+
 def test_true_fisher_labels_of_a_language_model_are_next_tokens():
     """Sampled labels keep the block's first token and put the token drawn at position t at t+1 (what t predicts)."""
     logits = torch.full((1, 3, 5), -1e9)

@@ -210,7 +210,7 @@ def train_stream(name: str, params: dict, tasks: list[TaskData], epochs: int, lr
     for stage, task in enumerate(infos):
         phase = (make_strategy("finetune", {}, epochs, 0.01) if stage == 0 else strategy).phases(model, task)[0]
         set_trainable(model, phase)
-        engine = TorchEngine(model, make_optimizer(phase, OptimConfig(optimizer="adam", lr=lr), use_gpu=False))
+        engine = TorchEngine(model, make_optimizer(phase, OptimConfig(optimizer="adam", lr=lr)))
         set_train_mode(model, phase)
         for epoch in range(epochs):
             g = torch.Generator().manual_seed(epoch)
@@ -331,6 +331,6 @@ def test_text_replay_mixes_training_blocks_of_the_general_corpus_at_the_token_sh
         assert torch.equal(x[:, 0].long(), y)
     phase = strategy.phases(model, infos[2])[0]
     set_trainable(model, phase)
-    engine = TorchEngine(model, make_optimizer(phase, OptimConfig(optimizer="adam", lr=0.01), use_gpu=False))
+    engine = TorchEngine(model, make_optimizer(phase, OptimConfig(optimizer="adam", lr=0.01)))
     losses = [train_step(engine, model, strategy, phase, infos[2], x, y, torch.Generator())[0] for x, y in batches]
     assert all(torch.isfinite(torch.tensor(losses)))

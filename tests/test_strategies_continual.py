@@ -52,7 +52,7 @@ def prepare(strategy, model, upto: int) -> None:
 
 def train_phase(strategy, model, task: TaskInfo, phase, steps: int = 3) -> None:
     set_trainable(model, phase)
-    opt = make_optimizer(phase, OptimConfig(optimizer="adam", lr=0.05), use_gpu=False)
+    opt = make_optimizer(phase, OptimConfig(optimizer="adam", lr=0.05))
     engine = TorchEngine(model, opt, lr_scheduler(opt, phase))
     set_train_mode(model, phase)
     x, y = next(batches_of(task, seed=99)())

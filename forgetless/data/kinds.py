@@ -19,16 +19,17 @@ CAUSAL_LM = "causal_lm"
 TASK_KINDS = (CLASSIFICATION, CAUSAL_LM)
 
 
-def _shifted(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predictions, next tokens) flattened: position t's logits against token t+1."""
-    return logits[:, :-1].reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1)
+IGNORED = -100  # a label cross_entropy skips (its ignore_index)
 
 
 def task_loss(kind: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The training loss of a batch (a scalar, mean over samples or predicted tokens)."""
     if kind == CAUSAL_LM:
-        pred, nxt = _shifted(logits.float(), y)
-        return F.cross_entropy(pred, nxt)
+        # The labels shift, not the logits (as transformers' causal-LM loss): slicing the (B, L, V) logits copies them
+        # to flatten, and its backward fills a zero (B, L, V) gradient to copy the slice into, ~3 % of a small
+        # decoder's step on CPU. The last position predicts nothing (IGNORED): the mean is over the L-1 predictions.
+        nxt = F.pad(y[:, 1:], (0, 1), value=IGNORED)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), nxt.reshape(-1), ignore_index=IGNORED)
     return F.cross_entropy(logits.float(), y)
 
 

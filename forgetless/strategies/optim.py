@@ -18,8 +18,8 @@ class OptimizerSettings(Protocol):
 
 def make_torch_optimizer(groups: list[dict[str, Any]], settings: OptimizerSettings,
                          fused: bool = False) -> torch.optim.Optimizer:
-    """`groups`: torch param groups (each with its own "lr"); the first group's lr is the default. `fused`: the fused
-    CUDA kernels of Adam/AdamW (GPU only)."""
+    """`groups`: torch param groups (each with its own "lr"); the first group's lr is the default. `fused`: torch's
+    fused Adam/AdamW kernels (CUDA and, from torch 2.4, CPU); SGD ignores it."""
     lr = groups[0].get("lr", settings.lr)
     if settings.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
