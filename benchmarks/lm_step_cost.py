@@ -39,7 +39,7 @@ def forgetless_stepper(folder: str, method: str, lr: float, batch: int, block: i
                        clip: float, ds_extra: dict | None = None):
     from forgetless.config import load_config
     from forgetless.data.kinds import CAUSAL_LM
-    from forgetless.platform.worker.engine import make_engine, weight_access
+    from forgetless.platform.worker.engine import engine_zero_stage, make_engine, weight_access
     from forgetless.platform.worker.model_io import build_model
     from forgetless.strategies import make_strategy
     from forgetless.strategies.base import TaskInfo
@@ -50,20 +50,25 @@ def forgetless_stepper(folder: str, method: str, lr: float, batch: int, block: i
     cfg = load_config({"name": "bench", "source": {**task, "name": "a"}, "targets": [{**task, "name": "b"}],
                        "backbone": {"name": f"hf:{folder}"}, "strategies": [{"name": method, "params": params}],
                        "train": {"optimizer": "adamw", "lr": lr, "batch_size": batch},
+                       "scaling": {"num_workers": world},
                        "deepspeed": {"zero_stage": zero, "gradient_clipping": clip, "extra": ds_extra or {}}})
+    # the stage a run of `world` workers trains at (a one-worker ZeRO-1/2 run: ZeRO-0), as the train loop picks it
+    spec = cfg.deepspeed.model_copy(update={"zero_stage": engine_zero_stage(cfg.deepspeed,
+                                                                             cfg.scaling.worker_counts(), False)})
     vocab = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
     infos = [TaskInfo(i, n, vocab, [], (1, block), CAUSAL_LM) for i, n in enumerate("ab")]
     strategy = make_strategy(method, params, 1, lr)
     model = build_model(cfg, infos, strategy)
     phase = strategy.phases(model, infos[1])[-1]
-    engine = make_engine(model, phase, cfg.train, cfg.deepspeed, world, False)
+    engine = make_engine(model, phase, cfg.train, spec, world, False)
     set_train_mode(model, phase)
-    access = weight_access(model, zero)
+    access = weight_access(model, spec.zero_stage)
 
     def step(ids: torch.Tensor) -> float:
         return train_step(engine, model, strategy, phase, infos[1], ids[:, None].float(), ids, torch.Generator(),
                           access)[0]
 
+    step.engine_stage = spec.zero_stage
     return step
 
 
@@ -151,7 +156,9 @@ def measure(rank: int, args: argparse.Namespace, port: int) -> dict | None:
             "ratio_median": {name: med[name] / med["plain"] for name in ratios},
             "ratio_of_round_medians": {name: {"min": min(v), "median": statistics.median(v)}
                                        for name, v in ratios.items()},
-            "round_ratios": ratios}
+            "round_ratios": ratios,
+            "engine_stage": {name: st.engine_stage for name, st in steppers.items() if name != "plain"},
+            "plain_optimizer": "AdamW(fused=True)"}
 
 
 def spawned(rank: int, args: argparse.Namespace, port: int, out: str) -> None:

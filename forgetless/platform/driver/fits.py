@@ -40,6 +40,7 @@ from forgetless.platform.worker.job import (
     WorkerJob,
 )
 from forgetless.platform.worker.checkpoint_io import FINAL_CHECKPOINT, MODEL_FILE, STATE_FILE
+from forgetless.platform.worker.engine import engine_zero_stage
 from forgetless.strategies import get_strategy_class
 from forgetless.strategies.base import check_trajectory_ends
 
@@ -119,6 +120,15 @@ def _checkpoint_uri(cfg: ExperimentConfig, run_name: str, checkpoint) -> str:
 
 def pretrain_run_name(cfg: ExperimentConfig) -> str:
     return f"{cfg.name}-pretrain-{cfg.pretrain_key()}"
+
+
+def describe_zero(cfg: ExperimentConfig) -> str:
+    """The run's DeepSpeed stage as its start line says it: the configured one, and the one its engines run at where
+    they differ (engine.engine_zero_stage)."""
+    spec = cfg.deepspeed
+    stage = engine_zero_stage(spec, cfg.scaling.worker_counts(), cfg.scaling.use_gpu)
+    return f"DeepSpeed ZeRO-{spec.zero_stage}" + (
+        "" if stage == spec.zero_stage else f", run as ZeRO-{stage}: one worker has nothing to partition")
 
 
 def transfer_run_name(cfg: ExperimentConfig, strategy: StrategyConfig) -> str:
@@ -214,7 +224,7 @@ def transfer(cfg: ExperimentConfig, strategy: StrategyConfig, init_weights: str,
             wall = json.loads(storage.read_bytes(wall_uri))["wall_seconds"] if storage.exists(wall_uri) else math.nan
             return _strategy_result(cfg, strategy, state, wall, storage.join(run_uri, FINAL_CHECKPOINT))
     say(f"strategy {strategy.display_name()}: Ray Train run {run_name} ({cfg.scaling.describe_workers()}, "
-        f"DeepSpeed ZeRO-{cfg.deepspeed.zero_stage})")
+        f"{describe_zero(cfg)})")
     job = dataclasses.replace(transfer_job(cfg, strategy, init_weights, target, trajectory), submitted_at=time.time(),
                               display_name=run_label or strategy.display_name())
     # wall time sums every invocation of the run (a resumed one included); the watch says when the run stalls

@@ -212,6 +212,20 @@ def make_optimizer(phase: Phase, optim: OptimConfig,
     return make_torch_optimizer(groups, optim, fused=True)
 
 
+def engine_zero_stage(spec: DeepSpeedSpec, worker_counts: range, use_gpu: bool) -> int:
+    """The ZeRO stage a run's engines run at: the configured one, but ZeRO-0 for ZeRO-1/2 where the run only ever has
+    one worker (`worker_counts`, the counts it may train on), in fp32 and without offload. One rank has nothing to
+    partition, and ZeRO-1/2 would still copy every gradient into flat buffers, step a flat fp32 copy of the weights
+    and copy it back (~5 % of a small decoder's CPU step, benchmarks/lm_step_cost.py). The training is the same
+    (tests/test_engine_stage.py); its checkpoints are ZeRO-0's, which every later attempt of the run (one worker
+    again: the count is part of its identity) reads. bf16/fp16 keep the stage: ZeRO-0 there trains through another
+    optimizer wrapper. ZeRO-3 keeps it too (partitioned construction, exports)."""
+    if (spec.zero_stage in (1, 2) and list(worker_counts) == [1] and resolve_precision(spec, use_gpu) == "fp32"
+            and spec.offload_optimizer == "none" and spec.offload_param == "none"):
+        return 0
+    return spec.zero_stage
+
+
 def make_engine(model: nn.Module, phase: Phase, optim: OptimConfig, spec: DeepSpeedSpec, world_size: int,
                 use_gpu: bool):
     """Build a DeepSpeed engine for one phase; model surgery has already happened on full weights."""

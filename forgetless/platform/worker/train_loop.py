@@ -34,6 +34,7 @@ from forgetless.platform.worker.checkpoint_io import (
 )
 from forgetless.platform.worker.engine import (
     destroy_engine,
+    engine_zero_stage,
     ensure_accelerator_env,
     full_state_dict,
     make_engine,
@@ -234,10 +235,12 @@ def train_phase(run: WorkerRun, stage: int, p: int, phase: Phase) -> None:
 def engine_batch(run: WorkerRun) -> tuple:
     """The optimizer settings and DeepSpeed section an engine gets at this worker count: the micro-batch and gradient
     accumulation of the batch plan (the config's at its most workers; more accumulation, or smaller micro-batches, at
-    fewer), so that an optimizer step always averages the config's global batch."""
-    plan = run.batch_plan()
+    fewer), so that an optimizer step always averages the config's global batch; and the ZeRO stage it runs at
+    (engine.engine_zero_stage: ZeRO-0 for a one-worker ZeRO-1/2 run)."""
+    plan, cfg = run.batch_plan(), run.job.config
+    stage = engine_zero_stage(cfg.deepspeed, cfg.scaling.worker_counts(), run.job.use_gpu)
     return (run.job.optim.model_copy(update={"batch_size": plan.micro_batch}),
-            run.job.config.deepspeed.model_copy(update={"gradient_accumulation_steps": plan.accumulation}))
+            cfg.deepspeed.model_copy(update={"gradient_accumulation_steps": plan.accumulation, "zero_stage": stage}))
 
 
 def train_epoch(run: WorkerRun, stage: int, p: int, phase: Phase, epoch: int,
