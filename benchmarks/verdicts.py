@@ -387,7 +387,7 @@ def _plain_side(d: dict) -> str:
     (forgetless's engines clipped at 1.0: DeepSpeed's default where its config has no key)."""
     if "clip" not in d:
         return f"{d['plain']}; AdamW, no clipping (forgetless clipped at 1.0)"
-    clip = f"clip {d['clip']:g}" if d["clip"] else "no clipping"
+    clip = f"clip {float(d['clip'])}" if d["clip"] else "no clipping"
     return f"{d['plain']}; {d.get('plain_optimizer', 'AdamW')}, {clip} on both sides"
 
 
