@@ -72,7 +72,7 @@ def forgetless_stepper(folder: str, method: str, lr: float, batch: int, block: i
     return step
 
 
-def plain_stepper(folder: str, method: str, lr: float, world: int, clip: float):
+def plain_stepper(folder: str, method: str, lr: float, world: int, clip: float, sharded: bool = False):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder)
@@ -84,7 +84,13 @@ def plain_stepper(folder: str, method: str, lr: float, world: int, clip: float):
     model.train()
     trained = [p for p in model.parameters() if p.requires_grad]
     # fused: Hugging Face Trainer's default optimizer on torch >= 2.8 (`adamw_torch_fused`), as forgetless's engines
-    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0, fused=True)
+    if sharded:  # each rank steps and keeps the optimizer state of its share of the weights: PyTorch's own ZeRO-1
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        optimizer = ZeroRedundancyOptimizer(trained, optimizer_class=torch.optim.AdamW, lr=lr, weight_decay=0.0,
+                                            fused=True)
+    else:
+        optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0, fused=True)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
 
@@ -132,9 +138,14 @@ def measure(rank: int, args: argparse.Namespace, port: int) -> dict | None:
                                                                          extra)
                          for z in args.zero})
     steppers["plain"] = plain_stepper(folder, args.method, args.lr, args.ranks, args.clip)
+    if args.plain_sharded:
+        steppers["plain_sharded"] = plain_stepper(folder, args.method, args.lr, args.ranks, args.clip, sharded=True)
     names = list(steppers)
+    plains = [name for name in names if name.startswith("plain")]
     times: dict[str, list[float]] = {name: [] for name in names}
-    ratios: dict[str, list[float]] = {name: [] for name in names if name != "plain"}
+    ratios: dict[str, list[float]] = {name: [] for name in names if name not in plains}
+    sharded_ratios: dict[str, list[float]] = {name: [] for name in ratios if "plain_sharded" in steppers
+                                              and steppers[name].engine_stage in (1, 2)}
     for r in range(args.rounds):
         order = names if r % 2 == 0 else names[::-1]
         this = {name: timed(steppers[name], batches) for name in order}
@@ -144,6 +155,8 @@ def measure(rank: int, args: argparse.Namespace, port: int) -> dict | None:
             times[name] += this[name]
         for name in ratios:
             ratios[name].append(statistics.median(this[name]) / statistics.median(this["plain"]))
+        for name in sharded_ratios:
+            sharded_ratios[name].append(statistics.median(this[name]) / statistics.median(this["plain_sharded"]))
     torch.distributed.barrier()
     if rank != 0:
         return None
@@ -157,7 +170,11 @@ def measure(rank: int, args: argparse.Namespace, port: int) -> dict | None:
             "ratio_of_round_medians": {name: {"min": min(v), "median": statistics.median(v)}
                                        for name, v in ratios.items()},
             "round_ratios": ratios,
-            "engine_stage": {name: st.engine_stage for name, st in steppers.items() if name != "plain"},
+            "engine_stage": {name: st.engine_stage for name, st in steppers.items() if name not in plains},
+            # ZeRO-1/2 against DDP with PyTorch's ZeroRedundancyOptimizer (--plain-sharded): a plain loop that also
+            # partitions the optimizer state
+            "ratio_to_sharded_plain": {name: {"min": min(v), "median": statistics.median(v)}
+                                       for name, v in sharded_ratios.items()},
             "plain_optimizer": "AdamW(fused=True)"}
 
 
@@ -181,6 +198,9 @@ def main() -> None:
                                                          "DistributedDataParallel when > 1")
     ap.add_argument("--ds-extra", default=None, help="JSON of DeepSpeed settings (deepspeed.extra): each ZeRO stage is "
                                                      "measured with and without them, interleaved")
+    ap.add_argument("--plain-sharded", action="store_true",
+                    help="with --ranks > 1: also time the plain loop with PyTorch's ZeroRedundancyOptimizer (the "
+                         "optimizer state partitioned, as ZeRO-1/2), the ZeRO-1/2 rows' ratio to it recorded too")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--clip", type=float, default=1.0,
                     help="gradient-norm clipping on both sides (default 1.0: forgetless's deepspeed.gradient_clipping "

@@ -382,13 +382,17 @@ def lm_study_blocks(path: Path = RESULTS / "lm_study.json") -> dict[str, str]:
     return module.docs_blocks(json.loads(path.read_text()))
 
 
-def _plain_side(d: dict) -> str:
+def _plain_side(d: dict, sharded: bool = False) -> str:
     """The plain loop a step-cost file measured against: files before 11e2a04 had an unfused AdamW that did not clip
-    (forgetless's engines clipped at 1.0: DeepSpeed's default where its config has no key)."""
+    (forgetless's engines clipped at 1.0: DeepSpeed's default where its config has no key). `sharded`: the loop with
+    PyTorch's ZeroRedundancyOptimizer (--plain-sharded)."""
     if "clip" not in d:
         return f"{d['plain']}; AdamW, no clipping (forgetless clipped at 1.0)"
     clip = f"clip {float(d['clip'])}" if d["clip"] else "no clipping"
-    return f"{d['plain']}; {d.get('plain_optimizer', 'AdamW')}, {clip} on both sides"
+    optimizer = d.get("plain_optimizer", "AdamW")
+    if sharded:
+        return f"{d['plain']} + ZeroRedundancyOptimizer; {optimizer}, {clip} on both sides"
+    return f"{d['plain']}; {optimizer}, {clip} on both sides"
 
 
 def lm_step_cost_block(results: Path = RESULTS) -> dict[str, str]:
@@ -401,12 +405,14 @@ def lm_step_cost_block(results: Path = RESULTS) -> dict[str, str]:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for f in files:
         d = json.loads(f.read_text())
-        for name, r in d["ratio_of_round_medians"].items():
+        rows = [(name, r, "plain", False) for name, r in d["ratio_of_round_medians"].items()]
+        rows += [(name, r, "plain_sharded", True) for name, r in d.get("ratio_to_sharded_plain", {}).items()]
+        for name, r, plain, sharded in rows:
             stage = name.removeprefix('forgetless_zero')
             if d.get("engine_stage", {}).get(name) not in (None, int(stage.split("_")[0])):
                 stage += f" (engine: ZeRO-{d['engine_stage'][name]})"
-            lines.append(f"| {d['method']} | {d['ranks']} | {_plain_side(d)} | {stage} | "
-                         f"{d['min_step_s'][name]:.3f} | {d['min_step_s']['plain']:.3f} | {r['min']:.2f} | "
+            lines.append(f"| {d['method']} | {d['ranks']} | {_plain_side(d, sharded)} | {stage} | "
+                         f"{d['min_step_s'][name]:.3f} | {d['min_step_s'][plain]:.3f} | {r['min']:.2f} | "
                          f"{r['median']:.2f} | {d['rounds']} x {d['steps_per_round']} | `{f.name}` |")
     return {"lm-step-cost": "\n".join(lines) + "\n"}
 

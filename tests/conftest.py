@@ -50,6 +50,52 @@ tasks = build_stream(cfg.source, cfg.targets)
 """
 
 
+# The digits MLP a one-rank script fine-tunes (ONE_RANK_FINETUNE), with the DeepSpeed section a test adds.
+ONE_RANK_MLP_CONFIG = {"name": "z", "source": {"dataset": "digits", "classes": [0, 1, 2]},
+                       "targets": [{"dataset": "digits", "classes": [3, 4]}],
+                       "backbone": {"name": "mlp", "params": {"hidden": [16]}}, "strategies": ["finetune"],
+                       "train": {"lr": 0.05, "batch_size": 16, "optimizer": "adamw"}}
+
+# After ONE_RANK_DEEPSPEED_PRELUDE: `finetune_eight_micro_batches(spec)` fine-tunes the config's model on the first
+# target's first 128 examples, 16 a micro-batch, with an engine of the DeepSpeed section `spec`; it returns the
+# engine and {updates (optimizer steps), moved (the largest weight change), weights}.
+ONE_RANK_FINETUNE = r"""
+from forgetless.strategies.base import task_infos
+infos = task_infos(tasks)
+
+def finetune_eight_micro_batches(spec):
+    torch.manual_seed(0)
+    strategy = make_strategy("finetune", {}, 1, cfg.train.lr)
+    model = build_model(cfg, infos, strategy)
+    phase = strategy.phases(model, infos[1])[-1]
+    set_trainable(model, phase)
+    engine = make_engine(model, phase, cfg.train, spec, 1, False)
+    set_train_mode(model, phase)
+    access = weight_access(model, spec.zero_stage)
+    before = {k: v.clone() for k, v in full_state_dict(model, 0).items()}
+    updates = 0
+    for i in range(0, 128, 16):
+        x, y = tasks[1].x_train[i:i + 16], tasks[1].y_train[i:i + 16]
+        updates += train_step(engine, model, strategy, phase, infos[1], x, y, torch.Generator(), access)[1]
+    full = full_state_dict(model, 0)
+    return engine, {"updates": updates, "moved": max(float((full[k] - before[k]).abs().max()) for k in full),
+                    "weights": {k: v.flatten().tolist() for k, v in full.items()}}
+"""
+
+
+def run_one_rank_script(tmp_path: Path, script: str, *args: str, env: dict[str, str] | None = None) -> list[dict]:
+    """Run `script` (a one-rank DeepSpeed script: ONE_RANK_DEEPSPEED_PRELUDE and what follows) in a subprocess with
+    `args`, and return the JSON of every line it prints as `RESULT {...}`."""
+    import subprocess
+
+    path = tmp_path / f"one_rank_{len(list(tmp_path.glob('one_rank_*.py')))}.py"
+    path.write_text(script)
+    out = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=600, check=False,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [json.loads(line[len("RESULT "):]) for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+
+
 def committed_transfer_epoch(snapshot: str) -> int | None:
     """The epoch of the latest transfer checkpoint Ray Train has committed, from the text of a run's
     checkpoint_manager_snapshot.json: None if none yet, 10**6 once the transfer stage is done. A checkpoint folder is

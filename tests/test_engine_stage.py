@@ -6,9 +6,6 @@ into pytest)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -16,7 +13,7 @@ from forgetless.config import load_config
 from forgetless.config_sections import DeepSpeedSpec
 from forgetless.platform.driver.fits import describe_zero
 from forgetless.platform.worker.engine import engine_zero_stage
-from conftest import ONE_RANK_DEEPSPEED_PRELUDE
+from conftest import ONE_RANK_DEEPSPEED_PRELUDE, ONE_RANK_FINETUNE, ONE_RANK_MLP_CONFIG, run_one_rank_script
 
 
 @pytest.mark.parametrize("spec, counts, use_gpu, stage", [
@@ -42,46 +39,18 @@ def test_the_runs_start_line_says_the_stage_it_runs_at():
     assert describe_zero(load_config({**base, "scaling": {"num_workers": 2}})) == "DeepSpeed ZeRO-2"
 
 
-_SCRIPT = ONE_RANK_DEEPSPEED_PRELUDE + r"""
-from forgetless.strategies.base import task_infos
-infos = task_infos(tasks)
+_SCRIPT = ONE_RANK_DEEPSPEED_PRELUDE + ONE_RANK_FINETUNE + r"""
 out = {}
 for stage in (2, 0):
-    torch.manual_seed(0)
-    strategy = make_strategy("finetune", {}, 1, cfg.train.lr)
-    model = build_model(cfg, infos, strategy)
-    phase = strategy.phases(model, infos[1])[-1]
-    set_trainable(model, phase)
-    spec = cfg.deepspeed.model_copy(update={"zero_stage": stage})
-    engine = make_engine(model, phase, cfg.train, spec, 1, False)
-    set_train_mode(model, phase)
-    access = weight_access(model, stage)
-    before = {k: v.clone() for k, v in full_state_dict(model, 0).items()}
-    updates = 0
-    for i in range(0, 128, 16):
-        x, y = tasks[1].x_train[i:i + 16], tasks[1].y_train[i:i + 16]
-        updates += train_step(engine, model, strategy, phase, infos[1], x, y, torch.Generator(), access)[1]
-    full = full_state_dict(model, 0)
-    out[stage] = {"zero_optimizer": type(engine.optimizer).__name__, "updates": updates,
-                  "moved": max(float((full[k] - before[k]).abs().max()) for k in full),
-                  "weights": {k: v.flatten().tolist() for k, v in full.items()}}
+    engine, out[stage] = finetune_eight_micro_batches(cfg.deepspeed.model_copy(update={"zero_stage": stage}))
+    out[stage]["zero_optimizer"] = type(engine.optimizer).__name__
 print("RESULT " + json.dumps(out), flush=True)
 """
 
 
 def test_a_zero_0_engine_trains_the_same_weights_as_zero_2_on_one_rank(tmp_path):
-    cfg = {"name": "z", "source": {"dataset": "digits", "classes": [0, 1, 2]},
-           "targets": [{"dataset": "digits", "classes": [3, 4]}],
-           "backbone": {"name": "mlp", "params": {"hidden": [16]}}, "strategies": ["finetune"],
-           "train": {"lr": 0.05, "batch_size": 16, "optimizer": "adamw"},
-           "deepspeed": {"gradient_accumulation_steps": 2, "gradient_clipping": 0.5}}
-    script = tmp_path / "stages.py"
-    script.write_text(_SCRIPT)
-    out = subprocess.run([sys.executable, str(script), json.dumps(cfg)], capture_output=True, text=True, timeout=600,
-                         check=False, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    (line,) = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    r = json.loads(line[len("RESULT "):])
+    cfg = {**ONE_RANK_MLP_CONFIG, "deepspeed": {"gradient_accumulation_steps": 2, "gradient_clipping": 0.5}}
+    (r,) = run_one_rank_script(tmp_path, _SCRIPT, json.dumps(cfg))
     zero2, zero0 = r["2"], r["0"]
     assert zero2["zero_optimizer"] == "DeepSpeedZeroOptimizer" and zero0["zero_optimizer"] != zero2["zero_optimizer"]
     assert zero2["updates"] == zero0["updates"] == 4  # 8 micro-batches, accumulation 2

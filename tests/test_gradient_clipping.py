@@ -4,10 +4,7 @@ left the key out for 0, so every run was clipped.) Real DeepSpeed engines at ZeR
 subprocess (no process group leaks into pytest), against the same steps in plain PyTorch."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
+from conftest import run_one_rank_script
 
 _SCRIPT = r"""
 import json, os, torch
@@ -59,13 +56,7 @@ def _max_diff(a: list[list[float]], b: list[list[float]]) -> float:
 
 
 def test_zero_clipping_trains_unclipped_and_the_default_clips_at_one(tmp_path):
-    script = tmp_path / "clip.py"
-    script.write_text(_SCRIPT)
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=False,
-                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    (line,) = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    r = json.loads(line[len("RESULT "):])
+    (r,) = run_one_rank_script(tmp_path, _SCRIPT)
     assert r["default"] == 1.0
     assert min(r["norms"]) > 2.0  # every step's gradient is above the clip: clipping changes every step
     assert _max_diff(r["plain_clip0.0"], r["plain_clip1.0"]) > 1e-2  # so clipped and unclipped training differ

@@ -6,48 +6,20 @@ a subprocess each (no process group leaks into pytest)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-from conftest import ONE_RANK_DEEPSPEED_PRELUDE
+from conftest import ONE_RANK_DEEPSPEED_PRELUDE, ONE_RANK_FINETUNE, ONE_RANK_MLP_CONFIG, run_one_rank_script
 
-_SCRIPT = ONE_RANK_DEEPSPEED_PRELUDE + r"""
-from forgetless.strategies.base import task_infos
-infos = task_infos(tasks)
-strategy = make_strategy("finetune", {}, 1, cfg.train.lr)
-model = build_model(cfg, infos, strategy)
-phase = strategy.phases(model, infos[1])[-1]
-set_trainable(model, phase)
-engine = make_engine(model, phase, cfg.train, cfg.deepspeed, 1, False)
-set_train_mode(model, phase)
-access = weight_access(model, 0)
-before = {k: v.clone() for k, v in full_state_dict(model, 0).items()}
-updates = 0
-for i in range(0, 128, 16):
-    x, y = tasks[1].x_train[i:i + 16], tasks[1].y_train[i:i + 16]
-    updates += train_step(engine, model, strategy, phase, infos[1], x, y, torch.Generator(), access)[1]
-full = full_state_dict(model, 0)
-moved = max(float((full[k] - before[k]).abs().max()) for k in full)
-print("RESULT " + json.dumps({"allreduce": engine.enable_backward_allreduce, "updates": updates, "moved": moved,
-                              "weights": {k: v.flatten().tolist() for k, v in full.items()}}), flush=True)
+_SCRIPT = ONE_RANK_DEEPSPEED_PRELUDE + ONE_RANK_FINETUNE + r"""
+engine, result = finetune_eight_micro_batches(cfg.deepspeed)
+print("RESULT " + json.dumps({"allreduce": engine.enable_backward_allreduce, **result}), flush=True)
 """
 
 
 def _train(tmp_path, public_paths: bool) -> dict:
-    cfg = {"name": "z", "source": {"dataset": "digits", "classes": [0, 1, 2]},
-           "targets": [{"dataset": "digits", "classes": [3, 4]}],
-           "backbone": {"name": "mlp", "params": {"hidden": [16]}}, "strategies": ["finetune"],
-           "train": {"lr": 0.05, "batch_size": 16, "optimizer": "adamw"},
-           "deepspeed": {"zero_stage": 0, "gradient_accumulation_steps": 2}}
-    script = tmp_path / "one_rank.py"
-    script.write_text(_SCRIPT)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "FORGETLESS_PUBLIC_PATHS": "1" if public_paths else "0"}
-    out = subprocess.run([sys.executable, str(script), json.dumps(cfg)], capture_output=True, text=True, timeout=600,
-                         check=False, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    (line,) = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    return json.loads(line[len("RESULT "):])
+    cfg = {**ONE_RANK_MLP_CONFIG, "deepspeed": {"zero_stage": 0, "gradient_accumulation_steps": 2}}
+    (result,) = run_one_rank_script(tmp_path, _SCRIPT, json.dumps(cfg),
+                                    env={"FORGETLESS_PUBLIC_PATHS": "1" if public_paths else "0"})
+    return result
 
 
 def test_one_rank_zero0_skips_the_allreduce_and_trains_the_same_weights(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ONE_RANK_DEEPSPEED_PRELUDE
+from conftest import ONE_RANK_DEEPSPEED_PRELUDE, run_one_rank_script
 from forgetless.backbones import MLP, TransferModel
 from forgetless.config import OptimConfig, load_config
 from forgetless.data import build_stream
@@ -275,20 +275,12 @@ for zero in (0, 1, 2, 3):
 
 def test_replay_trains_the_same_under_every_zero_stage(tmp_path):
     import json
-    import os
-    import subprocess
-    import sys
 
     cfg = {"name": "z", "source": {"dataset": "digits", "classes": [0, 1, 2]},
            "targets": [{"dataset": "digits", "classes": [3, 4]}],
            "backbone": {"name": "mlp", "params": {"hidden": [16]}},
            "train": {"lr": 0.01, "batch_size": 16}, "strategies": ["replay"]}
-    script = tmp_path / "ds_replay.py"
-    script.write_text(_DS_SCRIPT)
-    out = subprocess.run([sys.executable, str(script), json.dumps(cfg)], capture_output=True, text=True, timeout=600,
-                         check=False, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    res = [json.loads(line[7:]) for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    res = run_one_rank_script(tmp_path, _DS_SCRIPT, json.dumps(cfg))
     assert [r["zero"] for r in res] == [0, 1, 2, 3]
     for r in res:
         assert r["memory"] == res[0]["memory"] and min(r["memory"]) >= 0  # the memory, full, in every state dict
