@@ -6,13 +6,17 @@ into pytest)."""
 from __future__ import annotations
 
 import json
+from types import MethodType, SimpleNamespace
 
 import pytest
 
 from forgetless.config import load_config
 from forgetless.config_sections import DeepSpeedSpec
 from forgetless.platform.driver.fits import describe_zero
+from forgetless.platform.worker.checkpoint_io import DS_TAG
 from forgetless.platform.worker.engine import engine_zero_stage
+from forgetless.platform.worker.train_loop import engine_batch
+from forgetless.platform.worker.worker_run import WorkerRun
 from conftest import ONE_RANK_DEEPSPEED_PRELUDE, ONE_RANK_FINETUNE, ONE_RANK_MLP_CONFIG, run_one_rank_script
 
 
@@ -37,6 +41,29 @@ def test_the_runs_start_line_says_the_stage_it_runs_at():
     one = load_config({**base, "scaling": {"num_workers": 1}, "deepspeed": {"zero_stage": 2}})
     assert describe_zero(one) == "DeepSpeed ZeRO-2, run as ZeRO-0: one worker has nothing to partition"
     assert describe_zero(load_config({**base, "scaling": {"num_workers": 2}})) == "DeepSpeed ZeRO-2"
+
+
+def test_a_phase_resuming_zero_1_2_optimizer_shards_keeps_the_configured_stage(tmp_path):
+    # A one-worker ZeRO-2 run interrupted before the rule, resumed after it: its checkpoint holds ZeRO-2's optimizer
+    # shard, which only a ZeRO-2 engine reads; the phases after it (fresh optimizers) train at ZeRO-0.
+    cfg = load_config({"name": "z", "source": {"dataset": "digits", "classes": [0, 1]},
+                       "targets": [{"dataset": "digits", "classes": [2, 3]}], "strategies": ["finetune"],
+                       "scaling": {"num_workers": 1}, "deepspeed": {"zero_stage": 2}})
+    run = SimpleNamespace(job=SimpleNamespace(config=cfg, optim=cfg.train, use_gpu=False), world=1, resume_dir=None,
+                          state=SimpleNamespace(epoch=2))
+    run.batch_plan = MethodType(WorkerRun.batch_plan, run)
+    assert engine_batch(run)[1].zero_stage == 0  # nothing to resume
+    zero0, zero2 = tmp_path / "zero0", tmp_path / "zero2"
+    (zero0 / DS_TAG).mkdir(parents=True)
+    (zero0 / DS_TAG / "mp_rank_00_model_states.pt").write_bytes(b"")
+    (zero2 / DS_TAG).mkdir(parents=True)
+    (zero2 / DS_TAG / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    run.resume_dir = str(zero0)
+    assert engine_batch(run)[1].zero_stage == 0
+    run.resume_dir = str(zero2)
+    assert engine_batch(run)[1].zero_stage == 2
+    run.state.epoch = 0  # resumed at a phase's start: no optimizer state is read
+    assert engine_batch(run)[1].zero_stage == 0
 
 
 _SCRIPT = ONE_RANK_DEEPSPEED_PRELUDE + ONE_RANK_FINETUNE + r"""

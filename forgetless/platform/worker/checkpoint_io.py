@@ -229,6 +229,12 @@ def pick_intact_checkpoint(run: WorkerRun) -> tuple[str | None, str | None, list
     return None, None, skipped
 
 
+def resumes_optimizer_shards(run: WorkerRun) -> bool:
+    """Does the phase about to start resume optimizer state that ZeRO-1/2 wrote one file per rank (resume_optimizer
+    loads it)? Such a phase keeps its configured ZeRO stage (train_loop.engine_batch)."""
+    return bool(run.resume_dir and run.state.epoch > 0 and reshard.shard_files(Path(run.resume_dir, DS_TAG)))
+
+
 def resume_optimizer(run: WorkerRun) -> None:
     """Optimizer (and scheduler) state of the interrupted phase; its weights were loaded by `restore`. The shards
     are loaded weights-only: DeepSpeed's own checkpoint engine would unpickle anything a file holds. Shards written by

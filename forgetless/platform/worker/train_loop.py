@@ -30,6 +30,7 @@ from forgetless.platform.worker.checkpoint_io import (
     FINAL_CHECKPOINT,
     restore,
     resume_optimizer,
+    resumes_optimizer_shards,
     save_checkpoint,
 )
 from forgetless.platform.worker.engine import (
@@ -236,9 +237,12 @@ def engine_batch(run: WorkerRun) -> tuple:
     """The optimizer settings and DeepSpeed section an engine gets at this worker count: the micro-batch and gradient
     accumulation of the batch plan (the config's at its most workers; more accumulation, or smaller micro-batches, at
     fewer), so that an optimizer step always averages the config's global batch; and the ZeRO stage it runs at
-    (engine.engine_zero_stage: ZeRO-0 for a one-worker ZeRO-1/2 run)."""
+    (engine.engine_zero_stage: ZeRO-0 for a one-worker ZeRO-1/2 run, unless the phase resumes ZeRO-1/2's optimizer
+    shards)."""
     plan, cfg = run.batch_plan(), run.job.config
     stage = engine_zero_stage(cfg.deepspeed, cfg.scaling.worker_counts(), run.job.use_gpu)
+    if resumes_optimizer_shards(run):  # written at ZeRO-1/2 (by a forgetless before the one-worker rule): read them so
+        stage = cfg.deepspeed.zero_stage
     return (run.job.optim.model_copy(update={"batch_size": plan.micro_batch}),
             cfg.deepspeed.model_copy(update={"gradient_accumulation_steps": plan.accumulation, "zero_stage": stage}))
 
