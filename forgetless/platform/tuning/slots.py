@@ -121,9 +121,8 @@ def start_slots(name: str, n: int, lent: list[tuple[Any, Any]] | None = None) ->
 
 def slots_opened(slots_name: str) -> None:
     """Wait (bounded) until the search's slots actor is open: before its trials ask it anything."""
-    _, actor, opened = _OPEN[slots_name]
     try:
-        ray.get(opened, timeout=SLOTS_ANSWER_S)
+        ray.get(_OPEN[slots_name][2], timeout=SLOTS_ANSWER_S)
     except GetTimeoutError:
         raise RuntimeError(f"the search's slots actor ({slots_name}) did not start in {SLOTS_ANSWER_S:.0f} s") from None
 

@@ -229,18 +229,25 @@ def pick_intact_checkpoint(run: WorkerRun) -> tuple[str | None, str | None, list
     return None, None, skipped
 
 
+def _optimizer_state_to_resume(run: WorkerRun) -> Path | None:
+    """The DeepSpeed folder whose optimizer state the phase about to start resumes (an interrupted phase's), if any."""
+    ds_dir = Path(run.resume_dir, DS_TAG) if run.resume_dir else None
+    return ds_dir if ds_dir is not None and run.state.epoch > 0 and ds_dir.exists() else None
+
+
 def resumes_optimizer_shards(run: WorkerRun) -> bool:
     """Does the phase about to start resume optimizer state that ZeRO-1/2 wrote one file per rank (resume_optimizer
     loads it)? Such a phase keeps its configured ZeRO stage (train_loop.engine_batch)."""
-    return bool(run.resume_dir and run.state.epoch > 0 and reshard.shard_files(Path(run.resume_dir, DS_TAG)))
+    ds_dir = _optimizer_state_to_resume(run)
+    return ds_dir is not None and bool(reshard.shard_files(ds_dir))
 
 
 def resume_optimizer(run: WorkerRun) -> None:
     """Optimizer (and scheduler) state of the interrupted phase; its weights were loaded by `restore`. The shards
     are loaded weights-only: DeepSpeed's own checkpoint engine would unpickle anything a file holds. Shards written by
     another number of workers are cut again for this one (reshard.load_resharded)."""
-    if run.resume_dir and run.state.epoch > 0 and Path(run.resume_dir, DS_TAG).exists():
-        ds_dir = Path(run.resume_dir, DS_TAG)
+    ds_dir = _optimizer_state_to_resume(run)
+    if ds_dir is not None:
         written = reshard.written_world_size(ds_dir)
         if written is not None and written != run.world:  # per-rank shards of another count: cut again
             with refused_names_count(written):
