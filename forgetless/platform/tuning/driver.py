@@ -61,7 +61,7 @@ class FinishingASHA(AsyncHyperBandScheduler):
     """ASHA's rungs and cutoffs, with two changes. A trial at its last epoch is never stopped: it still reports its
     test accuracy matrix and logs its artifacts (stock ASHA stops it at max_t, before that). And a trial ASHA stops is
     not killed by Tune but asked to stop: its Ray Train run aborts cleanly at its next report (see
-    trial.ObjectiveReport), which releases the run's workers and their placement group."""
+    objective_report.ObjectiveReport), which releases the run's workers and their placement group."""
 
     def __init__(self, slots: str, max_t: int, grace_period: int, reduction_factor: float):
         super().__init__(time_attr=TRIAL_EPOCH, max_t=max_t, grace_period=grace_period,

@@ -2,14 +2,16 @@
 fine-tune from the trial's stop point through `fits.transfer`, a Ray Train run whose every epoch's objective is
 forwarded to Tune), then report the trial's result to Tune.
 
-This module is light on purpose (Ray Tune, and of forgetless only what the Train controller unpickles: no torch, no
-MLflow): a trial process imports it, and so does the Train controller (`ObjectiveReport`). Each slot of a search has
-a trial runner and a Train controller host its driver keeps (started once, kept for the driver's next search): a trial
-asks its slot's runner to train it (or finds it training already: the driver starts a trial as Tune adds it,
-driver.EarlyStart), whose fit's controller runs in the slot's host, and reports to Tune the epochs the runner receives
-(`follow_in_runner`), so that no trial process imports forgetless's driver side (~5-15 s on 2 cores), no fit starts a
-controller process of its own, and the run does not wait for Tune to start the trial's process. Where the driver has
-none to lend (a cluster it connected to, the Ray Train seam off) the trial trains in its own process, as before.
+This module is light on purpose (Ray Tune, and of forgetless nothing of the driver side: no torch, no MLflow): a trial
+process imports it. The epochs' reports are forwarded by `objective_report.ObjectiveReport`, in a module of its own
+that does not import Ray Tune: the run's Train controller and every one of its workers unpickle it. Each slot of a
+search has a trial runner and a Train controller host its driver keeps (started once, kept for the driver's next
+search): a trial asks its slot's runner to train it (or finds it training already: the driver starts a trial as Tune
+adds it, driver.EarlyStart), whose fit's controller runs in the slot's host, and reports to Tune the epochs the runner
+receives (`follow_in_runner`), so that no trial process imports forgetless's driver side (~5-15 s on 2 cores), no fit
+starts a controller process of its own, and the run does not wait for Tune to start the trial's process. Where the
+driver has none to lend (a cluster it connected to, the Ray Train seam off) the trial trains in its own process, as
+before.
 """
 from __future__ import annotations
 
@@ -20,56 +22,10 @@ from typing import Any, Iterator
 import ray
 from ray import tune
 from ray.exceptions import GetTimeoutError, RayActorError
-from ray.train import UserCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from forgetless.console import say
-from forgetless.platform.tuning.objective import OBJECTIVE, TRIAL_EPOCH, Objective, tune_metrics
 from forgetless.platform.tuning.slots import slots_actor
-
-
-def stop_requested(slots, trial_id: str) -> bool:
-    """Has ASHA asked this trial to stop (see driver.FinishingASHA)? `slots`: the search's slots actor."""
-    return ray.get(slots_actor(slots).should_stop.remote(trial_id))
-
-
-class ObjectiveReport(UserCallback):
-    """Forwards each epoch's report with the objective added to Tune, through `forward`: the slot runner's
-    `ReportMailbox` (trial_runner.py), which the trial's process follows, or where the trial trains in its own process a
-    TuneReportCallback made there, in its Tune session. The accuracy-matrix row and the final marker carry no epoch metrics: the
-    trial reports its own summary after `fit` instead.
-
-    It runs in the Ray Train controller. Once ASHA has decided to stop the trial (see driver.FinishingASHA), it aborts
-    the run at the next report: the controller shuts the workers down and removes their placement group, and the
-    trial function returns. (Had Tune stopped the trial itself, it would kill the trial process: the controller dies
-    with it and the workers' placement group, with its CPUs, is never released, so the next trials wait forever.)
-    `in_host`: the controller runs in the slot's ControllerHost, whose process outlives the run (`abort_fit`)."""
-
-    def __init__(self, objective: Objective, trial_id: str, slots: Any, forward: Any,
-                 in_host: bool = False):
-        self.objective = objective
-        self.trial_id = trial_id
-        self.slots = slots
-        self.forward = forward
-        self.in_host = in_host
-        self.epochs = 0
-
-    def after_report(self, run_context, metrics, checkpoint):
-        m = metrics[0]
-        if "val/target/acc" not in m:
-            return
-        self.epochs += 1
-        if self.objective.source_before is None:  # no recorded source accuracy of the stop point: its first report's
-            self.objective.source_before = m["val/source/acc"]
-        values = self.objective.metrics(m["val/target/acc"], m["val/source/acc"])
-        out = {**m, OBJECTIVE: values["objective"], TRIAL_EPOCH: self.epochs, **tune_metrics(values, "val")}
-        self.forward.after_report(run_context, [out], checkpoint)
-        if stop_requested(self.slots, self.trial_id):
-            controller = ray.get_runtime_context().current_actor  # (not waited on: it runs in this actor's loop)
-            if self.in_host:
-                controller.abort_fit.remote(self.trial_id)
-            else:
-                controller.abort.remote()
 
 
 def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:

@@ -27,8 +27,8 @@ RUNNER_CONCURRENCY = 8  # calls a runner serves at once: a trial trains in a thr
 
 
 class ReportMailbox:
-    """A trial's per-epoch reports, sent from its Ray Train controller (trial.ObjectiveReport's `forward`) to its
-    runner, where they wait for the trial's process (`TrialRunner.follow`). Each is delivered before the controller
+    """A trial's per-epoch reports, sent from its Ray Train controller (objective_report.ObjectiveReport's `forward`) to
+    its runner, where they wait for the trial's process (`TrialRunner.follow`). Each is delivered before the controller
     goes on (a few milliseconds an epoch), so a run that has returned has delivered them all, in order."""
 
     def __init__(self, runner, trial_id: str):

@@ -1,5 +1,6 @@
 """Training one trial: fine-tune from the trial's stop point through `fits.transfer` (a Ray Train run, every epoch's
-objective forwarded to Tune by trial.ObjectiveReport), then log the trial's result on its MLflow run and return it.
+objective forwarded to Tune by objective_report.ObjectiveReport), then log the trial's result on its MLflow run and
+return it.
 
 It runs in the slot's `TrialRunner` (tuning/trial_runner.py), a process of the search's driver that imports this
 module once, as it starts; where the slot has no runner, in the trial's own process.
@@ -18,7 +19,7 @@ from forgetless.platform.tracking import mlflow_runs as tracking
 from forgetless.platform.tuning.objective import OBJECTIVE, TRIAL_EPOCH, Objective, tune_metrics
 from forgetless.platform.tuning.plan import trial_config
 from forgetless.platform.tuning.record import mark_trial, with_retries
-from forgetless.platform.tuning.trial import ObjectiveReport, stop_requested
+from forgetless.platform.tuning.objective_report import ObjectiveReport, stop_requested
 from forgetless.platform.worker import timing
 from forgetless.search_config import STOP_POINT
 
