@@ -409,8 +409,12 @@ def lm_step_cost_block(results: Path = RESULTS) -> dict[str, str]:
         rows += [(name, r, "plain_sharded", True) for name, r in d.get("ratio_to_sharded_plain", {}).items()]
         for name, r, plain, sharded in rows:
             stage = name.removeprefix('forgetless_zero')
-            if d.get("engine_stage", {}).get(name) not in (None, int(stage.split("_")[0])):
+            extra = stage.endswith("_extra")  # (--ds-extra: the same stage with those DeepSpeed settings)
+            stage = stage.removesuffix("_extra")
+            if d.get("engine_stage", {}).get(name) not in (None, int(stage)):
                 stage += f" (engine: ZeRO-{d['engine_stage'][name]})"
+            if extra:
+                stage += f", `deepspeed.extra: {d['ds_extra']}`"
             lines.append(f"| {d['method']} | {d['ranks']} | {_plain_side(d, sharded)} | {stage} | "
                          f"{d['min_step_s'][name]:.3f} | {d['min_step_s'][plain]:.3f} | {r['min']:.2f} | "
                          f"{r['median']:.2f} | {d['rounds']} x {d['steps_per_round']} | `{f.name}` |")
