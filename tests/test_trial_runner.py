@@ -38,23 +38,14 @@ class _Training:
     """Stands in for trial_training: the trial's 'run' is the controller's epoch reports, then its result."""
 
     @staticmethod
-    def train_trial(params, context, trial_id, forward, host, records=None):
+    def train_trial(params, context, trial_id, forward, host):
         controller = ray.remote(num_cpus=0)(_Controller).remote()
         ray.get(controller.report_epochs.remote(forward, params["epochs"], params.get("pause_s", 0.0)))
         if params.get("fail"):
             raise ValueError(f"trial {trial_id} failed on purpose")
         if params.get("marker"):
             Path(params["marker"]).touch()  # (its result is handed to the runner right after)
-        if params.get("records"):  # its MLflow records, as trial_training writes them: a file, after a while
-            records(lambda: _write_records(params))
         return {"final": params["epochs"]}
-
-
-def _write_records(params) -> None:
-    time.sleep(params.get("records_s", 0.0))
-    if params.get("records_fail"):
-        raise OSError("the tracking store refused the records (on purpose)")
-    Path(params["records"]).write_text("written")
 
 
 class _StandInRunner(TrialRunner):
@@ -129,34 +120,6 @@ def test_a_runner_still_training_is_ended_not_kept(ray_session):
     assert pool.lend(1)[0][1] == idle  # the idle one is kept for the next search
     with pytest.raises(ray.exceptions.RayActorError):  # the busy one was ended
         ray.get(busy.ready.remote(), timeout=30)
-
-
-def test_a_trials_result_is_handed_over_before_its_records_and_its_process_waits_for_them(ray_session, tmp_path):
-    """The slot's next trial can start while the last one's MLflow records are written (as a compare's next run
-    starts while the driver logs the last one's files); the trial's process waits for them before it reports to
-    Tune, and a runner still writing is not idle."""
-    runner = _runner()
-    records = tmp_path / "records"
-    ray.get(runner.start.remote({"epochs": 2, "records": str(records), "records_s": 3.0}, {}, "r1", None),
-            timeout=60)
-    _, end = _follow_to_the_end(runner, "r1")
-    assert end["final"] == {"final": 2} and not records.exists()  # handed over first
-    assert not ray.get(runner.idle.remote(), timeout=30)  # still writing: not to be kept, nor ended, yet
-    # meanwhile the slot's next trial trains in the same runner
-    ray.get(runner.start.remote({"epochs": 2}, {}, "next", None), timeout=60)
-    assert ray.get(runner.records_written.remote("r1", 0.1), timeout=30) == "still being written after 0 s"
-    assert ray.get(runner.records_written.remote("r1", 60.0), timeout=90) is None  # waited for
-    assert records.read_text() == "written"
-    _, end = _follow_to_the_end(runner, "next")
-    assert end["final"] == {"final": 2}
-    assert ray.get(runner.records_written.remote("next", 1.0), timeout=30) is None  # (it had none to write)
-    assert ray.get(runner.idle.remote(), timeout=30)
-    # records that could not be written are the trial's error
-    ray.get(runner.start.remote({"epochs": 1, "records": str(records), "records_fail": True}, {}, "r2", None),
-            timeout=60)
-    _follow_to_the_end(runner, "r2")
-    problem = ray.get(runner.records_written.remote("r2", 60.0), timeout=90)
-    assert "refused the records" in problem, problem
 
 
 class _PendingTrial:

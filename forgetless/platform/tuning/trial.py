@@ -40,24 +40,8 @@ def run_trial(params: dict[str, Any], context: dict[str, Any]) -> None:
 
             # made here, in this trial's Tune session: what it forwards reaches this trial
             final = train_trial(params, context, trial_id, TuneReportCallback(), host=None)
-    if runner is not None:  # the slot is free: its next trial starts while the runner writes this one's records
-        _wait_for_records(runner, trial_id)
     if final is not None:  # (None: ASHA stopped it; its last epoch report is its result)
         tune.report(final)
-
-
-RECORDS_TIMEOUT_S = 300.0  # how long a finished trial's MLflow records may take to be written
-
-
-def _wait_for_records(runner, trial_id: str) -> None:
-    """The slot's runner writes the trial's MLflow records (its status, final metrics and files) after handing over
-    its result (trial_training.train_trial), in the background, so that the slot's next trial starts meanwhile. The
-    trial reports its result to Tune only once they are written: a search killed before that re-runs the trial on
-    resume (its run resumes from its final checkpoint), so no trial Tune counts as done lacks its records."""
-    problem = ray.get(runner.records_written.remote(trial_id, RECORDS_TIMEOUT_S), timeout=RECORDS_TIMEOUT_S + 30)
-    if problem is not None:
-        raise RuntimeError(f"trial {trial_id}: its MLflow records (status, final metrics, files) were not written: "
-                           f"{problem}")
 
 
 FOLLOW_WAIT_S = 5.0  # how long one `follow` call waits in the runner for the trial's next report

@@ -16,9 +16,7 @@ there cost ~2.5 s on the way to each trial's first step (docs/tune.md, "A trial'
 from __future__ import annotations
 
 import threading
-import traceback
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Any, Callable
+from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
@@ -66,9 +64,6 @@ class TrialRunner:
         self._training = trial_training
         self._runs: dict[str, _TrialRun] = {}
         self._changed = threading.Condition()
-        # each trial's MLflow records, written after its result is handed over, one trial after another
-        self._records_pool = ThreadPoolExecutor(1, thread_name_prefix="trial-records")
-        self._records: dict[str, Future] = {}
 
     def ready(self, host=None, trial_id: str | None = None) -> bool:
         """Started (and its imports done); with `host`, the slot's Train controller host answers too, unless the
@@ -82,10 +77,10 @@ class TrialRunner:
         return True
 
     def idle(self) -> bool:
-        """No trial trains here and no trial's records are being written; trials that ended and were never handed
-        over are forgotten (their search is over: the driver asks as it takes the runner back)."""
+        """No trial trains here; trials that ended and were never handed over are forgotten (their search is over:
+        the driver asks as it takes the runner back)."""
         with self._changed:
-            if any(not r.done for r in self._runs.values()) or any(not f.done() for f in self._records.values()):
+            if any(not r.done for r in self._runs.values()):
                 return False
             self._runs.clear()
             return True
@@ -108,33 +103,12 @@ class TrialRunner:
     def _train(self, run: _TrialRun, params, context, trial_id: str, host, me) -> None:
         final, error = None, None
         try:
-            final = self._training.train_trial(params, context, trial_id, ReportMailbox(me, trial_id), host,
-                                               records=lambda write: self._write_later(trial_id, write))
+            final = self._training.train_trial(params, context, trial_id, ReportMailbox(me, trial_id), host)
         except BaseException as e:  # raised to the trial's process by `follow`, and so in Tune
             error = e
         with self._changed:
             run.final, run.error, run.done = final, error, True
             self._changed.notify_all()
-
-    def _write_later(self, trial_id: str, write: Callable[[], None]) -> None:
-        with self._changed:
-            self._records[trial_id] = self._records_pool.submit(write)
-
-    def records_written(self, trial_id: str, timeout_s: float) -> str | None:
-        """Wait (at most `timeout_s`) until the trial's MLflow records are written (the trial's process asks before
-        it reports its result to Tune); None once they are (or where it had none to write), else what went wrong:
-        the error the write raised, or that it was still going."""
-        with self._changed:
-            future = self._records.get(trial_id)
-        if future is None:
-            return None
-        done, _ = wait([future], timeout=timeout_s)
-        if not done:
-            return f"still being written after {timeout_s:.0f} s"
-        with self._changed:
-            self._records.pop(trial_id, None)
-        e = future.exception()
-        return None if e is None else "".join(traceback.format_exception_only(type(e), e)).strip()
 
     def deliver(self, trial_id: str, metrics: dict) -> None:
         with self._changed:

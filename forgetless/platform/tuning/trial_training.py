@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
-from typing import Any, Callable
+from typing import Any
 
 from forgetless.config import ExperimentConfig
 from forgetless.platform.analysis.results import StrategyResult, Trajectory
@@ -24,15 +24,11 @@ from forgetless.platform.worker import timing
 from forgetless.search_config import STOP_POINT
 
 
-def train_trial(params: dict[str, Any], context: dict[str, Any], trial_id: str, forward, host=None,
-                records: Callable[[Callable[[], None]], None] | None = None) -> dict[str, float] | None:
+def train_trial(params: dict[str, Any], context: dict[str, Any], trial_id: str, forward, host=None
+                ) -> dict[str, float] | None:
     """Train one trial and log it; returns what the trial reports to Tune (None: ASHA stopped it, its last epoch
     report is its result). `forward`: the trial's TuneReportCallback; `host`: the slot's ControllerHost (the fit's
-    controller runs there, as the trial's: the driver aborts it there if the trial process dies). `records`: where
-    the trial's MLflow records (its status, final metrics and files) are written once its result is known: given,
-    it takes them as a function to run later (the slot runner's background thread, so that the slot's next trial
-    starts meanwhile, as a compare's next run starts while the driver logs the last one's files); None: here,
-    before returning."""
+    controller runs there, as the trial's: the driver aborts it there if the trial process dies)."""
     # Relative paths in the config mean the folder `forgetless tune` ran in (Tune runs a trial in a folder of its own).
     os.chdir(context["cwd"])
     cfg = trial_config(ExperimentConfig(**context["config"]), params, trial_id)
@@ -52,15 +48,9 @@ def train_trial(params: dict[str, Any], context: dict[str, Any], trial_id: str, 
     res.compute_metrics()
     final = _final_metrics(res, objective)
     if res.mlflow_run_id:
-        def write_records() -> None:
-            mark_trial(target.tracking_uri, res.mlflow_run_id, context["search_name"], trial_id, params, "finished",
-                       final)
-            with_retries(run_outputs.log_strategy_artifacts, cfg, res, target.tracking_uri)
-
-        if records is None:
-            write_records()
-        else:
-            records(write_records)
+        mark_trial(target.tracking_uri, res.mlflow_run_id, context["search_name"], trial_id, params, "finished",
+                   final)
+        with_retries(run_outputs.log_strategy_artifacts, cfg, res, target.tracking_uri)
     return final
 
 
