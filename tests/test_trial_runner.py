@@ -118,8 +118,20 @@ def test_a_runner_still_training_is_ended_not_kept(ray_session):
     ray.get(busy.start.remote({"epochs": 100, "pause_s": 0.5}, {}, "orphan", None), timeout=60)
     pool.take_back([(key, busy), (key, idle)])
     assert pool.lend(1)[0][1] == idle  # the idle one is kept for the next search
-    with pytest.raises(ray.exceptions.RayActorError):  # the busy one was ended
-        ray.get(busy.ready.remote(), timeout=30)
+    assert _ended(lambda: busy.ready.remote())  # the busy one was ended
+
+
+def _ended(call, within_s: float = 30.0) -> bool:
+    """Does the actor behind `call` (a remote call on it) end within `within_s`? (ray.kill is asynchronous: a call
+    made right after it may still be served.)"""
+    deadline = time.time() + within_s
+    while time.time() < deadline:
+        try:
+            ray.get(call(), timeout=within_s)
+        except ray.exceptions.RayActorError:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 class _PendingTrial:
@@ -177,3 +189,30 @@ def test_a_drivers_slots_actor_serves_its_next_search_from_scratch(ray_session):
     assert ray.get(actor.acquire.remote("x"), timeout=30) and ray.get(actor.acquire.remote("y"), timeout=30)
     assert not ray.get(actor.should_stop.remote("x"), timeout=30)
     close_slots(second)
+
+
+class _Answers:
+    def ping(self) -> bool:
+        return True
+
+
+def test_a_kept_actor_that_no_longer_answers_is_ended_not_lent(ray_session):
+    """The keeping the driver's three pools share (kept_actors.KeptActors: controller hosts, trial runners, slots
+    actors): a kept actor that no longer answers is ended and the next one is taken; `give_back` ends what is not
+    idle."""
+    from forgetless.platform.kept_actors import KeptActors
+
+    kept, key = KeptActors(), ("cluster", "job")
+    alive, dead = (ray.remote(num_cpus=0)(_Answers).remote() for _ in range(2))
+    ray.get([alive.ping.remote(), dead.ping.remote()], timeout=120)
+    kept.keep(key, alive)
+    kept.keep(key, dead)  # the last kept is taken first
+    ray.kill(dead)
+    assert _ended(lambda: dead.ping.remote())
+    dropped = []
+    assert kept.take(key, lambda a: a.ping.remote(), 30.0, dropped.append) == alive
+    assert len(dropped) == 1 and kept.take(key) is None
+    assert kept.take(("another", "job")) is None
+    assert kept.give_back(key, alive, lambda a: a.ping.remote(), 30.0) and kept.take(key) == alive  # idle: kept
+    assert not kept.give_back(key, alive, lambda a: ray.put(False), 30.0)  # (its owner says it is busy)
+    assert _ended(lambda: alive.ping.remote())  # not idle: ended

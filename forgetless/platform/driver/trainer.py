@@ -57,7 +57,6 @@ from contextvars import ContextVar
 from pathlib import Path
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
 from ray.train.torch import TorchTrainer
 from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -67,6 +66,7 @@ from forgetless._compat.ray_trainer import LeanTorchTrainer, replaceable  # noqa
 from forgetless.console import say
 from forgetless import process_lifetime as reaper
 from forgetless.platform.driver.train_controller import ControllerHost
+from forgetless.platform.kept_actors import KeptActors
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +94,8 @@ class ControllerHosts:
     controller_parts.InheritedEnvWorkerGroup leaves out what the workers inherit anyway)."""
 
     def __init__(self):
-        self._idle: dict[tuple, list] = {}
+        self._kept = KeptActors()
         self._cluster_env: dict[str, dict[str, str]] = {}
-        self._lock = threading.Lock()
 
     def cluster_environment(self, gcs_address: str, env: dict[str, str]) -> None:
         """Every process of the cluster at `gcs_address` has these variables (its raylet's environment)."""
@@ -112,8 +111,7 @@ class ControllerHosts:
         except BaseException:
             ray.kill(host)  # best effort: it may be gone already; never handed to another fit
             raise
-        with self._lock:
-            self._idle.setdefault(key, []).append(host)
+        self._kept.keep(key, host)
         return result
 
     def _take(self, env_vars: dict[str, str]):
@@ -122,21 +120,13 @@ class ControllerHosts:
         inherited = self._cluster_env.get(cluster, {})
         env_vars = {k: v for k, v in env_vars.items() if inherited.get(k) != v}
         key = (cluster, context.get_job_id(), node_id, tuple(sorted(env_vars.items())))
-        while True:
-            with self._lock:
-                idle = self._idle.get(key, [])
-                host = idle.pop() if idle else None
-            if host is None:
-                host = ray.remote(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-                                  runtime_env={"env_vars": env_vars} if env_vars else None)(ControllerHost).remote()
-                return key, host
-            try:
-                ray.get(host.ready.remote(), timeout=HOST_READY_TIMEOUT_S)
-                return key, host
-            except (RayActorError, GetTimeoutError) as e:
-                say(f"a kept Train controller process did not answer in {HOST_READY_TIMEOUT_S:.0f} s "
-                    f"({type(e).__name__}); starting a new one")
-                ray.kill(host)
+        host = self._kept.take(key, lambda h: h.ready.remote(), HOST_READY_TIMEOUT_S, dropped=lambda e: say(
+            f"a kept Train controller process did not answer in {HOST_READY_TIMEOUT_S:.0f} s ({type(e).__name__}); "
+            f"starting a new one"))
+        if host is None:
+            host = ray.remote(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+                              runtime_env={"env_vars": env_vars} if env_vars else None)(ControllerHost).remote()
+        return key, host
 
 
     def lend(self, n: int) -> list[tuple[tuple, object]]:
@@ -149,15 +139,7 @@ class ControllerHosts:
     def take_back(self, lent: list[tuple[tuple, object]]) -> None:
         """Hosts `lend` gave out: an idle one is kept for the next fit, a busy or dead one is ended."""
         for key, host in lent:
-            try:
-                idle = ray.get(host.idle.remote(), timeout=HOST_READY_TIMEOUT_S)
-            except (RayActorError, GetTimeoutError):
-                idle = False
-            if idle:
-                with self._lock:
-                    self._idle.setdefault(key, []).append(host)
-            else:
-                ray.kill(host)
+            self._kept.give_back(key, host, lambda h: h.idle.remote(), HOST_READY_TIMEOUT_S)
 
 
 CONTROLLER_HOSTS = ControllerHosts()  # this driver's: fits of every thread share it

@@ -7,11 +7,12 @@ module: a ControllerHost's imports Ray Train, ~1.3 s on 2 cores).
 """
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError
+
+from forgetless.platform.kept_actors import KeptActors
 
 
 class TrialSlots:
@@ -27,13 +28,14 @@ class TrialSlots:
     def __init__(self):
         self.open(0)
 
-    def open(self, n: int, lent: list[tuple[Any, Any]] | None = None) -> None:
-        """For a new search: `n` free slots, each with what is lent to it."""
+    def open(self, n: int, lent: list[tuple[Any, Any]] | None = None) -> bool:
+        """For a new search: `n` free slots, each with what is lent to it. True: the actor answers (and is idle)."""
         self.n = n
         self.holders: list[str | None] = [None] * n  # the trial holding each slot
         # each slot's (controller host, trial runner): object refs of the driver's actor handles (start_slots)
         self.lent = list(lent) if lent else [(None, None)] * n
         self.stopped: set[str] = set()
+        return True
 
     def acquire(self, trial_id: str) -> bool:
         if trial_id in self.holders:
@@ -70,32 +72,18 @@ class SlotActors:
     CPU), `take_back` keeps one that answers for the next search. Not detached: they end with the driver."""
 
     def __init__(self):
-        self._idle: dict[tuple, list] = {}
-        self._lock = threading.Lock()
+        self._kept = KeptActors()
 
     def lend(self) -> tuple[tuple, Any]:
         context = ray.get_runtime_context()
         key = (context.gcs_address, context.get_job_id())
-        while True:
-            with self._lock:
-                idle = self._idle.get(key, [])
-                actor = idle.pop() if idle else None
-            if actor is None:
-                return key, ray.remote(num_cpus=0)(TrialSlots).remote()
-            try:  # (kept ones answer in milliseconds; one that does not is dropped)
-                ray.get(actor.open.remote(0), timeout=SLOTS_KEPT_ANSWER_S)
-                return key, actor
-            except (RayActorError, GetTimeoutError):
-                ray.kill(actor)
+        # (kept ones answer in milliseconds; one that does not is dropped)
+        actor = self._kept.take(key, lambda a: a.open.remote(0), SLOTS_KEPT_ANSWER_S)
+        return key, actor if actor is not None else ray.remote(num_cpus=0)(TrialSlots).remote()
 
     def take_back(self, key: tuple, actor) -> None:
-        try:
-            ray.get(actor.open.remote(0), timeout=SLOTS_ANSWER_S)  # (a trial of the search that ended may still ask)
-        except (RayActorError, GetTimeoutError):
-            ray.kill(actor)
-            return
-        with self._lock:
-            self._idle.setdefault(key, []).append(actor)
+        # emptied first: a trial of the search that ended may still ask
+        self._kept.give_back(key, actor, lambda a: a.open.remote(0), SLOTS_ANSWER_S)
 
 
 SLOT_ACTORS = SlotActors()  # this driver's

@@ -19,8 +19,9 @@ import threading
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from forgetless.platform.kept_actors import KeptActors
 
 HOST_ANSWER_S = 120.0  # how long the slot's Train controller host may take to answer `ready`
 RUNNER_CONCURRENCY = 8  # calls a runner serves at once: a trial trains in a thread while reports and follows come in
@@ -144,15 +145,14 @@ class TrialRunners:
 
     def __init__(self, runner_class: type = TrialRunner):
         self._runner_class = runner_class  # (tests start a TrialRunner with a stand-in training)
-        self._idle: dict[tuple, list] = {}
-        self._lock = threading.Lock()
+        self._kept = KeptActors()
 
     def lend(self, n: int) -> list:
         context = ray.get_runtime_context()
         key, node_id = (context.gcs_address, context.get_job_id()), context.get_node_id()
-        with self._lock:
-            idle = self._idle.get(key, [])
-            taken, self._idle[key] = idle[:n], idle[n:]
+        taken = []
+        while len(taken) < n and (runner := self._kept.take(key)) is not None:
+            taken.append(runner)
         return [(key, r) for r in taken] + [
             (key, ray.remote(num_cpus=0, max_concurrency=RUNNER_CONCURRENCY,
                              scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))(
@@ -162,15 +162,7 @@ class TrialRunners:
         """Runners `lend` gave out: an idle one is kept for the next search; one still busy with a trial (whose Tune
         process never came, or died) is ended, a dead one dropped."""
         for key, runner in lent:
-            try:
-                idle = ray.get(runner.idle.remote(), timeout=RUNNER_ANSWER_S)
-            except (RayActorError, GetTimeoutError):
-                idle = False
-            if not idle:
-                ray.kill(runner)
-                continue
-            with self._lock:
-                self._idle.setdefault(key, []).append(runner)
+            self._kept.give_back(key, runner, lambda r: r.idle.remote(), RUNNER_ANSWER_S)
 
 
 TRIAL_RUNNERS = TrialRunners()  # this driver's
