@@ -35,10 +35,23 @@ class _Controller:
 
 
 class _Training:
-    """Stands in for trial_training: the trial's 'run' is the controller's epoch reports, then its result."""
+    """Stands in for trial_training: the trial's 'run' is the controller's epoch reports, then its result. With
+    `run_dir`, it writes the run's progress file as a Ray Train run's rank 0 does: its start record, then (once the
+    file `go` exists in that folder, or at once without one) its first epoch's record."""
+
+    @staticmethod
+    def progress_uri(params, context, trial_id):
+        return params.get("run_dir", "/nonexistent/forgetless-run")
 
     @staticmethod
     def train_trial(params, context, trial_id, forward, host):
+        if params.get("run_dir"):
+            run_dir = Path(params["run_dir"])
+            _write_progress(run_dir, "-")
+            deadline = time.time() + 60
+            while params.get("wait_for_go") and not (run_dir / "go").exists() and time.time() < deadline:
+                time.sleep(0.05)
+            _write_progress(run_dir, "all")
         controller = ray.remote(num_cpus=0)(_Controller).remote()
         ray.get(controller.report_epochs.remote(forward, params["epochs"], params.get("pause_s", 0.0)))
         if params.get("fail"):
@@ -46,6 +59,13 @@ class _Training:
         if params.get("marker"):
             Path(params["marker"]).touch()  # (its result is handed to the runner right after)
         return {"final": params["epochs"]}
+
+
+def _write_progress(run_dir: Path, phase: str) -> None:
+    from forgetless.platform.worker.progress_file import progress_record, write_progress
+
+    epoch = 0 if phase == "-" else 1
+    write_progress(str(run_dir), progress_record("stand-in", 1, [1], phase, 0, 1, epoch, 2, epoch, None, None))
 
 
 class _StandInRunner(TrialRunner):
@@ -134,33 +154,46 @@ def _ended(call, within_s: float = 30.0) -> bool:
     return False
 
 
-class _PendingTrial:
-    """What EarlyStart reads of a Tune trial (ray.tune.experiment.Trial: its id, status and resolved config)."""
+class _Trial:
+    """What the search's scheduler and callback read and set of a Tune trial (ray.tune.experiment.Trial: its id,
+    status and resolved config)."""
 
-    PENDING, RUNNING = "PENDING", "RUNNING"
+    def __init__(self, trial_id: str, params: dict, status: str = "PENDING"):
+        self.trial_id, self.status, self.config = trial_id, status, params
 
-    def __init__(self, trial_id: str, epochs: int, status: str = "PENDING"):
-        self.trial_id, self.status, self.config = trial_id, status, {"epochs": epochs}
+    def set_status(self, status: str) -> None:
+        self.status = status
+
+
+class _TuneController:
+    """What the scheduler reads of Tune's controller (its trials)."""
+
+    def __init__(self, trials: list[_Trial]):
+        self.trials = trials
+
+    def get_trials(self) -> list[_Trial]:
+        return self.trials
 
 
 def test_the_driver_starts_a_pending_trial_in_a_free_slot_and_only_once(ray_session):
     from forgetless.platform.tuning import driver
+    from forgetless.platform.tuning.early_start import EarlyStarts
     from forgetless.platform.tuning.slots import close_slots, start_slots
 
     runner = _runner()
     slots, actor = start_slots("test-early-start", 1, [(None, runner)])
     early = driver.EarlyStart(slots)
-    pending = [_PendingTrial("a", 2), _PendingTrial("b", 2), _PendingTrial("r", 2, status="RUNNING")]
-    early.on_step_begin(0, pending)  # a restored search's callback: no context registered, nothing starts
-    assert early.started == set() and ray.get(runner.idle.remote(), timeout=30)
+    pending = [_Trial("a", {"epochs": 2}), _Trial("b", {"epochs": 2}), _Trial("r", {"epochs": 2}, status="RUNNING")]
+    early.on_step_begin(0, pending)  # a restored search's callback: no early starts registered, nothing starts
+    assert ray.get(runner.idle.remote(), timeout=30)
 
-    driver._EARLY_START[slots] = {"search": "test"}
+    starts = driver.EARLY_STARTS[slots] = EarlyStarts(slots, {"search": "test"})
     try:
         early.on_step_begin(1, pending)
         early.on_step_begin(2, pending)  # the next step of Tune's loop: "a" is not started again
     finally:
-        driver._EARLY_START.pop(slots)
-    assert early.started == {"a"}  # one slot: "b" waits for it (its own process will ask), "r" runs already
+        driver.EARLY_STARTS.pop(slots)
+    assert starts.started == {"a"}  # one slot: "b" waits for it (its own process will ask), "r" runs already
     # the trial's process then finds its training under way, holding the slot the driver took for it
     assert not ray.get(runner.start.remote({"epochs": 2}, {}, "a", None), timeout=30)
     reports, end = _follow_to_the_end(runner, "a")
@@ -169,6 +202,82 @@ def test_the_driver_starts_a_pending_trial_in_a_free_slot_and_only_once(ray_sess
     ray.get(actor.release.remote("a"), timeout=30)
     assert ray.get(actor.acquire.remote("b"), timeout=30)
     close_slots(slots)
+
+
+def test_a_runs_start_up_is_past_once_its_first_epoch_ended_or_it_ended(ray_session, tmp_path):
+    runner = _runner()
+    run_dir = tmp_path / "run"
+    _write_progress(run_dir, "all")  # left by an earlier invocation of the run: not where this one stands
+    time.sleep(0.05)
+    assert ray.get(runner.start.remote({"epochs": 1, "run_dir": str(run_dir), "wait_for_go": True}, {}, "t", None),
+                   timeout=60)
+    assert not ray.get(runner.past_startup.remote("t", 0.5), timeout=30)  # workers up (start record), no epoch yet
+    (run_dir / "go").touch()
+    assert ray.get(runner.past_startup.remote("t", 20.0), timeout=30)
+    _follow_to_the_end(runner, "t")
+    assert ray.get(runner.past_startup.remote("t", 0.0), timeout=30)  # not training here: nothing to wait for
+    # a run that ends before any epoch (it failed while starting) is past its start-up too
+    ray.get(runner.start.remote({"epochs": 0, "fail": True}, {}, "bad", None), timeout=60)
+    assert ray.get(runner.past_startup.remote("bad", 20.0), timeout=30)
+
+
+def test_the_first_trials_process_waits_until_its_run_is_past_its_start_up(ray_session, tmp_path, monkeypatch):
+    """The search's scheduler (early_start.StartsTrainingFirst, as Tune calls it) starts a trial's training as Tune
+    adds it, keeps the trial PAUSED (no process) until its run's first epoch has ended, then hands it to Tune; once
+    a trial has ended, the next ones are not held (the ended trial's process serves them)."""
+    from forgetless.platform.tuning import early_start
+    from forgetless.platform.tuning.early_start import EARLY_STARTS, EarlyStarts, StartsTrainingFirst
+    from forgetless.platform.tuning.slots import close_slots, start_slots
+
+    runner = _runner()
+    slots, actor = start_slots("test-hold", 1, [(None, runner)])
+    scheduler = StartsTrainingFirst(slots)
+    a = _Trial("a", {"epochs": 1, "run_dir": str(tmp_path / "a"), "wait_for_go": True})
+    tune_controller = _TuneController([a])
+    scheduler.on_trial_add(tune_controller, a)  # a restored search: nothing registered, Tune starts its process
+    assert a.status == "PENDING" and ray.get(runner.idle.remote(), timeout=30)
+
+    EARLY_STARTS[slots] = EarlyStarts(slots, {"search": "test"})
+    a2 = _Trial("a2", a.config)
+    tune_controller.trials = [a2]
+    try:
+        scheduler.on_trial_add(tune_controller, a2)
+        assert a2.status == "PAUSED" and not ray.get(runner.idle.remote(), timeout=30)  # training, no process
+        t0 = time.monotonic()
+        assert scheduler.choose_trial_to_run(tune_controller) is None
+        assert time.monotonic() - t0 >= early_start.HELD_WAIT_S  # waited (Tune's loop would spin), bounded
+        (tmp_path / "a" / "go").touch()
+        chosen, deadline = None, time.time() + 30
+        while chosen is None and time.time() < deadline:
+            chosen = scheduler.choose_trial_to_run(tune_controller)
+        assert chosen is a2 and a2.trial_id not in EARLY_STARTS[slots].held
+        _follow_to_the_end(runner, "a2")
+        ray.get(actor.release.remote("a2"), timeout=30)  # (its process, as it returns)
+        a2.status = "TERMINATED"
+        scheduler.on_trial_complete(tune_controller, a2, {})
+        b = _Trial("b", {"epochs": 1})
+        tune_controller.trials.append(b)
+        scheduler.on_trial_add(tune_controller, b)  # started, not held: a2's process serves it
+        assert b.status == "PENDING" and scheduler.choose_trial_to_run(tune_controller) is b
+        _follow_to_the_end(runner, "b")
+        ray.get(actor.release.remote("b"), timeout=30)
+
+        # a run that never gets past its start-up holds its trial HOLD_MAX_S at most
+        EARLY_STARTS[slots] = EarlyStarts(slots, {"search": "test"})
+        monkeypatch.setattr(early_start, "HOLD_MAX_S", 1.0)
+        c = _Trial("c", {"epochs": 1, "run_dir": str(tmp_path / "c"), "wait_for_go": True})
+        tune_controller.trials = [c]
+        scheduler.on_trial_add(tune_controller, c)
+        assert c.status == "PAUSED"
+        chosen, deadline = None, time.time() + 30
+        while chosen is None and time.time() < deadline:
+            chosen = scheduler.choose_trial_to_run(tune_controller)
+        assert chosen is c
+        (tmp_path / "c" / "go").touch()
+        _follow_to_the_end(runner, "c")
+    finally:
+        EARLY_STARTS.pop(slots, None)
+        close_slots(slots)
 
 
 def test_a_drivers_slots_actor_serves_its_next_search_from_scratch(ray_session):

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import ray
 from ray import tune
 from ray.exceptions import GetTimeoutError, RayActorError
-from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
 from forgetless import console, storage
 from forgetless.config import ConfigError, _first_error, load_config
@@ -27,6 +27,8 @@ from forgetless.platform.driver import trainer as lean_trainer
 from forgetless.platform.driver import fits, preflight, ray_cluster
 from forgetless.platform.tracking import mlflow_runs as tracking
 from forgetless.platform.analysis.results import Trajectory
+# (EarlyStart: also what a search saved before early_start.py existed unpickles, as driver.EarlyStart)
+from forgetless.platform.tuning.early_start import EARLY_STARTS, EarlyStart, EarlyStarts, StartsTrainingFirst
 from forgetless.platform.tuning.objective import (
     OBJECTIVE,
     SELECTION_SPLIT,
@@ -57,16 +59,16 @@ TRIAL_DRIVER_MEMORY = 64 * 2**20  # bytes Tune reserves for each trial's driver 
 # Tune's scheduler and callback (they run in the driver)
 
 
-class FinishingASHA(AsyncHyperBandScheduler):
+class FinishingASHA(StartsTrainingFirst, AsyncHyperBandScheduler):
     """ASHA's rungs and cutoffs, with two changes. A trial at its last epoch is never stopped: it still reports its
     test accuracy matrix and logs its artifacts (stock ASHA stops it at max_t, before that). And a trial ASHA stops is
     not killed by Tune but asked to stop: its Ray Train run aborts cleanly at its next report (see
-    objective_report.ObjectiveReport), which releases the run's workers and their placement group."""
+    objective_report.ObjectiveReport), which releases the run's workers and their placement group. Trials start
+    training first, as with FIFO (early_start.StartsTrainingFirst)."""
 
     def __init__(self, slots: str, max_t: int, grace_period: int, reduction_factor: float):
-        super().__init__(time_attr=TRIAL_EPOCH, max_t=max_t, grace_period=grace_period,
+        super().__init__(slots, time_attr=TRIAL_EPOCH, max_t=max_t, grace_period=grace_period,
                          reduction_factor=reduction_factor)
-        self.slots = slots  # name of the search's TrialSlots actor
         self.last_epoch = max_t
 
     def on_trial_result(self, tune_controller, trial, result):
@@ -81,7 +83,7 @@ class FinishingASHA(AsyncHyperBandScheduler):
 
 def _scheduler(plan: SearchPlan, slots: str):
     if plan.search.scheduler == "fifo":
-        return FIFOScheduler()
+        return StartsTrainingFirst(slots)
     a = plan.search.asha
     return FinishingASHA(slots, plan.max_t, a.grace_period, a.reduction_factor)
 
@@ -108,44 +110,6 @@ def _release_slot(slots: str, trial_id: str) -> None:
             say(f"trial {trial_id}: its Ray Train run could not be aborted in its slot's controller process "
                 f"({type(e).__name__}); the slot's next trial starts a controller of its own")
     actor.release.remote(trial_id)
-
-
-# The trial context of each search this driver runs now whose slots were lent runners, by the name of its slots actor
-# (EarlyStart reads it here: a callback Tune restores from a killed search's state finds none, and starts nothing).
-_EARLY_START: dict[str, dict[str, Any]] = {}
-
-
-class EarlyStart(tune.Callback):
-    """Starts a trial's training in a free slot's runner as soon as Tune has added the trial, while Tune starts the
-    trial's process (~2 s on 2 cores: a Ray worker process, its import of Ray Tune); the trial's process then follows
-    the training already under way (trial.follow_in_runner) and reports it to Tune. A trial that finds no free slot
-    here waits for one in its own process, as before. Trials never wait for each other on this: Tune has at most as
-    many trials pending as the search has slots (max_concurrent_trials), and a restored search's trials, which bypass
-    that limit, all get a process of their own."""
-
-    def __init__(self, slots: str):
-        self.slots = slots  # name of the search's TrialSlots actor
-        self.started: set[str] = set()
-
-    def on_step_begin(self, iteration, trials, **info):
-        context = _EARLY_START.get(self.slots)
-        if context is None:
-            return
-        for trial in trials:
-            if trial.status == trial.PENDING and trial.trial_id not in self.started:
-                if not _start_in_a_free_slot(self.slots, trial.trial_id, dict(trial.config), context):
-                    return  # every slot is taken: the next step tries again
-                self.started.add(trial.trial_id)
-
-
-def _start_in_a_free_slot(slots: str, trial_id: str, params: dict[str, Any], context: dict[str, Any]) -> bool:
-    actor = slots_actor(slots)
-    if not ray.get(actor.acquire.remote(trial_id)):
-        return False
-    host, runner = ray.get(actor.lent_to.remote(trial_id))  # (object refs of the handles)
-    if runner is not None:
-        ray.get(runner).start.remote(params, context, trial_id, host)  # not waited on: Tune's loop goes on
-    return True
 
 
 class Progress(tune.Callback):
@@ -347,14 +311,14 @@ def _run(s: _Search, restore_path: str | None, t0: float) -> SearchResult:
     else:
         tuner = _new_tuner(s, trainable, [EarlyStart(s.slots)] if s.lent else [])
         if s.lent:
-            _EARLY_START[s.slots] = context
+            EARLY_STARTS[s.slots] = EarlyStarts(s.slots, context)
     slots_opened(s.slots)
     t_tune = time.perf_counter()
     try:
         with _tune_environment(s.concurrency):
             grid = tuner.fit()
     finally:
-        _EARLY_START.pop(s.slots, None)
+        EARLY_STARTS.pop(s.slots, None)
     tune_seconds = time.perf_counter() - t_tune
     _finalize_unfinished(grid, s.plan, s.target)
     out = load_search(uri, parent)

@@ -7,7 +7,7 @@ process imports it. The epochs' reports are forwarded by `objective_report.Objec
 that does not import Ray Tune: the run's Train controller and every one of its workers unpickle it. Each slot of a
 search has a trial runner and a Train controller host its driver keeps (started once, kept for the driver's next
 search): a trial asks its slot's runner to train it (or finds it training already: the driver starts a trial as Tune
-adds it, driver.EarlyStart), whose fit's controller runs in the slot's host, and reports to Tune the epochs the runner
+adds it, early_start.py), whose fit's controller runs in the slot's host, and reports to Tune the epochs the runner
 receives (`follow_in_runner`), so that no trial process imports forgetless's driver side (~5-15 s on 2 cores), no fit
 starts a controller process of its own, and the run does not wait for Tune to start the trial's process. Where the
 driver has none to lend (a cluster it connected to, the Ray Train seam off) the trial trains in its own process, as
@@ -49,7 +49,7 @@ FOLLOW_WAIT_S = 5.0  # how long one `follow` call waits in the runner for the tr
 
 def follow_in_runner(runner, params: dict[str, Any], context: dict[str, Any], trial_id: str, host
                      ) -> dict[str, float] | None:
-    """Have the slot's runner train the trial (unless the search's driver started it already: driver.EarlyStart),
+    """Have the slot's runner train the trial (unless the search's driver started it already: early_start.py),
     and report each epoch's metrics to Tune as the runner receives them; returns the trial's result (an error the
     training raised is raised here)."""
     ray.get(runner.start.remote(params, context, trial_id, host), timeout=READY_TIMEOUT_S)

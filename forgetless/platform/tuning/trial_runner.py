@@ -4,26 +4,32 @@ torch, DeepSpeed's config, MLflow: ~5-15 s on 2 cores) and trains the slot's tri
 itself runs a `compare`'s runs; `TRIAL_RUNNERS` keeps the driver's idle runners for its next search.
 
 A trial's training starts with `start` (by the search's driver as soon as Tune adds the trial, or by the trial's own
-process, whichever comes first: driver.EarlyStart), and its per-epoch reports wait in the runner until the trial's
+process, whichever comes first: early_start.py), and its per-epoch reports wait in the runner until the trial's
 Tune process takes them (`follow`) and reports them to Tune itself. So the run's start does not wait for Tune to
 start the trial's process (~2 s on 2 cores), and no trial starts a report-queue actor (a process) of its own, as
 Ray's TuneReportCallback does.
 
-This module is light on purpose (Ray alone): every process that receives a runner's actor handle imports the module
-of its class to unpickle the handle (a Tune trial process, the search's slots actor), and importing the driver side
-there cost ~2.5 s on the way to each trial's first step (docs/tune.md, "A trial's fixed cost").
+This module is light on purpose (Ray, and forgetless's storage helpers): every process that receives a runner's actor
+handle imports the module of its class to unpickle the handle (a Tune trial process, the search's slots actor), and
+importing the driver side there cost ~2.5 s on the way to each trial's first step (docs/tune.md, "A trial's fixed
+cost").
 """
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from forgetless import storage
 from forgetless.platform.kept_actors import KeptActors
+from forgetless.platform.worker.progress_file import past_startup, read_progress
 
 HOST_ANSWER_S = 120.0  # how long the slot's Train controller host may take to answer `ready`
+PROGRESS_POLL_S = 0.1  # how often `past_startup` reads a run's progress file (local or shared disk)
+PROGRESS_POLL_S_S3 = 1.0  # (on S3: a GET per look)
 RUNNER_CONCURRENCY = 8  # calls a runner serves at once: a trial trains in a thread while reports and follows come in
 
 
@@ -46,7 +52,9 @@ class ReportMailbox:
 class _TrialRun:
     """One trial's training in a runner: its reports, and how it ended."""
 
-    def __init__(self):
+    def __init__(self, progress_uri: str | None = None):
+        self.started_at = time.time()
+        self.progress_uri = progress_uri  # its Ray Train run's progress file (worker/progress_file.py)
         self.reports: list[dict] = []
         self.done = False
         self.final: dict[str, float] | None = None
@@ -95,7 +103,7 @@ class TrialRunner:
             run = self._runs.get(trial_id)
             if run is not None and not (run.done and run.followed):
                 return False
-            self._runs[trial_id] = run = _TrialRun()
+            self._runs[trial_id] = run = _TrialRun(self._training.progress_uri(params, context, trial_id))
         me = ray.get_runtime_context().current_actor
         threading.Thread(target=self._train, args=(run, params, context, trial_id, host, me), daemon=True,
                          name=f"trial-{trial_id}").start()
@@ -110,6 +118,26 @@ class TrialRunner:
         with self._changed:
             run.final, run.error, run.done = final, error, True
             self._changed.notify_all()
+
+    def past_startup(self, trial_id: str, wait_s: float) -> bool:
+        """Is the trial's run past its start-up: has its first epoch ended (its progress file says so, written since
+        this start), or has its training ended? Waits up to `wait_s` for it; True for a trial not training here
+        (nothing to wait for). The search's driver asks before Tune starts the trial's process (early_start.py)."""
+        with self._changed:
+            run = self._runs.get(trial_id)
+        if run is None:
+            return True
+        poll_s = PROGRESS_POLL_S_S3 if storage.is_s3(run.progress_uri) else PROGRESS_POLL_S
+        deadline = time.monotonic() + wait_s
+        while True:
+            record = read_progress(run.progress_uri, since=run.started_at)
+            if run.done or (record is not None and past_startup(record)):
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            with self._changed:
+                self._changed.wait_for(lambda: run.done, timeout=min(left, poll_s))
 
     def deliver(self, trial_id: str, metrics: dict) -> None:
         with self._changed:

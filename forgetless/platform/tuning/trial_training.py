@@ -11,6 +11,7 @@ import os
 from contextlib import nullcontext
 from typing import Any
 
+from forgetless import storage
 from forgetless.config import ExperimentConfig
 from forgetless.platform.analysis.results import StrategyResult, Trajectory
 from forgetless.platform.driver import fits, run_outputs
@@ -52,6 +53,12 @@ def train_trial(params: dict[str, Any], context: dict[str, Any], trial_id: str, 
                    final)
         with_retries(run_outputs.log_strategy_artifacts, cfg, res, target.tracking_uri)
     return final
+
+
+def progress_uri(params: dict[str, Any], context: dict[str, Any], trial_id: str) -> str:
+    """Where the trial's Ray Train run writes its progress file (worker/progress_file.py)."""
+    cfg = trial_config(ExperimentConfig(**context["config"]), params, trial_id)
+    return storage.join(storage.normalize(cfg.storage), fits.transfer_run_name(cfg, cfg.strategies[0]))
 
 
 def _final_metrics(res: StrategyResult, objective: Objective) -> dict[str, float]:

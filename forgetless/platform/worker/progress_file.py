@@ -28,6 +28,12 @@ def progress_record(run: str, stage: int, stages: list[int], phase: str, phase_i
             "done": done, "finished": finished, "resumed_from": resumed_from, "time": time.time()}
 
 
+def past_startup(record: dict[str, Any]) -> bool:
+    """Has the run written this record after its start-up: an epoch ended, or the run finished? (Its start record,
+    phase "-", is written once its workers are up, before its engine and training.)"""
+    return record["phase"] != "-" or bool(record.get("finished"))
+
+
 def final_accuracies(history: list[dict[str, Any]]) -> tuple[float | None, float | None]:
     """(target, source) validation accuracy of a run's last evaluation (RunState.history): the numbers its MLflow
     run ends with (`val/target/acc`, `val/source/acc`). The target of an evaluation is the task of its stage (the
