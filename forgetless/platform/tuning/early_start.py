@@ -39,6 +39,7 @@ class _Held:
     trial: Trial
     runner: Any  # the slot's TrialRunner (actor handle)
     since: float  # time.monotonic() when held
+    started: Any  # the ref of the runner's `start` call
     asking: Any = None  # the outstanding runner.past_startup call (an object ref), if any
 
 
@@ -54,7 +55,8 @@ class EarlyStarts:
 
     def start(self, trial: Trial) -> tuple[bool, Any]:
         """Start the trial's training in a free slot's runner. (False, None): no slot is free (the next step tries
-        again); (True, runner): started, or the slot has no runner (None: the trial's own process trains it)."""
+        again); (True, (runner, the ref of its `start` call)): started; (True, None): the slot has no runner (the
+        trial's own process trains it)."""
         actor = slots_actor(self.slots)
         if not ray.get(actor.acquire.remote(trial.trial_id)):
             return False, None
@@ -63,12 +65,12 @@ class EarlyStarts:
         if runner is None:
             return True, None
         runner = ray.get(runner)
-        runner.start.remote(dict(trial.config), self.context, trial.trial_id, host)  # not waited on
-        return True, runner
+        started = runner.start.remote(dict(trial.config), self.context, trial.trial_id, host)  # not waited on
+        return True, (runner, started)
 
-    def hold(self, trial: Trial, runner) -> None:
+    def hold(self, trial: Trial, runner, started) -> None:
         trial.set_status(Trial.PAUSED)
-        self.held[trial.trial_id] = _Held(trial, runner, time.monotonic())
+        self.held[trial.trial_id] = _Held(trial, runner, time.monotonic(), started)
 
     def release_one(self, wait_s: float) -> Trial | None:
         """A held trial whose run is past its start-up (or that was held HOLD_MAX_S), no longer held; None if none
@@ -76,7 +78,7 @@ class EarlyStarts:
         then finds out)."""
         for h in self.held.values():
             if h.asking is None:
-                h.asking = h.runner.past_startup.remote(h.trial.trial_id, PAST_STARTUP_ASK_S)
+                h.asking = h.runner.past_startup.remote(h.trial.trial_id, PAST_STARTUP_ASK_S, h.started)
         answered, _ = ray.wait([h.asking for h in self.held.values()], num_returns=1, timeout=wait_s)
         for trial_id, h in self.held.items():
             past = time.monotonic() - h.since > HOLD_MAX_S
@@ -112,9 +114,9 @@ class StartsTrainingFirst(FIFOScheduler):
         starts = EARLY_STARTS.get(self.slots)
         if starts is None or trial.status != Trial.PENDING or trial.trial_id in starts.started:
             return
-        _, runner = starts.start(trial)
-        if runner is not None and starts.hold_new:
-            starts.hold(trial, runner)
+        _, in_runner = starts.start(trial)
+        if in_runner is not None and starts.hold_new:
+            starts.hold(trial, *in_runner)
 
     def on_trial_complete(self, tune_controller, trial: Trial, result: dict) -> None:
         super().on_trial_complete(tune_controller, trial, result)

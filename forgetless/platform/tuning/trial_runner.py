@@ -52,9 +52,10 @@ class ReportMailbox:
 class _TrialRun:
     """One trial's training in a runner: its reports, and how it ended."""
 
-    def __init__(self, progress_uri: str | None = None):
+    def __init__(self, params: dict[str, Any] | None = None, context: dict[str, Any] | None = None):
         self.started_at = time.time()
-        self.progress_uri = progress_uri  # its Ray Train run's progress file (worker/progress_file.py)
+        self.params, self.context = params, context  # (what its run's progress file is found from)
+        self.progress_uri: str | None = None  # its Ray Train run's progress file (worker/progress_file.py)
         self.reports: list[dict] = []
         self.done = False
         self.final: dict[str, float] | None = None
@@ -103,7 +104,7 @@ class TrialRunner:
             run = self._runs.get(trial_id)
             if run is not None and not (run.done and run.followed):
                 return False
-            self._runs[trial_id] = run = _TrialRun(self._training.progress_uri(params, context, trial_id))
+            self._runs[trial_id] = run = _TrialRun(params, context)
         me = ray.get_runtime_context().current_actor
         threading.Thread(target=self._train, args=(run, params, context, trial_id, host, me), daemon=True,
                          name=f"trial-{trial_id}").start()
@@ -119,14 +120,18 @@ class TrialRunner:
             run.final, run.error, run.done = final, error, True
             self._changed.notify_all()
 
-    def past_startup(self, trial_id: str, wait_s: float) -> bool:
+    def past_startup(self, trial_id: str, wait_s: float, started: Any = None) -> bool:
         """Is the trial's run past its start-up: has its first epoch ended (its progress file says so, written since
         this start), or has its training ended? Waits up to `wait_s` for it; True for a trial not training here
-        (nothing to wait for). The search's driver asks before Tune starts the trial's process (early_start.py)."""
+        (nothing to wait for). The search's driver asks before Tune starts the trial's process (early_start.py),
+        passing its `start` call's result as `started`: Ray then runs this call after that one (the calls of a
+        threaded actor may run in any order)."""
         with self._changed:
             run = self._runs.get(trial_id)
         if run is None:
             return True
+        if run.progress_uri is None:
+            run.progress_uri = self._training.progress_uri(run.params, run.context, trial_id)
         poll_s = PROGRESS_POLL_S_S3 if storage.is_s3(run.progress_uri) else PROGRESS_POLL_S
         deadline = time.monotonic() + wait_s
         while True:
