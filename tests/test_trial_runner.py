@@ -242,7 +242,9 @@ def test_the_first_trials_process_waits_until_its_run_is_past_its_start_up(ray_s
     tune_controller.trials = [a2]
     try:
         scheduler.on_trial_add(tune_controller, a2)
-        assert a2.status == "PAUSED" and not ray.get(runner.idle.remote(), timeout=30)  # training, no process
+        assert a2.status == "PAUSED"  # no process
+        assert ray.get(EARLY_STARTS[slots].held["a2"].started, timeout=30)  # (the start, not waited on by Tune's loop)
+        assert not ray.get(runner.idle.remote(), timeout=30)  # training
         t0 = time.monotonic()
         assert scheduler.choose_trial_to_run(tune_controller) is None
         assert time.monotonic() - t0 >= early_start.HELD_WAIT_S  # waited (Tune's loop would spin), bounded
