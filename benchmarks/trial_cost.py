@@ -30,6 +30,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from forgetless.platform.analysis import paired
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "digits_transfer.yaml"
 RESULT = ROOT / "benchmarks" / "results" / "trial_cost.json"
@@ -98,22 +100,47 @@ def table(out: dict) -> str:
     return "\n".join(lines)
 
 
+def paired_difference(out: dict) -> tuple[float, float, float, float] | None:
+    """Round by round, the trial's fixed cost minus the compare run's (the two ran one after the other): mean,
+    bootstrap 95% interval and paired t-test p-value (analysis/paired.py); None below 2 rounds."""
+    compare = [r["run fixed cost"] for r in out["compare"]["rounds"]]
+    tune = [r["trial fixed cost"] for r in out["tune"]["rounds"]]
+    if min(len(compare), len(tune)) < 2:
+        return None
+    differences = [t - c for c, t in zip(compare, tune)]
+    low, high = paired.bootstrap_interval(differences)
+    return statistics.mean(differences), low, high, paired.paired_t_pvalue(tune[:len(compare)], compare[:len(tune)])
+
+
 def verdict(out: dict) -> str:
+    """Met: the trial's fixed cost is at most the compare run's, in min and median. Otherwise the paired difference
+    decides between "not met" (its 95% interval lies above 0) and "at parity within the noise" (the interval holds
+    0: the rounds show no difference)."""
     c, t = out["compare"]["stats"]["run fixed cost"], out["tune"]["stats"]["trial fixed cost"]
     met = t["min"] <= c["min"] and t["median"] <= c["median"]
     loads = [r["load before"] for k in ("compare", "tune") for r in out[k]["rounds"] if "load before" in r]
     load = f", 1-minute load {min(loads):.1f}-{max(loads):.1f} before the rounds" if loads else ""
+    d = paired_difference(out)
+    word = "met" if met else "not met"
+    detail = ""
+    if d is not None:
+        mean, low, high, p = d
+        if not met and low <= 0:
+            word = "at parity within the noise (not met by min and median)"
+        detail = (f"; per round, trial minus compare {mean:+.2f} s, 95% interval [{low:+.2f}, {high:+.2f}] s, "
+                  f"paired t-test p = {p:.2f}")
     return (f"Trial fixed cost {t['min']:.1f} s min / {t['median']:.1f} s median against the compare run's "
-            f"{c['min']:.1f} / {c['median']:.1f} s: {'met' if met else 'not met'} "
-            f"(ratio of medians {t['median'] / c['median']:.2f}; {len(out['compare']['rounds'])} interleaved rounds, "
-            f"{out['cpus']} CPUs{load}; commit {out.get('commit', '?')}).")
+            f"{c['min']:.1f} / {c['median']:.1f} s: {word} "
+            f"(ratio of medians {t['median'] / c['median']:.2f}{detail}; {len(out['compare']['rounds'])} interleaved "
+            f"rounds, {out['cpus']} CPUs{load}; commit {out.get('commit', '?')}).")
 
 
 def render(out: dict, before: list[dict] = (), several: list[dict] = ()) -> str:
     lines = [START, "", table(out), "", verdict(out)]
     for k_out in several:
         n = k_out["trials"]
-        lines += ["", f"A compare of {n} runs next to a search of {n} trials (`call`: the whole call; the other rows "
+        lines += ["", f"Commit {k_out.get('commit', '?')}: a compare of {n} runs next to a search of {n} trials "
+                      f"(`call`: the whole call; the other rows "
                       f"per run and per trial, Tuner.fit / {n}; Tune's trial process serves the search's trials one "
                       f"after another):", "", table(k_out), "", verdict(k_out)]
     for b in before:
