@@ -208,12 +208,16 @@ def open_child_run(target: TrackingTarget, run_key: str, display_name: str, tags
     return run_id
 
 
-def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
+def new_params(params: dict[str, Any], existing: dict[str, str]) -> list:
+    """`params` as MLflow Params (redacted, values cut to MLflow's 6000 characters), less those the run has already:
+    a resumed run keeps its params (they cannot change)."""
     from mlflow.entities import Param
 
+    return [Param(k, str(v)[:6000]) for k, v in redact(params).items() if k not in existing]
+
+
+def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
     c = client(uri)
-    items = [Param(k, str(v)[:6000]) for k, v in redact(params).items()]
-    existing = c.get_run(run_id).data.params
-    items = [p for p in items if p.key not in existing]  # a resumed run keeps its params (they cannot change)
+    items = new_params(params, c.get_run(run_id).data.params)
     for i in range(0, len(items), 100):
         c.log_batch(run_id, params=items[i : i + 100])

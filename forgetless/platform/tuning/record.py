@@ -33,13 +33,12 @@ def mark_trial(uri: str, run_id: str, name: str, trial_id: str, params: dict[str
     """Tag a trial's child run as part of search `name` and log its searched values and its result: one read and
     one batch write (a round trip each to a tracking server). A run marked before (a resumed search) keeps its
     params (they cannot change) and its result points (each is logged once, at step 0); its tags are updated."""
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, RunTag
 
     c = tracking.client(uri)
     have = with_retries(c.get_run, run_id).data
     tags = [RunTag(k, v) for k, v in {TRIAL_TAG: trial_id, SEARCH_TAG: name, STATUS_TAG: status}.items()]
-    searched = tracking.redact({f"search.{k}": v for k, v in params.items()})
-    new_params = [Param(k, str(v)[:6000]) for k, v in searched.items() if k not in have.params]
+    searched = tracking.new_params({f"search.{k}": v for k, v in params.items()}, have.params)
     metrics = {f"search/{k}": v for k, v in values.items()
                if isinstance(v, (int, float)) and k not in (OBJECTIVE, TRIAL_EPOCH)}
     metrics["search/objective"] = values[OBJECTIVE]
@@ -47,4 +46,4 @@ def mark_trial(uri: str, run_id: str, name: str, trial_id: str, params: dict[str
     ts = int(time.time() * 1000)
     points = [Metric(k, float(v), ts, 0) for k, v in metrics.items()
               if k not in have.metrics and v is not None and not math.isnan(float(v))]
-    with_retries(c.log_batch, run_id, metrics=points, params=new_params, tags=tags)
+    with_retries(c.log_batch, run_id, metrics=points, params=searched, tags=tags)

@@ -25,7 +25,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from forgetless import storage
 from forgetless.platform.kept_actors import KeptActors
-from forgetless.platform.worker.progress_file import past_startup, read_progress
+from forgetless.platform.worker.progress_file import after_startup, read_progress
 
 HOST_ANSWER_S = 120.0  # how long the slot's Train controller host may take to answer `ready`
 PROGRESS_POLL_S = 0.1  # how often `past_startup` reads a run's progress file (local or shared disk)
@@ -136,7 +136,7 @@ class TrialRunner:
         deadline = time.monotonic() + wait_s
         while True:
             record = read_progress(run.progress_uri, since=run.started_at)
-            if run.done or (record is not None and past_startup(record)):
+            if run.done or (record is not None and after_startup(record)):
                 return True
             left = deadline - time.monotonic()
             if left <= 0:

@@ -28,7 +28,7 @@ def progress_record(run: str, stage: int, stages: list[int], phase: str, phase_i
             "done": done, "finished": finished, "resumed_from": resumed_from, "time": time.time()}
 
 
-def past_startup(record: dict[str, Any]) -> bool:
+def after_startup(record: dict[str, Any]) -> bool:
     """Has the run written this record after its start-up: an epoch ended, or the run finished? (Its start record,
     phase "-", is written once its workers are up, before its engine and training.)"""
     return record["phase"] != "-" or bool(record.get("finished"))
