@@ -221,6 +221,13 @@ def test_a_runs_start_up_is_past_once_its_first_epoch_ended_or_it_ended(ray_sess
     assert ray.get(runner.past_startup.remote("bad", 20.0), timeout=30)
 
 
+def _as_its_process(runner, trial: _Trial) -> None:
+    """What the trial's process does (trial.follow_in_runner): start it (no second run if the driver's start, not
+    waited on, came first: a threaded actor may serve the two in either order), then follow it to its end."""
+    ray.get(runner.start.remote(trial.config, {}, trial.trial_id, None), timeout=30)
+    _follow_to_the_end(runner, trial.trial_id)
+
+
 def test_the_first_trials_process_waits_until_its_run_is_past_its_start_up(ray_session, tmp_path, monkeypatch):
     """The search's scheduler (early_start.StartsTrainingFirst, as Tune calls it) starts a trial's training as Tune
     adds it, keeps the trial PAUSED (no process) until its run's first epoch has ended, then hands it to Tune; once
@@ -261,7 +268,7 @@ def test_the_first_trials_process_waits_until_its_run_is_past_its_start_up(ray_s
         tune_controller.trials.append(b)
         scheduler.on_trial_add(tune_controller, b)  # started, not held: a2's process serves it
         assert b.status == "PENDING" and scheduler.choose_trial_to_run(tune_controller) is b
-        _follow_to_the_end(runner, "b")
+        _as_its_process(runner, b)
         ray.get(actor.release.remote("b"), timeout=30)
 
         # a run that never gets past its start-up holds its trial HOLD_MAX_S at most
@@ -276,7 +283,7 @@ def test_the_first_trials_process_waits_until_its_run_is_past_its_start_up(ray_s
             chosen = scheduler.choose_trial_to_run(tune_controller)
         assert chosen is c
         (tmp_path / "c" / "go").touch()
-        _follow_to_the_end(runner, "c")
+        _as_its_process(runner, c)
     finally:
         EARLY_STARTS.pop(slots, None)
         close_slots(slots)
